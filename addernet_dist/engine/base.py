@@ -1,0 +1,126 @@
+"""The engine interface: what the train loop needs from a parallelism backend (DDP, DeepSpeed).
+
+The train loop (addernet_dist/train.py) only ever talks to an :class:`Engine`; it never touches
+DDP or DeepSpeed directly. An engine owns the wrapped model, the optimizer, the LR scheduler, the
+mixed-precision policy and the AdderNet-specific gradient processing (eq. 33 adaptive LR scaling),
+so swapping ``engine: ddp`` for ``engine: deepspeed`` changes nothing in the loop.
+
+Contract of one training iteration (the order is part of the contract)::
+
+    loss = engine.forward_backward(images, labels)  # autocast fwd, loss, backward (+ all-reduce)
+    stats = engine.step()                           # adaptive LR on GLOBAL grads, clip, opt step,
+                                                    # LR scheduler step, zero grads
+
+``forward_backward`` must leave ``.grad`` of every parameter holding the gradient of the GLOBAL
+batch (averaged over ranks) when it returns, so that ``step`` can compute the eq. 33 norms
+``||grad F_l||_2`` on the global gradient (see adaptive_lr.py for why this matters).
+
+Checkpoints: ``save(path, client_state)`` writes the engine's state (model, optimizer, LR
+scheduler, GradScaler if any) plus the caller's ``client_state`` (train progress, loader position,
+RNG states, config, W&B id) as one checkpoint at ``path``; ``load(path)`` restores the engine state
+and returns ``client_state``. Both are COLLECTIVE: every rank calls them. The default
+implementation (single verified file written by rank 0, see checkpoint.py) suits DDP, where every
+rank holds the full state; DeepSpeed overrides them to write its sharded directory format.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from addernet_dist.distributed import DistInfo
+
+
+@dataclass
+class StepStats:
+    """What ``Engine.step`` measured, as DEVICE tensors (reading them forces a host sync, so the
+    loop only reads them on logging steps).
+
+    adder_grad_norms: (L,) ||grad F_l||_2 of each adder layer's weight before scaling; empty when
+        adaptive LR scaling is off or its scope is "local" (then the norms are per rank).
+    adder_alphas: (L,) the eq. 33 factors alpha_l = eta * sqrt(k_l) / ||grad F_l||_2 applied.
+    grad_norm: total gradient norm before clipping (scalar tensor) or None when clipping is off.
+    """
+
+    adder_grad_norms: torch.Tensor | None = None
+    adder_alphas: torch.Tensor | None = None
+    grad_norm: torch.Tensor | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Engine(ABC):
+    """Owns model wrapping, optimizer, LR schedule, precision and gradient processing.
+
+    Attributes every engine sets in ``__init__``:
+      model: the WRAPPED module to call for forward (DDP / DeepSpeed engine / compiled module).
+      optimizer: the torch optimizer (SGD-NAG by default, see optim.py).
+      lr_scheduler: a ``torch.optim.lr_scheduler.LRScheduler`` stepped once per iteration.
+      dist: rank / world size / device of this process.
+      device: the torch.device inputs must be on.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    dist: DistInfo
+    device: torch.device
+
+    # --- training -------------------------------------------------------------------------
+    @abstractmethod
+    def forward_backward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Forward under the engine's autocast policy, cross-entropy loss, backward.
+
+        images: (B, C, H, W) float on ``self.device``; labels: (B,) int64. Returns the detached
+        scalar loss of THIS rank's batch (fp32, device tensor, no host sync). On return, ``.grad``
+        holds the global-batch gradient (already all-reduced across ranks).
+        """
+
+    @abstractmethod
+    def step(self) -> StepStats:
+        """Adaptive LR scaling (eq. 33) on the global grads, optional clipping, optimizer step,
+        LR scheduler step, zero grads. No host syncs."""
+
+    @abstractmethod
+    def unwrap(self) -> nn.Module:
+        """The bare model (no DDP / compile / DeepSpeed wrapper): for set_p, eval, state dicts."""
+
+    def train(self) -> None:
+        self.model.train()
+
+    def eval(self) -> None:
+        self.model.eval()
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    # --- state ----------------------------------------------------------------------------
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Full (unsharded) state: {"model", "optimizer", "lr_scheduler", "scaler"}."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def save(self, path: Path, client_state: dict[str, Any]) -> None:
+        """Collective. Writes engine state + client_state atomically as ONE verified file
+        (rank 0 writes, everyone waits)."""
+        from addernet_dist import checkpoint
+
+        state = {"engine": self.state_dict(), "client": client_state}
+        if self.dist.rank == 0:
+            checkpoint.save_file(state, path)
+        self.dist.barrier()
+
+    def load(self, path: Path) -> dict[str, Any]:
+        """Collective. Restores engine state from ``path`` and returns the client_state."""
+        from addernet_dist import checkpoint
+
+        state = checkpoint.load_file(path)
+        self.load_state_dict(state["engine"])
+        return state["client"]
