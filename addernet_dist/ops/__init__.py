@@ -1,0 +1,51 @@
+"""The adder operator. ``adder2d`` dispatches to a backend (see ``dispatch``); ``reference`` is the spec."""
+
+from __future__ import annotations
+
+import torch
+
+from addernet_dist.ops import dispatch
+from addernet_dist.ops.reference import (
+    GRAD_W_MODES,
+    GRAD_X_MODES,
+    adder2d_reference,
+    adder_linear_reference,
+)
+
+__all__ = [
+    "GRAD_W_MODES",
+    "GRAD_X_MODES",
+    "adder2d",
+    "adder2d_reference",
+    "adder_linear",
+    "adder_linear_reference",
+]
+
+
+def adder2d(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    p: float = 1.0,
+    grad_x: str = "lp",
+    grad_w: str = "full",
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Adder convolution ``Y = −Σ|X − F|^p``: (N, Cin, H, W) × (Cout, Cin, kh, kw) → (N, Cout, H', W').
+
+    Output shape follows ``conv2d``. Gradients: ``grad_w="full"`` → X − F (paper eq. 23), ``"sign"`` →
+    sgn(X − F) (eq. 22); ``grad_x="lp"`` → sgn(F−X)|F−X|^(p−1) (eq. 27; sgn at p = 1), ``"hardtanh"`` →
+    HardTanh(F − X). ``backend``: None picks by device (``ADDERNET_BACKEND`` overrides), or one of
+    "reference", "cpu", "triton". Every backend computes what ``adder2d_reference`` computes.
+    """
+    impl = dispatch.get_impl(dispatch.resolve_backend(input.device, backend))
+    return impl(input, weight, stride, padding, dilation, p, grad_x, grad_w)
+
+
+def adder_linear(
+    x: torch.Tensor, weight: torch.Tensor, p: float = 1.0, grad_x: str = "lp", grad_w: str = "full"
+) -> torch.Tensor:
+    """Adder fully-connected layer: (M, K) × (O, K) → (M, O) = −Σ_k |x − w|^p (same gradients as adder2d)."""
+    return adder_linear_reference(x, weight, p, grad_x, grad_w)

@@ -1,0 +1,67 @@
+"""Model registry: one-line registered constructors (timm style) with their default input shape."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+from torch import nn
+
+from addernet_dist.nn import Adder2d, AdderLinear
+
+CONV_KINDS = ("adder", "conv")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    fn: Callable[..., nn.Module]
+    input_shape: tuple[int, int, int]  # (C, H, W) the model is defined for
+    num_classes: int
+
+
+_REGISTRY: dict[str, ModelInfo] = {}
+
+
+def register_model(name: str, input_shape: tuple[int, int, int], num_classes: int):
+    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} registered twice")
+        _REGISTRY[name] = ModelInfo(fn, input_shape, num_classes)
+        return fn
+
+    return deco
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def model_info(name: str) -> ModelInfo:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    return _REGISTRY[name]
+
+
+def layer_types(conv: str, **adder_kw) -> tuple[Callable[..., nn.Module], Callable[..., nn.Module]]:
+    """(conv_layer, linear_layer) for a variant: Adder2d/AdderLinear, or nn.Conv2d/nn.Linear."""
+    if conv == "adder":
+        return partial(Adder2d, **adder_kw), partial(AdderLinear, **adder_kw)
+    if conv == "conv":
+        if adder_kw:
+            raise ValueError(f"adder options {sorted(adder_kw)} make no sense with conv='conv'")
+        return nn.Conv2d, nn.Linear
+    raise ValueError(f"conv must be one of {CONV_KINDS}, got {conv!r}")
+
+
+def create_model(name: str, conv: str = "adder", num_classes: int | None = None, **kw) -> nn.Module:
+    """Build a registered model. ``conv="adder"`` → AdderNet, ``"conv"`` → its CNN twin.
+
+    Extra keyword arguments go to the constructor: ``adder_stem`` / ``adder_head`` (make the first
+    convolution / final classifier adder layers too), and adder layer options ``p``, ``grad_x``,
+    ``grad_w``, ``backend``.
+    """
+    info = model_info(name)
+    if conv not in CONV_KINDS:
+        raise ValueError(f"conv must be one of {CONV_KINDS}, got {conv!r}")
+    return info.fn(conv=conv, num_classes=num_classes or info.num_classes, **kw)

@@ -1,0 +1,266 @@
+"""The pure-PyTorch adder operator: the specification every kernel is tested against.
+
+Shape legend: N batch, C input channels, O output channels (Cout), kh×kw kernel, K = C·kh·kw patch length,
+L = H'·W' output positions per image, M = N·L patches in the batch.
+
+What is computed (paper eqs. 2, 26, 23, 27; ``d = x − w`` for one patch element and one filter element):
+
+    forward           y[m, o]  = −Σ_k |x[m, k] − w[o, k]|^p
+    grad_w="full"     ∂y/∂w    =  x − w                  (eq. 23, full-precision gradient, every p)
+    grad_w="sign"     ∂y/∂w    =  sgn(x − w)             (eq. 22, the true ℓ1 gradient; the Table 4 ablation)
+    grad_x="hardtanh" ∂y/∂x    =  HardTanh(w − x)        (the original AdderNet code)
+    grad_x="lp"       ∂y/∂x    =  sgn(w − x)·|w − x|^(p−1)  (eq. 27)
+
+Notes on ``grad_x="lp"``:
+  * Eq. 27 prints ``[F − X]^(p−1)``, which is undefined for a negative base and non-integer p; we read it as
+    the odd extension ``sgn(F−X)·|F−X|^(p−1)``, the exact derivative of ``−|X−F|^p`` divided by p. The
+    factor p is dropped exactly as the paper prints it (it is ≤ 2, constant across a layer, and the BN that
+    follows every adder layer makes the scale of upstream gradients irrelevant to the next layer's input).
+  * At p = 1 it is ``sgn(F − X)`` (with sgn(0) = 0): the exact subgradient of the ℓ1 forward, and the limit of
+    eq. 27 as p → 1⁺. We keep it rather than switching to HardTanh at p = 1 because (a) the ℓp→ℓ1 schedule
+    then changes the backward continuously — swapping in HardTanh at p = 1 would be a jump the moment the
+    schedule reaches 1 (|F−X| = 0.5 gives 0.5 under HardTanh vs ≈ 1 under eq. 27 at p = 1.0001); (b) the
+    instability that motivated HardTanh in AdderNet v1 came from the *unbounded* full-precision gradient
+    X − F, while sgn is bounded by 1 already. Users who want the v1 behaviour choose ``grad_x="hardtanh"``.
+
+Memory: the forward and the input gradient are evaluated over chunks of patches, so the largest temporary is
+a ``(O, chunk, K)`` block of at most ``max_chunk_bytes`` (default 64 MiB, ``ADDERNET_REF_CHUNK_MB``); the
+``p ∉ {1, 2}`` paths hold up to three such blocks. With the unfolded input (``M·K`` elements, which is saved for
+backward anyway) that bounds the extra memory to ``M·K·4 B + 3·64 MiB`` — e.g. 58 MiB + 192 MiB for the
+ResNet-50 stage-1 3×3 layer at batch 8, where the original code's broadcast needs 3.7 GB.
+The filter gradient needs no broadcast at all for ``grad_w="full"``:
+``Σ_m g[m,o]·(x[m,k] − w[o,k]) = (gᵀx)[o,k] − w[o,k]·Σ_m g[m,o]`` — one GEMM.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+GRAD_X_MODES = ("lp", "hardtanh")
+GRAD_W_MODES = ("full", "sign")
+
+_DEFAULT_CHUNK_BYTES = int(float(os.environ.get("ADDERNET_REF_CHUNK_MB", "64")) * 2**20)
+
+
+def _pair(v: int | tuple[int, int], name: str) -> tuple[int, int]:
+    if isinstance(v, int):
+        v = (v, v)
+    v = tuple(int(e) for e in v)
+    if len(v) != 2:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+    return v  # type: ignore[return-value]
+
+
+def check_args(p: float, grad_x: str, grad_w: str) -> None:
+    """Validate the operator's mode arguments (shared by every backend)."""
+    if grad_x not in GRAD_X_MODES:
+        raise ValueError(f"grad_x must be one of {GRAD_X_MODES}, got {grad_x!r}")
+    if grad_w not in GRAD_W_MODES:
+        raise ValueError(f"grad_w must be one of {GRAD_W_MODES}, got {grad_w!r}")
+    if not (1.0 <= float(p) <= 2.0):
+        raise ValueError(f"p must lie in [1, 2] (the paper's ℓp-AdderNet range), got {p}")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32/fp64 compute in their own precision; 16-bit storage accumulates in fp32."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _pow_abs(d: torch.Tensor, p: float) -> torch.Tensor:
+    """|d|^p with exact fast paths for the two ends of the schedule."""
+    if p == 1.0:
+        return d.abs()
+    if p == 2.0:
+        return d * d
+    return d.abs().pow(p)
+
+
+def _grad_x_factor(d_wx: torch.Tensor, p: float, mode: str) -> torch.Tensor:
+    """∂y/∂x as a function of d = w − x (in place where it can be: d_wx is a scratch block)."""
+    if mode == "hardtanh":
+        return d_wx.clamp_(-1.0, 1.0)
+    if p == 1.0:
+        return d_wx.sign_()
+    if p == 2.0:
+        return d_wx
+    return d_wx.sign() * d_wx.abs().pow_(p - 1.0)
+
+
+def _chunk_rows(m: int, o: int, k: int, elem_bytes: int, max_chunk_bytes: int) -> int:
+    return max(1, min(m, max_chunk_bytes // max(1, o * k * elem_bytes)))
+
+
+def adder_forward_rows(
+    x_mk: torch.Tensor, w_ok: torch.Tensor, p: float, max_chunk_bytes: int = _DEFAULT_CHUNK_BYTES
+) -> torch.Tensor:
+    """y[m, o] = −Σ_k |x[m,k] − w[o,k]|^p for patch rows x (M, K) and filters w (O, K), chunked over M."""
+    m, k = x_mk.shape
+    o = w_ok.shape[0]
+    y = x_mk.new_empty(m, o)
+    step = _chunk_rows(m, o, k, x_mk.element_size(), max_chunk_bytes)
+    for s in range(0, m, step):
+        d = x_mk[None, s : s + step, :] - w_ok[:, None, :]  # (O, c, K)
+        y[s : s + step] = _pow_abs(d, p).sum(-1).t().neg_()
+        del d
+    return y
+
+
+def adder_grad_x_rows(
+    x_mk: torch.Tensor,
+    w_ok: torch.Tensor,
+    g_mo: torch.Tensor,
+    p: float,
+    mode: str,
+    max_chunk_bytes: int = _DEFAULT_CHUNK_BYTES,
+) -> torch.Tensor:
+    """gx[m, k] = Σ_o g[m,o]·∂y/∂x(w[o,k] − x[m,k]), chunked over M."""
+    m, k = x_mk.shape
+    o = w_ok.shape[0]
+    gx = torch.empty_like(x_mk)
+    step = _chunk_rows(m, o, k, x_mk.element_size(), max_chunk_bytes)
+    for s in range(0, m, step):
+        d = w_ok[:, None, :] - x_mk[None, s : s + step, :]  # (O, c, K)
+        f = _grad_x_factor(d, p, mode)
+        f.mul_(g_mo[s : s + step].t()[:, :, None])
+        gx[s : s + step] = f.sum(0)
+        del d, f
+    return gx
+
+
+def adder_grad_w_rows(
+    x_mk: torch.Tensor,
+    w_ok: torch.Tensor,
+    g_mo: torch.Tensor,
+    mode: str,
+    max_chunk_bytes: int = _DEFAULT_CHUNK_BYTES,
+) -> torch.Tensor:
+    """gw[o, k] = Σ_m g[m,o]·(x − w) ("full", one GEMM) or Σ_m g[m,o]·sgn(x − w) ("sign", chunked)."""
+    if mode == "full":
+        return g_mo.t() @ x_mk - w_ok * g_mo.sum(0)[:, None]
+    m, k = x_mk.shape
+    o = w_ok.shape[0]
+    gw = torch.zeros_like(w_ok)
+    step = _chunk_rows(m, o, k, x_mk.element_size(), max_chunk_bytes)
+    for s in range(0, m, step):
+        d = (x_mk[None, s : s + step, :] - w_ok[:, None, :]).sign_()  # (O, c, K)
+        gw += torch.einsum("ock,co->ok", d, g_mo[s : s + step])
+        del d
+    return gw
+
+
+class AdderRowsFunction(torch.autograd.Function):
+    """Autograd wrapper of the row form: x (M, K), w (O, K) → y (M, O)."""
+
+    @staticmethod
+    def forward(ctx, x_mk, w_ok, p, grad_x, grad_w, max_chunk_bytes):
+        in_dtype = x_mk.dtype
+        cdt = compute_dtype(in_dtype)
+        xc, wc = x_mk.to(cdt), w_ok.to(cdt)
+        ctx.save_for_backward(xc, wc)
+        ctx.conf = (p, grad_x, grad_w, max_chunk_bytes, in_dtype, w_ok.dtype)
+        return adder_forward_rows(xc, wc, p, max_chunk_bytes).to(in_dtype)
+
+    @staticmethod
+    def backward(ctx, g_mo):
+        xc, wc = ctx.saved_tensors
+        p, grad_x, grad_w, max_chunk_bytes, x_dtype, w_dtype = ctx.conf
+        g = g_mo.to(xc.dtype)
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            gx = adder_grad_x_rows(xc, wc, g, p, grad_x, max_chunk_bytes).to(x_dtype)
+        if ctx.needs_input_grad[1]:
+            gw = adder_grad_w_rows(xc, wc, g, grad_w, max_chunk_bytes).to(w_dtype)
+        return gx, gw, None, None, None, None
+
+
+def adder_linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    p: float = 1.0,
+    grad_x: str = "lp",
+    grad_w: str = "full",
+    max_chunk_bytes: int = _DEFAULT_CHUNK_BYTES,
+) -> torch.Tensor:
+    """Adder fully-connected layer: x (M, K), weight (O, K) → (M, O) = −Σ_k |x − w|^p."""
+    check_args(p, grad_x, grad_w)
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"adder_linear expects x (M, K) and weight (O, K) with equal K, got {tuple(x.shape)} "
+            f"and {tuple(weight.shape)}"
+        )
+    return AdderRowsFunction.apply(x, weight, float(p), grad_x, grad_w, max_chunk_bytes)
+
+
+def output_size(
+    h: int, w: int, kernel: tuple[int, int], stride, padding, dilation
+) -> tuple[int, int]:
+    """conv2d output arithmetic: floor((H + 2p − d(k−1) − 1)/s) + 1."""
+    ho = (h + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    wo = (w + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    return ho, wo
+
+
+def check_conv_args(input: torch.Tensor, weight: torch.Tensor, stride, padding, dilation):
+    """Validate shapes and normalise stride/padding/dilation to pairs; returns them and (H', W')."""
+    if input.dim() != 4:
+        raise ValueError(f"adder2d expects NCHW input (4-D), got shape {tuple(input.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(
+            f"adder2d expects weight (Cout, Cin, kh, kw), got shape {tuple(weight.shape)}"
+        )
+    if input.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"input has {input.shape[1]} channels but weight expects {weight.shape[1]} "
+            f"(weight shape {tuple(weight.shape)})"
+        )
+    stride, padding, dilation = (
+        _pair(stride, "stride"),
+        _pair(padding, "padding"),
+        _pair(dilation, "dilation"),
+    )
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(
+            f"need stride >= 1, dilation >= 1, padding >= 0; got {stride}, {dilation}, {padding}"
+        )
+    ho, wo = output_size(
+        input.shape[2], input.shape[3], weight.shape[2:], stride, padding, dilation
+    )
+    if ho < 1 or wo < 1:
+        raise ValueError(
+            f"input {tuple(input.shape[2:])} is too small for kernel {tuple(weight.shape[2:])} with "
+            f"padding {padding} and dilation {dilation} (output would be {ho}×{wo})"
+        )
+    return stride, padding, dilation, (ho, wo)
+
+
+def adder2d_reference(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    p: float = 1.0,
+    grad_x: str = "lp",
+    grad_w: str = "full",
+    max_chunk_bytes: int = _DEFAULT_CHUNK_BYTES,
+) -> torch.Tensor:
+    """Adder 2-D "convolution": (N, C, H, W) × (O, C, kh, kw) → (N, O, H', W'), autograd-aware.
+
+    Zero padding is real padding: a padded tap contributes |0 − w|^p (as the original unfold code does).
+    Gradients: see the module docstring. dtypes: fp32/fp64 compute in place; fp16/bf16 accumulate in fp32
+    and return the input dtype.
+    """
+    check_args(p, grad_x, grad_w)
+    stride, padding, dilation, (ho, wo) = check_conv_args(input, weight, stride, padding, dilation)
+    n = input.shape[0]
+    o = weight.shape[0]
+    # (N, K, L) → (N·L, K); F.unfold's autograd (fold) scatters the patch gradients back to the image.
+    cols = F.unfold(input, weight.shape[2:], dilation=dilation, padding=padding, stride=stride)
+    x_mk = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    y_mo = AdderRowsFunction.apply(
+        x_mk, weight.reshape(o, -1), float(p), grad_x, grad_w, max_chunk_bytes
+    )
+    return y_mo.reshape(n, ho * wo, o).transpose(1, 2).reshape(n, o, ho, wo)
