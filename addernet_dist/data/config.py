@@ -1,0 +1,142 @@
+"""Typed, validated configuration of the data layer (the ``data:`` block of a run config).
+
+Every field has a default that suits the CPU debug run (synthetic data); ImageNet configs set
+``dataset: imagefolder``, ``root`` and usually ``loader: dali``. Unknown keys are an error that
+lists the valid ones (pydantic ``extra="forbid"``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# The classic ImageNet eval recipe: resize the shorter side to 256, centre-crop 224.
+DEFAULT_VAL_RESIZE_RATIO = 256 / 224
+
+
+class DaliConfig(BaseModel):
+    """Options of the DALI pipelines (used when ``data.loader`` resolves to ``dali``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # "auto": mixed (nvJPEG) decode + GPU augmentation when the loader's device is CUDA,
+    # CPU-only pipeline (device_id=None) otherwise. "cpu" forces the CPU-only pipeline even on
+    # a GPU machine (the batches are still copied to the training device).
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    # DALI worker threads per rank; None = data.num_workers (same CPU budget as torchvision).
+    num_threads: int | None = Field(default=None, ge=1)
+    prefetch_queue_depth: int = Field(default=2, ge=1)
+    # Reader-side read-ahead buffer (files); DALI's default behaviour.
+    read_ahead: bool = False
+    # Host memory nvJPEG may use for its hybrid (CPU-side Huffman) path; DALI's defaults are
+    # tuned for ImageNet-sized JPEGs, so only expose the switch.
+    hw_decoder_load: float = Field(default=0.65, ge=0.0, le=1.0)
+
+
+class DataConfig(BaseModel):
+    """Where the images come from and how they become normalised NCHW batches."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: Literal["synthetic", "imagefolder", "digits", "fashion_mnist"] = "synthetic"
+    # "auto": torchvision for every dataset (DALI only when asked: it needs JPEG files on disk
+    # and pays a pipeline build per epoch, which only large datasets amortise).
+    loader: Literal["auto", "torchvision", "dali"] = "auto"
+    # imagefolder: the ImageNet root holding train/ and val/. digits / fashion_mnist: where the
+    # generated tree lives (None = ~/.cache/addernet_dist/<dataset>). Unused by synthetic.
+    root: Path | None = None
+    train_split: str = "train"
+    val_split: str = "val"
+
+    image_size: int = Field(default=224, ge=8)
+    # Val: resize the shorter side to round(image_size * ratio), centre crop image_size.
+    # None = 256/224 with ImageNet-style augmentation, 1.0 (plain resize) otherwise.
+    val_resize_ratio: float | None = Field(default=None, ge=1.0, le=2.0)
+    # Train augmentation. "auto": random_resized_crop for imagefolder, pad_crop for the small
+    # built-in datasets (digits, fashion_mnist), none for synthetic.
+    augment: Literal["auto", "random_resized_crop", "pad_crop", "none"] = "auto"
+    # Random-resized-crop ranges (Inception recipe, the ones the AdderNet paper's code uses).
+    min_crop_area: float = Field(default=0.08, gt=0.0, le=1.0)
+    crop_aspect_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    # pad_crop: zero padding on each side before the random crop (CIFAR recipe: 4 px at 32).
+    pad: int = Field(default=4, ge=0)
+    # Random horizontal flip; None = on for imagefolder, off for digits/fashion_mnist (a
+    # mirrored digit is a different glyph) and synthetic.
+    hflip: bool | None = None
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    num_workers: int = Field(default=4, ge=0)
+    pin_memory: bool = True
+    # How an undecodable image met while loading is handled: always an error naming the file
+    # (a skip would silently change batch composition and break exact resume). Run
+    # `addernet-data check ROOT` before a long job to find such files up front.
+    on_corrupt: Literal["raise"] = "raise"
+
+    synthetic_train_size: int = Field(default=1024, ge=1)
+    synthetic_val_size: int = Field(default=256, ge=1)
+    synthetic_num_classes: int = Field(default=10, ge=2)
+    synthetic_channels: int = Field(default=3, ge=1)
+    # Seed of the synthetic *dataset* (class templates, noise); the run seed only shuffles.
+    synthetic_seed: int = 0
+
+    dali: DaliConfig = Field(default_factory=DaliConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.dataset == "imagefolder" and self.root is None:
+            raise ValueError(
+                "data.root is required for dataset 'imagefolder': set data.root=/path/to/imagenet "
+                "(expected layout: ROOT/train/<wnid>/*.JPEG and ROOT/val/...)"
+            )
+        if len(self.mean) != len(self.std):
+            raise ValueError(
+                f"data.mean has {len(self.mean)} values but data.std has {len(self.std)}; "
+                "give one value per channel in both"
+            )
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"data.std must be positive, got {self.std}")
+        lo, hi = self.crop_aspect_ratio
+        if not 0 < lo <= hi:
+            raise ValueError(
+                f"data.crop_aspect_ratio must be (low, high) with 0 < low <= high, got {self.crop_aspect_ratio}"
+            )
+        if self.dataset == "synthetic" and self.loader == "dali":
+            raise ValueError(
+                "data.loader 'dali' needs JPEG files; dataset 'synthetic' is generated in memory. "
+                "Use data.loader=auto (or torchvision) with synthetic data"
+            )
+        return self
+
+    # ---- resolved values (one place decides each "auto") -------------------------------------
+
+    @property
+    def resolved_augment(self) -> str:
+        if self.augment != "auto":
+            return self.augment
+        return {
+            "imagefolder": "random_resized_crop",
+            "digits": "pad_crop",
+            "fashion_mnist": "pad_crop",
+        }.get(self.dataset, "none")
+
+    @property
+    def resolved_hflip(self) -> bool:
+        if self.hflip is not None:
+            return self.hflip
+        return self.dataset == "imagefolder"
+
+    @property
+    def resolved_val_resize_ratio(self) -> float:
+        if self.val_resize_ratio is not None:
+            return self.val_resize_ratio
+        return DEFAULT_VAL_RESIZE_RATIO if self.resolved_augment == "random_resized_crop" else 1.0
+
+    @property
+    def resolved_loader(self) -> str:
+        return "torchvision" if self.loader == "auto" else self.loader
