@@ -13,7 +13,6 @@ from addernet_dist.data.idx import (
     FASHION_MNIST_MEAN,
     FASHION_MNIST_STD,
     IdxLoader,
-    build_fashion_mnist_loader,
     load_idx_split,
     read_idx,
     write_idx,
@@ -169,23 +168,24 @@ def test_mid_epoch_resume_continues_the_same_order(idx_root):
 
 
 @pytest.mark.timeout(30)
-def test_build_entry_reads_cfg_root_and_channels_last(idx_root):
-    class Cfg:
-        root = str(idx_root)
-        image_size = 32
+def test_build_loader_registers_fashion_mnist(idx_root):
+    from addernet_dist.data import DataConfig, build_loader
 
-    loader = build_fashion_mnist_loader(
-        Cfg(),
-        "val",
-        batch_size=4,
-        rank=0,
-        world_size=1,
-        seed=0,
-        device=torch.device("cpu"),
-        channels_last=True,
-    )
+    cfg = DataConfig(dataset="fashion_mnist", root=idx_root, image_size=32)
+    kw = dict(batch_size=4, rank=0, world_size=1, seed=0, device="cpu")
+    loader = build_loader(cfg, "val", channels_last=True, **kw)
+    assert isinstance(loader, IdxLoader) and loader.mean == FASHION_MNIST_MEAN
     x, _ = next(iter(loader))
+    assert x.shape == (4, 1, 32, 32)
     assert x.is_contiguous(memory_format=torch.channels_last)
+    cfg = DataConfig(dataset="fashion_mnist", root=idx_root, image_size=32, mean=(0.5,), std=(0.5,))
+    assert build_loader(cfg, "train", **kw).std == 0.5
+    with pytest.raises(ValueError, match="one value"):
+        build_loader(cfg.model_copy(update={"mean": (0.5, 0.5, 0.5)}), "train", **kw)
+    with pytest.raises(ValueError, match="data.augment=none"):
+        build_loader(
+            DataConfig(dataset="fashion_mnist", root=idx_root, augment="pad_crop"), "train", **kw
+        )
 
 
 @pytest.mark.timeout(30)

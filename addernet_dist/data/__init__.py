@@ -66,6 +66,22 @@ def build_loader(
             dataset, sampler, train=train, device=device, channels_last=channels_last
         )
 
+    if cfg.dataset == "fashion_mnist":
+        # In-memory IDX loader (reproduction tools): 1×32×32 batches straight from Debian's
+        # dataset-fashion-mnist files, no JPEG tree.
+        from .idx import build_fashion_mnist_loader
+
+        return build_fashion_mnist_loader(
+            cfg,
+            split,
+            batch_size=batch_size,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+            device=device,
+            channels_last=channels_last,
+        )
+
     from .folder import resolve_samples
 
     samples = resolve_samples(cfg, split, rank=rank)

@@ -279,10 +279,29 @@ def build_fashion_mnist_loader(
     device: torch.device,
     channels_last: bool = False,
 ) -> IdxLoader:
-    """``build_loader`` entry for ``dataset: fashion_mnist`` (``cfg.root`` None/"" = Debian's path)."""
-    root = getattr(cfg, "root", None) or None
+    """``build_loader`` entry for ``dataset: fashion_mnist``.
+
+    ``cfg.root`` None = Debian's path. ``cfg.mean``/``cfg.std`` are used only when set explicitly
+    (their defaults are ImageNet's 3-channel values); otherwise the Fashion-MNIST statistics.
+    """
+    given = getattr(cfg, "model_fields_set", set())
+    augment = getattr(cfg, "augment", "none")
+    if "augment" in given and augment not in ("auto", "none"):
+        raise ValueError(
+            f"data.augment={augment!r}: the fashion_mnist loader does no augmentation (paper §5.2 "
+            "names none); set data.augment=none or leave it unset"
+        )
+    stats = {}
+    for key in ("mean", "std"):
+        if key in given:
+            value = tuple(getattr(cfg, key))
+            if len(value) != 1:
+                raise ValueError(
+                    f"data.{key}={list(value)}: Fashion-MNIST has 1 channel, give one value"
+                )
+            stats[key] = float(value[0])
     return IdxLoader(
-        root,
+        getattr(cfg, "root", None) or None,
         split,
         batch_size=batch_size,
         rank=rank,
@@ -291,4 +310,5 @@ def build_fashion_mnist_loader(
         device=device,
         channels_last=channels_last,
         image_size=int(getattr(cfg, "image_size", 32) or 32),
+        **stats,
     )
