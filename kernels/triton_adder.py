@@ -1,0 +1,774 @@
+"""Triton adder convolution: forward (with fused BN epilogues), ∂L/∂X and ∂L/∂F, no im2col anywhere.
+
+Shape legend: N batch, C input channels, O output channels, H×W input, P×Q output (H', W'), R×S kernel,
+M = N·P·Q output positions. x_nchw / y_nopq / g_nopq take arbitrary strides (NCHW and channels_last
+run the same kernel); the filters are re-laid out on the host (tiny) as w_rsco (R, S, C, O) for the
+forward — a row of O filters per tap is one contiguous load — and w_rsoc (R, S, O, C) for ∂L/∂X.
+
+Semantics are those of ``addernet_dist.ops.reference.adder2d_reference`` (the specification):
+    y = −Σ |x − w|^p   (zero padding is real: a padded tap contributes |0 − w|^p)
+    ∂L/∂F = Σ g·(x − w)        grad_w="full"  (eq. 23)     | Σ g·sgn(x − w)          grad_w="sign"
+    ∂L/∂X = Σ g·HardTanh(w − x) grad_x="hardtanh"           | Σ g·sgn(w−x)|w−x|^(p−1)  grad_x="lp"
+
+Hot-loop structure (all three kernels): an outer-product ("rank-1 update") loop. Each program owns a
+BLOCK_M × BLOCK_N tile of accumulators in registers; per reduction step it loads one column of BLOCK_M
+values and one row of BLOCK_N values and updates every accumulator. Each thread therefore reuses every
+loaded x across all its output channels, and the per-MAC work is the arithmetic only: for the p=1
+forward `FADD d = x − w; FADD acc += |d|` (abs folded as an operand modifier) — see
+benchmarks/kernel_report.py for the SASS count per MAC. Index math (tap position, padding masks) is
+hoisted out of the channel loop; the channel loop is unrolled BLOCK_K times so its loop overhead and
+pointer bumps are amortised.
+
+General p (1 < p < 2): |d|^p = exp2(p·log2|d|) on the approximate SFU instructions (MUFU.LG2, MUFU.EX2;
+|d| folded into LG2's operand). Both are accurate to ~2^-22 relative (PTX ISA: lg2.approx max abs error
+2^-22.6 for the mantissa part, ex2.approx max rel error 2^-22.5), so |d|^p is within ~p·2^-22·ln2·|log2|d||
+≈ 3e-6 relative for |d| ∈ [2^-8, 2^8], i.e. at the level of fp32 rounding of the K-term sum itself.
+docs/kernels.md discusses the throughput (two SFU ops per MAC) and why we did not go polynomial.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from addernet_dist.ops.reference import check_args, check_conv_args, compute_dtype
+
+# P_MODE constexpr values: exact fast paths at the two ends of the ℓp schedule, one general path.
+P_GENERAL, P_ONE, P_TWO = 0, 1, 2
+# EPILOGUE constexpr values of the forward kernel.
+EPI_NONE, EPI_BN_STATS, EPI_AFFINE = 0, 1, 2
+# GX_MODE constexpr values of the ∂L/∂X kernel.
+GX_HARDTANH, GX_SIGN, GX_LINEAR, GX_POW = 0, 1, 2, 3
+
+_INT32_MAX = 2**31 - 1
+# Filter rows are zero-padded to a multiple of this (≥ every BLOCK_N in the tuning lists).
+_W_PAD = 32
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _adder_term(w, x, p, P_MODE: tl.constexpr):
+    """|x − w|^p for one rank-1 update (broadcast operands)."""
+    d = x - w
+    if P_MODE == 1:
+        return tl.abs(d)
+    elif P_MODE == 2:
+        return d * d
+    else:
+        # 0^p: log2(0) = −inf → exp2(−inf) = 0, the right limit for p ≥ 1.
+        return tl.exp2(p * tl.log2(tl.abs(d)))
+
+
+@triton.jit
+def _adder_fwd_kernel(
+    x_ptr,  # (N, C, H, W) input, any strides, fp32/fp16/bf16/fp64
+    w_ptr,  # (R, S, C, OP) contiguous filters (w_rsco), O zero-padded to OP (a multiple of 32)
+    y_ptr,  # (N, O, P, Q) output, any strides, input dtype
+    part_ptr,  # (num_m_blocks, 2, O) fp32: per-block channel mean and M2 (EPILOGUE == EPI_BN_STATS)
+    scale_ptr,  # (O,) fp32 folded BN scale (EPILOGUE == EPI_AFFINE)
+    shift_ptr,  # (O,) fp32 folded BN shift (EPILOGUE == EPI_AFFINE)
+    res_ptr,  # (N, O, P, Q) residual added after the affine (HAS_RES)
+    p,  # fp32 exponent, read only when P_MODE == P_GENERAL
+    N,
+    C,
+    H,
+    W,
+    O,
+    OP,  # padded O: the w_rsco row stride
+    P,
+    Q,
+    sxn,  # x strides (elements)
+    sxc,
+    sxh,
+    sxw,
+    syn,  # y strides
+    syc,
+    syh,
+    syw,
+    srn,  # residual strides
+    src,
+    srh,
+    srw,
+    stride_h,
+    stride_w,
+    pad_h,
+    pad_w,
+    dil_h,
+    dil_w,
+    R: tl.constexpr,
+    S: tl.constexpr,
+    P_MODE: tl.constexpr,
+    EPILOGUE: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    RELU: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,  # tl.float32, or tl.float64 for fp64 inputs
+    BLOCK_M: tl.constexpr,  # output positions per program
+    BLOCK_N: tl.constexpr,  # output channels per program
+    BLOCK_K: tl.constexpr,  # input channels per unrolled step
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    PQ = P * Q
+    M = N * PQ
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < O
+    n_img = offs_m // PQ
+    pq = offs_m % PQ
+    oh = pq // Q
+    ow = pq % Q
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+    x_img = x_ptr + n_img * sxn
+
+    # acc is (channels, positions): Triton's default layout spreads the LAST dim over the 32 lanes and the
+    # warps and keeps the first dim inside each thread, so every thread owns BLOCK_N × BLOCK_M/(32·warps)
+    # accumulators: per channel step it loads its few x values (coalesced across the warp) and the BLOCK_N
+    # filter values (warp-uniform, one vector load) and does BLOCK_N·BLOCK_M/(32·warps) MACs in registers.
+    # The (positions, channels) order puts one channel per thread and costs ~1 load per MAC (measured in
+    # the SASS report: 4.6 vs 2.x instructions per MAC).
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=ACC_DTYPE)
+    C_main = C - C % BLOCK_K
+    for r in tl.static_range(R):
+        ih = ih0 + r * dil_h
+        h_ok = m_mask & (ih >= 0) & (ih < H)
+        for s in tl.static_range(S):
+            iw = iw0 + s * dil_w
+            # Out-of-image taps load 0 and still contribute |0 − w|^p: padding is real (the spec).
+            tap_ok = h_ok & (iw >= 0) & (iw < W)
+            x_tap = x_img + ih * sxh + iw * sxw
+            # No mask on w: the host pads O to OP, so the BLOCK_N-row load is unpredicated and vectorised
+            # (LDG.128); a per-element mask cost 2 extra instructions per load in the SASS report.
+            w_tap = w_ptr + (r * S + s) * C * OP + offs_n
+            # Main channel loop: no channel mask (the tail below handles C % BLOCK_K).
+            for c0 in range(0, C_main, BLOCK_K):
+                for kk in tl.static_range(BLOCK_K):
+                    xv = tl.load(x_tap + (c0 + kk) * sxc, mask=tap_ok, other=0.0).to(ACC_DTYPE)
+                    wv = tl.load(w_tap + (c0 + kk) * OP).to(ACC_DTYPE)
+                    acc += _adder_term(wv[:, None], xv[None, :], p, P_MODE)
+            for c in range(C_main, C):
+                xv = tl.load(x_tap + c * sxc, mask=tap_ok, other=0.0).to(ACC_DTYPE)
+                wv = tl.load(w_tap + c * OP).to(ACC_DTYPE)
+                acc += _adder_term(wv[:, None], xv[None, :], p, P_MODE)
+
+    # Epilogue on the (channels, positions) tile: no transpose (it would round-trip through shared memory).
+    y = -acc
+    tile_mask = n_mask[:, None] & m_mask[None, :]
+    if EPILOGUE == 2:
+        scale = tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0).to(ACC_DTYPE)
+        shift = tl.load(shift_ptr + offs_n, mask=n_mask, other=0.0).to(ACC_DTYPE)
+        y = y * scale[:, None] + shift[:, None]
+        if HAS_RES:
+            r_off = n_img * srn + oh * srh + ow * srw
+            res = tl.load(
+                res_ptr + offs_n[:, None] * src + r_off[None, :], mask=tile_mask, other=0.0
+            )
+            y += res.to(ACC_DTYPE)
+        if RELU:
+            y = tl.maximum(y, 0.0)
+    y_off = n_img * syn + oh * syh + ow * syw
+    y_out = y.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + offs_n[:, None] * syc + y_off[None, :], y_out, mask=tile_mask)
+    if EPILOGUE == 1:
+        # BatchNorm batch statistics from the registers, never re-reading y: per block the channel mean
+        # and the sum of squared deviations from it (M2). Centring per block (Chan et al.'s parallel
+        # variance) matters for adder outputs: they are large and negative (−Σ|x−w| ≈ −1000 for a
+        # 3×3×128 layer) with a spread of O(10), so E[y²] − E[y]² would cancel ~5 of fp32's 7 digits.
+        # Statistics use the value rounded to the storage dtype, i.e. exactly what an unfused BN reads.
+        ys = y_out.to(ACC_DTYPE)
+        rows = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M)
+        mean = tl.sum(tl.where(tile_mask, ys, 0.0), axis=1) / rows
+        dev = tl.where(tile_mask, ys - mean[:, None], 0.0)
+        m2 = tl.sum(dev * dev, axis=1)
+        part = part_ptr + pid_m * 2 * O + offs_n
+        tl.store(part, mean.to(tl.float32), mask=n_mask)
+        tl.store(part + O, m2.to(tl.float32), mask=n_mask)
+
+
+@triton.jit
+def _grad_x_factor(d, p, GX_MODE: tl.constexpr):
+    """∂y/∂x as a function of d = w − x (see the module docstring)."""
+    if GX_MODE == 0:
+        return tl.minimum(tl.maximum(d, -1.0), 1.0)
+    elif GX_MODE == 1:
+        return tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0)).to(d.dtype)
+    elif GX_MODE == 2:
+        return d
+    else:
+        mag = tl.exp2((p - 1.0) * tl.log2(tl.abs(d)))
+        return tl.where(d < 0, -mag, mag)
+
+
+@triton.jit
+def _adder_bwd_dx_kernel(
+    g_ptr,  # (N, O, P, Q) upstream gradient, any strides
+    x_ptr,  # (N, C, H, W) saved input, any strides
+    w_ptr,  # (R, S, O, CP) contiguous filters (w_rsoc), C zero-padded to CP (a multiple of 32)
+    dx_ptr,  # (N, C, H, W) output gradient, same strides as x
+    p,  # fp32 exponent, read only when GX_MODE == GX_POW
+    N,
+    C,
+    CP,  # padded C: the w_rsoc row stride
+    H,
+    W,
+    O,
+    P,
+    Q,
+    sgn_,  # g strides
+    sgc,
+    sgh,
+    sgw,
+    sxn,  # x strides (dx uses the same strides)
+    sxc,
+    sxh,
+    sxw,
+    stride_h,
+    stride_w,
+    pad_h,
+    pad_w,
+    dil_h,
+    dil_w,
+    R: tl.constexpr,
+    S: tl.constexpr,
+    GX_MODE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # input positions (n, ih, iw) per program
+    BLOCK_N: tl.constexpr,  # input channels per program
+    BLOCK_K: tl.constexpr,  # output channels per unrolled step
+):
+    # Gather form: every input element sums over the (tap, output channel) pairs that read it, so no
+    # atomics and no im2col. The x tile is loaded once and stays in registers; the tile is (channels,
+    # positions) for the same per-thread register blocking as the forward.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    HW = H * W
+    M = N * HW
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    c_mask = offs_c < C
+    n_img = offs_m // HW
+    hw = offs_m % HW
+    ih = hw // W
+    iw = hw % W
+    x_off = n_img * sxn + ih * sxh + iw * sxw
+    tile_mask = c_mask[:, None] & m_mask[None, :]
+    xt = tl.load(x_ptr + offs_c[:, None] * sxc + x_off[None, :], mask=tile_mask, other=0.0).to(
+        ACC_DTYPE
+    )
+    g_img = g_ptr + n_img * sgn_
+
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=ACC_DTYPE)
+    O_main = O - O % BLOCK_K
+    for r in tl.static_range(R):
+        th = ih + pad_h - r * dil_h
+        oh = th // stride_h
+        h_ok = m_mask & (th >= 0) & (oh * stride_h == th) & (oh < P)
+        for s in tl.static_range(S):
+            tw = iw + pad_w - s * dil_w
+            ow = tw // stride_w
+            tap_ok = h_ok & (tw >= 0) & (ow * stride_w == tw) & (ow < Q)
+            # A masked g is 0, so whatever the factor is, the term vanishes.
+            g_tap = g_img + oh * sgh + ow * sgw
+            w_tap = w_ptr + (r * S + s) * O * CP + offs_c
+            for o0 in range(0, O_main, BLOCK_K):
+                for kk in tl.static_range(BLOCK_K):
+                    gv = tl.load(g_tap + (o0 + kk) * sgc, mask=tap_ok, other=0.0).to(ACC_DTYPE)
+                    wv = tl.load(w_tap + (o0 + kk) * CP).to(ACC_DTYPE)
+                    acc += gv[None, :] * _grad_x_factor(wv[:, None] - xt, p, GX_MODE)
+            for o in range(O_main, O):
+                gv = tl.load(g_tap + o * sgc, mask=tap_ok, other=0.0).to(ACC_DTYPE)
+                wv = tl.load(w_tap + o * CP).to(ACC_DTYPE)
+                acc += gv[None, :] * _grad_x_factor(wv[:, None] - xt, p, GX_MODE)
+    tl.store(
+        dx_ptr + offs_c[:, None] * sxc + x_off[None, :],
+        acc.to(dx_ptr.dtype.element_ty),
+        mask=tile_mask,
+    )
+
+
+@triton.jit
+def _adder_bwd_dw_kernel(
+    g_ptr,  # (N, O, P, Q) upstream gradient, any strides
+    x_ptr,  # (N, C, H, W) saved input, any strides
+    w_ptr,  # (O, C, R, S) filters, contiguous
+    dw_ptr,  # fp32: (SPLIT, R·S, O, C) partials (deterministic) or (R·S, O, C) atomic target
+    N,
+    C,
+    H,
+    W,
+    O,
+    P,
+    Q,
+    sgn_,
+    sgc,
+    sgh,
+    sgw,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    stride_h,
+    stride_w,
+    pad_h,
+    pad_w,
+    dil_h,
+    dil_w,
+    rows_per_split,  # output rows (n, oh) reduced by one program
+    R: tl.constexpr,
+    S: tl.constexpr,
+    SIGN: tl.constexpr,  # grad_w="sign"
+    ATOMIC: tl.constexpr,  # float atomics into one buffer (non-deterministic order)
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # output channels per program
+    BLOCK_N: tl.constexpr,  # input channels per program
+):
+    # One program: a BLOCK_M(O) × BLOCK_N(C) tile of one tap (r, s), reduced over a slice of the
+    # output rows. Per output position: one g row (O) and one x row (C) load → rank-1 update.
+    pid_t = tl.program_id(0)
+    rs = tl.program_id(1)
+    pid_split = tl.program_id(2)
+    num_c_blocks = tl.cdiv(C, BLOCK_N)
+    pid_o = pid_t // num_c_blocks
+    pid_c = pid_t % num_c_blocks
+    r = rs // S
+    s = rs % S
+    offs_o = pid_o * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_mask = offs_o < O
+    c_mask = offs_c < C
+    tile_mask = o_mask[:, None] & c_mask[None, :]
+    wt = tl.load(
+        w_ptr + offs_o[:, None] * (C * R * S) + offs_c[None, :] * (R * S) + rs,
+        mask=tile_mask,
+        other=0.0,
+    ).to(ACC_DTYPE)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    row0 = pid_split * rows_per_split
+    row1 = tl.minimum(row0 + rows_per_split, N * P)
+    for row in range(row0, row1):
+        n_img = row // P
+        oh = row % P
+        ih = oh * stride_h - pad_h + r * dil_h
+        h_ok = (ih >= 0) & (ih < H)
+        g_row = g_ptr + n_img * sgn_ + oh * sgh + offs_o * sgc
+        x_row = x_ptr + n_img * sxn + ih * sxh + offs_c * sxc
+        for ow in range(0, Q):
+            iw = ow * stride_w - pad_w + s * dil_w
+            x_ok = h_ok & (iw >= 0) & (iw < W)
+            gv = tl.load(g_row + ow * sgw, mask=o_mask, other=0.0).to(ACC_DTYPE)
+            # Padded taps read x = 0 and contribute g·(0 − w): padding is real in the forward too.
+            xv = tl.load(x_row + iw * sxw, mask=c_mask & x_ok, other=0.0).to(ACC_DTYPE)
+            d = xv[None, :] - wt
+            if SIGN:
+                d = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0)).to(ACC_DTYPE)
+            acc += gv[:, None] * d
+
+    out_off = rs * O * C + offs_o[:, None] * C + offs_c[None, :]
+    if ATOMIC:
+        tl.atomic_add(dw_ptr + out_off, acc.to(tl.float32), mask=tile_mask)
+    else:
+        tl.store(dw_ptr + pid_split * (R * S * O * C) + out_off, acc.to(ACC_DTYPE), mask=tile_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tuning lists. Every entry compiles for sm_80 and sm_90 (tests/test_triton_aot.py); the first entry of
+# each list is the interpreter/default config. Keys: the shapes that change the best tile.
+# ----------------------------------------------------------------------------------------------------------
+FWD_CONFIGS = [
+    # BLOCK_M = 32 lanes × num_warps × (positions per thread) so that every warp sits on the position axis
+    # and each thread keeps all BLOCK_N channels of its positions (see the comment on acc in the kernel).
+    triton.Config({"BLOCK_M": 256, "BLOCK_N": 16, "BLOCK_K": 4}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 4}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_M": 256, "BLOCK_N": 32, "BLOCK_K": 2}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 16, "BLOCK_K": 4}, num_warps=2, num_stages=1),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 8, "BLOCK_K": 4}, num_warps=2, num_stages=1),
+]
+DX_CONFIGS = [
+    # Same register blocking as the forward (BLOCK_M = 32 × num_warps × positions per thread); each thread
+    # also keeps its BLOCK_N × positions x values, so the tiles are half the forward's.
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 16, "BLOCK_K": 4}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_M": 256, "BLOCK_N": 16, "BLOCK_K": 4}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 2}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 8, "BLOCK_K": 4}, num_warps=2, num_stages=1),
+]
+DW_CONFIGS = [
+    # (output channels, input channels) tiles; the lanes and warps spread over input channels.
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=2, num_stages=1),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 128}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=2, num_stages=1),
+    triton.Config({"BLOCK_M": 8, "BLOCK_N": 32}, num_warps=1, num_stages=1),
+]
+_FWD_KEY = ["C", "O", "P", "Q", "N", "R", "S", "P_MODE", "EPILOGUE"]
+_DX_KEY = ["C", "O", "H", "W", "N", "R", "S", "GX_MODE"]
+
+
+def _interpreting() -> bool:
+    return bool(triton.knobs.runtime.interpret)
+
+
+def _tuned(kernel, configs, key):
+    if _interpreting():
+        return (
+            None  # the interpreter runs the first config; benchmarking configs there is pointless
+        )
+    return triton.autotune(configs=configs, key=key)(kernel)
+
+
+_adder_fwd_tuned = _tuned(_adder_fwd_kernel, FWD_CONFIGS, _FWD_KEY)
+_adder_bwd_dx_tuned = _tuned(_adder_bwd_dx_kernel, DX_CONFIGS, _DX_KEY)
+
+
+def _launch(kernel, tuned, configs, grid_fn, args, consts, config):
+    """Run ``kernel`` with an explicit config, or autotuned (GPU) / first config (interpreter)."""
+    if config is None and tuned is not None:
+        tuned[grid_fn](*args, **consts)
+        return
+    cfg = config if config is not None else configs[0]
+    meta = dict(cfg.kwargs)
+    kernel[grid_fn(meta)](
+        *args, **consts, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------
+def _check_device(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.device.type != "cuda" and not _interpreting():
+            raise RuntimeError(
+                f"the triton adder backend needs CUDA tensors, got a tensor on {t.device}; use "
+                "backend='cpu' or 'reference' on CPU (or set TRITON_INTERPRET=1 before importing "
+                "triton to run the kernels in the interpreter, which is slow and meant for tests)"
+            )
+        if t.numel() > _INT32_MAX:
+            raise ValueError(
+                f"tensor of shape {tuple(t.shape)} has more than 2^31-1 elements; the triton adder "
+                "kernels index with int32 — split the batch"
+            )
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if compute_dtype(dtype) == torch.float64 else tl.float32
+
+
+def _p_mode(p: float) -> int:
+    return P_ONE if p == 1.0 else P_TWO if p == 2.0 else P_GENERAL
+
+
+def adder2d_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    p: float,
+    out_hw: tuple[int, int],
+    *,
+    bn_stats: bool = False,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    relu: bool = False,
+    config: triton.Config | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Forward launcher. x (N, C, H, W) any strides × weight (O, C, R, S) → y (N, O, P, Q).
+
+    y keeps x's memory format and dtype. ``bn_stats``: also return per-channel (mean, var) fp32 (O,)
+    pair — biased batch variance — computed in the kernel's epilogue. ``scale``/``shift`` (O,) fp32:
+    inference epilogue y·scale + shift (+ residual (N, O, P, Q)) (then ReLU if ``relu``).
+    """
+    _check_device(x, weight)
+    n, c, h, w_ = x.shape
+    o, _, r, s = weight.shape
+    pp, qq = out_hw
+    fmt = (
+        torch.channels_last
+        if x.dim() == 4
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and not x.is_contiguous()
+        else torch.contiguous_format
+    )
+    y = torch.empty((n, o, pp, qq), device=x.device, dtype=x.dtype, memory_format=fmt)
+    o_pad = triton.cdiv(o, _W_PAD) * _W_PAD
+    w_rsco = torch.zeros((r, s, c, o_pad), device=weight.device, dtype=weight.dtype)
+    w_rsco[..., :o] = weight.permute(2, 3, 1, 0)
+    m = n * pp * qq
+    epilogue = EPI_NONE
+    part = y  # placeholder pointer for unused arguments
+    if bn_stats:
+        epilogue = EPI_BN_STATS
+        # One row of partials per BLOCK_M: allocate for the smallest BLOCK_M of the tuning list.
+        min_bm = min(cfg.kwargs["BLOCK_M"] for cfg in FWD_CONFIGS)
+        part = torch.empty((triton.cdiv(m, min_bm), 2, o), device=x.device, dtype=torch.float32)
+    if scale is not None:
+        if bn_stats:
+            raise ValueError(
+                "bn_stats and the affine epilogue are exclusive (training vs inference)"
+            )
+        epilogue = EPI_AFFINE
+        scale = scale.to(device=x.device, dtype=torch.float32).contiguous()
+        shift = shift.to(device=x.device, dtype=torch.float32).contiguous()
+    if residual is not None:
+        if scale is None:
+            raise ValueError("a residual is only fused with the affine (inference) epilogue")
+        if residual.shape != y.shape:
+            raise ValueError(
+                f"residual shape {tuple(residual.shape)} != output shape {tuple(y.shape)}"
+            )
+        _check_device(residual)
+    res = residual if residual is not None else y
+    used_bm = {}
+
+    def grid(meta):
+        used_bm["BLOCK_M"] = meta["BLOCK_M"]
+        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(o, meta["BLOCK_N"]))
+
+    args = (
+        x,
+        w_rsco,
+        y,
+        part,
+        scale if scale is not None else y,
+        shift if shift is not None else y,
+        res,
+        float(p),
+        n,
+        c,
+        h,
+        w_,
+        o,
+        o_pad,
+        pp,
+        qq,
+        *x.stride(),
+        *y.stride(),
+        *res.stride(),
+        *stride,
+        *padding,
+        *dilation,
+    )
+    consts = dict(
+        R=r,
+        S=s,
+        P_MODE=_p_mode(p),
+        EPILOGUE=epilogue,
+        HAS_RES=residual is not None,
+        RELU=bool(relu),
+        ACC_DTYPE=_acc_dtype(x.dtype),
+    )
+    _launch(_adder_fwd_kernel, _adder_fwd_tuned, FWD_CONFIGS, grid, args, consts, config)
+    if not bn_stats:
+        return y, None
+    return y, _combine_bn_partials(part, m, used_bm["BLOCK_M"])
+
+
+def _combine_bn_partials(
+    part: torch.Tensor, m: int, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge per-block (mean, M2) into the batch mean and biased variance, in a fixed order (deterministic).
+
+    Chan et al.: M2 = Σ_b M2_b + Σ_b n_b (mean_b − mean)²; done in fp64 because it is tiny ((M/BLOCK_M) × O).
+    """
+    nb = triton.cdiv(m, block_m)
+    counts = torch.full((nb, 1), float(block_m), dtype=torch.float64, device=part.device)
+    counts[-1] = m - (nb - 1) * block_m
+    means = part[:nb, 0].double()
+    m2 = part[:nb, 1].double()
+    mean = (counts * means).sum(0) / m
+    var = (m2.sum(0) + (counts * (means - mean) ** 2).sum(0)) / m
+    return mean.float(), var.float()
+
+
+def adder2d_grad_input(
+    g: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    p: float,
+    grad_x: str,
+    config: triton.Config | None = None,
+) -> torch.Tensor:
+    """∂L/∂X launcher: g (N, O, P, Q) → dx (N, C, H, W), same strides and dtype as x."""
+    _check_device(g, x, weight)
+    n, c, h, w_ = x.shape
+    o, _, r, s = weight.shape
+    pp, qq = g.shape[2:]
+    dx = torch.empty_like(x)  # keeps x's strides: the kernel writes dx with x's strides
+    c_pad = triton.cdiv(c, _W_PAD) * _W_PAD
+    w_rsoc = torch.zeros((r, s, o, c_pad), device=weight.device, dtype=weight.dtype)
+    w_rsoc[..., :c] = weight.permute(2, 3, 0, 1)
+    if grad_x == "hardtanh":
+        mode = GX_HARDTANH
+    else:
+        mode = GX_SIGN if p == 1.0 else GX_LINEAR if p == 2.0 else GX_POW
+    m = n * h * w_
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_N"]))
+
+    args = (g, x, w_rsoc, dx, float(p), n, c, c_pad, h, w_, o, pp, qq, *g.stride(), *x.stride())
+    args = args + (*stride, *padding, *dilation)
+    consts = dict(R=r, S=s, GX_MODE=mode, ACC_DTYPE=_acc_dtype(x.dtype))
+    _launch(_adder_bwd_dx_kernel, _adder_bwd_dx_tuned, DX_CONFIGS, grid, args, consts, config)
+    return dx
+
+
+# Enough programs to fill an H100 (132 SMs × a few resident programs) before splitting the reduction.
+_DW_TARGET_PROGRAMS = 132 * 4
+
+
+def adder2d_grad_weight(
+    g: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    grad_w: str,
+    deterministic: bool = True,
+    config: triton.Config | None = None,
+) -> torch.Tensor:
+    """∂L/∂F launcher: → dw (O, C, R, S) in weight's dtype.
+
+    The reduction over the N·P output rows is split across programs. ``deterministic``: each split writes
+    its own fp32 partial and the partials are summed in a fixed order (bitwise reproducible; extra memory
+    ≤ ~_DW_TARGET_PROGRAMS tiles). Otherwise the splits ``atomic_add`` into one buffer.
+    """
+    _check_device(g, x, weight)
+    n, c, h, w_ = x.shape
+    o, _, r, s = weight.shape
+    pp, qq = g.shape[2:]
+    cfg = config if config is not None else DW_CONFIGS[0]
+    bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+    tiles = triton.cdiv(o, bm) * triton.cdiv(c, bn)
+    rows = n * pp
+    split = max(1, min(rows, _DW_TARGET_PROGRAMS // max(1, tiles * r * s)))
+    rows_per_split = triton.cdiv(rows, split)
+    split = triton.cdiv(rows, rows_per_split)
+    acc_dt = torch.float64 if compute_dtype(x.dtype) == torch.float64 else torch.float32
+    atomic = not deterministic
+    if atomic:
+        buf = torch.zeros((r * s, o, c), device=x.device, dtype=torch.float32)
+    else:
+        buf = torch.empty((split, r * s, o, c), device=x.device, dtype=acc_dt)
+    w_c = weight.contiguous()
+    grid = (tiles, r * s, split)
+    _adder_bwd_dw_kernel[grid](
+        g,
+        x,
+        w_c,
+        buf,
+        n,
+        c,
+        h,
+        w_,
+        o,
+        pp,
+        qq,
+        *g.stride(),
+        *x.stride(),
+        *stride,
+        *padding,
+        *dilation,
+        rows_per_split,
+        R=r,
+        S=s,
+        SIGN=grad_w == "sign",
+        ATOMIC=atomic,
+        ACC_DTYPE=_acc_dtype(x.dtype),
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    dw = buf if atomic else buf.sum(0)
+    return dw.reshape(r, s, o, c).permute(2, 3, 0, 1).to(weight.dtype).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------------------
+class AdderTritonFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, x, weight, stride, padding, dilation, p, grad_x, grad_w, deterministic, out_hw
+    ):
+        y, _ = adder2d_forward(x, weight, stride, padding, dilation, p, out_hw)
+        ctx.save_for_backward(x, weight)
+        ctx.conf = (stride, padding, dilation, p, grad_x, grad_w, deterministic)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, p, grad_x, grad_w, deterministic = ctx.conf
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = adder2d_grad_input(g, x, weight, stride, padding, dilation, p, grad_x)
+        if ctx.needs_input_grad[1]:
+            dw = adder2d_grad_weight(g, x, weight, stride, padding, dilation, grad_w, deterministic)
+        return dx, dw, None, None, None, None, None, None, None, None
+
+
+def resolve_deterministic(deterministic: bool | None) -> bool:
+    """None → follow ``torch.use_deterministic_algorithms``; float atomics are the only nondeterminism."""
+    return (
+        torch.are_deterministic_algorithms_enabled()
+        if deterministic is None
+        else bool(deterministic)
+    )
+
+
+def adder2d_triton(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    p: float = 1.0,
+    grad_x: str = "lp",
+    grad_w: str = "full",
+    *,
+    deterministic: bool | None = True,
+) -> torch.Tensor:
+    """Adder convolution on the Triton kernels; same arguments and results as ``adder2d_reference``.
+
+    input (N, C, H, W) in NCHW or channels_last, fp32/fp64/fp16/bf16 (16-bit accumulates in fp32);
+    weight (O, C, R, S). ``deterministic`` (∂L/∂F only): True (default) reduces fixed-order partials,
+    False uses float atomics, None follows ``torch.are_deterministic_algorithms_enabled()``.
+    """
+    check_args(p, grad_x, grad_w)
+    stride, padding, dilation, out_hw = check_conv_args(input, weight, stride, padding, dilation)
+    if not (input.is_contiguous() or input.is_contiguous(memory_format=torch.channels_last)):
+        # The kernels take any strides, but ∂L/∂X is written with x's strides into empty_like(x), which
+        # only keeps strides for dense tensors: make sliced/overlapping views dense first.
+        input = input.contiguous()
+    if input.dtype != weight.dtype:
+        raise TypeError(
+            f"input dtype {input.dtype} != weight dtype {weight.dtype}; cast one of them"
+        )
+    if not math.isfinite(float(p)):
+        raise ValueError(f"p must be finite, got {p}")
+    return AdderTritonFunction.apply(
+        input,
+        weight,
+        stride,
+        padding,
+        dilation,
+        float(p),
+        grad_x,
+        grad_w,
+        resolve_deterministic(deterministic),
+        out_hw,
+    )
