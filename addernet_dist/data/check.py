@@ -145,20 +145,20 @@ def format_report(root: Path | str, reports: list[SplitReport], max_list: int = 
             f"{r.name}: {r.num_classes} classes, {r.num_images} images ({r.layout}; "
             f"{min(counts)}-{max(counts)} per class)"
         )
+
+    def listing(split: str, title: str, items: list[str]) -> None:
+        if not items:
+            return
+        lines.append(f"{split}: {title}: {len(items)}")
+        lines.extend(f"  {x}" for x in items[:max_list])
+        if len(items) > max_list:
+            lines.append(f"  ... and {len(items) - max_list} more")
+
     for r in reports:
-
-        def listing(title: str, items: list[str]) -> None:
-            if not items:
-                return
-            lines.append(f"{r.name}: {title}: {len(items)}")
-            lines.extend(f"  {x}" for x in items[:max_list])
-            if len(items) > max_list:
-                lines.append(f"  ... and {len(items) - max_list} more")
-
-        listing("CORRUPT / unreadable", [f"{f.path}: {f.error}" for f in r.corrupt])
+        listing(r.name, "CORRUPT / unreadable", [f"{f.path}: {f.error}" for f in r.corrupt])
         for kind, text in ODDITIES.items():
-            listing(text, [f"{f.path} ({f.mode}, {f.format})" for f in r.with_oddity(kind)])
-        listing("non-image files (ignored by the loaders)", r.ignored)
+            listing(r.name, text, [f"{f.path} ({f.mode}, {f.format})" for f in r.with_oddity(kind)])
+        listing(r.name, "non-image files (ignored by the loaders)", r.ignored)
     bad = sum(len(r.corrupt) for r in reports)
     lines.append(
         f"FAILED: {bad} file(s) cannot be decoded; remove or replace them before training"
