@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
+import re
+import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import triton
 import triton.language as tl
-from triton.backends.compiler import GPUTarget
-
 from addernet_dist.kernels import triton_adder as ta
+from triton.backends.compiler import GPUTarget
 
 # torch dtype name → Triton signature element type.
 _PTR = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
@@ -178,6 +181,29 @@ def compile_spec(spec: KernelSpec, cc: int):
     )
 
 
+def nvidia_tool(name: str) -> str:
+    """Path of a CUDA binary tool bundled with Triton (ptxas, cuobjdump, nvdisasm)."""
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """Registers, spill/stack bytes and static shared memory of a cubin, from ``cuobjdump -res-usage``."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run(
+            [nvidia_tool("cuobjdump"), "-res-usage", f.name],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    if m is None:
+        raise RuntimeError(f"unexpected cuobjdump output:\n{out}")
+    reg, stack, shared, local = (int(v) for v in m.groups())
+    return {"registers": reg, "stack": stack, "shared": shared, "local": local}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cc", type=int, nargs="+", default=[80, 90], help="compute capabilities")
@@ -187,8 +213,9 @@ def main(argv: list[str] | None = None) -> None:
         for cc in args.cc:
             t0 = time.perf_counter()
             k = compile_spec(spec, cc)
+            use = resource_usage(k.asm["cubin"])
             print(
-                f"sm_{cc} {spec.label:60s} regs={k.n_regs:3d} spills={k.n_spills:3d} "
+                f"sm_{cc} {spec.label:64s} regs={use['registers']:3d} stack={use['stack']:4d} B "
                 f"smem={k.metadata.shared:6d} B  {time.perf_counter() - t0:5.1f}s"
             )
 

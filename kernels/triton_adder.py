@@ -78,7 +78,7 @@ def _adder_fwd_kernel(
     C,
     H,
     W,
-    O,
+    O,  # noqa: E741 (the shape legend letter)
     OP,  # padded O: the w_rsco row stride
     P,
     Q,
@@ -217,7 +217,7 @@ def _adder_bwd_dx_kernel(
     CP,  # padded C: the w_rsoc row stride
     H,
     W,
-    O,
+    O,  # noqa: E741 (the shape legend letter)
     P,
     Q,
     sgn_,  # g strides
@@ -303,7 +303,7 @@ def _adder_bwd_dw_kernel(
     C,
     H,
     W,
-    O,
+    O,  # noqa: E741 (the shape legend letter)
     P,
     Q,
     sgn_,

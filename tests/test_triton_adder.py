@@ -1,0 +1,211 @@
+"""Triton adder kernels under the interpreter (CPU CI) against the reference operator (the spec).
+
+Shapes are odd on purpose (batch 1, Cin 3, Cout 5, 7×7 / 13×13, stride 2, dilation 2, rectangular
+kernels) and chosen so that every loop of the kernels runs: the unrolled channel loop and its tail
+(C = 6 with BLOCK_K = 4), several channel blocks (Cout 17 > BLOCK_N = 16), partial position blocks.
+fp64 cases check the algorithm to 1e-10; fp32/bf16/fp16 cases check the storage and accumulation paths.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from addernet_dist.kernels.triton_testing import interpreted_modules
+
+from addernet_dist.ops.reference import adder2d_reference
+
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log2")
+
+
+@pytest.fixture(scope="module")
+def ta():
+    with interpreted_modules("addernet_dist.kernels.triton_adder") as (mod,):
+        yield mod
+
+
+def _run(fn, x, w, g, **kw):
+    x = x.detach().clone().requires_grad_(True)
+    w = w.detach().clone().requires_grad_(True)
+    y = fn(x, w, **kw)
+    y.backward(g)
+    return y.detach(), x.grad, w.grad
+
+
+# (N, C, O, (H, W), (kh, kw), stride, padding, dilation, p, grad_x, grad_w)
+CASES = [
+    (1, 3, 5, (7, 7), (3, 3), 1, 1, 1, 1.0, "lp", "full"),
+    (1, 3, 5, (13, 13), (3, 3), 2, 0, 2, 1.5, "hardtanh", "sign"),
+    (1, 3, 5, (7, 7), (3, 3), 2, 1, 1, 2.0, "lp", "full"),
+    (1, 3, 5, (9, 9), (3, 3), 1, 1, 1, 1.5, "lp", "full"),
+    (2, 3, 5, (7, 7), (3, 3), 1, 0, 2, 1.0, "hardtanh", "full"),
+    (1, 3, 5, (7, 7), (3, 3), 2, 1, 1, 1.0, "lp", "sign"),
+    (1, 6, 17, (5, 6), (3, 1), (2, 1), (1, 0), 1, 2.0, "lp", "sign"),
+    (1, 6, 5, (6, 5), (1, 3), 1, (0, 2), (1, 2), 1.5, "hardtanh", "full"),
+]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "case", CASES, ids=lambda c: f"N{c[0]}C{c[1]}O{c[2]}p{c[8]}-{c[9]}-{c[10]}"
+)
+def test_forward_and_both_grads_match_reference_fp64(ta, case):
+    n, c, o, hw, k, stride, pad, dil, p, gx, gw = case
+    x = torch.randn(n, c, *hw, dtype=torch.float64)
+    w = torch.randn(o, c, *k, dtype=torch.float64)
+    kw = dict(stride=stride, padding=pad, dilation=dil, p=p, grad_x=gx, grad_w=gw)
+    y_ref = adder2d_reference(x, w, **kw)
+    g = torch.randn_like(y_ref)
+    y, dx, dw = _run(ta.adder2d_triton, x, w, g, **kw)
+    y_r, dx_r, dw_r = _run(adder2d_reference, x, w, g, **kw)
+    assert y.shape == y_r.shape
+    torch.testing.assert_close(y, y_r, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(dx, dx_r, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(dw, dw_r, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.timeout(60)
+def test_padding_is_real(ta):
+    # x = 0 everywhere: every output is −Σ|w|^p, including at the borders where taps fall in the padding.
+    x = torch.zeros(1, 2, 4, 4, dtype=torch.float64)
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64)
+    y = ta.adder2d_triton(x, w, padding=1, p=1.0)
+    expected = -w.abs().sum((1, 2, 3))
+    torch.testing.assert_close(y, expected[None, :, None, None].expand(1, 3, 4, 4))
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("cfg_index", range(5))
+def test_every_forward_config_matches_reference(ta, cfg_index):
+    cfg = ta.FWD_CONFIGS[cfg_index]
+    x = torch.randn(2, 5, 9, 7, dtype=torch.float64)
+    w = torch.randn(18, 5, 3, 3, dtype=torch.float64)
+    y, _ = ta.adder2d_forward(x, w, (1, 1), (1, 1), (1, 1), 1.0, (9, 7), config=cfg)
+    torch.testing.assert_close(y, adder2d_reference(x, w, padding=1), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("cfg_index", range(4))
+def test_every_backward_config_matches_reference(ta, cfg_index):
+    x = torch.randn(1, 5, 6, 5, dtype=torch.float64)
+    w = torch.randn(9, 5, 3, 3, dtype=torch.float64)
+    g = torch.randn(1, 9, 3, 3, dtype=torch.float64)
+    args = ((2, 2), (1, 1), (1, 1))
+    _, dx_r, dw_r = _run(adder2d_reference, x, w, g, stride=2, padding=1, p=1.0)
+    dx = ta.adder2d_grad_input(g, x, w, *args, 1.0, "lp", config=ta.DX_CONFIGS[cfg_index])
+    dw = ta.adder2d_grad_weight(g, x, w, *args, "full", config=ta.DW_CONFIGS[cfg_index])
+    torch.testing.assert_close(dx, dx_r, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(dw, dw_r, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("p", [1.0, 1.5, 2.0])
+def test_fp32_general_and_fast_paths(ta, p):
+    x = torch.randn(1, 3, 7, 7)
+    w = torch.randn(5, 3, 3, 3)
+    kw = dict(stride=1, padding=1, p=p, grad_x="lp", grad_w="full")
+    g = torch.randn(1, 5, 7, 7)
+    y, dx, dw = _run(ta.adder2d_triton, x, w, g, **kw)
+    y_r, dx_r, dw_r = _run(adder2d_reference, x.double(), w.double(), g.double(), **kw)
+    # fp32 sums of 27 terms of size O(1): ~1e-6 relative; the interpreter's exp2/log2 are numpy's.
+    torch.testing.assert_close(y, y_r.float(), rtol=2e-6, atol=1e-5)
+    torch.testing.assert_close(dx, dx_r.float(), rtol=2e-6, atol=1e-5)
+    torch.testing.assert_close(dw, dw_r.float(), rtol=2e-6, atol=1e-4)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_storage_channels_last(ta, dtype):
+    x = torch.randn(1, 3, 7, 7).to(dtype).to(memory_format=torch.channels_last)
+    w = torch.randn(5, 3, 3, 3).to(dtype)
+    g = torch.randn(1, 5, 4, 4).to(dtype)
+    kw = dict(stride=2, padding=1, p=1.5, grad_x="hardtanh", grad_w="full")
+    y, dx, dw = _run(ta.adder2d_triton, x, w, g, **kw)
+    assert y.dtype == dx.dtype == dw.dtype == dtype
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert dx.is_contiguous(memory_format=torch.channels_last)
+    # The same rounded values, computed in fp64: the only differences are fp32 accumulation and the
+    # final rounding to 16 bits (bf16: 8 mantissa bits → 2^-8 relative).
+    y_r, dx_r, dw_r = _run(adder2d_reference, x.double(), w.double(), g.double(), **kw)
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(y.double(), y_r, **tol)
+    torch.testing.assert_close(dx.double(), dx_r, **tol)
+    torch.testing.assert_close(dw.double(), dw_r, rtol=tol["rtol"], atol=tol["atol"] * 10)
+
+
+@pytest.mark.timeout(60)
+def test_channels_last_fp32_matches_nchw(ta):
+    x = torch.randn(2, 3, 7, 7)
+    w = torch.randn(5, 3, 3, 3)
+    y_nchw = ta.adder2d_triton(x, w, padding=1)
+    y_cl = ta.adder2d_triton(x.to(memory_format=torch.channels_last), w, padding=1)
+    assert y_cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y_cl, y_nchw, rtol=0, atol=0)
+
+
+@pytest.mark.timeout(90)
+def test_dw_deterministic_is_bitwise_reproducible_and_atomic_matches(ta):
+    x = torch.randn(1, 4, 5, 5)
+    w = torch.randn(5, 4, 3, 3)
+    g = torch.randn(1, 5, 5, 5)
+    args = ((1, 1), (1, 1), (1, 1), "full")
+    a = ta.adder2d_grad_weight(g, x, w, *args, deterministic=True)
+    b = ta.adder2d_grad_weight(g, x, w, *args, deterministic=True)
+    assert torch.equal(a, b)
+    c = ta.adder2d_grad_weight(g, x, w, *args, deterministic=False)
+    _, _, dw_r = _run(adder2d_reference, x.double(), w.double(), g.double(), padding=1)
+    torch.testing.assert_close(a, dw_r.float(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(c, dw_r.float(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.timeout(60)
+def test_bn_statistics_epilogue(ta):
+    # A large common offset (|y| ~ 1e3 above a spread of ~10): E[y²] − E[y]² would lose most digits.
+    x = torch.randn(2, 6, 7, 7) + 30.0
+    w = torch.randn(17, 6, 3, 3)
+    y, (mean, var) = ta.adder2d_forward(x, w, (1, 1), (1, 1), (1, 1), 1.0, (7, 7), bn_stats=True)
+    y_ref = adder2d_reference(x.double(), w.double(), padding=1)
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-6, atol=1e-3)
+    yd = y.double()
+    torch.testing.assert_close(mean.double(), yd.mean((0, 2, 3)), rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(
+        var.double(), yd.var((0, 2, 3), unbiased=False), rtol=1e-4, atol=1e-4
+    )
+    assert mean.dtype == var.dtype == torch.float32 and mean.shape == (17,)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("with_res", [False, True])
+def test_inference_epilogue_affine_residual_relu(ta, with_res):
+    x = torch.randn(1, 3, 7, 7, dtype=torch.float64)
+    w = torch.randn(5, 3, 3, 3, dtype=torch.float64)
+    scale = torch.rand(5) + 0.01
+    shift = torch.randn(5) * 20
+    res = torch.randn(1, 5, 4, 4, dtype=torch.float64) * 20 if with_res else None
+    y, _ = ta.adder2d_forward(
+        x, w, (2, 2), (1, 1), (1, 1), 1.5, (4, 4), scale=scale, shift=shift, residual=res, relu=True
+    )
+    expected = (
+        adder2d_reference(x, w, stride=2, padding=1, p=1.5) * scale.double()[:, None, None]
+        + shift.double()[:, None, None]
+    )
+    if with_res:
+        expected = expected + res
+    expected = expected.clamp_min(0)
+    assert (expected == 0).any() and (expected > 0).any()  # the ReLU is exercised both ways
+    torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.timeout(30)
+def test_bad_arguments_raise_clear_errors(ta):
+    x = torch.randn(1, 3, 5, 5)
+    with pytest.raises(TypeError, match="dtype"):
+        ta.adder2d_triton(x, torch.randn(4, 3, 3, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="channels"):
+        ta.adder2d_triton(x, torch.randn(4, 2, 3, 3))
+    with pytest.raises(ValueError, match=r"p must lie in \[1, 2\]"):
+        ta.adder2d_triton(x, torch.randn(4, 3, 3, 3), p=3.0)
+    with pytest.raises(ValueError, match="residual"):
+        ta.adder2d_forward(
+            x, torch.randn(4, 3, 3, 3), (1, 1), (0, 0), (1, 1), 1.0, (3, 3),
+            residual=torch.randn(1, 4, 3, 3),
+        )  # fmt: skip
