@@ -34,6 +34,8 @@ def test_config_rejects_unknown_key_and_lists_valid_ones():
         DataConfig(dataset="imagefolder")
     with pytest.raises(pydantic.ValidationError, match="needs JPEG files"):
         DataConfig(dataset="synthetic", loader="dali")
+    with pytest.raises(pydantic.ValidationError, match="needs JPEG files"):
+        DataConfig(dataset="fashion_mnist", loader="dali")
     with pytest.raises(pydantic.ValidationError, match="one value per channel"):
         DataConfig(mean=(0.5,), std=(0.2, 0.2))
 

@@ -47,8 +47,9 @@ class DataConfig(BaseModel):
     # "auto": torchvision for every dataset (DALI only when asked: it needs JPEG files on disk
     # and pays a pipeline build per epoch, which only large datasets amortise).
     loader: Literal["auto", "torchvision", "dali"] = "auto"
-    # imagefolder: the ImageNet root holding train/ and val/. digits / fashion_mnist: where the
-    # generated tree lives (None = ~/.cache/addernet_dist/<dataset>). Unused by synthetic.
+    # imagefolder: the ImageNet root holding train/ and val/. digits: where the generated JPEG
+    # tree lives (None = ~/.cache/addernet_dist/digits). fashion_mnist: the folder of IDX files
+    # (None = Debian's /usr/share/datasets/fashion-mnist). Unused by synthetic.
     root: Path | None = None
     train_split: str = "train"
     val_split: str = "val"
@@ -57,8 +58,8 @@ class DataConfig(BaseModel):
     # Val: resize the shorter side to round(image_size * ratio), centre crop image_size.
     # None = 256/224 with ImageNet-style augmentation, 1.0 (plain resize) otherwise.
     val_resize_ratio: float | None = Field(default=None, ge=1.0, le=2.0)
-    # Train augmentation. "auto": random_resized_crop for imagefolder, pad_crop for the small
-    # built-in datasets (digits, fashion_mnist), none for synthetic.
+    # Train augmentation. "auto": random_resized_crop for imagefolder, pad_crop for digits,
+    # none for synthetic and fashion_mnist (its in-memory IDX loader, data/idx.py, does none).
     augment: Literal["auto", "random_resized_crop", "pad_crop", "none"] = "auto"
     # Random-resized-crop ranges (Inception recipe, the ones the AdderNet paper's code uses).
     min_crop_area: float = Field(default=0.08, gt=0.0, le=1.0)
@@ -106,10 +107,10 @@ class DataConfig(BaseModel):
             raise ValueError(
                 f"data.crop_aspect_ratio must be (low, high) with 0 < low <= high, got {self.crop_aspect_ratio}"
             )
-        if self.dataset == "synthetic" and self.loader == "dali":
+        if self.dataset in ("synthetic", "fashion_mnist") and self.loader == "dali":
             raise ValueError(
-                "data.loader 'dali' needs JPEG files; dataset 'synthetic' is generated in memory. "
-                "Use data.loader=auto (or torchvision) with synthetic data"
+                f"data.loader 'dali' needs JPEG files; dataset '{self.dataset}' is held in "
+                "memory. Use data.loader=auto with it (or dataset imagefolder/digits for DALI)"
             )
         return self
 
@@ -122,7 +123,6 @@ class DataConfig(BaseModel):
         return {
             "imagefolder": "random_resized_crop",
             "digits": "pad_crop",
-            "fashion_mnist": "pad_crop",
         }.get(self.dataset, "none")
 
     @property

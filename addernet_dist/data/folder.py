@@ -201,12 +201,8 @@ def resolve_samples(cfg: DataConfig, split: str, *, rank: int = 0) -> Samples:
         from .digits import ensure_digits_tree
 
         root = ensure_digits_tree(cfg.root)
-    elif cfg.dataset == "fashion_mnist":
-        from .idx import ensure_fashion_mnist_tree  # owned by the reproduction tools
-
-        root = ensure_fashion_mnist_tree(cfg.root)
     else:
-        raise ValueError(f"dataset {cfg.dataset!r} has no files")
+        raise ValueError(f"dataset {cfg.dataset!r} is not an image-folder dataset")
     name = cfg.train_split if split == "train" else cfg.val_split
     return scan_split(root, name, train_split=cfg.train_split)
 
