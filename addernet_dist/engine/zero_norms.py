@@ -28,7 +28,6 @@ model parameters themselves, whose ``.grad`` is the full, all-reduced gradient.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -206,14 +205,3 @@ class ShardedGradProcessor:
             if pos < flat.numel():
                 total += flat[pos:].float().square().sum()
         return total
-
-
-def eq33_alpha_fn(adder_weights: Sequence[nn.Parameter], eta: float) -> AlphaFn:
-    """alpha_l = eta * sqrt(k_l) / ||grad F_l||_2 (k_l = numel of F_l); 0-norm layers keep 1."""
-    sqrt_k = torch.tensor([math.sqrt(w.numel()) for w in adder_weights], dtype=torch.float32)
-
-    def fn(norms: torch.Tensor) -> torch.Tensor:
-        s = sqrt_k.to(norms.device)
-        return torch.where(norms > 0, eta * s / norms.clamp_min(1e-30), torch.ones_like(norms))
-
-    return fn

@@ -1,0 +1,279 @@
+"""The DeepSpeed engine (``engine: deepspeed``): ZeRO-0/1/2 with the DDP engine's exact algorithm.
+
+Same YAML, same algorithm as ``engine: ddp`` (engine/ddp.py): torch SGD-NAG from optim.py (DeepSpeed
+gets the torch optimizer, not its own), the per-iteration LR schedule stepped here, eq. 33 on the
+GLOBAL gradient, then clipping, then SGD's weight decay and momentum. What DeepSpeed adds is how
+the state is split: ZeRO-1 shards optimizer state, ZeRO-2 also gradients (see deepspeed_config.py
+for the section and engine/zero_norms.py for eq. 33 on sharded gradients).
+
+One iteration (the Engine contract)::
+
+    loss = engine.forward_backward(images, labels)  # per-rank batch, split into micro-batches
+    stats = engine.step()                           # DeepSpeed boundary step -> our pre-hook:
+                                                    # eq. 33 + clip on the (sharded) grads -> SGD
+
+Launch (CPU: DS_ACCELERATOR=cpu, gloo; GPU: NCCL), see launch/deepspeed.sh and docs/deepspeed.md::
+
+    torchrun --nproc_per_node=2 -m addernet_dist.train --config configs/debug.yaml engine=deepspeed
+    deepspeed --num_gpus 8 -m addernet_dist.train --config configs/imagenet_resnet18.yaml \\
+        engine=deepspeed deepspeed.zero_stage=2
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+import torch.nn.functional as F
+from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from addernet_dist.adaptive_lr import _NORM_FLOOR, AdaptiveLRScaler
+from addernet_dist.config import Config, ConfigError
+from addernet_dist.distributed import DistInfo
+from addernet_dist.engine import ds_checkpoint
+from addernet_dist.engine.base import Engine, StepStats
+from addernet_dist.engine.deepspeed_config import build_ds_config, resolve_batch
+from addernet_dist.engine.zero_norms import ShardedGradProcessor
+from addernet_dist.nn import adder_modules
+from addernet_dist.optim import build_lr_scheduler, build_optimizer
+
+# Our part of DeepSpeed's client_state (DeepSpeed adds its own keys next to it).
+_CLIENT_KEY = "addernet"
+
+
+def _import_deepspeed(device: torch.device):
+    # DeepSpeed picks its accelerator once, at import; on a CPU run it must be the CPU one even on
+    # a machine that has CUDA (train.device=cpu). setdefault: an explicit user choice wins.
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    have = get_accelerator().device_name()
+    if have != device.type:
+        raise RuntimeError(
+            f"DeepSpeed's accelerator is '{have}' but the run uses device '{device.type}'; set "
+            f"DS_ACCELERATOR={device.type} (or train.device={have})"
+        )
+    return deepspeed
+
+
+class DeepSpeedEngine(Engine):
+    def __init__(
+        self, model: nn.Module, cfg: Config, dist: DistInfo, *, steps_per_epoch: int
+    ) -> None:
+        if cfg.train.compile:
+            raise ConfigError(
+                "train.compile=true is not supported with engine=deepspeed; set train.compile=false"
+            )
+        if cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.dist = dist
+        self.device = dist.device
+        self.cfg = cfg
+        ds_section = cfg.deepspeed
+        # Checked before DeepSpeed is even imported: a bad batch split is a config error.
+        try:
+            self.micro_batch, self.accum_steps = resolve_batch(
+                cfg.train.global_batch_size,
+                dist.world_size,
+                ds_section.micro_batch_size,
+                ds_section.gradient_accumulation_steps,
+            )
+            ds_config = build_ds_config(
+                ds_section, global_batch=cfg.train.global_batch_size, world_size=dist.world_size
+            )
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        deepspeed = _import_deepspeed(self.device)
+        self._ensure_process_group()
+
+        model = model.to(self.device)
+        self._module = model
+        # bf16 autocast on CUDA, as the DDP engine; "bf16" precision = DeepSpeed's bf16 weights.
+        self.autocast_dtype = (
+            torch.bfloat16
+            if cfg.train.bf16 and self.device.type == "cuda" and ds_section.precision == "autocast"
+            else None
+        )
+        self._input_dtype = torch.bfloat16 if ds_section.precision == "bf16" else None
+
+        adders = adder_modules(model)
+        # The scaler's "local" scope registers per-rank gradient hooks on the adder weights; tensor
+        # hooks run before DeepSpeed's post-accumulate reduction hooks, as before DDP's reducer.
+        self.adaptive = (
+            AdaptiveLRScaler(adders, cfg.adder.eta, cfg.adder.adaptive_scope)
+            if cfg.adder.adaptive_lr and adders
+            else None
+        )
+
+        optimizer = build_optimizer(model, cfg.optim)
+        ds_engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=ds_config, dist_init_required=False
+        )
+        self.model = ds_engine
+        self._buffers: dict[torch.dtype, list[torch.Tensor]] = {}
+        for b in model.buffers():
+            self._buffers.setdefault(b.dtype, []).append(b)
+        self._ds = ds_engine
+        # The torch SGD: under ZeRO its param group holds this rank's flat fp32 partition, so the
+        # LambdaLR below (same object as the DDP engine builds) drives DeepSpeed's LR too.
+        self.optimizer = ds_engine.basic_optimizer
+        self.lr_scheduler = build_lr_scheduler(
+            self.optimizer, cfg.optim, steps_per_epoch=steps_per_epoch, epochs=cfg.train.epochs
+        )
+
+        alpha_fn = None
+        if self.adaptive is not None and self.adaptive.scope == "global":
+            alpha_fn = _alpha_fn(self.adaptive)
+        self.grad_processor = ShardedGradProcessor(
+            [m.weight for m in adders], alpha_fn=alpha_fn, max_norm=cfg.train.grad_clip
+        )
+        self.grad_processor.attach(ds_engine.basic_optimizer, ds_engine.optimizer)
+
+    def _ensure_process_group(self) -> None:
+        """DeepSpeed needs a process group and LOCAL_RANK even for one process."""
+        os.environ.setdefault("LOCAL_RANK", str(self.dist.local_rank))
+        if not tdist.is_initialized():
+            # One process without torchrun: a private in-memory store, no port to collide on.
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            tdist.init_process_group(backend, store=tdist.HashStore(), rank=0, world_size=1)
+
+    # --- training -------------------------------------------------------------------------------
+    def forward_backward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if images.shape[0] != self.micro_batch * self.accum_steps:
+            raise ValueError(
+                f"got a batch of {images.shape[0]} on rank {self.dist.rank}, expected "
+                f"{self.micro_batch} x {self.accum_steps} micro-batches (train.global_batch_size "
+                f"/ world size)"
+            )
+        if self._input_dtype is not None:
+            images = images.to(self._input_dtype)
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        chunks = zip(images.split(self.micro_batch), labels.split(self.micro_batch), strict=True)
+        for i, (x, y) in enumerate(chunks):
+            self._broadcast_buffers()
+            with torch.autocast(
+                device_type=self.device.type,
+                dtype=self.autocast_dtype or torch.float32,
+                enabled=self.autocast_dtype is not None,
+            ):
+                logits = self._ds(x)
+            loss = F.cross_entropy(logits.float(), y)
+            # DeepSpeed divides by gradient_accumulation_steps: the accumulated gradient is the
+            # mean over the whole per-rank batch, like one DDP backward on it.
+            self._ds.backward(loss)
+            if i < self.accum_steps - 1:
+                self._ds.step()  # not a boundary: only advances DeepSpeed's micro-step counter
+            total += loss.detach()
+        return total / self.accum_steps
+
+    @torch.no_grad()
+    def _broadcast_buffers(self) -> None:
+        """Rank 0's BN running stats to every rank before each forward, as DDP does
+        (``broadcast_buffers=True``); DeepSpeed never syncs buffers, so without this the ranks'
+        running stats drift apart and eval/checkpoints differ from the DDP engine's.
+        One coalesced broadcast per dtype (ResNet-50 has 159 BN buffers)."""
+        if self.dist.world_size == 1 or not self._buffers:
+            return
+        for bufs in self._buffers.values():
+            flat = _flatten_dense_tensors(bufs)
+            tdist.broadcast(flat, src=0)
+            for b, v in zip(bufs, _unflatten_dense_tensors(flat, bufs), strict=True):
+                b.copy_(v)
+
+    def step(self) -> StepStats:
+        self._ds.step()  # boundary: reduce(-scatter) -> grad_processor pre-hook -> SGD step
+        self.lr_scheduler.step()
+        stats = StepStats()
+        proc = self.grad_processor
+        if self.adaptive is not None and self.adaptive.scope == "local":
+            stats.adder_grad_norms, stats.adder_alphas = self.adaptive.scale_()
+        elif self.adaptive is not None:
+            stats.adder_grad_norms, stats.adder_alphas = proc.last_norms, proc.last_alphas
+        if self.cfg.train.grad_clip is not None:
+            stats.grad_norm = proc.last_total_norm
+        return stats
+
+    def unwrap(self) -> nn.Module:
+        return self._module
+
+    # --- state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Model (full under ZeRO-0/1/2: every rank holds all weights) and LR schedule.
+
+        The optimizer state is sharded across ranks under ZeRO-1/2 and only exists in DeepSpeed's
+        checkpoint folders (``save``), so it is ``None`` here.
+        """
+        return {
+            "model": self._module.state_dict(),
+            "optimizer": None,
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "scaler": None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("optimizer") is not None:
+            raise ValueError(
+                "a DDP checkpoint's optimizer state cannot be loaded into the DeepSpeed engine; "
+                "resume DeepSpeed runs from their own checkpoints"
+            )
+        self._module.load_state_dict(state["model"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+
+    def save(self, path: Path, client_state: dict[str, Any]) -> None:
+        """Collective. DeepSpeed's ``save_checkpoint`` into a temp folder, MANIFEST, rename.
+
+        ``path`` (``checkpoints/step_<n>.pt``) becomes a FOLDER; see ds_checkpoint.py.
+        """
+        path = Path(path)
+        tmp = ds_checkpoint.tmp_name(path)
+        if self.dist.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            ds_checkpoint.remove(tmp)  # left by a crash during an earlier save
+        self.dist.barrier()
+        state = {
+            _CLIENT_KEY: client_state,
+            "addernet_lr_scheduler": self.lr_scheduler.state_dict(),
+        }
+        self._ds.save_checkpoint(
+            str(tmp.parent), tag=tmp.name, client_state=state, save_latest=False
+        )
+        self.dist.barrier()  # every rank's shard is on disk
+        if self.dist.is_main:
+            ds_checkpoint.write_manifest(tmp, {"zero_stage": self.cfg.deepspeed.zero_stage})
+            ds_checkpoint.publish(tmp, path)
+        self.dist.barrier()
+
+    def load(self, path: Path) -> dict[str, Any]:
+        """Collective. Restores model, sharded optimizer state, LR schedule; returns client_state."""
+        path = Path(path)
+        if not path.is_dir():
+            raise ValueError(
+                f"'{path}' is not a DeepSpeed checkpoint folder (engine=deepspeed saves folders); "
+                "a DDP checkpoint file cannot resume a DeepSpeed run"
+            )
+        load_path, client = self._ds.load_checkpoint(
+            str(path.parent),
+            tag=path.name,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint '{path}'")
+        self.lr_scheduler.load_state_dict(client["addernet_lr_scheduler"])
+        return client[_CLIENT_KEY]
+
+
+def _alpha_fn(scaler: AdaptiveLRScaler):
+    """eq. 33 factors from the trainer's AdaptiveLRScaler settings (same eta, k, norm floor)."""
+    sqrt_k = torch.tensor(scaler.sqrt_k, dtype=torch.float32)
+
+    def fn(norms: torch.Tensor) -> torch.Tensor:
+        return scaler.eta * sqrt_k.to(norms.device) / norms.clamp_min(_NORM_FLOOR)
+
+    return fn

@@ -1,0 +1,127 @@
+"""DeepSpeed checkpoint folders that are as crash-safe as the trainer's single-file checkpoints.
+
+DeepSpeed writes one checkpoint as a folder of shards (``mp_rank_00_model_states.pt`` from rank
+0, ``zero_pp_rank_<r>_mp_rank_00_optim_states.pt`` from every rank). To keep the trainer's
+guarantees (checkpoint.py: a crash never leaves a half-written checkpoint under a checkpoint name;
+truncation or corruption later is detected and ``resume=auto`` falls back) the engine:
+
+1. lets DeepSpeed write into a hidden temporary folder ``.<name>.tmp`` next to the final one;
+2. after every rank is done, rank 0 writes ``MANIFEST`` into it: the sha256 and size of every
+   shard, in the trainer's verified-file format (checkpoint.save_file);
+3. renames the folder onto its final name ``step_<n>.pt`` (a folder; the name matches the
+   trainer's checkpoint pattern so listing, pruning and ``resume=auto`` treat it like a file).
+
+A folder without a valid MANIFEST, or whose shards do not match it, fails :func:`verify_dir`.
+This module imports no DeepSpeed (checkpoint.py calls it for every folder-shaped checkpoint).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "MANIFEST"
+FORMAT = "addernet-deepspeed-v1"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tmp_name(final: Path) -> Path:
+    return final.with_name(f".{final.name}.tmp")
+
+
+def write_manifest(folder: Path, extra: dict[str, Any] | None = None) -> None:
+    """Hash every file under ``folder`` into ``folder/MANIFEST`` (atomic, verified format)."""
+    from addernet_dist.checkpoint import save_file
+
+    files = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            files[str(p.relative_to(folder))] = {"sha256": _sha256(p), "size": p.stat().st_size}
+    save_file({"format": FORMAT, "files": files, **(extra or {})}, folder / MANIFEST)
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    from addernet_dist.checkpoint import load_file
+
+    return load_file(Path(folder) / MANIFEST)
+
+
+def verify_dir(folder: Path) -> str | None:
+    """None if ``folder`` is a complete DeepSpeed checkpoint, else the reason it is not."""
+    folder = Path(folder)
+    from addernet_dist.checkpoint import verify
+
+    problem = verify(folder / MANIFEST)
+    if problem is not None:
+        return f"DeepSpeed checkpoint folder '{folder}' has no valid {MANIFEST} ({problem})"
+    manifest = read_manifest(folder)
+    if manifest.get("format") != FORMAT:
+        return f"'{folder}' is not an addernet DeepSpeed checkpoint (format {manifest.get('format')!r})"
+    for rel, meta in manifest["files"].items():
+        p = folder / rel
+        if not p.is_file():
+            return f"DeepSpeed checkpoint '{folder}' is missing shard '{rel}'"
+        if p.stat().st_size != meta["size"]:
+            return f"DeepSpeed checkpoint shard '{p}' is truncated ({p.stat().st_size} of {meta['size']} bytes)"
+        if _sha256(p) != meta["sha256"]:
+            return f"DeepSpeed checkpoint shard '{p}' is corrupt (sha256 mismatch)"
+    return None
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Move the finished folder ``tmp`` onto ``final``, replacing an older one of that name.
+
+    A folder cannot be renamed over a non-empty folder, so an existing ``final`` is first moved
+    aside: a crash in between leaves ``final`` missing (resume falls back to the previous step),
+    never a mixed folder.
+    """
+    trash = final.with_name(f".{final.name}.old")
+    if trash.exists():
+        shutil.rmtree(trash)
+    if final.exists():
+        os.replace(final, trash)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    if trash.exists():
+        shutil.rmtree(trash)
+
+
+def remove(path: Path) -> None:
+    """Delete a checkpoint that is a file or a DeepSpeed folder."""
+    path = Path(path)
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def copy(src: Path, dst: Path) -> None:
+    """Copy the checkpoint folder ``src`` to ``dst`` (e.g. best.pt) with the same crash safety."""
+    tmp = tmp_name(dst)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(src, tmp)
+    publish(tmp, dst)

@@ -1,0 +1,93 @@
+"""Turn an ``engine: deepspeed`` checkpoint folder into a plain checkpoint file ``addernet-eval`` reads.
+
+    addernet-zero-to-state-dict runs/x/checkpoints/step_000000016.pt model.pt
+    addernet-eval --config runs/x/config.yaml --checkpoint model.pt
+
+The output has the trainer's single-file format (checkpoint.py: torch.save + sha256 footer) with
+``{"engine": {"model": state_dict, "optimizer": None, "lr_scheduler": ..., "scaler": None},
+"client": client_state}``: the model is complete (BN running stats and each adder layer's ``p``
+included), the optimizer state is dropped (it is sharded and only DeepSpeed can resume it).
+
+Weights: under ``precision: autocast`` DeepSpeed's model file already holds every fp32 weight
+(ZeRO-0/1/2 keep the full model on every rank). Under ``precision: bf16`` the model file holds
+bf16 copies; the fp32 master weights are assembled from the optimizer shards with DeepSpeed's own
+``get_fp32_state_dict_from_zero_checkpoint`` (the function behind its ``zero_to_fp32.py``).
+No DeepSpeed engine or process group is needed: this runs on a laptop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from addernet_dist.checkpoint import CheckpointError, save_file
+from addernet_dist.engine import ds_checkpoint
+
+_MODEL_FILE = "mp_rank_00_model_states.pt"
+
+
+def load_zero_checkpoint(folder: str | Path) -> dict[str, Any]:
+    """``{"engine": {...}, "client": {...}}`` from a verified DeepSpeed checkpoint folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(
+            f"'{folder}' is not a DeepSpeed checkpoint folder (engine=deepspeed writes "
+            "checkpoints/step_<n>.pt folders); a file checkpoint needs no conversion"
+        )
+    problem = ds_checkpoint.verify_dir(folder)
+    if problem is not None:
+        raise CheckpointError(problem)
+    states = torch.load(folder / _MODEL_FILE, map_location="cpu", weights_only=False)
+    model = dict(states["module"])
+    lowp = [k for k, v in model.items() if torch.is_tensor(v) and v.dtype == torch.bfloat16]
+    if lowp:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        fp32 = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+        for k in lowp:
+            if k not in fp32:
+                raise CheckpointError(f"'{folder}': no fp32 master copy of bf16 tensor '{k}'")
+            model[k] = fp32[k].to(torch.float32)
+    return {
+        "engine": {
+            "model": model,
+            "optimizer": None,
+            "lr_scheduler": states.get("addernet_lr_scheduler"),
+            "scaler": None,
+        },
+        "client": states.get("addernet", {}),
+    }
+
+
+def convert(folder: str | Path, out: str | Path) -> Path:
+    """Write the plain checkpoint file; returns its path."""
+    out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"output '{out}' is a folder; give a file name such as model.pt")
+    save_file(load_zero_checkpoint(folder), out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="addernet-zero-to-state-dict",
+        description="Convert an engine=deepspeed checkpoint folder into a checkpoint file.",
+    )
+    ap.add_argument("checkpoint", help="checkpoints/step_<n>.pt folder written by engine=deepspeed")
+    ap.add_argument("output", help="file to write (the trainer's checkpoint format)")
+    args = ap.parse_args(argv)
+    try:
+        path = convert(args.checkpoint, args.output)
+    except (CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
