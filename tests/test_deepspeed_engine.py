@@ -13,7 +13,7 @@ eq. 33 on, clipping ACTIVE, lp schedule moving):
 * resume: ZeRO-1, save after 2 steps, 2 more steps; a FRESH engine (other init) loads and runs the
   same 2 steps -> identical losses and weights; the folder is converted with zero_to_state_dict;
 * train: the real trainer (train.py) with engine=deepspeed, uninterrupted; the test then runs it
-  again under ``torchrun --max-restarts=1`` with a SIGKILL injected after step 5 and compares.
+  again with a SIGKILL injected into rank 1 after step 5, relaunches it (resume=auto) and compares.
 """
 
 from __future__ import annotations
@@ -330,11 +330,14 @@ def test_sigkill_and_auto_resume_continues_with_same_losses(worker, tmp_path):
         ADDERNET_FAULT_MARKER=str(tmp_path / "fault_fired"),
     )
     args = ["-m", "addernet_dist.train", "--config", str(CONFIG), *TRAIN_RUN]
-    proc = _torchrun(
-        [*args, f"output_dir={run_dir}", "resume=auto"], 400, env, ["--max-restarts=1"]
-    )
+    args += [f"output_dir={run_dir}", "resume=auto"]
+    killed = _torchrun(args, 400, env)
+    assert killed.returncode != 0 and (tmp_path / "fault_fired").exists()  # rank 1 really died
+    # The same command again (resume=auto): picks the step-4 folder up by itself. (A separate
+    # launch, not --max-restarts: torchrun's restart of a --standalone gloo group fails to
+    # reconnect on this torch version whatever the engine, see docs/deepspeed.md.)
+    proc = _torchrun(args, 400, env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    assert (tmp_path / "fault_fired").exists()  # the kill really happened
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     resumes = [r["step"] for r in records if r.get("kind") == "resume"]
     assert resumes == [4]  # resumed once, from the step-4 folder (saved before the kill at 5)
