@@ -41,6 +41,12 @@ class DistInfo:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
+    def broadcast_buffers_(self, module: torch.nn.Module, src: int = 0) -> None:
+        """Copy rank ``src``'s floating/integer buffers (BN running stats) to every rank."""
+        if self.initialized:
+            for buf in module.buffers():
+                dist.broadcast(buf, src=src)
+
     def all_gather_object(self, obj: Any) -> list[Any]:
         if not self.initialized:
             return [obj]
@@ -80,7 +86,9 @@ def init_distributed(device: Literal["auto", "cpu", "cuda"] = "auto") -> DistInf
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
+            raise RuntimeError(
+                "train.device=cuda but no CUDA device is visible; use train.device=cpu"
+            )
         if local_rank >= torch.cuda.device_count():
             raise RuntimeError(
                 f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPUs are visible; "

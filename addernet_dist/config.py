@@ -1,0 +1,241 @@
+"""Typed, validated run configuration: YAML file + dotted command-line overrides.
+
+    cfg = load_config("configs/debug.yaml", ["optim.lr=0.05", "output_dir=runs/x", "resume=none"])
+
+Every section forbids unknown keys; a validation problem raises :class:`ConfigError` whose message
+names the offending key (``train.epochs: Input should be a valid integer (got 'ten')``) and, for an
+unknown key, lists the valid ones. The resolved config is written to ``<output_dir>/config.yaml``
+by the trainer only after everything (config, data folders) has been validated.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from addernet_dist.data.config import DataConfig
+from addernet_dist.engine.deepspeed_config import DeepSpeedConfig
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem (bad key, bad value, missing file)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = "resnet8"
+    conv: Literal["adder", "conv"] = "adder"
+    # None: take the class count from the dataset (loader.num_classes).
+    num_classes: int | None = Field(default=None, ge=1)
+    # Extra constructor keyword arguments for create_model (model specific).
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class OptimConfig(_Section):
+    # SGD with Nesterov momentum (NAG) is what the paper uses everywhere (§5.2-5.4).
+    name: Literal["sgd"] = "sgd"
+    lr: float = Field(default=0.1, gt=0)  # for the GLOBAL batch; no automatic scaling
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(default=5e-4, ge=0)
+    schedule: Literal["cosine", "poly", "constant"] = "cosine"
+    warmup_epochs: float = Field(default=0.0, ge=0)
+    warmup_start_factor: float = Field(default=0.1, gt=0, le=1)
+    min_lr: float = Field(default=0.0, ge=0)  # cosine floor
+    poly_power: float = Field(default=1.0, gt=0)
+
+
+class AdderConfig(_Section):
+    # l2 -> l1 training (§4.2, Table 4 ablation "lp->l1"): p decays linearly per iteration from
+    # p_start to p_end over p_decay_epochs, then stays at p_end. Off: p = p_end throughout.
+    p_schedule: bool = True
+    p_start: float = Field(default=2.0, ge=1)
+    p_end: float = Field(default=1.0, ge=1)
+    p_decay_epochs: float | None = Field(default=None, ge=0)  # None: 3/4 of train.epochs (Table 6)
+    # Adaptive learning-rate scaling, eq. 33 (Table 4 ablation "adaptive LR").
+    adaptive_lr: bool = True
+    eta: float = Field(default=0.1, gt=0)
+    # "global": alpha_l from the all-reduced (global-batch) gradient, independent of world size.
+    # "local": the original code's per-rank normalisation before the all-reduce (for comparison).
+    adaptive_scope: Literal["global", "local"] = "global"
+    # Full-precision filter gradient X - F (eq. 23); off = sign gradient (eq. 22, Table 4 ablation).
+    full_precision_grad: bool = True
+    grad_x: Literal["lp", "hardtanh"] = "lp"
+    # Operator backend (addernet_dist.ops.dispatch): auto = triton on CUDA, cpu on CPU; the
+    # ADDERNET_BACKEND environment variable applies when this is auto.
+    backend: Literal["auto", "reference", "cpu", "triton"] = "auto"
+
+    @model_validator(mode="after")
+    def _p_order(self) -> AdderConfig:
+        if self.p_end > self.p_start:
+            raise ValueError(f"adder.p_end={self.p_end} must be <= adder.p_start={self.p_start}")
+        return self
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(default=1, ge=1)
+    global_batch_size: int = Field(default=256, ge=1)  # split evenly over WORLD_SIZE ranks
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bf16: bool = True  # bf16 autocast; only takes effect on CUDA
+    channels_last: bool = False
+    grad_clip: float | None = Field(default=None, gt=0)  # max total grad norm; None: off
+    compile: bool = False
+    seed: int = 0
+    log_every: int = Field(default=10, ge=1)  # steps; also the cadence of adder grad-norm logs
+    ckpt_every_steps: int = Field(default=0, ge=0)  # 0: only at the end of each epoch
+    eval_every_epochs: int = Field(default=1, ge=1)  # the last epoch is always evaluated
+    keep_last: int = Field(default=3, ge=1)
+    progress_bar: Literal["auto", "on", "off"] = "auto"  # auto: tqdm only on a TTY
+
+
+class WandbConfig(_Section):
+    enabled: bool = False
+    project: str = "addernet-dist"
+    entity: str | None = None
+    name: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    # auto: online when WANDB_API_KEY is set, else offline (sync later with `wandb sync`).
+    mode: Literal["auto", "online", "offline"] = "auto"
+
+
+# The ``deepspeed:`` section lives with the DeepSpeed engine (engine/deepspeed_config.py; it
+# imports no deepspeed, so loading a config stays fast).
+DeepSpeedSection = DeepSpeedConfig
+
+
+class Config(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    adder: AdderConfig = Field(default_factory=AdderConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    engine: Literal["ddp", "deepspeed"] = "ddp"
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+    output_dir: str = "runs/default"
+    # auto: newest valid checkpoint in output_dir if any; none: start fresh; else a path.
+    resume: str = "auto"
+
+    def p_decay_epochs(self) -> float:
+        if self.adder.p_decay_epochs is not None:
+            return self.adder.p_decay_epochs
+        return 0.75 * self.train.epochs  # Table 6: 600 of 800 epochs
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides, error messages
+# ---------------------------------------------------------------------------------------------
+
+
+def _section_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the field at ``loc`` (None if not a model)."""
+    model: Any = Config
+    for part in loc:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        model = field.annotation
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "<root>"
+        if e["type"] == "extra_forbidden":
+            parent = _section_model(loc[:-1])
+            valid = sorted(parent.model_fields) if parent is not None else []
+            where = ".".join(str(p) for p in loc[:-1]) or "top level"
+            lines.append(f"unknown key '{key}'; valid keys in {where}: {', '.join(valid)}")
+        else:
+            got = e.get("input")
+            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"{key}: {e['msg']}{got_s}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+    key, raw = item.split("=", 1)
+    key = key.strip().lstrip("-")
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        # YAML scalars: 0.05 -> float, true -> bool, [a, b] -> list, null -> None, else string.
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from e
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted ``key.sub=value`` items in a nested dict (returns a new dict)."""
+    out = yaml.safe_load(yaml.safe_dump(raw)) or {}
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = out
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                prefix = ".".join(path[: i + 1])
+                raise ConfigError(
+                    f"override {item!r}: '{prefix}' is a value ({child!r}), not a section"
+                )
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e)) from None
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or start from defaults when ``path`` is None) and apply overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(
+                f"config file '{p}' does not exist; pass --config configs/<name>.yaml"
+            )
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file '{p}' must hold a mapping at the top level")
+    return config_from_dict(apply_overrides(raw, overrides or []))
+
+
+def save_resolved(cfg: Config, output_dir: str | os.PathLike) -> Path:
+    """Atomically write ``config.yaml`` into ``output_dir`` (never leaves a half-written file)."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dst = out / "config.yaml"
+    tmp = out / f".config.yaml.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(cfg.to_yaml())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, dst)
+    return dst

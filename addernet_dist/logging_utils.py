@@ -1,0 +1,156 @@
+"""Run logging on rank 0: ``metrics.jsonl``, Weights & Biases, and a console progress view.
+
+metrics.jsonl: one JSON object per line, appended and flushed per record (a crash loses at most
+the line being written; a torn last line is cut off when the log is reopened, so earlier lines
+are never damaged). Train records: ``{"kind": "train", "step", "epoch", "loss", "lr", "p",
+"images_per_s", ...}``; eval records: ``{"kind": "eval", "step", "epoch", "top1", "top5",
+"loss", "count"}``; a resumed run first writes ``{"kind": "resume", "step": s}``: records with a
+step above s written before it belong to the abandoned attempt (``read_metrics`` drops them).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from addernet_dist.config import Config, WandbConfig
+
+log = logging.getLogger("addernet_dist")
+
+
+def setup_console_logging(rank: int) -> None:
+    """INFO on rank 0, WARNING elsewhere, one format for every module."""
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"[%(asctime)s rank{rank}] %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def _truncate_torn_tail(path: Path) -> None:
+    """Cut a partial last line (a crash mid-write) so appends start on a clean line."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data.endswith(b"\n"):
+            return
+        keep = data.rfind(b"\n") + 1
+        f.truncate(keep)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of the run's final history: drops records a later resume superseded."""
+    records: list[dict[str, Any]] = []
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        if rec.get("kind") == "resume":
+            s = rec["step"]
+            records = [r for r in records if r.get("step", 0) <= s]
+            continue
+        records.append(rec)
+    return records
+
+
+class MetricsLogger:
+    """Rank-0 sink for metrics (jsonl + optional W&B). On other ranks every call is a no-op."""
+
+    def __init__(self, cfg: Config, *, enabled: bool, wandb_run_id: str | None) -> None:
+        self.enabled = enabled
+        self.path = Path(cfg.output_dir) / "metrics.jsonl"
+        self._wandb = None
+        self.wandb_run_id = wandb_run_id
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _truncate_torn_tail(self.path)
+        self._file = open(self.path, "a", buffering=1)
+        if cfg.wandb.enabled:
+            self._wandb = self._init_wandb(cfg.wandb, cfg)
+
+    def _init_wandb(self, wcfg: WandbConfig, cfg: Config):
+        import wandb
+
+        mode = wcfg.mode
+        if mode == "auto":
+            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        if self.wandb_run_id is None:
+            self.wandb_run_id = wandb.util.generate_id()
+        run = wandb.init(
+            project=wcfg.project,
+            entity=wcfg.entity,
+            name=wcfg.name,
+            tags=wcfg.tags,
+            id=self.wandb_run_id,
+            # "allow": a resumed run (same id, read from the checkpoint) continues the same run.
+            resume="allow",
+            mode=mode,
+            dir=str(Path(cfg.output_dir)),
+            config=cfg.model_dump(mode="json"),
+        )
+        log.info("W&B run %s (%s mode)", run.id, mode)
+        return run
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._wandb is not None:
+            kind = record.get("kind", "train")
+            if kind == "resume":
+                return
+            data = {f"{kind}/{k}": v for k, v in record.items() if k not in ("kind", "step")}
+            self._wandb.log(data, step=record["step"])
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+class Progress:
+    """tqdm on an interactive terminal (rank 0), plain log lines otherwise."""
+
+    def __init__(self, *, enabled: bool, mode: str, total: int, initial: int) -> None:
+        self.enabled = enabled
+        use_tqdm = mode == "on" or (mode == "auto" and sys.stderr.isatty())
+        self._bar = None
+        if enabled and use_tqdm:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=initial, dynamic_ncols=True, unit="step")
+        self._t0 = time.perf_counter()
+
+    def update(self, n: int, fields: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        text = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in fields.items()}
+        if self._bar is not None:
+            self._bar.update(n)
+            self._bar.set_postfix(text, refresh=False)
+        else:
+            log.info(" ".join(f"{k}={v}" for k, v in text.items()))
+
+    def message(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(msg)
+        else:
+            log.info(msg)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

@@ -1,0 +1,413 @@
+"""Train an AdderNet (paper Algorithm 1) with torchrun/DDP (or DeepSpeed), resumable to the bit.
+
+Launch commands (every form takes dotted overrides after the config, e.g. ``optim.lr=0.05``)::
+
+    # 1 process (CPU or one GPU)
+    addernet-train --config configs/debug.yaml output_dir=runs/debug
+    python -m addernet_dist.train --config configs/debug.yaml
+
+    # 1 node x N processes (N GPUs; on CPU, gloo processes)
+    torchrun --standalone --nproc_per_node=N -m addernet_dist.train --config configs/imagenet_resnet18.yaml
+
+    # M nodes x N processes: run on EVERY node (same command; HOST0 = first node's address)
+    torchrun --nnodes=M --nproc_per_node=N --rdzv_backend=c10d --rdzv_endpoint=HOST0:29500 \\
+        --rdzv_id=JOB --max-restarts=3 -m addernet_dist.train --config configs/imagenet_resnet50.yaml
+
+    (launch/torchrun.sh and launch/slurm.sbatch wrap these.)
+
+``resume=auto`` (default) continues from the newest valid checkpoint in ``output_dir``, so a
+restarted torchrun group (``--max-restarts``) or a requeued Slurm job picks up by itself.
+Fault injection for tests: ADDERNET_FAULT_STEP=s [ADDERNET_FAULT_RANK=r]
+[ADDERNET_FAULT_MARKER=file] SIGKILLs the process right after optimizer step s (once, if a marker
+file is given: the marker is created before the kill and disables later faults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from addernet_dist.checkpoint import Checkpointer, CheckpointError, rng_state, set_rng_state
+from addernet_dist.config import Config, ConfigError, load_config, save_resolved
+from addernet_dist.data import build_loader
+from addernet_dist.distributed import DistInfo, destroy_distributed, init_distributed
+from addernet_dist.engine.base import Engine, StepStats
+from addernet_dist.logging_utils import MetricsLogger, Progress, setup_console_logging
+from addernet_dist.metrics import EvalResult, evaluate
+from addernet_dist.models import create_model
+from addernet_dist.nn import adder_modules, set_grad_modes, set_p
+from addernet_dist.ops import dispatch
+from addernet_dist.optim import PSchedule
+
+log = logging.getLogger("addernet_dist")
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # epoch the loop is in (== epochs when done)
+    global_step: int = 0  # optimizer steps taken
+    best_top1: float = -1.0
+    wandb_run_id: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Components
+# ---------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_data(cfg: Config, dist: DistInfo):
+    if cfg.train.global_batch_size % dist.world_size:
+        raise ConfigError(
+            f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by "
+            f"WORLD_SIZE={dist.world_size}; choose a multiple of the number of processes"
+        )
+    per_rank = cfg.train.global_batch_size // dist.world_size
+    kw = dict(
+        batch_size=per_rank,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        seed=cfg.train.seed,
+        device=dist.device,
+        channels_last=cfg.train.channels_last,
+    )
+    try:
+        train = build_loader(cfg.data, "train", **kw)
+        val = build_loader(cfg.data, "val", **kw)
+    except (FileNotFoundError, NotADirectoryError) as e:
+        raise ConfigError(f"data: {e}") from e
+    if len(train) == 0:
+        raise ConfigError("the training split yields no batches; lower train.global_batch_size")
+    return train, val
+
+
+def build_model(cfg: Config, num_classes: int) -> torch.nn.Module:
+    model = create_model(
+        cfg.model.name,
+        conv=cfg.model.conv,
+        num_classes=cfg.model.num_classes or num_classes,
+        **cfg.model.kwargs,
+    )
+    set_grad_modes(
+        model,
+        grad_x=cfg.adder.grad_x,
+        grad_w="full" if cfg.adder.full_precision_grad else "sign",
+    )
+    return model
+
+
+def build_engine(cfg: Config, model: torch.nn.Module, dist: DistInfo, steps: int) -> Engine:
+    if cfg.engine == "ddp":
+        from addernet_dist.engine.ddp import DDPEngine
+
+        return DDPEngine(model, cfg, dist, steps_per_epoch=steps)
+    if cfg.engine == "deepspeed":
+        from addernet_dist.engine.deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine(model, cfg, dist, steps_per_epoch=steps)
+    raise ConfigError(f"engine={cfg.engine!r}; use ddp or deepspeed")
+
+
+class _Stop:
+    """SIGTERM (Slurm preemption, torchrun shutdown) -> checkpoint at the next sync point."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        if hasattr(signal, "SIGTERM"):
+            signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.requested = True
+
+    def agreed(self, dist: DistInfo) -> bool:
+        # Every rank must stop at the same step (the checkpoint is collective), but ranks get the
+        # signal at different moments: agree with one tiny all-reduce, only on log steps.
+        flag = torch.tensor([float(self.requested)], device=dist.device)
+        return bool(dist.all_reduce_sum_(flag).item() > 0)
+
+
+def _maybe_inject_fault(global_step: int, rank: int) -> None:
+    at = os.environ.get("ADDERNET_FAULT_STEP")
+    if not at or int(at) != global_step:
+        return
+    fault_rank = os.environ.get("ADDERNET_FAULT_RANK")
+    if fault_rank is not None and int(fault_rank) != rank:
+        return
+    marker = os.environ.get("ADDERNET_FAULT_MARKER")
+    if marker:
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+    log.warning("fault injection: SIGKILL rank %d after step %d", rank, global_step)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint client state
+# ---------------------------------------------------------------------------------------------
+
+
+def _client_state(cfg, state, p_sched, train_loader, dist, last_eval) -> dict[str, Any]:
+    return {
+        "train_state": asdict(state),
+        "p_schedule": p_sched.state_dict(),
+        # Per rank (identical positions today; kept per rank for loaders with rank-local state).
+        "loader": dist.all_gather_object(train_loader.state_dict()),
+        "rng": dist.all_gather_object(rng_state()),
+        "world_size": dist.world_size,
+        "config": cfg.model_dump(mode="json"),
+        "last_eval": last_eval,
+    }
+
+
+def _restore(client: dict[str, Any], p_sched, train_loader, dist: DistInfo) -> TrainState:
+    state = TrainState(**client["train_state"])
+    p_sched.load_state_dict(client["p_schedule"])
+    same_world = client["world_size"] == dist.world_size
+    loader_state = client["loader"][dist.rank if same_world else 0]
+    if same_world or loader_state.get("batches_done", 0) != 0:
+        train_loader.load_state_dict(loader_state)  # raises a clear error mid-epoch otherwise
+    else:
+        train_loader.set_epoch(state.epoch)
+    if same_world:
+        set_rng_state(client["rng"][dist.rank])
+    else:
+        log.warning(
+            "resuming with WORLD_SIZE=%d from a checkpoint written with %d: per-rank RNG states "
+            "not restored (the run continues correctly but not bit-identically)",
+            dist.world_size,
+            client["world_size"],
+        )
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+def train(cfg: Config) -> EvalResult | None:
+    """Run (or continue) the training described by ``cfg``; returns the last evaluation."""
+    dist = init_distributed(cfg.train.device)
+    setup_console_logging(dist.rank)
+    try:
+        return _train(cfg, dist)
+    finally:
+        destroy_distributed(dist)
+
+
+def _train(cfg: Config, dist: DistInfo) -> EvalResult | None:
+    # Same seed on every rank for the model init (DDP also broadcasts rank 0's weights).
+    seed_everything(cfg.train.seed)
+    dispatch.set_default_backend(cfg.adder.backend)
+    train_loader, val_loader = build_data(cfg, dist)
+    model = build_model(cfg, train_loader.num_classes)
+    steps_per_epoch = len(train_loader)
+    total_steps = cfg.train.epochs * steps_per_epoch
+    engine = build_engine(cfg, model, dist, steps_per_epoch)
+    p_sched = PSchedule.from_config(
+        cfg.adder, decay_epochs=cfg.p_decay_epochs(), steps_per_epoch=steps_per_epoch
+    )
+    ckpt = Checkpointer(cfg.output_dir, cfg.train.keep_last, dist)
+    resume_from = ckpt.resolve_resume(cfg.resume)
+    # Everything is validated: only now touch output_dir.
+    if dist.is_main:
+        save_resolved(cfg, cfg.output_dir)
+
+    seed_everything(cfg.train.seed + 1_000_003 * dist.rank)  # per-rank streams from here on
+    state = TrainState()
+    last_eval: dict[str, float] | None = None
+    if resume_from is not None:
+        client = engine.load(resume_from)
+        state = _restore(client, p_sched, train_loader, dist)
+        last_eval = client.get("last_eval")
+        log.info(
+            "resumed from %s at step %d (epoch %d)", resume_from, state.global_step, state.epoch
+        )
+
+    logger = MetricsLogger(cfg, enabled=dist.is_main, wandb_run_id=state.wandb_run_id)
+    state.wandb_run_id = logger.wandb_run_id
+    if resume_from is not None:
+        logger.write({"kind": "resume", "step": state.global_step, "epoch": state.epoch})
+    progress = Progress(
+        enabled=dist.is_main,
+        mode=cfg.train.progress_bar,
+        total=total_steps,
+        initial=state.global_step,
+    )
+    try:
+        result = _loop(
+            cfg,
+            dist,
+            engine,
+            state,
+            p_sched,
+            train_loader,
+            val_loader,
+            ckpt,
+            logger,
+            progress,
+            last_eval,
+        )
+    finally:
+        progress.close()
+        logger.close()
+    if dist.is_main and result is not None:
+        print(
+            f"final: top1={result.top1:.2f}% top5={result.top5:.2f}% "
+            f"loss={result.loss:.4f} ({result.count} val images)",
+            flush=True,
+        )
+    return result
+
+
+def _loop(
+    cfg, dist, engine, state, p_sched, train_loader, val_loader, ckpt, logger, progress, last_eval
+) -> EvalResult | None:
+    model = engine.unwrap()
+    adders = set(adder_modules(model))
+    adder_names = [n for n, m in model.named_modules() if m in adders]
+    steps_per_epoch = len(train_loader)
+    stop = _Stop()
+    result: EvalResult | None = None
+
+    def save(last_eval):
+        path = ckpt.path_for(state.global_step)
+        engine.save(path, _client_state(cfg, state, p_sched, train_loader, dist, last_eval))
+        ckpt.prune()
+        return path
+
+    engine.train()
+    p = p_sched.value(state.global_step)
+    set_p(model, p)
+    t_last, steps_last = time.perf_counter(), 0
+    while state.epoch < cfg.train.epochs:
+        train_loader.set_epoch(state.epoch)  # no-op when resumed mid-epoch
+        step_in_epoch = int(train_loader.state_dict().get("batches_done", 0))
+        for images, labels in train_loader:
+            step_p = p_sched.value(state.global_step)
+            if step_p != p:
+                p = step_p
+                set_p(model, p)
+            loss = engine.forward_backward(images, labels)
+            stats = engine.step()
+            state.global_step += 1
+            step_in_epoch += 1
+            p_sched.step_count = state.global_step
+            steps_last += 1
+            _maybe_inject_fault(state.global_step, dist.rank)
+
+            end_of_epoch = step_in_epoch == steps_per_epoch
+            if state.global_step % cfg.train.log_every == 0 or end_of_epoch:
+                dt = time.perf_counter() - t_last
+                rec = _train_record(state, loss, engine, p, stats, adder_names, dist)
+                rec["images_per_s"] = steps_last * cfg.train.global_batch_size / max(dt, 1e-9)
+                logger.write(rec)
+                progress.update(steps_last, {k: rec[k] for k in ("epoch", "loss", "lr", "p")})
+                t_last, steps_last = time.perf_counter(), 0
+                if stop.agreed(dist):
+                    path = save(last_eval)
+                    progress.message(f"SIGTERM: saved {path}; exiting so the job can be requeued")
+                    return result
+            every = cfg.train.ckpt_every_steps
+            if every and state.global_step % every == 0 and not end_of_epoch:
+                save(last_eval)
+
+        state.epoch += 1
+        is_last = state.epoch == cfg.train.epochs
+        if is_last or state.epoch % cfg.train.eval_every_epochs == 0:
+            # Ranks' BN running stats drift apart after the last forward (each saw its own
+            # batch); evaluate everywhere with rank 0's, which is also what gets checkpointed.
+            dist.broadcast_buffers_(model)
+            result = evaluate(model, val_loader, dist, autocast_dtype=_eval_dtype(engine))
+            engine.train()
+            last_eval = result.as_dict()
+            logger.write(
+                {"kind": "eval", "step": state.global_step, "epoch": state.epoch, **asdict(result)}
+            )
+            progress.message(
+                f"epoch {state.epoch}: val top1 {result.top1:.2f}% top5 {result.top5:.2f}% "
+                f"loss {result.loss:.4f} ({result.count} images)"
+            )
+            is_best = result.top1 > state.best_top1
+            state.best_top1 = max(state.best_top1, result.top1)
+            path = save(last_eval)
+            if is_best:
+                ckpt.copy_to_best(path)
+        else:
+            save(last_eval)
+
+    if result is None and last_eval is not None:
+        # Resumed after the last evaluation (e.g. killed while saving): report it again.
+        result = EvalResult(**{k.removeprefix("val/"): v for k, v in last_eval.items()})
+    return result
+
+
+def _eval_dtype(engine: Engine) -> torch.dtype | None:
+    return getattr(engine, "autocast_dtype", None)
+
+
+def _train_record(state, loss, engine, p, stats: StepStats, adder_names, dist) -> dict[str, Any]:
+    """Host-syncing summary of the last step (called on log steps only)."""
+    loss_avg = dist.all_reduce_sum_(loss.detach().float().clone()) / dist.world_size
+    rec: dict[str, Any] = {
+        "kind": "train",
+        "step": state.global_step,
+        "epoch": state.epoch,
+        "loss": float(loss_avg),
+        "lr": engine.lr,
+        "p": p,
+    }
+    if stats.grad_norm is not None:
+        rec["grad_norm"] = float(stats.grad_norm)
+    if stats.adder_grad_norms is not None and stats.adder_alphas is not None:
+        norms, alphas = stats.adder_grad_norms.tolist(), stats.adder_alphas.tolist()
+        for name, n, a in zip(adder_names, norms, alphas):
+            rec[f"adder_grad_norm/{name}"] = n
+            rec[f"adder_alpha/{name}"] = a
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None, prog: str, description: str) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    ap.add_argument("--config", help="YAML config (configs/*.yaml); defaults when omitted")
+    ap.add_argument(
+        "overrides", nargs="*", help="dotted overrides: optim.lr=0.05 output_dir=runs/x"
+    )
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv, "addernet-train", "Train an AdderNet (see module docstring).")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        train(cfg)
+    except (ConfigError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
