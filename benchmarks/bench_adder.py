@@ -1,0 +1,375 @@
+"""Adder operator benchmark: fast path vs the original AdderNet unfold code, torch.cdist and the reference.
+
+Per layer shape of a model, forward and forward+backward time (median over interleaved repeats, so a
+noisy shared machine slows every method alike), adder-MAC/s and the ratio of every method to the fast path.
+
+    # CPU (the compiled fast path; also prints its first-call compile time with an empty cache):
+    python benchmarks/bench_adder.py --device cpu --shapes resnet20 --batch 32
+    # GPU (Triton kernels; adds cuDNN conv2d fp32 with TF32 off and bf16, peak memory, roofline fraction):
+    python benchmarks/bench_adder.py --device cuda --shapes resnet50 --batch 64
+    # end-to-end CPU training images/s of an adder ResNet-20, fast path vs reference:
+    python benchmarks/bench_adder.py --device cpu --train resnet20 --batch 32
+
+Methods:
+  fast       adder2d with the device's fast backend ("cpu" or "triton")
+  reference  addernet_dist.ops.reference.adder2d_reference (chunked pure PyTorch)
+  original   the algorithm of the original AdderNet code, re-implemented: unfold X, materialise the
+             (Cout × K × M) broadcast |W − X| and sum it; its backward materialises the same broadcast
+             twice (X − W for the filter gradient, HardTanh(W − X) for the input gradient)
+  cdist      torch.cdist(p=1) between unfolded patches (N, L, K) and filters (O, K), autograd backward
+  conv_fp32 / conv_bf16 (GPU only)  F.conv2d of the same shape: cuDNN, TF32 off / bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from addernet_dist.ops import adder2d
+from addernet_dist.ops.reference import adder2d_reference
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    cin: int
+    cout: int
+    hw: int  # input height = width
+    k: int
+    stride: int
+    pad: int
+
+
+def _resnet_cifar(widths=(16, 32, 64), hw=32) -> list[Shape]:
+    out = []
+    for i, c in enumerate(widths):
+        s = hw >> i
+        if i:
+            out.append(Shape(f"stage{i + 1}.down", c // 2, c, s * 2, 3, 2, 1))
+        out.append(Shape(f"stage{i + 1}", c, c, s, 3, 1, 1))
+    return out
+
+
+def _resnet18() -> list[Shape]:
+    out = []
+    for i, c in enumerate((64, 128, 256, 512)):
+        s = 56 >> i
+        if i:
+            out.append(Shape(f"layer{i + 1}.0.conv1", c // 2, c, s * 2, 3, 2, 1))
+        out.append(Shape(f"layer{i + 1}.conv3x3", c, c, s, 3, 1, 1))
+    return out
+
+
+def _resnet50() -> list[Shape]:
+    out = []
+    for i, (mid, c_out) in enumerate(((64, 256), (128, 512), (256, 1024), (512, 2048))):
+        s = 56 >> i
+        c_in = c_out if i == 0 else c_out // 2
+        out.append(Shape(f"layer{i + 1}.conv1x1a", c_in, mid, s, 1, 1, 0))
+        out.append(Shape(f"layer{i + 1}.conv3x3", mid, mid, s, 3, 1, 1))
+        out.append(Shape(f"layer{i + 1}.conv1x1b", mid, c_out, s, 1, 1, 0))
+    return out
+
+
+SHAPES = {"resnet20": _resnet_cifar, "resnet18": _resnet18, "resnet50": _resnet50}
+
+
+# ---- baselines -------------------------------------------------------------------------------------------
+
+
+class _OriginalAdder(torch.autograd.Function):
+    """The original AdderNet algorithm on columns: W (O, K), X (K, M) → (O, M) via the full broadcast."""
+
+    @staticmethod
+    def forward(ctx, w_ok, x_km):
+        ctx.save_for_backward(w_ok, x_km)
+        return -(w_ok.unsqueeze(2) - x_km.unsqueeze(0)).abs().sum(1)
+
+    @staticmethod
+    def backward(ctx, g_om):
+        w_ok, x_km = ctx.saved_tensors
+        d = x_km.unsqueeze(0) - w_ok.unsqueeze(2)  # (O, K, M), as the original builds it
+        gw = (d * g_om.unsqueeze(1)).sum(2)
+        # the original code rescales the filter gradient inside backward (its adaptive learning rate)
+        gw = gw / gw.norm(p=2).clamp(min=1e-12) * math.sqrt(w_ok.numel()) / 5
+        gx = (-d.clamp(-1, 1) * g_om.unsqueeze(1)).sum(0)
+        return gw, gx
+
+
+def original_adder2d(x: torch.Tensor, w: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
+    n, _, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    ho = (h - kh + 2 * padding) // stride + 1
+    wo = (wd - kw + 2 * padding) // stride + 1
+    cols = F.unfold(x, (kh, kw), padding=padding, stride=stride)  # (N, K, L)
+    x_km = cols.permute(1, 2, 0).reshape(cols.shape[1], -1)  # (K, L·N): the original's column order
+    y = _OriginalAdder.apply(w.reshape(o, -1), x_km)
+    return y.reshape(o, ho, wo, n).permute(3, 0, 1, 2).contiguous()
+
+
+def cdist_adder2d(x: torch.Tensor, w: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
+    n, _, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    ho = (h - kh + 2 * padding) // stride + 1
+    wo = (wd - kw + 2 * padding) // stride + 1
+    rows = F.unfold(x, (kh, kw), padding=padding, stride=stride).transpose(1, 2)  # (N, L, K)
+    y = -torch.cdist(rows, w.reshape(1, o, -1).expand(n, o, -1), p=1)  # (N, L, O)
+    return y.transpose(1, 2).reshape(n, o, ho, wo)
+
+
+# ---- timing ----------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time_interleaved(fns: dict, repeat: int, device: torch.device) -> dict[str, float]:
+    """Median seconds per call; one call of every method per round so background load hits all alike."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():  # warm-up (compile, autotune, allocator)
+        fn()
+    _sync(device)
+    for _ in range(repeat):
+        for k, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _fits(shape: Shape, batch: int, elem: int, limit_bytes: float) -> bool:
+    """Whether the original code's (Cout × K × M) broadcast (built twice in its backward) fits."""
+    ho = (shape.hw + 2 * shape.pad - shape.k) // shape.stride + 1
+    m = batch * ho * ho
+    return 3 * shape.cout * shape.cin * shape.k**2 * m * elem < limit_bytes
+
+
+def measure_fp32_vector_roofline() -> float:
+    """Measured FP32 FMA instructions/s of this GPU (a Triton kernel of register-resident FMA chains).
+
+    An adder-MAC needs at least two FP32 instructions (d = x − w; acc += |d|), so the adder roofline in
+    adder-MAC/s is half of this number.
+    """
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _fma_chain(out_ptr, iters, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        a = offs.to(tl.float32) * 1e-9
+        b0 = a + 1.0
+        b1 = a + 2.0
+        b2 = a + 3.0
+        b3 = a + 4.0
+        for _ in range(iters):  # 4 independent chains hide the FMA latency
+            b0 = b0 * 0.999 + 0.5
+            b1 = b1 * 0.999 + 0.5
+            b2 = b2 * 0.999 + 0.5
+            b3 = b3 * 0.999 + 0.5
+        tl.store(out_ptr + offs, b0 + b1 + b2 + b3)
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    block, iters = 1024, 4096
+    out = torch.empty(sms * 16 * block, device="cuda")
+    grid = (out.numel() // block,)
+    _fma_chain[grid](out, iters, BLOCK=block)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        _fma_chain[grid](out, iters, BLOCK=block)
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / 5
+    return out.numel() * iters * 4 / dt
+
+
+def _methods(device: torch.device, fast_backend: str, shape: Shape, args) -> dict:
+    s, pd, p = shape.stride, shape.pad, args.p
+    methods = {
+        "fast": lambda x, w: adder2d(x, w, s, pd, 1, p, backend=fast_backend),
+        "reference": lambda x, w: adder2d_reference(x, w, s, pd, 1, p),
+        "cdist": lambda x, w: cdist_adder2d(x, w, s, pd),
+    }
+    if p == 1.0 and _fits(shape, args.batch, 4, args.original_limit_gb * 2**30):  # ℓ1 only
+        methods["original"] = lambda x, w: original_adder2d(x, w, s, pd)
+    if device.type == "cuda":
+        methods["conv_fp32"] = lambda x, w: F.conv2d(x, w, None, s, pd)
+        methods["conv_bf16"] = lambda x, w: F.conv2d(x.bfloat16(), w.bfloat16(), None, s, pd)
+    if args.methods:
+        methods = {k: v for k, v in methods.items() if k in args.methods.split(",")}
+    return methods
+
+
+def _fwd_runner(f, x, w):
+    def run():
+        with torch.no_grad():
+            f(x, w)
+
+    return run
+
+
+def _fwd_bwd_runner(f, xg, wg, gy):
+    def run():
+        y = f(xg, wg)
+        torch.autograd.grad(y, (xg, wg), gy.to(y.dtype))
+
+    return run
+
+
+def bench_layers(args) -> None:
+    device = torch.device(args.device)
+    fast_backend = "triton" if device.type == "cuda" else "cpu"
+    if device.type == "cpu":
+        from addernet_dist.kernels import cpu_adder
+
+        with (
+            tempfile.TemporaryDirectory() as tmp
+        ):  # an empty cache: the first-call cost a fresh CI pays
+            os.environ["ADDERNET_CACHE_DIR"] = tmp
+            t0 = time.perf_counter()
+            cpu_adder.build(force=True)
+            print(f"# CPU fast path first-call compile: {time.perf_counter() - t0:.1f} s (wall)")
+            os.environ.pop("ADDERNET_CACHE_DIR")
+    roof = measure_fp32_vector_roofline() / 2 if device.type == "cuda" else None
+    if roof:
+        print(f"# measured FP32 vector roofline: {roof / 1e12:.2f} T adder-MAC/s")
+    if device.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    cols = ["method", "fwd ms", "fwd+bwd ms", "G adder-MAC/s fwd", "x fast (fwd+bwd)"]
+    if device.type == "cuda":
+        cols += ["peak MiB", "% roofline fwd"]
+    print(f"# {args.shapes} shapes, batch {args.batch}, p={args.p}, device {device}")
+    ratios: dict[str, list[float]] = {}
+    for shape in SHAPES[args.shapes]():
+        ho = (shape.hw + 2 * shape.pad - shape.k) // shape.stride + 1
+        macs = args.batch * ho * ho * shape.cin * shape.k**2 * shape.cout
+        x = torch.randn(args.batch, shape.cin, shape.hw, shape.hw, device=device)
+        w = torch.randn(shape.cout, shape.cin, shape.k, shape.k, device=device)
+        s, pd = shape.stride, shape.pad
+        methods = _methods(device, fast_backend, shape, args)
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        gy = torch.randn(args.batch, shape.cout, ho, ho, device=device)
+        fwd = {k: _fwd_runner(f, x, w) for k, f in methods.items()}
+        fwd_bwd = {k: _fwd_bwd_runner(f, xg, wg, gy) for k, f in methods.items()}
+        t_f = _time_interleaved(fwd, args.repeat, device)
+        peak = {}
+        if device.type == "cuda":
+            for k, run in fwd_bwd.items():
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                run()
+                peak[k] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        t_fb = _time_interleaved(fwd_bwd, args.repeat, device)
+        print(
+            f"\n## {shape.name}: {shape.cin}->{shape.cout} {shape.hw}x{shape.hw} k{shape.k} s{s} p{pd}"
+        )
+        print("| " + " | ".join(cols) + " |")
+        print("|" + "---|" * len(cols))
+        for k in methods:
+            ratio = t_fb[k] / t_fb["fast"] if "fast" in t_fb else float("nan")
+            ratios.setdefault(k, []).append(ratio)
+            row = [k, f"{t_f[k] * 1e3:.2f}", f"{t_fb[k] * 1e3:.2f}", f"{macs / t_f[k] / 1e9:.2f}"]
+            row.append(f"{ratio:.1f}")
+            if device.type == "cuda":
+                frac = (
+                    100 * macs / t_f[k] / roof
+                    if k not in ("conv_fp32", "conv_bf16")
+                    else float("nan")
+                )
+                row += [f"{peak[k]:.0f}", f"{frac:.0f}"]
+            print("| " + " | ".join(row) + " |")
+    print("\n## geometric mean over shapes of (method fwd+bwd time) / (fast fwd+bwd time)")
+    for k, r in ratios.items():
+        print(f"- {k}: {math.exp(sum(map(math.log, r)) / len(r)):.1f}x  (shapes: {len(r)})")
+
+
+def bench_train(args) -> None:
+    """End-to-end training images/s of an adder model on random data: fast backend vs reference."""
+    from addernet_dist.models import create_model
+    from addernet_dist.models.registry import model_info
+    from addernet_dist.ops import dispatch
+
+    device = torch.device(args.device)
+    info = model_info(args.train)
+    x = torch.randn(args.batch, *info.input_shape, device=device)
+    y = torch.randint(0, info.num_classes, (args.batch,), device=device)
+    results = {}
+    for backend in ("fast", "reference"):
+        dispatch.set_default_backend(
+            ("triton" if device.type == "cuda" else "cpu") if backend == "fast" else "reference"
+        )
+        torch.manual_seed(0)
+        model = create_model(args.train, conv="adder", p=args.p).to(device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def step(model=model, opt=opt):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        step()  # warm-up
+        _sync(device)
+        times = []
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        results[backend] = args.batch / statistics.median(times)
+    dispatch.set_default_backend(None)
+    print(f"# {args.train} adder training, batch {args.batch}, p={args.p}, {args.steps} steps")
+    for k, v in results.items():
+        print(f"- {k}: {v:.1f} images/s")
+    print(f"- speed-up: {results['fast'] / results['reference']:.1f}x")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--shapes", choices=sorted(SHAPES), default="resnet20")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--p", type=float, default=1.0)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--methods", default="", help="comma list to restrict (default: all that fit)")
+    ap.add_argument(
+        "--original-limit-gb",
+        type=float,
+        default=8.0,
+        help="skip the original code when its broadcasts would exceed this",
+    )
+    ap.add_argument("--train", default="", help="model name: end-to-end training images/s instead")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: default)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(
+        f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {platform.processor() or platform.machine()}; "
+        f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"command: python {' '.join(sys.argv)}"
+    )
+    if args.device == "cuda":
+        print(f"# GPU: {torch.cuda.get_device_name(0)}")
+    if args.train:
+        bench_train(args)
+    else:
+        bench_layers(args)
+
+
+if __name__ == "__main__":
+    main()

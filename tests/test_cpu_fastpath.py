@@ -1,0 +1,227 @@
+"""The CPU fast path (kernels/cpu_adder.py) against the reference operator: forward and both gradients."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import warnings
+
+import pytest
+import torch
+from addernet_dist.kernels import cpu_adder
+
+from addernet_dist.ops.reference import adder2d_reference, output_size
+
+# batch, Cin, Cout, input (H, W), kernel, stride, padding, dilation, p
+AXES = {
+    "n": (1, 3),
+    "cin": (1, 3, 7),
+    "cout": (1, 5),
+    "hw": ((1, 1), (5, 7), (13, 13)),
+    "k": (1, 3, 5),
+    "stride": (1, 2),
+    "pad": (0, 1, 3),
+    "dil": (1, 2),
+    "p": (1.0, 1.5, 2.0),
+}
+MODES = [("lp", "full"), ("hardtanh", "sign"), ("lp", "sign"), ("hardtanh", "full")]
+
+
+def _valid(c: dict) -> bool:
+    ho, wo = output_size(
+        *c["hw"], (c["k"], c["k"]), (c["stride"],) * 2, (c["pad"],) * 2, (c["dil"],) * 2
+    )
+    return ho >= 1 and wo >= 1
+
+
+def _grid(count: int = 40) -> list[dict]:
+    """A fixed random sample of the valid cartesian product (the full product has ~2700 cases)."""
+    every = [dict(zip(AXES, v)) for v in itertools.product(*AXES.values())]
+    valid = [c for c in every if _valid(c)]
+    picked = random.Random(1234).sample(valid, count)
+    for i, c in enumerate(picked):
+        c["grad_x"], c["grad_w"] = MODES[i % len(MODES)]
+    return picked
+
+
+GRID = _grid()
+
+
+def _run(fn, x, w, g, c):
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = fn(xg, wg, c["stride"], c["pad"], c["dil"], c["p"], c["grad_x"], c["grad_w"])
+    gx, gw = torch.autograd.grad(y, (xg, wg), g)
+    return y, gx, gw
+
+
+def _case(c: dict, dtype=torch.float64):
+    x = torch.randn(c["n"], c["cin"], *c["hw"], dtype=dtype)
+    w = torch.randn(c["cout"], c["cin"], c["k"], c["k"], dtype=dtype)
+    ho, wo = output_size(
+        *c["hw"], (c["k"], c["k"]), (c["stride"],) * 2, (c["pad"],) * 2, (c["dil"],) * 2
+    )
+    g = torch.randn(c["n"], c["cout"], ho, wo, dtype=dtype)
+    return x, w, g
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _built():
+    # first use compiles the kernels (~6 s of CPU, cached per machine); fail loudly, never skip
+    cpu_adder.build()
+
+
+@pytest.mark.timeout(60)
+def test_grid_covers_every_axis_value():
+    for axis, values in AXES.items():
+        assert {c[axis] if axis != "hw" else c["hw"] for c in GRID} == set(values), axis
+    assert {(c["grad_x"], c["grad_w"]) for c in GRID} == set(MODES)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("c", GRID, ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_matches_reference_fp64(c):
+    x, w, g = _case(c)
+    got = _run(cpu_adder.adder2d_cpu, x, w, g, c)
+    want = _run(adder2d_reference, x, w, g, c)
+    for name, a, b in zip(("y", "grad_x", "grad_w"), got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("p", [1.0, 1.5, 2.0])
+@pytest.mark.parametrize("modes", MODES[:2])
+def test_fp32_resnet_like_layer(p, modes):
+    # a CIFAR ResNet stage-2 layer at batch 2: full 16-lane vectors, 16-filter blocks, 8-tap blocks
+    c = dict(n=2, cin=16, cout=32, hw=(16, 16), k=3, stride=1, pad=1, dil=1, p=p)
+    c["grad_x"], c["grad_w"] = modes
+    x, w, g = _case(c, torch.float32)
+    got = _run(cpu_adder.adder2d_cpu, x, w, g, c)
+    want = _run(adder2d_reference, x.double(), w.double(), g.double(), c)
+    for name, a, b in zip(("y", "grad_x", "grad_w"), got, want):
+        assert a.dtype == torch.float32, name
+        # fp32 sums of 144 (y) to 512 (grad_w) terms of O(1): relative error ~1e-6 measured
+        torch.testing.assert_close(
+            a.double(), b, rtol=2e-5, atol=2e-4, msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_accumulate_in_fp32(dtype):
+    c = dict(n=2, cin=3, cout=5, hw=(9, 11), k=3, stride=2, pad=1, dil=1, p=1.5)
+    c["grad_x"], c["grad_w"] = "lp", "full"
+    x, w, g = (t.to(dtype) for t in _case(c, torch.float32))
+    got = _run(cpu_adder.adder2d_cpu, x, w, g, c)
+    # the spec on the same 16-bit values, computed in fp64 and rounded once to the storage dtype
+    want = _run(adder2d_reference, x.double(), w.double(), g.double(), c)
+    for name, a, b in zip(("y", "grad_x", "grad_w"), got, want):
+        assert a.dtype == dtype, name
+        torch.testing.assert_close(
+            a, b.to(dtype), rtol=1e-2, atol=1e-2, msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("grad_x,grad_w", [("lp", "sign"), ("hardtanh", "sign")])
+def test_ties_follow_sign_of_zero(grad_x, grad_w):
+    # integer-valued data makes x == w (and padded zeros == w) frequent: sgn(0) = 0 must hold exactly
+    x = torch.randint(-2, 3, (2, 3, 6, 6)).double()
+    w = torch.randint(-2, 3, (4, 3, 3, 3)).double()
+    g = torch.randint(-3, 4, (2, 4, 6, 6)).double()
+    c = dict(stride=1, pad=1, dil=1, p=1.0, grad_x=grad_x, grad_w=grad_w)
+    got = _run(cpu_adder.adder2d_cpu, x, w, g, c)
+    want = _run(adder2d_reference, x, w, g, c)
+    assert (x[:, :, None] == w.flatten()[None, None, :, None, None]).any()  # ties are present
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.timeout(60)
+def test_thread_count_and_layout_do_not_change_results():
+    c = dict(stride=2, pad=1, dil=1, p=1.0, grad_x="lp", grad_w="full")
+    x = torch.randn(3, 5, 13, 13, dtype=torch.float64)
+    w = torch.randn(6, 5, 3, 3, dtype=torch.float64)
+    g = torch.randn(3, 6, 7, 7, dtype=torch.float64)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run(cpu_adder.adder2d_cpu, x, w, g, c)
+        torch.set_num_threads(2)
+        two = _run(cpu_adder.adder2d_cpu, x, w, g, c)
+        # batch 1 < 2 threads: the input gradient splits by channel instead of by image
+        single = _run(cpu_adder.adder2d_cpu, x[:1], w, g[:1], c)
+        last = _run(cpu_adder.adder2d_cpu, x.to(memory_format=torch.channels_last), w, g, c)
+        strided = _run(
+            cpu_adder.adder2d_cpu, x.transpose(2, 3).contiguous().transpose(2, 3), w, g, c
+        )
+    finally:
+        torch.set_num_threads(before)
+    for a, b, cl, st in zip(one, two, last, strided):
+        # the per-thread filter-gradient partial sums are added in a different grouping: rounding only
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(b, cl, rtol=0, atol=0)
+        torch.testing.assert_close(b, st, rtol=0, atol=0)
+    torch.testing.assert_close(single[0], two[0][:1], rtol=0, atol=0)
+    torch.testing.assert_close(single[1], two[1][:1], rtol=0, atol=0)
+
+
+@pytest.mark.timeout(60)
+def test_empty_batch_and_frozen_weight():
+    x = torch.randn(0, 3, 8, 8, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    y = cpu_adder.adder2d_cpu(x, w, padding=1)
+    assert y.shape == (0, 4, 8, 8)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and torch.equal(w.grad, torch.zeros_like(w))
+    # only the input needs a gradient: the filter gradient is never computed
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    y = cpu_adder.adder2d_cpu(x, w.detach(), padding=1, p=2.0)
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    (want,) = torch.autograd.grad(adder2d_reference(x, w.detach(), padding=1, p=2.0).sum(), x)
+    torch.testing.assert_close(gx, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.timeout(60)
+def test_bad_input_names_the_problem():
+    x, w = torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3)
+    with pytest.raises(ValueError, match="CPU tensors"):
+        cpu_adder.adder2d_cpu(x.to("meta"), w.to("meta"))
+    with pytest.raises(ValueError, match="channels"):
+        cpu_adder.adder2d_cpu(x, torch.randn(4, 2, 3, 3))
+    with pytest.raises(ValueError, match="p must lie in"):
+        cpu_adder.adder2d_cpu(x, w, p=3.0)
+    with pytest.raises(ValueError, match="grad_x"):
+        cpu_adder.adder2d_cpu(x, w, grad_x="sign")
+
+
+@pytest.fixture
+def _fresh_build_state(monkeypatch, tmp_path):
+    """Forget the loaded library for one test (restored afterwards); builds go to an empty cache."""
+    monkeypatch.setattr(cpu_adder, "_lib", None)
+    monkeypatch.setattr(cpu_adder, "_error", None)
+    monkeypatch.setattr(cpu_adder, "_warned", False)
+    monkeypatch.setenv("ADDERNET_CACHE_DIR", str(tmp_path))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("cxx", ["false", "/nonexistent/c++"])
+def test_failed_build_falls_back_to_reference_with_one_warning(
+    _fresh_build_state, monkeypatch, cxx
+):
+    # `false` is a compiler that always fails; a missing path (with an empty PATH) means no compiler
+    monkeypatch.setenv("CXX", cxx)
+    if cxx.startswith("/nonexistent"):
+        monkeypatch.setenv("PATH", "")
+    assert not cpu_adder.is_available()
+    assert cpu_adder.unavailable_reason()
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3)
+    with pytest.warns(RuntimeWarning, match="CPU fast path unavailable"):
+        y = cpu_adder.adder2d_cpu(x, w, padding=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second call must not warn again
+        y2 = cpu_adder.adder2d_cpu(x, w, padding=1)
+    want = adder2d_reference(x, w, padding=1)
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+    torch.testing.assert_close(y2, want, rtol=0, atol=0)
