@@ -3,8 +3,9 @@
 Both loaders read the same ImageNet-like files (default 500x375 JPEGs) with the same number of
 CPU workers (DataLoader worker processes vs DALI threads), the standard ImageNet transforms at
 224 (train: random-resized-crop + flip; val: resize 256 + centre crop), batch 64, one rank, and
-are timed in one run, alternating, over whole epochs (pipeline build / worker start included,
-since the loaders pay them every epoch). The first epoch of each is a warm-up (page cache).
+are timed in one run, alternating epoch by epoch, over whole epochs (pipeline build / worker
+start included, since the loaders pay them every epoch); the median epoch is reported. One
+untimed warm-up epoch each first (page cache).
 On a CUDA machine the DALI ``mixed`` (nvJPEG) pipeline is timed too.
 
     python benchmarks/bench_data.py                      # tree in a temp dir, 2 workers
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -27,19 +29,15 @@ from addernet_dist.data import DataConfig, build_loader
 from addernet_dist.data.jpeg_tree import make_jpeg_tree
 
 
-def time_epochs(cfg: DataConfig, split: str, batch: int, epochs: int, device: str) -> float:
-    """Images/s over ``epochs`` whole epochs after one warm-up epoch."""
-    loader = build_loader(cfg, split, batch_size=batch, device=device)
-    for _ in loader:  # warm-up: page cache, lazy imports
-        pass
+def time_epoch(loader, epoch: int, device: str) -> float:
+    """Images/s of one whole epoch (pipeline build / worker start included)."""
+    loader.set_epoch(epoch)
     n = 0
     t0 = time.perf_counter()
-    for e in range(epochs):
-        loader.set_epoch(e + 1)
-        for x, _ in loader:
-            n += x.shape[0]
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+    for x, _ in loader:
+        n += x.shape[0]
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     return n / (time.perf_counter() - t0)
 
 
@@ -51,7 +49,7 @@ def main() -> None:
     p.add_argument("--height", type=int, default=375)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=3, help="timed epochs per loader")
     args = p.parse_args()
 
     tmp = None
@@ -90,11 +88,23 @@ def main() -> None:
     )
     results: dict[tuple[str, str], float] = {}
     for split in ("train", "val"):
+        loaders = []
         for name, device, over in variants:
             cfg = DataConfig(**base, **over)
-            ips = time_epochs(cfg, split, args.batch, args.epochs, device)
+            loader = build_loader(cfg, split, batch_size=args.batch, device=device)
+            time_epoch(loader, 0, device)  # warm-up: page cache, lazy imports, CUDA context
+            loaders.append((name, device, loader))
+        # Alternate the loaders epoch by epoch so load from other jobs on a shared machine hits
+        # all of them alike; report the median epoch.
+        samples: dict[str, list[float]] = {name: [] for name, _, _ in loaders}
+        for e in range(args.epochs):
+            for name, device, loader in loaders:
+                samples[name].append(time_epoch(loader, e + 1, device))
+        for name, _, _ in loaders:
+            ips = statistics.median(samples[name])
             results[(name, split)] = ips
-            print(f"{split:5s} {name:18s} {ips:8.1f} images/s", flush=True)
+            runs = " ".join(f"{v:.0f}" for v in samples[name])
+            print(f"{split:5s} {name:18s} {ips:8.1f} images/s (median; epochs: {runs})", flush=True)
     for split in ("train", "val"):
         ratio = results[("dali-cpu", split)] / results[("torchvision", split)]
         print(f"{split:5s} ratio dali-cpu / torchvision: {ratio:.2f}x")

@@ -3,6 +3,8 @@ exactness and resume as the torchvision loader, pixels within a measured toleran
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -148,10 +150,13 @@ def test_mid_epoch_resume_continues_same_files(tree):
 
 
 @pytest.mark.timeout(60)
-def test_corrupt_file_is_reported_by_path(tmp_path):
+@pytest.mark.parametrize("keep", [200, 0.7])
+def test_corrupt_file_is_reported_by_path(tmp_path, keep):
+    """A stub (200 bytes) and a file cut at 70% (part of its rows decode, then it fails) both stop
+    the run with the file's path; neither trains as a half-grey image."""
     files = make_jpeg_tree(tmp_path, num_classes=2, train_per_class=4, val_per_class=1, odd=False)
     bad = files["train"][5][0]
-    corrupt_file(bad)
+    corrupt_file(bad, keep if isinstance(keep, int) else int(keep * os.path.getsize(bad)))
     loader = build_loader(_cfg(tmp_path), "train", batch_size=2)
     with pytest.raises(CorruptImageError, match=f"cannot decode image {bad}"):
         list(loader)

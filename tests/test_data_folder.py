@@ -206,10 +206,12 @@ def test_mid_epoch_resume_is_bit_identical(tree):
 
 
 @pytest.mark.timeout(60)
-def test_corrupt_file_is_reported_by_path(tmp_path):
+@pytest.mark.parametrize("keep", [200, 0.7])
+def test_corrupt_file_is_reported_by_path(tmp_path, keep):
+    """A stub and a file cut at 70% (PIL would decode its top rows) both raise with the path."""
     files = make_jpeg_tree(tmp_path, num_classes=2, train_per_class=3, val_per_class=1, odd=False)
     bad = files["train"][4][0]
-    corrupt_file(bad)
+    corrupt_file(bad, keep if isinstance(keep, int) else int(keep * os.path.getsize(bad)))
     loader = build_loader(_cfg(tmp_path, num_workers=1), "train", batch_size=2)
     with pytest.raises(Exception, match=f"cannot decode image {bad}"):
         list(loader)
