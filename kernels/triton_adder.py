@@ -52,24 +52,12 @@ _W_PAD = 32
 # Kernels
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _adder_term(w, x, p, P_MODE: tl.constexpr):
-    """|x − w|^p for one rank-1 update (broadcast operands)."""
-    d = x - w
-    if P_MODE == 1:
-        return tl.abs(d)
-    elif P_MODE == 2:
-        return d * d
-    else:
-        # 0^p: log2(0) = −inf → exp2(−inf) = 0, the right limit for p ≥ 1.
-        return tl.exp2(p * tl.log2(tl.abs(d)))
-
-
-@triton.jit
 def _adder_fwd_kernel(
     x_ptr,  # (N, C, H, W) input, any strides, fp32/fp16/bf16/fp64
     w_ptr,  # (R, S, C, OP) contiguous filters (w_rsco), O zero-padded to OP (a multiple of 32)
     y_ptr,  # (N, O, P, Q) output, any strides, input dtype
     part_ptr,  # (num_m_blocks, 2, O) fp32: per-block channel mean and M2 (EPILOGUE == EPI_BN_STATS)
+    center_ptr,  # (O,) fp32 subtracted before the scale (EPILOGUE == EPI_AFFINE)
     scale_ptr,  # (O,) fp32 folded BN scale (EPILOGUE == EPI_AFFINE)
     shift_ptr,  # (O,) fp32 folded BN shift (EPILOGUE == EPI_AFFINE)
     res_ptr,  # (N, O, P, Q) residual added after the affine (HAS_RES)
@@ -146,24 +134,42 @@ def _adder_fwd_kernel(
             # No mask on w: the host pads O to OP, so the BLOCK_N-row load is unpredicated and vectorised
             # (LDG.128); a per-element mask cost 2 extra instructions per load in the SASS report.
             w_tap = w_ptr + (r * S + s) * C * OP + offs_n
-            # Main channel loop: no channel mask (the tail below handles C % BLOCK_K).
+            # Main channel loop: no channel mask (the tail below handles C % BLOCK_K). The |d|^p code is
+            # written out in both loops instead of a @triton.jit helper: the interpreter re-patches
+            # triton.language on every helper call, which made the CPU tests 25% slower.
             for c0 in range(0, C_main, BLOCK_K):
                 for kk in tl.static_range(BLOCK_K):
                     xv = tl.load(x_tap + (c0 + kk) * sxc, mask=tap_ok, other=0.0).to(ACC_DTYPE)
                     wv = tl.load(w_tap + (c0 + kk) * OP).to(ACC_DTYPE)
-                    acc += _adder_term(wv[:, None], xv[None, :], p, P_MODE)
+                    d = xv[None, :] - wv[:, None]
+                    if P_MODE == 1:
+                        acc += tl.abs(d)
+                    elif P_MODE == 2:
+                        acc += d * d
+                    else:
+                        # 0^p: log2(0) = −inf → exp2(−inf) = 0, the right limit for p ≥ 1.
+                        acc += tl.exp2(p * tl.log2(tl.abs(d)))
             for c in range(C_main, C):
                 xv = tl.load(x_tap + c * sxc, mask=tap_ok, other=0.0).to(ACC_DTYPE)
                 wv = tl.load(w_tap + c * OP).to(ACC_DTYPE)
-                acc += _adder_term(wv[:, None], xv[None, :], p, P_MODE)
+                d = xv[None, :] - wv[:, None]
+                if P_MODE == 1:
+                    acc += tl.abs(d)
+                elif P_MODE == 2:
+                    acc += d * d
+                else:
+                    acc += tl.exp2(p * tl.log2(tl.abs(d)))
 
     # Epilogue on the (channels, positions) tile: no transpose (it would round-trip through shared memory).
     y = -acc
     tile_mask = n_mask[:, None] & m_mask[None, :]
     if EPILOGUE == 2:
+        # (y − center)·scale + shift rather than y·scale' + shift': adder outputs sit far from 0 (≈ −1000
+        # around a spread of ~10), and folding the mean into the shift would cancel ~2 digits in fp32.
+        center = tl.load(center_ptr + offs_n, mask=n_mask, other=0.0).to(ACC_DTYPE)
         scale = tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0).to(ACC_DTYPE)
         shift = tl.load(shift_ptr + offs_n, mask=n_mask, other=0.0).to(ACC_DTYPE)
-        y = y * scale[:, None] + shift[:, None]
+        y = (y - center[:, None]) * scale[:, None] + shift[:, None]
         if HAS_RES:
             r_off = n_img * srn + oh * srh + ow * srw
             res = tl.load(
@@ -189,20 +195,6 @@ def _adder_fwd_kernel(
         part = part_ptr + pid_m * 2 * O + offs_n
         tl.store(part, mean.to(tl.float32), mask=n_mask)
         tl.store(part + O, m2.to(tl.float32), mask=n_mask)
-
-
-@triton.jit
-def _grad_x_factor(d, p, GX_MODE: tl.constexpr):
-    """∂y/∂x as a function of d = w − x (see the module docstring)."""
-    if GX_MODE == 0:
-        return tl.minimum(tl.maximum(d, -1.0), 1.0)
-    elif GX_MODE == 1:
-        return tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0)).to(d.dtype)
-    elif GX_MODE == 2:
-        return d
-    else:
-        mag = tl.exp2((p - 1.0) * tl.log2(tl.abs(d)))
-        return tl.where(d < 0, -mag, mag)
 
 
 @triton.jit
@@ -281,11 +273,31 @@ def _adder_bwd_dx_kernel(
                 for kk in tl.static_range(BLOCK_K):
                     gv = tl.load(g_tap + (o0 + kk) * sgc, mask=tap_ok, other=0.0).to(ACC_DTYPE)
                     wv = tl.load(w_tap + (o0 + kk) * CP).to(ACC_DTYPE)
-                    acc += gv[None, :] * _grad_x_factor(wv[:, None] - xt, p, GX_MODE)
+                    d = wv[:, None] - xt
+                    if GX_MODE == 0:
+                        f = tl.minimum(tl.maximum(d, -1.0), 1.0)
+                    elif GX_MODE == 1:
+                        f = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0)).to(ACC_DTYPE)
+                    elif GX_MODE == 2:
+                        f = d
+                    else:
+                        mag = tl.exp2((p - 1.0) * tl.log2(tl.abs(d)))
+                        f = tl.where(d < 0, -mag, mag)
+                    acc += gv[None, :] * f
             for o in range(O_main, O):
                 gv = tl.load(g_tap + o * sgc, mask=tap_ok, other=0.0).to(ACC_DTYPE)
                 wv = tl.load(w_tap + o * CP).to(ACC_DTYPE)
-                acc += gv[None, :] * _grad_x_factor(wv[:, None] - xt, p, GX_MODE)
+                d = wv[:, None] - xt
+                if GX_MODE == 0:
+                    f = tl.minimum(tl.maximum(d, -1.0), 1.0)
+                elif GX_MODE == 1:
+                    f = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0)).to(ACC_DTYPE)
+                elif GX_MODE == 2:
+                    f = d
+                else:
+                    mag = tl.exp2((p - 1.0) * tl.log2(tl.abs(d)))
+                    f = tl.where(d < 0, -mag, mag)
+                acc += gv[None, :] * f
     tl.store(
         dx_ptr + offs_c[:, None] * sxc + x_off[None, :],
         acc.to(dx_ptr.dtype.element_ty),
@@ -476,6 +488,7 @@ def adder2d_forward(
     bn_stats: bool = False,
     scale: torch.Tensor | None = None,
     shift: torch.Tensor | None = None,
+    center: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     relu: bool = False,
     config: triton.Config | None = None,
@@ -484,7 +497,8 @@ def adder2d_forward(
 
     y keeps x's memory format and dtype. ``bn_stats``: also return per-channel (mean, var) fp32 (O,)
     pair — biased batch variance — computed in the kernel's epilogue. ``scale``/``shift`` (O,) fp32:
-    inference epilogue y·scale + shift (+ residual (N, O, P, Q)) (then ReLU if ``relu``).
+    inference epilogue (y − center)·scale + shift (center (O,) defaults to 0) (+ residual (N, O, P, Q))
+    (then ReLU if ``relu``).
     """
     _check_device(x, weight)
     n, c, h, w_ = x.shape
@@ -515,8 +529,18 @@ def adder2d_forward(
                 "bn_stats and the affine epilogue are exclusive (training vs inference)"
             )
         epilogue = EPI_AFFINE
+        if shift is None:
+            raise ValueError("the affine epilogue needs both scale and shift")
         scale = scale.to(device=x.device, dtype=torch.float32).contiguous()
         shift = shift.to(device=x.device, dtype=torch.float32).contiguous()
+        if center is None:
+            center = torch.zeros_like(scale)
+        center = center.to(device=x.device, dtype=torch.float32).contiguous()
+        for nm, t in (("scale", scale), ("shift", shift), ("center", center)):
+            if t.shape != (o,):
+                raise ValueError(
+                    f"{nm} must have shape ({o},) (one value per output channel), got {tuple(t.shape)}"
+                )
     if residual is not None:
         if scale is None:
             raise ValueError("a residual is only fused with the affine (inference) epilogue")
@@ -537,6 +561,7 @@ def adder2d_forward(
         w_rsco,
         y,
         part,
+        center if center is not None else y,
         scale if scale is not None else y,
         shift if shift is not None else y,
         res,

@@ -1,0 +1,246 @@
+"""Fused Adder2d + BatchNorm2d (+ ReLU, + residual) modules and the model transform that installs them.
+
+Training: one forward kernel writes y and, from its registers, the per-channel batch statistics (BN never
+re-reads y for them); normalisation is one elementwise pass; the backward is BN's own backward
+(``aten.native_batch_norm_backward``, the exact op ``nn.BatchNorm2d`` uses) followed by the adder ∂X/∂F
+kernels. Inference: the BN folds to (y − running_mean)·γ/√(var+ε) + β, applied in the forward kernel's
+epilogue together with an optional residual add and ReLU — one kernel, one write.
+
+Off the fast path (CPU tensors without the interpreter, an Adder2d pinned to another backend, or eval
+mode with autograd recording) the module computes exactly the unfused pair, so a fused model is
+numerically the original model everywhere.
+
+    model = create_model("resnet50")
+    model = fuse_adder_bn(model)          # after loading a checkpoint; parameters are shared, not copied
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from addernet_dist.kernels import triton_adder as ta
+from torch import nn
+
+from addernet_dist.nn import Adder2d
+from addernet_dist.ops.reference import check_conv_args
+
+
+class _AdderBNTrainFunction(torch.autograd.Function):
+    """(x, w, γ, β) → BN_batch(adder2d(x, w)); also returns the batch (mean, biased var), not differentiable."""
+
+    @staticmethod
+    def forward(ctx, x, weight, gamma, beta, conv, p, grad_x, grad_w, eps, deterministic, out_hw):
+        stride, padding, dilation = conv
+        y, (mean, var) = ta.adder2d_forward(
+            x, weight, stride, padding, dilation, p, out_hw, bn_stats=True
+        )
+        invstd = torch.rsqrt(var + eps)
+        # Same association as aten's batch_norm: (y − mean)·invstd·γ + β (never y·s + t: see the kernel).
+        a = (invstd * gamma.float())[None, :, None, None]
+        out = ((y.float() - mean[None, :, None, None]) * a + beta.float()[None, :, None, None]).to(
+            x.dtype
+        )
+        ctx.save_for_backward(x, weight, y, gamma, mean, invstd)
+        ctx.conf = (conv, p, grad_x, grad_w, eps, deterministic)
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var
+
+    @staticmethod
+    def backward(ctx, g_out, _g_mean, _g_var):
+        x, weight, y, gamma, mean, invstd = ctx.saved_tensors
+        (stride, padding, dilation), p, grad_x, grad_w, eps, deterministic = ctx.conf
+        need_x, need_w, need_g, need_b = ctx.needs_input_grad[:4]
+        g_y, g_gamma, g_beta = torch.ops.aten.native_batch_norm_backward(
+            g_out.contiguous(memory_format=_memory_format(y)),
+            y,
+            gamma,
+            None,
+            None,
+            mean,
+            invstd,
+            True,
+            eps,
+            [need_x or need_w, need_g, need_b],
+        )
+        dx = dw = None
+        if need_x:
+            dx = ta.adder2d_grad_input(g_y, x, weight, stride, padding, dilation, p, grad_x)
+        if need_w:
+            dw = ta.adder2d_grad_weight(
+                g_y, x, weight, stride, padding, dilation, grad_w, deterministic
+            )
+        g_gamma = g_gamma if need_g else None
+        g_beta = g_beta if need_b else None
+        return dx, dw, g_gamma, g_beta, None, None, None, None, None, None, None
+
+
+def _memory_format(t: torch.Tensor) -> torch.memory_format:
+    if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+class FusedAdderBN2d(nn.Module):
+    """``relu?(bn(adder(x)) [+ residual])`` with the adder layer's and the BN's own parameters and buffers.
+
+    The wrapped ``adder`` (an ``Adder2d``) and ``bn`` (a ``BatchNorm2d``) stay sub-modules, so ``set_p``,
+    the adaptive learning rate and the optimizer see the same parameters as before fusing; the state_dict
+    keys gain the ``adder.`` / ``bn.`` prefixes (fuse after loading a checkpoint, or load into a fused
+    model). ``forward(x, residual=None)``: x (N, Cin, H, W) → (N, Cout, H', W'); the residual (same shape
+    as the output) is added after BN and before the ReLU, as in a ResNet block.
+    """
+
+    def __init__(self, adder: Adder2d, bn: nn.BatchNorm2d, relu: bool = False) -> None:
+        super().__init__()
+        if not isinstance(adder, Adder2d):
+            raise TypeError(f"adder must be an Adder2d, got {type(adder).__name__}")
+        if not isinstance(bn, nn.BatchNorm2d):
+            raise TypeError(f"bn must be a BatchNorm2d, got {type(bn).__name__}")
+        if bn.num_features != adder.out_channels:
+            raise ValueError(
+                f"bn has {bn.num_features} features but the adder layer has {adder.out_channels} "
+                "output channels"
+            )
+        if adder.bias is not None:
+            raise ValueError(
+                "fusing an Adder2d with a bias is not supported (BN makes a bias redundant)"
+            )
+        self.adder = adder
+        self.bn = bn
+        self.relu = bool(relu)
+        # Forces the unfused path (for A/B comparisons and debugging); not saved.
+        self.use_fast_path = True
+
+    def _fast_path_ok(self, x: torch.Tensor) -> bool:
+        return (
+            self.use_fast_path
+            and self.adder.backend in (None, "triton")
+            and (x.is_cuda or ta._interpreting())
+            and x.dtype == self.adder.weight.dtype
+        )
+
+    def _unfused(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        y = self.bn(self.adder(x))
+        if residual is not None:
+            y = y + residual
+        return F.relu(y) if self.relu else y
+
+    def _gamma_beta(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        bn = self.bn
+        if bn.affine:
+            return bn.weight, bn.bias
+        ones = torch.ones(bn.num_features, device=x.device, dtype=torch.float32)
+        return ones, torch.zeros_like(ones)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if not self._fast_path_ok(x):
+            return self._unfused(x, residual)
+        adder, bn = self.adder, self.bn
+        if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+            x = x.contiguous()  # see adder2d_triton: ∂L/∂X is written with x's (dense) strides
+        stride, padding, dilation, out_hw = check_conv_args(
+            x, adder.weight, adder.stride, adder.padding, adder.dilation
+        )
+        use_batch_stats = bn.training or bn.running_mean is None
+        gamma, beta = self._gamma_beta(x)
+        if use_batch_stats:
+            out, mean, var = _AdderBNTrainFunction.apply(
+                x,
+                adder.weight,
+                gamma,
+                beta,
+                (stride, padding, dilation),
+                adder.p,
+                adder.grad_x,
+                adder.grad_w,
+                bn.eps,
+                ta.resolve_deterministic(None),
+                out_hw,
+            )
+            if bn.training and bn.track_running_stats:
+                self._update_running_stats(mean, var, out.numel() // out.shape[1])
+            if residual is not None:
+                out = out + residual
+            return F.relu(out) if self.relu else out
+        if torch.is_grad_enabled() and (x.requires_grad or adder.weight.requires_grad):
+            # Eval-mode statistics with autograd recording (e.g. fine-tuning with frozen BN): the
+            # inference kernel has no backward, the unfused pair does.
+            return self._unfused(x, residual)
+        invstd = torch.rsqrt(bn.running_var.float() + bn.eps)
+        y, _ = ta.adder2d_forward(
+            x,
+            adder.weight,
+            stride,
+            padding,
+            dilation,
+            adder.p,
+            out_hw,
+            scale=invstd * gamma.float(),
+            shift=beta.float(),
+            center=bn.running_mean.float(),
+            residual=residual,
+            relu=self.relu,
+        )
+        return y
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+        bn = self.bn
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative moving average, as nn.BatchNorm2d
+            factor = 1.0 / float(bn.num_batches_tracked)
+        else:
+            factor = bn.momentum
+        unbiased = var * (count / max(count - 1, 1))
+        bn.running_mean.mul_(1 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
+        bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
+
+    def extra_repr(self) -> str:
+        return f"relu={self.relu}"
+
+
+def _is_fusable(adder: nn.Module, bn: nn.Module) -> bool:
+    return (
+        isinstance(adder, Adder2d)
+        and adder.bias is None
+        and type(bn) is nn.BatchNorm2d
+        and bn.num_features == adder.out_channels
+    )
+
+
+def fuse_adder_bn(model: nn.Module) -> nn.Module:
+    """Replace Adder2d → BatchNorm2d (→ ReLU) pairs by ``FusedAdderBN2d``, in place; returns ``model``.
+
+    Two patterns, the ones the model zoo uses: consecutive entries of an ``nn.Sequential`` (VGG features,
+    ResNet downsample, LeNet), where a directly following ``nn.ReLU`` is fused too; and sibling attributes
+    ``<prefix>conv<i>`` / ``<prefix>bn<i>`` of a block (ResNet blocks), whose ReLU/residual stay in the
+    block's forward. The BN (and fused ReLU) slots become ``nn.Identity``. Parameters are shared, so an
+    optimizer built before fusing keeps working. Returns the model for chaining.
+    """
+    for parent in list(model.modules()):
+        if isinstance(parent, FusedAdderBN2d):
+            continue
+        if isinstance(parent, nn.Sequential):
+            keys = list(parent._modules.keys())
+            i = 0
+            while i + 1 < len(keys):
+                a, b = parent._modules[keys[i]], parent._modules[keys[i + 1]]
+                if _is_fusable(a, b):
+                    relu = i + 2 < len(keys) and type(parent._modules[keys[i + 2]]) is nn.ReLU
+                    parent._modules[keys[i]] = FusedAdderBN2d(a, b, relu=relu)
+                    parent._modules[keys[i + 1]] = nn.Identity()
+                    if relu:
+                        parent._modules[keys[i + 2]] = nn.Identity()
+                    i += 3 if relu else 2
+                else:
+                    i += 1
+            continue
+        for name, child in list(parent.named_children()):
+            if "conv" not in name:
+                continue
+            bn_name = name.replace("conv", "bn")
+            bn = getattr(parent, bn_name, None)
+            if bn is not None and _is_fusable(child, bn):
+                setattr(parent, name, FusedAdderBN2d(child, bn))
+                setattr(parent, bn_name, nn.Identity())
+    return model

@@ -1,0 +1,126 @@
+"""Fused Adder2d+BatchNorm2d modules and ``fuse_adder_bn`` under the Triton interpreter, against the unfused
+pair computed by the reference operator (the spec)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from addernet_dist.kernels.triton_testing import interpreted_modules
+from torch import nn
+
+from addernet_dist.models import create_model
+from addernet_dist.nn import Adder2d, set_p
+
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log2")
+
+
+@pytest.fixture(scope="module")
+def fused():
+    with interpreted_modules("addernet_dist.kernels.fused") as (mod,):
+        yield mod
+
+
+def _pair(c=3, o=5, k=3, stride=1, padding=1, p=1.0, momentum=0.1):
+    adder = Adder2d(c, o, k, stride=stride, padding=padding, p=p, backend="reference")
+    bn = nn.BatchNorm2d(o, momentum=momentum)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    return adder, bn
+
+
+def _fused_copy(fused, adder, bn, relu):
+    a2, b2 = copy.deepcopy(adder), copy.deepcopy(bn)
+    a2.backend = None  # the fast path: the Triton kernels (interpreted on CPU)
+    return fused.FusedAdderBN2d(a2, b2, relu=relu)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("p,momentum", [(1.0, 0.1), (1.5, None)])
+def test_training_matches_unfused_pair(fused, p, momentum):
+    adder, bn = _pair(p=p, momentum=momentum, stride=2)
+    f = _fused_copy(fused, adder, bn, relu=True)
+    x = torch.randn(2, 3, 7, 7) + 3.0
+    res = torch.randn(2, 5, 4, 4)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    for _ in range(2):  # two steps: running statistics accumulate (and the cumulative average)
+        y_ref = torch.relu(bn(adder(x1)) + res)
+        y = f(x2, residual=res)
+        torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+        g = torch.randn_like(y)
+        y_ref.backward(g)
+        y.backward(g)
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(f.adder.weight.grad, adder.weight.grad, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(f.bn.weight.grad, bn.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(f.bn.bias.grad, bn.bias.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(f.bn.running_mean, bn.running_mean, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(f.bn.running_var, bn.running_var, rtol=1e-5, atol=1e-3)
+    assert int(f.bn.num_batches_tracked) == int(bn.num_batches_tracked) == 2
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("relu,with_res", [(False, False), (True, True)])
+def test_inference_matches_unfused_pair(fused, relu, with_res):
+    adder, bn = _pair(c=6, o=17, p=2.0)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-60, -40)  # adder outputs are large and negative
+        bn.running_var.uniform_(5, 50)
+    adder.eval(), bn.eval()
+    f = _fused_copy(fused, adder, bn, relu=relu).eval()
+    x = torch.randn(1, 6, 5, 5)
+    res = torch.randn(1, 17, 5, 5) if with_res else None
+    with torch.no_grad():
+        y_ref = bn(adder(x))
+        if with_res:
+            y_ref = y_ref + res
+        if relu:
+            y_ref = torch.relu(y_ref)
+        y = f(x, residual=res)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.timeout(120)
+def test_fuse_resnet8_block_pairs(fused):
+    model = create_model("resnet8", backend="reference")
+    set_p(model, 1.5)
+    fm = fused.fuse_adder_bn(copy.deepcopy(model))
+    fms = [m for m in fm.modules() if isinstance(m, fused.FusedAdderBN2d)]
+    # 3 blocks × 2 convs + 2 downsample projections; the full-precision stem conv is left alone.
+    assert len(fms) == 8
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fm.layer1[0]._modules.values())
+    for m in fms:
+        m.adder.backend = None
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(fm(x), model(x), rtol=1e-4, atol=1e-4)  # train mode: batch stats
+        model.eval(), fm.eval()
+        torch.testing.assert_close(fm(x), model(x), rtol=1e-4, atol=1e-4)  # folded running stats
+
+
+@pytest.mark.timeout(60)
+def test_fuse_sequential_with_relu_lenet(fused):
+    model = create_model("lenet5_bn").eval()
+    for m in model.modules():
+        if isinstance(m, Adder2d):
+            m.backend = "reference"
+    fm = fused.fuse_adder_bn(copy.deepcopy(model))
+    fms = [m for m in fm.modules() if isinstance(m, fused.FusedAdderBN2d)]
+    # LeNet-5-BN: adder conv 1→6 and 6→16, each followed by BN and ReLU in one Sequential.
+    assert len(fms) == 2 and all(m.relu for m in fms)
+    for m in fms:
+        m.adder.backend = None
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fm(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.timeout(30)
+def test_fused_module_rejects_bad_pairs(fused):
+    adder, _ = _pair(o=5)
+    with pytest.raises(ValueError, match="6 features but the adder layer has 5"):
+        fused.FusedAdderBN2d(adder, nn.BatchNorm2d(6))
+    with pytest.raises(TypeError, match="BatchNorm2d"):
+        fused.FusedAdderBN2d(adder, nn.BatchNorm1d(5))
