@@ -1,6 +1,6 @@
 """Adder operator benchmark: fast path vs the original AdderNet unfold code, torch.cdist and the reference.
 
-Per layer shape of a model, forward and forward+backward time (median over interleaved repeats, so a
+Per layer shape of a model, forward and forward+backward time (best of interleaved repeats, so a
 noisy shared machine slows every method alike), adder-MAC/s and the ratio of every method to the fast path.
 
     # CPU (the compiled fast path; also prints its first-call compile time with an empty cache):
@@ -136,7 +136,9 @@ def _sync(device: torch.device) -> None:
 
 
 def _time_interleaved(fns: dict, repeat: int, device: torch.device) -> dict[str, float]:
-    """Median seconds per call; one call of every method per round so background load hits all alike."""
+    """Best-of-``repeat`` seconds per call, one call of every method per round: on a shared machine the
+    minimum is the least disturbed run, and interleaving spreads slow phases of background load over all
+    methods alike."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():  # warm-up (compile, autotune, allocator)
         fn()
@@ -148,7 +150,7 @@ def _time_interleaved(fns: dict, repeat: int, device: torch.device) -> dict[str,
             fn()
             _sync(device)
             times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: min(v) for k, v in times.items()}
 
 
 def _fits(shape: Shape, batch: int, elem: int, limit_bytes: float) -> bool:
