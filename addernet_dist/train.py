@@ -89,7 +89,8 @@ def build_data(cfg: Config, dist: DistInfo):
     try:
         train = build_loader(cfg.data, "train", **kw)
         val = build_loader(cfg.data, "val", **kw)
-    except (FileNotFoundError, NotADirectoryError) as e:
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+        # The data layer's errors name the path and the expected layout; make them user errors.
         raise ConfigError(f"data: {e}") from e
     if len(train) == 0:
         raise ConfigError("the training split yields no batches; lower train.global_batch_size")
