@@ -92,7 +92,9 @@ class TrainConfig(_Section):
     ckpt_every_steps: int = Field(default=0, ge=0)  # 0: only at the end of each epoch
     eval_every_epochs: int = Field(default=1, ge=1)  # the last epoch is always evaluated
     keep_last: int = Field(default=3, ge=1)
-    progress_bar: Literal["auto", "on", "off"] = "auto"  # auto: tqdm only on a TTY
+    # tqdm bar: true / false / auto (only on an interactive terminal; plain log lines otherwise).
+    # bool rather than "on"/"off": YAML reads a bare on/off as a boolean.
+    progress_bar: bool | Literal["auto"] = "auto"
 
 
 class WandbConfig(_Section):

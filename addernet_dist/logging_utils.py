@@ -123,9 +123,9 @@ class MetricsLogger:
 class Progress:
     """tqdm on an interactive terminal (rank 0), plain log lines otherwise."""
 
-    def __init__(self, *, enabled: bool, mode: str, total: int, initial: int) -> None:
+    def __init__(self, *, enabled: bool, mode: bool | str, total: int, initial: int) -> None:
         self.enabled = enabled
-        use_tqdm = mode == "on" or (mode == "auto" and sys.stderr.isatty())
+        use_tqdm = mode is True or (mode == "auto" and sys.stderr.isatty())
         self._bar = None
         if enabled and use_tqdm:
             from tqdm import tqdm

@@ -22,7 +22,7 @@ from addernet_dist.checkpoint import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 DEBUG_CONFIG = REPO / "configs" / "debug.yaml"
-FAST = ["adder.backend=reference", "train.progress_bar=off"]
+FAST = ["adder.backend=reference", "train.progress_bar=false"]
 
 
 def env(**extra: str) -> dict[str, str]:
