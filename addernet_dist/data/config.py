@@ -33,8 +33,8 @@ class DaliConfig(BaseModel):
     prefetch_queue_depth: int = Field(default=2, ge=1)
     # Reader-side read-ahead buffer (files); DALI's default behaviour.
     read_ahead: bool = False
-    # Host memory nvJPEG may use for its hybrid (CPU-side Huffman) path; DALI's defaults are
-    # tuned for ImageNet-sized JPEGs, so only expose the switch.
+    # Mixed decode only: share of the images sent to the hardware JPEG decoder (A100/H100) rather
+    # than the CUDA decoder (0.65 is DALI's own default).
     hw_decoder_load: float = Field(default=0.65, ge=0.0, le=1.0)
 
 

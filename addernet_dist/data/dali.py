@@ -5,7 +5,8 @@ Order and sharding come from ``ResumableShardSampler`` like every other loader: 
 ``fn.readers.file`` the concatenation of every rank's order for the batches still to read, in
 rank order, unshuffled, with ``shard_id=rank, num_shards=world_size``. DALI shards a list of
 ``world_size * L`` files into contiguous blocks of ``L``, so rank r's reader reads exactly the
-sampler's rank-r order. The pipeline is rebuilt per epoch (~60 ms on CPU for small lists); that
+sampler's rank-r order. The pipeline is rebuilt per epoch (CPU, 2-core VM: 0.06 s for a small
+list, 1.7 s for 320k files = a quarter of ImageNet, plus ~0.5 s shutdown); that
 is what buys the properties DALI's own buffered shuffle lacks: a global permutation per epoch
 (``seed + epoch``), the same file order as the torchvision loader, and mid-epoch resume by
 simply starting the list at batch ``batches_done`` (no DALI checkpoint to carry).
@@ -255,11 +256,11 @@ class DaliLoader(ShardedLoader):
         start = s.batches_done if self.train else 0
         epoch = s.epoch
         files = self._file_list(start, epoch)
-        device_id = self.device.index if self.device.index is not None else 0
+        device_id = None  # CPU-only pipeline: DALI touches no GPU
         if self.dali_device == "gpu":
-            device_id = (
-                self.device.index if self.device.index is not None else torch.cuda.current_device()
-            )
+            device_id = self.device.index
+            if device_id is None:
+                device_id = torch.cuda.current_device()
         pipe = build_pipeline(
             self.cfg,
             files,
