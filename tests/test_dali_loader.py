@@ -114,6 +114,22 @@ def test_eval_exact_and_close_to_torchvision(tree, world_size, batch):
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("depth", [1, 3, 9])
+def test_prefetch_depths_deliver_every_batch_once(tree, depth):
+    """The scheduled-run bookkeeping (no decode past the epoch end) for queue depths below, near
+    and above the 4 batches of an epoch: two epochs in a row, same labels as torchvision."""
+    root, _ = tree
+    cfg = _cfg(root, dali={"prefetch_queue_depth": depth})
+    dali = build_loader(cfg, "train", batch_size=4, seed=2)
+    tv = build_loader(_tv(cfg), "train", batch_size=4, seed=2)
+    for _ in range(2):
+        ya = [y for _, y in dali]
+        yb = [y for _, y in tv]
+        assert len(ya) == len(yb) == 4
+        assert torch.equal(torch.cat(ya), torch.cat(yb))
+
+
+@pytest.mark.timeout(60)
 def test_flat_val_layout(flat_tree):
     root, files = flat_tree
     ((x, y),) = list(build_loader(_cfg(root), "val", batch_size=9))
