@@ -66,8 +66,9 @@ def _signature(spec: KernelSpec) -> tuple[dict[str, str], dict[str, Any], dict]:
             sig[nm] = "constexpr"
         elif nm.endswith("_ptr"):
             # Statistics/partials buffers are always fp32; data pointers follow the storage dtype.
-            fp32_only = nm in ("part_ptr", "scale_ptr", "shift_ptr") or (
-                nm == "dw_ptr" and spec.kernel is ta._adder_bwd_dw_kernel
+            # The forward/∂X filters are re-laid out in fp32 on the host, whatever the storage dtype.
+            fp32_only = nm in ("part_ptr", "center_ptr", "scale_ptr", "shift_ptr", "dw_ptr") or (
+                nm == "w_ptr" and spec.kernel is not ta._adder_bwd_dw_kernel
             )
             sig[nm] = "*fp32" if fp32_only else _PTR[spec.dtype]
             attrs[(i,)] = [["tt.divisibility", 16]]
