@@ -188,7 +188,9 @@ def test_chunking_is_exact():
     w = torch.randn(6, 4, 3, 3, dtype=torch.float64, requires_grad=True)
     outs = []
     for chunk in (1 << 30, 6 * 36 * 8 * 7):  # one chunk vs chunks of 7 patch rows (300 rows in all)
-        y = adder2d_reference(x, w, padding=1, p=1.5, grad_w="sign", max_chunk_bytes=chunk)
+        y = adder2d_reference(
+            x, w, padding=1, p=1.5, grad_x="hardtanh", grad_w="sign", max_chunk_bytes=chunk
+        )
         gx, gw = torch.autograd.grad(y, (x, w), torch.ones_like(y))
         outs.append((y, gx, gw))
     for a, b in zip(*outs):

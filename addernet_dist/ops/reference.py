@@ -23,11 +23,13 @@ Notes on ``grad_x="lp"``:
     instability that motivated HardTanh in AdderNet v1 came from the *unbounded* full-precision gradient
     X − F, while sgn is bounded by 1 already. Users who want the v1 behaviour choose ``grad_x="hardtanh"``.
 
-Memory: the forward and the input gradient are evaluated over chunks of patches, so the largest temporary is
-a ``(O, chunk, K)`` block of at most ``max_chunk_bytes`` (default 64 MiB, ``ADDERNET_REF_CHUNK_MB``); the
-``p ∉ {1, 2}`` paths hold up to three such blocks. With the unfolded input (``M·K`` elements, which is saved for
-backward anyway) that bounds the extra memory to ``M·K·4 B + 3·64 MiB`` — e.g. 58 MiB + 192 MiB for the
-ResNet-50 stage-1 3×3 layer at batch 8, where the original code's broadcast needs 3.7 GB.
+Memory: the forward is ``torch.cdist`` (no broadcast); the input gradient and the sign filter gradient are
+evaluated over chunks of patches, so their largest temporary is an ``(O, chunk, K)`` block of at most
+``max_chunk_bytes`` (default 2 MiB, ``ADDERNET_REF_CHUNK_MB``), three such blocks for ``p ∉ {1, 2}``. With the
+unfolded input (``M·K`` elements, saved for backward anyway), its gradient and the output, the extra memory is
+about ``2·M·K + 2·M·O`` elements + 6 MiB — for the ResNet-50 stage-1 3×3 layer at batch 8 that is ~0.2 GB
+(measured peak: 0.45 GB with allocator slack, tests/test_memory_bound.py), where the original code's
+broadcast alone needs 3.7 GB.
 The filter gradient needs no broadcast at all for ``grad_w="full"``:
 ``Σ_m g[m,o]·(x[m,k] − w[o,k]) = (gᵀx)[o,k] − w[o,k]·Σ_m g[m,o]`` — one GEMM.
 """
@@ -42,7 +44,9 @@ import torch.nn.functional as F
 GRAD_X_MODES = ("lp", "hardtanh")
 GRAD_W_MODES = ("full", "sign")
 
-_DEFAULT_CHUNK_BYTES = int(float(os.environ.get("ADDERNET_REF_CHUNK_MB", "64")) * 2**20)
+# 2 MiB blocks stay in L2 (2 MiB per core here; 1-2 MiB on most server cores): the chunked gradient passes
+# (subtract, clamp/sign, multiply, reduce) then run from cache. 64 MiB blocks measured ~2-4x slower on 2 cores.
+_DEFAULT_CHUNK_BYTES = int(float(os.environ.get("ADDERNET_REF_CHUNK_MB", "2")) * 2**20)
 
 
 def _pair(v: int | tuple[int, int], name: str) -> tuple[int, int]:
@@ -93,19 +97,36 @@ def _chunk_rows(m: int, o: int, k: int, elem_bytes: int, max_chunk_bytes: int) -
     return max(1, min(m, max_chunk_bytes // max(1, o * k * elem_bytes)))
 
 
-def adder_forward_rows(
-    x_mk: torch.Tensor, w_ok: torch.Tensor, p: float, max_chunk_bytes: int = _DEFAULT_CHUNK_BYTES
+def _distance(x_mk: torch.Tensor, w_ok: torch.Tensor, p: float) -> torch.Tensor:
+    """D[m, o] = (Σ_k |x[m,k] − w[o,k]|^p)^(1/p), without materialising the (M, O, K) differences.
+
+    The direct (non-GEMM) evaluation is forced for p = 2: ‖x‖² + ‖w‖² − 2x·w cancels catastrophically when
+    x ≈ w.
+    """
+    return torch.cdist(x_mk, w_ok, p=p, compute_mode="donot_use_mm_for_euclid_dist")
+
+
+def _output_from_distance(dist_mo: torch.Tensor, p: float) -> torch.Tensor:
+    return dist_mo.neg() if p == 1.0 else dist_mo.pow(p).neg_()
+
+
+def adder_forward_rows(x_mk: torch.Tensor, w_ok: torch.Tensor, p: float) -> torch.Tensor:
+    """y[m, o] = −Σ_k |x[m,k] − w[o,k]|^p = −D^p for patch rows x (M, K) and filters w (O, K)."""
+    return _output_from_distance(_distance(x_mk, w_ok, p), p)
+
+
+def adder_grad_x_lp_rows(
+    x_mk: torch.Tensor, w_ok: torch.Tensor, g_mo: torch.Tensor, p: float, dist_mo: torch.Tensor
 ) -> torch.Tensor:
-    """y[m, o] = −Σ_k |x[m,k] − w[o,k]|^p for patch rows x (M, K) and filters w (O, K), chunked over M."""
-    m, k = x_mk.shape
-    o = w_ok.shape[0]
-    y = x_mk.new_empty(m, o)
-    step = _chunk_rows(m, o, k, x_mk.element_size(), max_chunk_bytes)
-    for s in range(0, m, step):
-        d = x_mk[None, s : s + step, :] - w_ok[:, None, :]  # (O, c, K)
-        y[s : s + step] = _pow_abs(d, p).sum(-1).t().neg_()
-        del d
-    return y
+    """gx[m, k] = Σ_o g[m,o]·sgn(w − x)|w − x|^(p−1) (eq. 27) from the saved distances D.
+
+    Eq. 27 is exactly the gradient of −D^p / p, and ATen's ``_cdist_backward(G, x, w, p, D)`` returns
+    Σ_o G[m,o]·sgn(x − w)|x − w|^(p−1) / D^(p−1) (0 where D = 0) without a broadcast, so
+    G = −g·D^(p−1) gives eq. 27 at cdist's speed. tests/test_ops_reference.py checks it, D = 0 included,
+    against an explicit formula.
+    """
+    gd = g_mo.neg() if p == 1.0 else g_mo * dist_mo.pow(p - 1.0).neg_()
+    return torch.ops.aten._cdist_backward(gd, x_mk, w_ok, p, dist_mo)
 
 
 def adder_grad_x_rows(
@@ -116,7 +137,7 @@ def adder_grad_x_rows(
     mode: str,
     max_chunk_bytes: int = _DEFAULT_CHUNK_BYTES,
 ) -> torch.Tensor:
-    """gx[m, k] = Σ_o g[m,o]·∂y/∂x(w[o,k] − x[m,k]), chunked over M."""
+    """gx[m, k] = Σ_o g[m,o]·∂y/∂x(w[o,k] − x[m,k]), chunked over M (any mode; used for "hardtanh")."""
     m, k = x_mk.shape
     o = w_ok.shape[0]
     gx = torch.empty_like(x_mk)
@@ -158,19 +179,25 @@ class AdderRowsFunction(torch.autograd.Function):
     def forward(ctx, x_mk, w_ok, p, grad_x, grad_w, max_chunk_bytes):
         in_dtype = x_mk.dtype
         cdt = compute_dtype(in_dtype)
-        xc, wc = x_mk.to(cdt), w_ok.to(cdt)
-        ctx.save_for_backward(xc, wc)
+        xc, wc = x_mk.to(cdt).contiguous(), w_ok.to(cdt).contiguous()
+        dist = _distance(xc, wc, p)
+        y = _output_from_distance(dist, p)
+        ctx.save_for_backward(xc, wc, dist if grad_x == "lp" else None)
         ctx.conf = (p, grad_x, grad_w, max_chunk_bytes, in_dtype, w_ok.dtype)
-        return adder_forward_rows(xc, wc, p, max_chunk_bytes).to(in_dtype)
+        return y.to(in_dtype)
 
     @staticmethod
     def backward(ctx, g_mo):
-        xc, wc = ctx.saved_tensors
+        xc, wc, dist = ctx.saved_tensors
         p, grad_x, grad_w, max_chunk_bytes, x_dtype, w_dtype = ctx.conf
-        g = g_mo.to(xc.dtype)
+        g = g_mo.to(xc.dtype).contiguous()
         gx = gw = None
         if ctx.needs_input_grad[0]:
-            gx = adder_grad_x_rows(xc, wc, g, p, grad_x, max_chunk_bytes).to(x_dtype)
+            if grad_x == "lp":
+                gx = adder_grad_x_lp_rows(xc, wc, g, p, dist)
+            else:
+                gx = adder_grad_x_rows(xc, wc, g, p, grad_x, max_chunk_bytes)
+            gx = gx.to(x_dtype)
         if ctx.needs_input_grad[1]:
             gw = adder_grad_w_rows(xc, wc, g, grad_w, max_chunk_bytes).to(w_dtype)
         return gx, gw, None, None, None, None
