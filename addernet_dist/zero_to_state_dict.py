@@ -51,7 +51,7 @@ def load_zero_checkpoint(folder: str | Path) -> dict[str, Any]:
         for k in lowp:
             if k not in fp32:
                 raise CheckpointError(f"'{folder}': no fp32 master copy of bf16 tensor '{k}'")
-            model[k] = fp32[k].to(torch.float32)
+            model[k] = fp32[k].detach().to(torch.float32)
     return {
         "engine": {
             "model": model,

@@ -208,6 +208,12 @@ def _worker(out: Path) -> None:
         "lr_at_save": first["lr"],
     }
 
+    # DeepSpeed's bf16 weights (precision=bf16), ZeRO-2: close to fp32 DDP, checkpoint converts.
+    cfg = cfg_for("engine=deepspeed", "deepspeed.zero_stage=2", "deepspeed.precision=bf16")
+    engine = build_engine(cfg, fresh_model(cfg), dist, steps_per_epoch)
+    results["bf16"] = run(engine, 0, 2)
+    engine.save(out / "bf16ck" / "step_000000002.pt", {"config": cfg.model_dump(mode="json")})
+
     torch.save(results, out / f"rank{dist.rank}.pt")
     # Last: the real trainer, uninterrupted (train() tears the process group down at its end).
     train(load_config(CONFIG, [*TRAIN_RUN, f"output_dir={out / 'train_ref'}", "resume=none"]))
@@ -312,6 +318,47 @@ def test_checkpoint_folder_is_verified_and_converts_to_a_state_dict(worker):
     # p (extra state of every adder layer) travels with the weights.
     p_saved = [v["p"] for k, v in saved.items() if k.endswith("_extra_state")]
     assert p_saved and all(v == 2.0 - 1 / 8 for v in p_saved)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_converted_checkpoint_evaluates_like_the_training_run(worker, capsys):
+    """addernet-eval on the converted final folder reproduces the trainer's last evaluation."""
+    from addernet_dist.evaluate import main as eval_main
+    from addernet_dist.zero_to_state_dict import convert
+
+    run = worker["out"] / "train_ref"
+    plain = convert(run / "checkpoints" / "step_000000008.pt", worker["out"] / "final.pt")
+    assert eval_main(["--checkpoint", str(plain)]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if r.get("kind") == "eval"][-1]
+    assert last["step"] == 8
+    assert (got["top1"], got["top5"], got["count"]) == (last["top1"], last["top5"], last["count"])
+    assert got["loss"] == pytest.approx(last["loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_bf16_precision_trains_close_to_fp32_and_converts_to_fp32_masters(worker):
+    from addernet_dist.zero_to_state_dict import load_zero_checkpoint
+
+    ref, got = worker["rank0"]["ddp"], worker["rank0"]["bf16"]
+    # bf16 forward/backward: percent-level agreement, not float tolerance.
+    torch.testing.assert_close(got["loss"], ref["loss"][:2], rtol=2e-2, atol=0)
+    torch.testing.assert_close(got["norms"][0], ref["norms"][0], rtol=0.1, atol=0)
+    assert got["grad_norm"][0] == pytest.approx(ref["grad_norm"][0], rel=1e-2)
+    weights = _weights(got["state"])
+    assert weights["layer1.0.conv1.weight"].dtype == torch.bfloat16
+    plain = load_zero_checkpoint(worker["out"] / "bf16ck" / "step_000000002.pt")["engine"]["model"]
+    for k, v in weights.items():
+        if torch.is_tensor(v) and v.is_floating_point():
+            assert plain[k].dtype == torch.float32, k
+            # the fp32 master rounds to the bf16 weight the model ran with ...
+            torch.testing.assert_close(plain[k].to(torch.bfloat16), v, rtol=0, atol=0)
+    w = plain["layer1.0.conv1.weight"]
+    # ... and carries more bits than it: it comes from the optimizer shards, not the bf16 copy.
+    assert not torch.equal(w, w.to(torch.bfloat16).float())
 
 
 def _losses(metrics: Path) -> dict[int, float]:

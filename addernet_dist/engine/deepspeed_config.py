@@ -246,4 +246,7 @@ def build_ds_config(
     }
     if section.precision == "bf16":
         cfg["bf16"] = {"enabled": True}
+        # DeepSpeed casts only parameters by default; BN's bf16 weight next to fp32 running
+        # stats fails on CPU ("expected scalar type BFloat16 but found Float").
+        cfg["data_types"] = {"buffer_dtype": "bf16"}
     return _merge(cfg, extra)
