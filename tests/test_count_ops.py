@@ -72,3 +72,13 @@ def test_cli_prints_table(capsys):
     assert "41.17M" in out  # the paper's printed figure next to ours
     with pytest.raises(ValueError, match="input_shape must be"):
         count_ops(create_model("resnet8"), (32, 32))
+
+
+def test_resnet50_paper_figure_is_the_v1_layout():
+    # README: the paper's 3.9G is ResNet-50 with the stride on the bottleneck's first 1×1 (v1);
+    # torchvision/our twin (v1.5, stride on the 3×3) is 4.09G.
+    m = create_model("resnet50", conv="conv")
+    assert count_ops(m, (3, 224, 224))["mul"] == 4_089_184_256
+    for stage in (m.layer2, m.layer3, m.layer4):
+        stage[0].conv1.stride, stage[0].conv2.stride = (2, 2), (1, 1)
+    assert round(count_ops(m, (3, 224, 224))["mul"] / 1e9, 2) == 3.86
