@@ -245,7 +245,7 @@ def _fwd_bwd_runner(f, xg, wg, gy):
 def bench_layers(args) -> None:
     device = torch.device(args.device)
     fast_backend = "triton" if device.type == "cuda" else "cpu"
-    if device.type == "cpu":
+    if device.type == "cpu" and not args.skip_compile_time:
         from addernet_dist.kernels import cpu_adder
 
         with (
@@ -364,6 +364,9 @@ def main(argv: list[str] | None = None) -> None:
         type=float,
         default=8.0,
         help="skip the original code when its broadcasts would exceed this",
+    )
+    ap.add_argument(
+        "--skip-compile-time", action="store_true", help="CPU: don't time a from-scratch build"
     )
     ap.add_argument("--train", default="", help="model name: end-to-end training images/s instead")
     ap.add_argument("--steps", type=int, default=5)

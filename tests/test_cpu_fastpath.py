@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import sys
 import warnings
 
 import pytest
@@ -225,3 +226,46 @@ def test_failed_build_falls_back_to_reference_with_one_warning(
     want = adder2d_reference(x, w, padding=1)
     torch.testing.assert_close(y, want, rtol=0, atol=0)
     torch.testing.assert_close(y2, want, rtol=0, atol=0)
+
+
+def _bench_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_adder.py"
+    spec = importlib.util.spec_from_file_location("bench_adder", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_adder"] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.timeout(120)
+def test_benchmark_baselines_compute_the_adder_operator():
+    # the speed-ups in BENCHMARKS.md are only meaningful if the baselines compute the same thing
+    bench = _bench_module()
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    want = adder2d_reference(x, w, 2, 1, 1, 1.0, "hardtanh", "full")
+    g = torch.randn_like(want)
+    want_gx, want_gw = torch.autograd.grad(want, (x, w), g)
+    for fn in (bench.original_adder2d, bench.cdist_adder2d):
+        torch.testing.assert_close(fn(x, w, 2, 1), want, rtol=1e-12, atol=1e-12)
+    # the original code: HardTanh input gradient, X − F filter gradient rescaled to norm √k / 5
+    gx, gw = torch.autograd.grad(bench.original_adder2d(x, w, 2, 1), (x, w), g)
+    torch.testing.assert_close(gx, want_gx, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        gw, want_gw / want_gw.norm() * w.numel() ** 0.5 / 5, rtol=1e-12, atol=1e-12
+    )
+
+
+@pytest.mark.timeout(120)
+def test_benchmark_script_runs_on_cpu(capsys):
+    bench = _bench_module()
+    bench.main(
+        ["--device", "cpu", "--shapes", "resnet20", "--batch", "1", "--repeat", "1"]
+        + ["--skip-compile-time", "--methods", "fast,cdist,original"]
+    )
+    out = capsys.readouterr().out
+    assert out.count("| fast |") == 5 and out.count("| original |") == 5
+    assert "- cdist:" in out
