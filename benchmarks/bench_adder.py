@@ -136,20 +136,32 @@ def _sync(device: torch.device) -> None:
 
 
 def _time_interleaved(fns: dict, repeat: int, device: torch.device) -> dict[str, float]:
-    """Best-of-``repeat`` seconds per call, one call of every method per round: on a shared machine the
-    minimum is the least disturbed run, and interleaving spreads slow phases of background load over all
-    methods alike."""
+    """Best-of-n seconds per call, methods interleaved round by round.
+
+    On a shared machine the minimum is the least disturbed run, and interleaving spreads slow phases of
+    background load over all methods. Each round gives every method about the same wall time (at least one
+    call, up to 20 for a method 20x faster than the slowest), so the fast methods — whose short runs are
+    the easiest to disturb — get as many chances as the slow ones get seconds.
+    """
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():  # warm-up (compile, autotune, allocator)
+    first = {}
+    for k, fn in fns.items():  # warm-up (compile, autotune, allocator); also sizes the rounds
         fn()
-    _sync(device)
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        first[k] = time.perf_counter() - t0
+    slowest = max(first.values())
+    calls = {k: max(1, min(20, round(slowest / max(t, 1e-9)))) for k, t in first.items()}
     for _ in range(repeat):
         for k, fn in fns.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times[k].append(time.perf_counter() - t0)
+            for _ in range(calls[k]):
+                _sync(device)
+                t0 = time.perf_counter()
+                fn()
+                _sync(device)
+                times[k].append(time.perf_counter() - t0)
     return {k: min(v) for k, v in times.items()}
 
 
@@ -351,6 +363,14 @@ def bench_train(args) -> None:
     print(f"- speed-up: {results['fast'] / results['reference']:.1f}x")
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -374,8 +394,13 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    load = (
+        ", load average {:.1f} {:.1f} {:.1f}".format(*os.getloadavg())
+        if hasattr(os, "getloadavg")
+        else ""
+    )
     print(
-        f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {platform.processor() or platform.machine()}; "
+        f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {_cpu_name()}{load}; "
         f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads; "
         f"command: python {' '.join(sys.argv)}"
     )
