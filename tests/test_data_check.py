@@ -76,3 +76,13 @@ def test_check_runs_as_a_module(bad_tree):
         timeout=50,
     )
     assert p.returncode == 1 and bad in p.stdout
+
+
+@pytest.mark.timeout(60)
+def test_digits_command_writes_the_tree(tmp_path, capsys):
+    assert main(["digits", str(tmp_path / "d")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "d")
+    assert main(["check", str(tmp_path / "d"), "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "train: 10 classes, 1437 images" in out and "val: 10 classes, 360 images" in out
+    assert "grayscale (mode L), converted to 3 identical channels: 1437" in out

@@ -262,6 +262,20 @@ def test_digits_tree_written_once_atomically(tmp_path):
 
 
 @pytest.mark.timeout(60)
+def test_digits_tree_concurrent_writers_agree(tmp_path):
+    """Two ranks creating the tree at once: both get the finished tree, no temp folder is left."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = tmp_path / "race"
+    with ThreadPoolExecutor(2) as ex:
+        results = list(ex.map(ensure_digits_tree, [root, root]))
+    assert results == [root, root]
+    assert (root / ".complete").is_file()
+    assert len(scan_split(root, "train")) == 1437
+    assert [p.name for p in tmp_path.iterdir()] == ["race"]
+
+
+@pytest.mark.timeout(60)
 def test_digits_loader(tmp_path):
     cfg = DataConfig(dataset="digits", root=tmp_path / "d", image_size=32, num_workers=0)
     train = build_loader(cfg, "train", batch_size=64)
