@@ -156,8 +156,10 @@ def kernel_specs(r: int = 3, s: int = 3, full: bool = False) -> list[KernelSpec]
     for i, cfg in enumerate(ta.DW_CONFIGS):
         paths = dw_paths if full else [dw_paths[i % len(dw_paths)]]
         kw = cfg.kwargs
-        macs = kw["BLOCK_M"] * kw["BLOCK_N"] // (32 * cfg.num_warps)
         for nm, path in paths:
+            # Per hot-loop iteration: one position (sign, rank-1) or one BLOCK_K-position GEMM step.
+            steps = 1 if path["SIGN"] else kw["BLOCK_K"]
+            macs = kw["BLOCK_M"] * kw["BLOCK_N"] * steps // (32 * cfg.num_warps)
             specs.append(
                 KernelSpec(
                     f"dw[{nm}]",

@@ -378,11 +378,12 @@ def _adder_bwd_dw_kernel(
     SIGN: tl.constexpr,  # grad_w="sign"
     ATOMIC: tl.constexpr,  # float atomics into one buffer (non-deterministic order)
     ACC_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr,  # output channels per program
-    BLOCK_N: tl.constexpr,  # input channels per program
+    BLOCK_M: tl.constexpr,  # output channels per program (≥ 16: tl.dot)
+    BLOCK_N: tl.constexpr,  # input channels per program (≥ 16)
+    BLOCK_K: tl.constexpr,  # output positions per GEMM step (grad_w="full"; ≥ 16)
 ):
     # One program: a BLOCK_M(O) × BLOCK_N(C) tile of one tap (r, s), reduced over a slice of the
-    # output rows. Per output position: one g row (O) and one x row (C) load → rank-1 update.
+    # output rows (N·P rows of Q positions each).
     pid_t = tl.program_id(0)
     rs = tl.program_id(1)
     pid_split = tl.program_id(2)
@@ -405,23 +406,62 @@ def _adder_bwd_dw_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     row0 = pid_split * rows_per_split
     row1 = tl.minimum(row0 + rows_per_split, N * P)
-    for row in range(row0, row1):
-        n_img = row // P
-        oh = row % P
-        ih = oh * stride_h - pad_h + r * dil_h
-        h_ok = (ih >= 0) & (ih < H)
-        g_row = g_ptr + n_img * sgn_ + oh * sgh + offs_o * sgc
-        x_row = x_ptr + n_img * sxn + ih * sxh + offs_c * sxc
-        for ow in range(0, Q):
+    if SIGN:
+        # Σ g·sgn(x − w) has no product form: one rank-1 update per output position, with
+        # sgn(d) = 2·sat(d·2^64 + 1/2) − 1 (see the ∂X kernel: FADD, FADD.SAT, FFMA per MAC instead of
+        # 12 SASS for the select chain) and the "2·acc − Σg" correction after the loop.
+        big = 18446744073709551616.0  # 2^64
+        wk = wt * big
+        gs = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
+        for row in range(row0, row1):
+            n_img = row // P
+            oh = row % P
+            ih = oh * stride_h - pad_h + r * dil_h
+            h_ok = (ih >= 0) & (ih < H)
+            g_row = g_ptr + n_img * sgn_ + oh * sgh + offs_o * sgc
+            x_row = x_ptr + n_img * sxn + ih * sxh + offs_c * sxc
+            for ow in range(0, Q):
+                iw = ow * stride_w - pad_w + s * dil_w
+                x_ok = h_ok & (iw >= 0) & (iw < W)
+                gv = tl.load(g_row + ow * sgw, mask=o_mask, other=0.0).to(ACC_DTYPE)
+                # Padded taps read x = 0 and contribute g·sgn(0 − w): padding is real in the forward too.
+                xv = tl.load(x_row + iw * sxw, mask=c_mask & x_ok, other=0.0).to(ACC_DTYPE)
+                u = (xv[None, :] * big - wk) + 0.5
+                acc += gv[:, None] * tl.minimum(tl.maximum(u, 0.0), 1.0)
+                gs += gv
+        acc = 2.0 * acc - gs[:, None]
+    else:
+        # Σ_m g·(x − w) = (gᵀx) − w·Σ_m g: an implicit GEMM over BLOCK_K positions per step (x gathered
+        # per tap, padded taps read 0), in IEEE fp32 FMA (no TF32), plus a row sum of g.
+        gs = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
+        PQ = P * Q
+        pos1 = row1 * Q
+        offs_k = tl.arange(0, BLOCK_K)
+        for m0 in range(row0 * Q, pos1, BLOCK_K):
+            m = m0 + offs_k
+            m_ok = m < pos1
+            n_img = m // PQ
+            pq = m % PQ
+            oh = pq // Q
+            ow = pq % Q
+            ih = oh * stride_h - pad_h + r * dil_h
             iw = ow * stride_w - pad_w + s * dil_w
-            x_ok = h_ok & (iw >= 0) & (iw < W)
-            gv = tl.load(g_row + ow * sgw, mask=o_mask, other=0.0).to(ACC_DTYPE)
-            # Padded taps read x = 0 and contribute g·(0 − w): padding is real in the forward too.
-            xv = tl.load(x_row + iw * sxw, mask=c_mask & x_ok, other=0.0).to(ACC_DTYPE)
-            d = xv[None, :] - wt
-            if SIGN:
-                d = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0)).to(ACC_DTYPE)
-            acc += gv[:, None] * d
+            x_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            g_off = n_img * sgn_ + oh * sgh + ow * sgw
+            x_off = n_img * sxn + ih * sxh + iw * sxw
+            gt = tl.load(
+                g_ptr + offs_o[:, None] * sgc + g_off[None, :],
+                mask=o_mask[:, None] & m_ok[None, :],
+                other=0.0,
+            ).to(ACC_DTYPE)
+            xt = tl.load(
+                x_ptr + x_off[:, None] + offs_c[None, :] * sxc,
+                mask=x_ok[:, None] & c_mask[None, :],
+                other=0.0,
+            ).to(ACC_DTYPE)
+            acc = tl.dot(gt, xt, acc, input_precision="ieee", out_dtype=ACC_DTYPE)
+            gs += tl.sum(gt, axis=1)
+        acc -= wt * gs[:, None]
 
     out_off = rs * O * C + offs_o[:, None] * C + offs_c[None, :]
     if ATOMIC:
@@ -452,11 +492,11 @@ DX_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 8, "BLOCK_K": 4}, num_warps=2, num_stages=1),
 ]
 DW_CONFIGS = [
-    # (output channels, input channels) tiles; the lanes and warps spread over input channels.
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=2, num_stages=1),
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 128}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=2, num_stages=1),
-    triton.Config({"BLOCK_M": 8, "BLOCK_N": 32}, num_warps=1, num_stages=1),
+    # (output channels, input channels, positions per GEMM step); tl.dot needs every dim ≥ 16.
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 16}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=2, num_stages=1),
 ]
 _FWD_KEY = ["C", "O", "P", "Q", "N", "R", "S", "P_MODE", "EPILOGUE"]
 _DX_KEY = ["C", "O", "H", "W", "N", "R", "S", "GX_MODE"]
@@ -789,6 +829,7 @@ def adder2d_grad_weight(
         ACC_DTYPE=_acc_dtype(x.dtype),
         BLOCK_M=bm,
         BLOCK_N=bn,
+        BLOCK_K=cfg.kwargs["BLOCK_K"],
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
