@@ -26,7 +26,6 @@ import argparse
 import math
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -135,33 +134,37 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _time_interleaved(fns: dict, repeat: int, device: torch.device) -> dict[str, float]:
+def _time_interleaved(
+    fns: dict, repeat: int, device: torch.device, clock=time.perf_counter
+) -> dict:
     """Best-of-n seconds per call, methods interleaved round by round.
 
     On a shared machine the minimum is the least disturbed run, and interleaving spreads slow phases of
     background load over all methods. Each round gives every method about the same wall time (at least one
     call, up to 20 for a method 20x faster than the slowest), so the fast methods — whose short runs are
-    the easiest to disturb — get as many chances as the slow ones get seconds.
+    the easiest to disturb — get as many chances as the slow ones get seconds. ``clock``:
+    ``time.perf_counter`` (wall) or ``time.process_time`` (CPU seconds of this process: with one thread,
+    the work itself, immune to other processes time-slicing the cores).
     """
     times: dict[str, list[float]] = {k: [] for k in fns}
     first = {}
     for k, fn in fns.items():  # warm-up (compile, autotune, allocator); also sizes the rounds
         fn()
         _sync(device)
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
         _sync(device)
-        first[k] = time.perf_counter() - t0
+        first[k] = clock() - t0
     slowest = max(first.values())
     calls = {k: max(1, min(20, round(slowest / max(t, 1e-9)))) for k, t in first.items()}
     for _ in range(repeat):
         for k, fn in fns.items():
             for _ in range(calls[k]):
                 _sync(device)
-                t0 = time.perf_counter()
+                t0 = clock()
                 fn()
                 _sync(device)
-                times[k].append(time.perf_counter() - t0)
+                times[k].append(clock() - t0)
     return {k: min(v) for k, v in times.items()}
 
 
@@ -274,6 +277,9 @@ def bench_layers(args) -> None:
     if device.type == "cuda":
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
+    clock = time.process_time if args.clock == "cpu" and device.type == "cpu" else time.perf_counter
+    if clock is time.process_time:
+        print("# times are CPU seconds of this process (--clock cpu), best of the interleaved runs")
     cols = ["method", "fwd ms", "fwd+bwd ms", "G adder-MAC/s fwd", "x fast (fwd+bwd)"]
     if device.type == "cuda":
         cols += ["peak MiB", "% roofline fwd"]
@@ -290,7 +296,7 @@ def bench_layers(args) -> None:
         gy = torch.randn(args.batch, shape.cout, ho, ho, device=device)
         fwd = {k: _fwd_runner(f, x, w) for k, f in methods.items()}
         fwd_bwd = {k: _fwd_bwd_runner(f, xg, wg, gy) for k, f in methods.items()}
-        t_f = _time_interleaved(fwd, args.repeat, device)
+        t_f = _time_interleaved(fwd, args.repeat, device, clock)
         peak = {}
         if device.type == "cuda":
             for k, run in fwd_bwd.items():
@@ -298,7 +304,7 @@ def bench_layers(args) -> None:
                 base = torch.cuda.memory_allocated()
                 run()
                 peak[k] = (torch.cuda.max_memory_allocated() - base) / 2**20
-        t_fb = _time_interleaved(fwd_bwd, args.repeat, device)
+        t_fb = _time_interleaved(fwd_bwd, args.repeat, device, clock)
         print(
             f"\n## {shape.name}: {shape.cin}->{shape.cout} {shape.hw}x{shape.hw} k{shape.k} s{s} p{pd}"
         )
@@ -329,6 +335,7 @@ def bench_train(args) -> None:
     from addernet_dist.ops import dispatch
 
     device = torch.device(args.device)
+    clock = time.process_time if args.clock == "cpu" and device.type == "cpu" else time.perf_counter
     info = model_info(args.train)
     x = torch.randn(args.batch, *info.input_shape, device=device)
     y = torch.randint(0, info.num_classes, (args.batch,), device=device)
@@ -351,13 +358,16 @@ def bench_train(args) -> None:
         _sync(device)
         times = []
         for _ in range(args.steps):
-            t0 = time.perf_counter()
+            t0 = clock()
             step()
             _sync(device)
-            times.append(time.perf_counter() - t0)
-        results[backend] = args.batch / statistics.median(times)
+            times.append(clock() - t0)
+        results[backend] = args.batch / min(times)
     dispatch.set_default_backend(None)
-    print(f"# {args.train} adder training, batch {args.batch}, p={args.p}, {args.steps} steps")
+    print(
+        f"# {args.train} adder training, batch {args.batch}, p={args.p}, best of {args.steps} steps "
+        f"({'CPU' if clock is time.process_time else 'wall'} seconds)"
+    )
     for k, v in results.items():
         print(f"- {k}: {v:.1f} images/s")
     print(f"- speed-up: {results['fast'] / results['reference']:.1f}x")
@@ -384,6 +394,12 @@ def main(argv: list[str] | None = None) -> None:
         type=float,
         default=8.0,
         help="skip the original code when its broadcasts would exceed this",
+    )
+    ap.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="cpu: time.process_time (use with --threads 1 on a machine shared with other jobs)",
     )
     ap.add_argument(
         "--skip-compile-time", action="store_true", help="CPU: don't time a from-scratch build"
