@@ -518,12 +518,26 @@ _adder_fwd_tuned = _tuned(_adder_fwd_kernel, FWD_CONFIGS, _FWD_KEY)
 _adder_bwd_dx_tuned = _tuned(_adder_bwd_dx_kernel, DX_CONFIGS, _DX_KEY)
 
 
-def _launch(kernel, tuned, configs, grid_fn, args, consts, config):
-    """Run ``kernel`` with an explicit config, or autotuned (GPU) / first config (interpreter)."""
+# The interpreter's cost is per executed block operation, so it runs big tiles by default (fewer programs:
+# the fused ResNet-8 test took 21 s with FWD_CONFIGS[0]). Every tuning config is still interpreted on a
+# small case by tests/test_triton_adder.py (the `config=` argument) and compiled by the AOT test.
+INTERPRETER_CONFIGS = {
+    "fwd": triton.Config({"BLOCK_M": 256, "BLOCK_N": 64, "BLOCK_K": 8}),
+    "dx": triton.Config({"BLOCK_M": 256, "BLOCK_N": 64, "BLOCK_K": 8}),
+    "dw": triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}),
+}
+
+
+def _default_config(kind: str, configs: list[triton.Config]) -> triton.Config:
+    return INTERPRETER_CONFIGS[kind] if _interpreting() else configs[0]
+
+
+def _launch(kernel, tuned, kind, configs, grid_fn, args, consts, config):
+    """Run ``kernel`` with an explicit config, or autotuned (GPU) / the interpreter's config."""
     if config is None and tuned is not None:
         tuned[grid_fn](*args, **consts)
         return
-    cfg = config if config is not None else configs[0]
+    cfg = config if config is not None else _default_config(kind, configs)
     meta = dict(cfg.kwargs)
     kernel[grid_fn(meta)](
         *args, **consts, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages
@@ -678,7 +692,7 @@ def adder2d_forward(
         RELU=bool(relu),
         ACC_DTYPE=_acc_dtype(x.dtype),
     )
-    _launch(_adder_fwd_kernel, _adder_fwd_tuned, FWD_CONFIGS, grid, args, consts, config)
+    _launch(_adder_fwd_kernel, _adder_fwd_tuned, "fwd", FWD_CONFIGS, grid, args, consts, config)
     if not bn_stats:
         return y, None
     return y, _combine_bn_partials(part, m, used_bm["BLOCK_M"])
@@ -760,7 +774,7 @@ def adder2d_grad_input(
     consts = dict(
         R=r, S=s, GX_MODE=mode, FAST_MATH=_fast_math(x.dtype), ACC_DTYPE=_acc_dtype(x.dtype)
     )
-    _launch(_adder_bwd_dx_kernel, _adder_bwd_dx_tuned, DX_CONFIGS, grid, args, consts, config)
+    _launch(_adder_bwd_dx_kernel, _adder_bwd_dx_tuned, "dx", DX_CONFIGS, grid, args, consts, config)
     return dx
 
 
@@ -789,7 +803,7 @@ def adder2d_grad_weight(
     n, c, h, w_ = x.shape
     o, _, r, s = weight.shape
     pp, qq = g.shape[2:]
-    cfg = config if config is not None else DW_CONFIGS[0]
+    cfg = config if config is not None else _default_config("dw", DW_CONFIGS)
     bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
     tiles = triton.cdiv(o, bm) * triton.cdiv(c, bn)
     rows = n * pp
