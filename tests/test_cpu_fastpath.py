@@ -269,3 +269,21 @@ def test_benchmark_script_runs_on_cpu(capsys):
     out = capsys.readouterr().out
     assert out.count("| fast |") == 5 and out.count("| original |") == 5
     assert "- cdist:" in out
+
+
+@pytest.mark.timeout(60)
+def test_failed_build_is_not_retried_on_every_call(_fresh_build_state, monkeypatch, tmp_path):
+    log = tmp_path / "calls.log"
+    cxx = tmp_path / "broken-c++"
+    cxx.write_text(f"#!/bin/sh\necho x >> {log}\nexit 1\n")
+    cxx.chmod(0o755)
+    monkeypatch.setenv("CXX", str(cxx))
+    assert not cpu_adder.is_available()
+    calls = log.read_text().count("x")
+    assert calls > 0
+    x, w = torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3)
+    with pytest.warns(RuntimeWarning, match="unavailable"):
+        for _ in range(3):
+            cpu_adder.adder2d_cpu(x, w)
+    assert not cpu_adder.is_available()
+    assert log.read_text().count("x") == calls  # the compiler never ran again
