@@ -27,6 +27,11 @@ from torch import nn
 _NORM_FLOOR = 1e-12
 
 
+def _norm_dtype(grad: torch.Tensor) -> torch.dtype:
+    # fp32 at least (a bf16 sum of squares over 2M elements loses ~3 digits); fp64 stays fp64.
+    return torch.promote_types(grad.dtype, torch.float32)
+
+
 class AdaptiveLRScaler:
     """Applies eq. 33 to the weights of the given adder modules.
 
@@ -57,7 +62,7 @@ class AdaptiveLRScaler:
         def hook(grad: torch.Tensor) -> torch.Tensor:
             # A tensor hook on a leaf runs before AccumulateGrad, hence before DDP's reducer
             # sees the gradient: this is the original, world-size dependent, normalisation.
-            norm = torch.linalg.vector_norm(grad.float())
+            norm = torch.linalg.vector_norm(grad, dtype=_norm_dtype(grad))
             self._local_norms[i] = norm.detach()
             alpha = self.eta * self.sqrt_k[i] / norm.clamp_min(_NORM_FLOOR)
             return grad * alpha.to(grad.dtype)
@@ -84,8 +89,9 @@ class AdaptiveLRScaler:
                 f"adder layers {missing} have no gradient at step time; call backward first "
                 "(or the layers are unused in forward, which eq. 33 cannot scale)"
             )
-        norms = torch.stack(torch._foreach_norm(grads)).float()
-        sqrt_k = torch.tensor(self.sqrt_k, device=norms.device, dtype=torch.float32)
+        dtype = _norm_dtype(grads[0])
+        norms = torch.stack([n.to(dtype) for n in torch._foreach_norm(grads)])
+        sqrt_k = torch.tensor(self.sqrt_k, device=norms.device, dtype=dtype)
         alphas = self.eta * sqrt_k / norms.clamp_min(_NORM_FLOOR)
         # One fused multiply over all layers; unbind gives 0-d tensor scalars (no host sync).
         torch._foreach_mul_(grads, [a.to(g.dtype) for a, g in zip(alphas.unbind(), grads)])

@@ -108,6 +108,19 @@ def init_distributed(device: Literal["auto", "cpu", "cuda"] = "auto") -> DistInf
             kwargs: dict[str, Any] = {"backend": backend, "timeout": timedelta(minutes=30)}
             if use_cuda:
                 kwargs["device_id"] = dev
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+            if attempt is not None:
+                # torchrun --max-restarts reuses the agent's store across attempts, so a restarted
+                # group can read the DEAD attempt's connection keys (the peer addresses gloo/NCCL
+                # publish) and try to connect to a port nobody listens on any more: refused, or
+                # a hang in ProcessGroupGloo construction, seen here 2 runs in 3. A per-attempt
+                # key prefix keeps attempts apart (pytorch/pytorch#167288 reports the NCCL twin).
+                store, _, _ = next(dist.rendezvous("env://", timeout=kwargs["timeout"]))
+                kwargs.update(
+                    store=dist.PrefixStore(f"addernet/attempt_{attempt}", store),
+                    rank=rank,
+                    world_size=world_size,
+                )
             dist.init_process_group(**kwargs)
     return DistInfo(rank, world_size, local_rank, dev, backend)
 

@@ -30,6 +30,11 @@ class EvalResult:
         return {f"{prefix}{k}": v for k, v in asdict(self).items()}
 
 
+def upcast_logits(logits: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits -> fp32 for the loss; fp32/fp64 stay as they are."""
+    return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
+
+
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)):
     """Number of valid rows whose label is in the top-k logits, for each k.
 
@@ -67,7 +72,7 @@ def evaluate(
             enabled=autocast_dtype is not None,
         ):
             logits = model(images)
-        logits = logits.float()
+        logits = upcast_logits(logits)
         valid = labels != IGNORE_LABEL
         loss_sum = F.cross_entropy(logits, labels, ignore_index=IGNORE_LABEL, reduction="sum")
         sums[0] += loss_sum.double()

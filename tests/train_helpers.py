@@ -78,3 +78,29 @@ def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
         f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     )
     return proc
+
+
+def launch_workers(module: str, args: list[str], nproc: int = 2, timeout: int = 240) -> None:
+    """Run ``python -m module *args`` as ``nproc`` ranks of one gloo group (no torchrun: the
+    env:// rendezvous variables are set here, which saves an agent process per test)."""
+    port = free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            cwd=REPO,
+            env=env(
+                RANK=str(r),
+                LOCAL_RANK=str(r),
+                WORLD_SIZE=str(nproc),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(nproc)
+    ]
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    for r, (p, (_, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"rank {r} rc={p.returncode}\n{err[-4000:]}"

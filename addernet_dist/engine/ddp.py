@@ -18,6 +18,7 @@ from addernet_dist.adaptive_lr import AdaptiveLRScaler
 from addernet_dist.config import Config
 from addernet_dist.distributed import DistInfo
 from addernet_dist.engine.base import Engine, StepStats
+from addernet_dist.metrics import upcast_logits
 from addernet_dist.nn import adder_modules
 from addernet_dist.optim import build_lr_scheduler, build_optimizer
 
@@ -70,9 +71,9 @@ class DDPEngine(Engine):
             enabled=self.autocast_dtype is not None,
         ):
             logits = self.model(images)
-        # CE in fp32 whatever the autocast dtype: the log-softmax of 1000 bf16 logits loses ~3
-        # significant digits of the loss.
-        loss = F.cross_entropy(logits.float(), labels)
+        # CE in (at least) fp32 whatever the autocast dtype: the log-softmax of 1000 bf16 logits
+        # loses ~3 significant digits of the loss.
+        loss = F.cross_entropy(upcast_logits(logits), labels)
         loss.backward()  # DDP all-reduces (averages) the grads during backward
         return loss.detach()
 

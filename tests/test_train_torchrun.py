@@ -1,0 +1,139 @@
+"""Real multi-process training with torchrun (gloo on CPU): 1 node x 2 processes, 2 "nodes" on
+localhost (c10d rendezvous), and --max-restarts recovery after one rank is SIGKILLed."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+
+from addernet_dist.logging_utils import read_metrics
+from addernet_dist.models import create_model
+from addernet_dist.nn import adder_modules
+from tests.train_helpers import (
+    REPO,
+    assert_same_state,
+    check,
+    env,
+    final_model,
+    free_port,
+    run_python,
+    torchrun_args,
+    train_cmd,
+)
+
+RUN = ["train.log_every=1", "train.ckpt_every_steps=5", "train.epochs=2"]
+STEPS = 24  # 12 per epoch (192 samples / global batch 16)
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    """The reference 1 node x 2 processes run."""
+    out = tmp_path_factory.mktemp("ddp2")
+    proc = check(
+        run_python(torchrun_args(2, "--standalone") + train_cmd([f"output_dir={out}", *RUN]))
+    )
+    return out, proc
+
+
+def _records(out, kind):
+    return [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == kind]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_process_debug_run(baseline):
+    out, proc = baseline
+    train = _records(out, "train")
+    assert [r["step"] for r in train] == list(range(1, STEPS + 1))
+    losses = [r["loss"] for r in train]
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.3  # it learns
+    # lp schedule, per iteration: p of step s is value(s - 1); decay over 1.5 epochs = 18 steps
+    for r in train:
+        assert r["p"] == pytest.approx(max(1.0, 2.0 - (r["step"] - 1) / 18), abs=1e-12)
+    assert train[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine reaches 0 at the end
+    # eq. 33 on every adder layer: alpha_l * ||g_l|| == eta * sqrt(k_l)
+    model = create_model("resnet8", num_classes=10)
+    names = {n: m.weight.numel() for n, m in model.named_modules() if m in adder_modules(model)}
+    assert len(names) == 8  # 3 blocks x 2 convs + 2 downsample 1x1 convs
+    for name, k in names.items():
+        for r in train[::5]:
+            alpha, norm = r[f"adder_alpha/{name}"], r[f"adder_grad_norm/{name}"]
+            assert alpha * norm == pytest.approx(0.1 * math.sqrt(k), rel=1e-5)
+    evals = _records(out, "eval")
+    assert [e["epoch"] for e in evals] == [1, 2]
+    assert all(e["count"] == 100 for e in evals)  # every val image once (100 = 2 x 50, batch 8)
+    assert evals[-1]["top1"] > 20.0  # chance is 10%
+    assert f"final: top1={evals[-1]['top1']:.2f}%" in proc.stdout
+    ck = out / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir()) == [
+        "best.pt",
+        "step_000000015.pt",
+        "step_000000020.pt",
+        "step_000000024.pt",
+    ]
+    assert (out / "config.yaml").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_nodes_on_localhost_match_one_node(baseline, tmp_path):
+    ref, _ = baseline
+    port = free_port()
+    procs = []
+    for node in range(2):
+        args = torchrun_args(
+            1,
+            "--nnodes=2",
+            "--rdzv_backend=c10d",
+            f"--rdzv_endpoint=127.0.0.1:{port}",
+            "--rdzv_id=two-nodes",
+            # The first "node" hosts the c10d store; both share 127.0.0.1.
+            f"--rdzv_conf=is_host={1 if node == 0 else 0}",
+        )
+        cmd = [sys.executable, *args, *train_cmd([f"output_dir={tmp_path}", *RUN])]
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                cwd=REPO,
+                env=env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    outs = [p.communicate(timeout=280) for p in procs]
+    for p, (_so, se) in zip(procs, outs):
+        assert p.returncode == 0, se[-4000:]
+    # Same world size, same seed: identical to 1 node x 2 processes, bit for bit.
+    assert _records(tmp_path, "train") == [
+        {**r, "images_per_s": a["images_per_s"]}
+        for r, a in zip(_records(ref, "train"), _records(tmp_path, "train"))
+    ]
+    assert_same_state(final_model(tmp_path), final_model(ref))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_max_restarts_recovers_from_a_killed_rank(baseline, tmp_path):
+    ref, _ = baseline
+    out, marker = tmp_path / "run", tmp_path / "fault-fired"
+    proc = check(
+        run_python(
+            torchrun_args(2, "--standalone", "--max-restarts=2", "--monitor-interval=0.5")
+            + train_cmd([f"output_dir={out}", *RUN]),
+            timeout=380,
+            ADDERNET_FAULT_STEP="7",
+            ADDERNET_FAULT_RANK="1",
+            ADDERNET_FAULT_MARKER=str(marker),
+        )
+    )
+    assert marker.exists(), "the fault never fired"
+    raw = [line for line in (out / "metrics.jsonl").read_text().splitlines() if "resume" in line]
+    assert raw == ['{"kind": "resume", "step": 5, "epoch": 0}'], proc.stderr[-3000:]
+    # The restarted group resumed from step 5 by itself and finished like the unbroken run.
+    losses = {r["step"]: r["loss"] for r in _records(out, "train")}
+    assert losses == {r["step"]: r["loss"] for r in _records(ref, "train")}
+    assert_same_state(final_model(out), final_model(ref))
