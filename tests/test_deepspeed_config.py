@@ -294,6 +294,10 @@ def test_sharded_layout_refuses_a_fragment_outside_the_stepped_tensor():
     proc = ShardedGradProcessor([w], alpha_fn=lambda n: n, max_norm=None)
     with pytest.raises(RuntimeError, match="does not lie in the flat partition"):
         proc.attach(torch.optim.SGD([flat], lr=1.0), object())
+    w._hp_mapping = _FakeMapping(flat.data, 0, 4)
+    two_groups = torch.optim.SGD([{"params": [flat]}, {"params": [nn.Parameter(torch.zeros(2))]}])
+    with pytest.raises(NotImplementedError, match="ONE param group"):
+        proc.attach(two_groups, object())
     plain = nn.Parameter(torch.randn(4))
     with pytest.raises(RuntimeError, match="not linked to DeepSpeed's fp32 partition"):
         ShardedGradProcessor([plain], alpha_fn=None, max_norm=1.0).attach(
@@ -351,9 +355,15 @@ def test_resume_auto_skips_a_corrupt_newest_folder_and_prune_removes_folders(tmp
     assert [p.name for p in ckpt.list()] == ["step_000000008.pt", "step_000000012.pt"]
     ckpt.copy_to_best(ckpt.path_for(8))
     assert ckpt.best_path.is_dir() and ds_checkpoint.verify_dir(ckpt.best_path) is None
-    # Re-publishing over an existing folder replaces it whole.
+    # Re-publishing over an existing folder replaces it whole ...
     ckpt.copy_to_best(ckpt.path_for(8))
     assert ds_checkpoint.verify_dir(ckpt.best_path) is None
+    # ... and over a file checkpoint of the same name (a DDP run's best.pt) as well.
+    ds_checkpoint.remove(ckpt.best_path)
+    ckpt.best_path.write_bytes(b"a ddp checkpoint")
+    ckpt.copy_to_best(ckpt.path_for(8))
+    assert ckpt.best_path.is_dir() and ds_checkpoint.verify_dir(ckpt.best_path) is None
+    assert not list(ckpt.dir.glob(".*"))  # no temp or trash left behind
 
 
 @pytest.mark.timeout(60)

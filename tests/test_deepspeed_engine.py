@@ -19,6 +19,7 @@ eq. 33 on, clipping ACTIVE, lp schedule moving):
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -56,6 +57,9 @@ FAULT_STEP = 5
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    # The pure-PyTorch reference operator: what is compared here is the engines, and the compiled
+    # CPU kernel's first-use build (minutes on a loaded 2-core machine) must not eat the timeout.
+    env["ADDERNET_BACKEND"] = "reference"
     return env
 
 
@@ -97,6 +101,7 @@ def _worker(out: Path) -> None:
     from addernet_dist.adaptive_lr import AdaptiveLRScaler
     from addernet_dist.config import load_config
     from addernet_dist.distributed import init_distributed
+    from addernet_dist.metrics import evaluate
     from addernet_dist.nn import adder_modules, set_p
     from addernet_dist.optim import PSchedule, build_lr_scheduler, build_optimizer
     from addernet_dist.train import build_data, build_engine, build_model, seed_everything, train
@@ -108,7 +113,7 @@ def _worker(out: Path) -> None:
         return load_config(CONFIG, [*TINY, f"output_dir={out / 'unused'}", *extra])
 
     base = cfg_for()
-    loader, _ = build_data(base, dist)
+    loader, val_loader = build_data(base, dist)
     loader.set_epoch(0)
     batches = [b for _, b in zip(range(4), loader)]
     steps_per_epoch = len(loader)
@@ -142,6 +147,9 @@ def _worker(out: Path) -> None:
         ("z0", ["engine=deepspeed", "deepspeed.zero_stage=0"]),
         ("z1", ["engine=deepspeed", "deepspeed.zero_stage=1"]),
         ("z2", ["engine=deepspeed", "deepspeed.zero_stage=2"]),
+        # the original per-rank normalisation (scope=local) behaves the same under both engines
+        ("ddp_local", ["engine=ddp", "adder.adaptive_scope=local"]),
+        ("z2_local", ["engine=deepspeed", "deepspeed.zero_stage=2", "adder.adaptive_scope=local"]),
     ]:
         cfg = cfg_for(*extra)
         engine = build_engine(cfg, fresh_model(cfg), dist, steps_per_epoch)
@@ -212,6 +220,10 @@ def _worker(out: Path) -> None:
     cfg = cfg_for("engine=deepspeed", "deepspeed.zero_stage=2", "deepspeed.precision=bf16")
     engine = build_engine(cfg, fresh_model(cfg), dist, steps_per_epoch)
     results["bf16"] = run(engine, 0, 2)
+    # the trainer's eval feeds the bf16 model through engine.autocast_dtype
+    results["bf16"]["eval"] = evaluate(
+        engine.unwrap(), val_loader, dist, autocast_dtype=engine.autocast_dtype
+    ).as_dict()
     engine.save(out / "bf16ck" / "step_000000002.pt", {"config": cfg.model_dump(mode="json")})
 
     torch.save(results, out / f"rank{dist.rank}.pt")
@@ -271,6 +283,37 @@ def test_zero_stage_matches_ddp(worker, stage):
     )
     # The ranks saw different batches, so losses differ: the comparison above is not vacuous.
     assert worker["rank0"][stage]["loss"] != worker["rank1"][stage]["loss"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_local_adaptive_scope_matches_ddp(worker):
+    for rank in ("rank0", "rank1"):
+        ref, got = worker[rank]["ddp_local"], worker[rank]["z2_local"]
+        torch.testing.assert_close(got["loss"], ref["loss"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got["norms"], ref["norms"], rtol=1e-4, atol=1e-9)
+        _assert_states_close(_weights(got["state"]), _weights(ref["state"]))
+    # ... and is a different algorithm from the global one (the point of scope=global)
+    local, glob = worker["rank0"]["z2_local"]["state"], worker["rank0"]["z2"]["state"]
+    assert not torch.allclose(local["layer1.0.conv1.weight"], glob["layer1.0.conv1.weight"])
+    # per-rank norms: the ranks see different local gradients
+    assert worker["rank0"]["z2_local"]["norms"] != worker["rank1"]["z2_local"]["norms"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_single_process_run_without_torchrun(tmp_path):
+    """python -m addernet_dist.train with engine=deepspeed and no launcher (world size 1)."""
+    out = tmp_path / "single"
+    cmd = [sys.executable, "-m", "addernet_dist.train", "--config", str(CONFIG), *TINY]
+    cmd += ["data.synthetic_train_size=16", "engine=deepspeed", "deepspeed.zero_stage=2"]
+    cmd += ["deepspeed.micro_batch_size=4", f"output_dir={out}", "train.epochs=1"]
+    env = {k: v for k, v in _env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r.get("kind") == "train"] == [2]
+    assert (out / "checkpoints" / "step_000000002.pt" / "MANIFEST").is_file()
 
 
 @pytest.mark.slow
@@ -348,6 +391,9 @@ def test_bf16_precision_trains_close_to_fp32_and_converts_to_fp32_masters(worker
     torch.testing.assert_close(got["loss"], ref["loss"][:2], rtol=2e-2, atol=0)
     torch.testing.assert_close(got["norms"][0], ref["norms"][0], rtol=0.1, atol=0)
     assert got["grad_norm"][0] == pytest.approx(ref["grad_norm"][0], rel=1e-2)
+    ev = got["eval"]
+    assert ev["val/count"] == 20 and 0 <= ev["val/top1"] <= ev["val/top5"] <= 100, ev
+    assert math.isfinite(ev["val/loss"])
     weights = _weights(got["state"])
     assert weights["layer1.0.conv1.weight"].dtype == torch.bfloat16
     plain = load_zero_checkpoint(worker["out"] / "bf16ck" / "step_000000002.pt")["engine"]["model"]

@@ -32,6 +32,7 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from addernet_dist.adaptive_lr import _NORM_FLOOR, AdaptiveLRScaler
+from addernet_dist.checkpoint import CheckpointError
 from addernet_dist.config import Config, ConfigError
 from addernet_dist.distributed import DistInfo
 from addernet_dist.engine import ds_checkpoint
@@ -94,12 +95,15 @@ class DeepSpeedEngine(Engine):
 
         model = model.to(self.device)
         self._module = model
-        # bf16 autocast on CUDA, as the DDP engine; "bf16" precision = DeepSpeed's bf16 weights.
-        self.autocast_dtype = (
-            torch.bfloat16
-            if cfg.train.bf16 and self.device.type == "cuda" and ds_section.precision == "autocast"
-            else None
-        )
+        # autocast: bf16 autocast on CUDA, as the DDP engine. bf16: DeepSpeed's bf16 weights on any
+        # device; autocast then only casts the fp32 images at the first layer, and the trainer's
+        # eval (which uses this attribute) feeds the bf16 model the same way.
+        if ds_section.precision == "bf16":
+            self.autocast_dtype: torch.dtype | None = torch.bfloat16
+        elif cfg.train.bf16 and self.device.type == "cuda":
+            self.autocast_dtype = torch.bfloat16
+        else:
+            self.autocast_dtype = None
         self._input_dtype = torch.bfloat16 if ds_section.precision == "bf16" else None
 
         adders = adder_modules(model)
@@ -253,7 +257,7 @@ class DeepSpeedEngine(Engine):
         """Collective. Restores model, sharded optimizer state, LR schedule; returns client_state."""
         path = Path(path)
         if not path.is_dir():
-            raise ValueError(
+            raise CheckpointError(
                 f"'{path}' is not a DeepSpeed checkpoint folder (engine=deepspeed saves folders); "
                 "a DDP checkpoint file cannot resume a DeepSpeed run"
             )
@@ -264,7 +268,7 @@ class DeepSpeedEngine(Engine):
             load_lr_scheduler_states=False,
         )
         if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint '{path}'")
+            raise CheckpointError(f"DeepSpeed could not load the checkpoint '{path}'")
         self.lr_scheduler.load_state_dict(client["addernet_lr_scheduler"])
         return client[_CLIENT_KEY]
 

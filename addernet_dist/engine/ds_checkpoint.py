@@ -99,14 +99,12 @@ def publish(tmp: Path, final: Path) -> None:
     never a mixed folder.
     """
     trash = final.with_name(f".{final.name}.old")
-    if trash.exists():
-        shutil.rmtree(trash)
-    if final.exists():
+    remove(trash)
+    if final.exists():  # a folder, or a file of the same name (e.g. from engine=ddp)
         os.replace(final, trash)
     os.replace(tmp, final)
     _fsync_dir(final.parent)
-    if trash.exists():
-        shutil.rmtree(trash)
+    remove(trash)
 
 
 def remove(path: Path) -> None:
@@ -121,7 +119,6 @@ def remove(path: Path) -> None:
 def copy(src: Path, dst: Path) -> None:
     """Copy the checkpoint folder ``src`` to ``dst`` (e.g. best.pt) with the same crash safety."""
     tmp = tmp_name(dst)
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    remove(tmp)
     shutil.copytree(src, tmp)
     publish(tmp, dst)
