@@ -140,7 +140,7 @@ def test_weights_from_trainer_checkpoint_and_plain_state_dict(tmp_path, capsys):
         load_trained_model(sd)
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(180)
 @pytest.mark.parametrize("dim", [2, 3])
 def test_features_trains_both_nets_and_plots(idx_root, tmp_path, dim):
     net = LeNetPP("adder", width=0.125, dim=dim, kernel=3)
@@ -148,7 +148,7 @@ def test_features_trains_both_nets_and_plots(idx_root, tmp_path, dim):
     assert net.features(torch.randn(4, 1, 32, 32)).shape == (4, dim)
     png, js = tmp_path / "f.png", tmp_path / "f.json"
     main(
-        ["features", "--data-root", str(idx_root), "--epochs", "2", "--batch", "16"]
+        ["features", "--data-root", str(idx_root), "--epochs", "1", "--batch", "16"]
         + [
             "--width",
             "0.125",
@@ -165,7 +165,7 @@ def test_features_trains_both_nets_and_plots(idx_root, tmp_path, dim):
     res = json.loads(js.read_text())
     for label in ("CNN", "AdderNet"):
         assert 0.0 <= res[label]["top1"] <= 1.0
-        assert len(res[label]["train_loss"]) == 2 and all(np.isfinite(res[label]["train_loss"]))
+        assert len(res[label]["train_loss"]) == 1 and np.isfinite(res[label]["train_loss"][0])
     assert_png(png)
     with pytest.raises(ValueError, match="feature dim must be 2 or 3"):
         LeNetPP("conv", dim=4)
