@@ -315,7 +315,7 @@ def _fake_ds_folder(root: Path, name: str = "step_000000004.pt") -> Path:
     tmp.mkdir(parents=True)
     torch.save({"module": {"w": torch.arange(10.0)}}, tmp / "mp_rank_00_model_states.pt")
     (tmp / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(os.urandom(4096))
-    ds_checkpoint.write_manifest(tmp)
+    ds_checkpoint.write_manifest(tmp, {"zero_stage": 2, "world_size": 4})
     ds_checkpoint.publish(tmp, root / name)
     return root / name
 
@@ -337,6 +337,17 @@ def test_checkpoint_folder_verification(tmp_path):
     assert "is missing shard" in checkpoint.verify(folder)
     (folder / ds_checkpoint.MANIFEST).unlink()
     assert "has no valid MANIFEST" in checkpoint.verify(folder)
+
+
+@pytest.mark.timeout(30)
+def test_resume_needs_the_same_zero_stage_and_world_size(tmp_path):
+    folder = _fake_ds_folder(tmp_path)  # ZeRO-2 on 4 ranks
+    assert ds_checkpoint.check_compatible(folder, zero_stage=2, world_size=4) is None
+    msg = ds_checkpoint.check_compatible(folder, zero_stage=2, world_size=2)
+    assert "ZeRO-2 optimizer shards of 4 ranks, this run has 2" in msg
+    assert "addernet-zero-to-state-dict" in msg
+    msg = ds_checkpoint.check_compatible(folder, zero_stage=1, world_size=4)
+    assert "written with zero_stage=2, this run uses 1" in msg
 
 
 @pytest.mark.timeout(60)

@@ -249,7 +249,10 @@ class DeepSpeedEngine(Engine):
         )
         self.dist.barrier()  # every rank's shard is on disk
         if self.dist.is_main:
-            ds_checkpoint.write_manifest(tmp, {"zero_stage": self.cfg.deepspeed.zero_stage})
+            ds_checkpoint.write_manifest(
+                tmp,
+                {"zero_stage": self.cfg.deepspeed.zero_stage, "world_size": self.dist.world_size},
+            )
             ds_checkpoint.publish(tmp, path)
         self.dist.barrier()
 
@@ -261,6 +264,11 @@ class DeepSpeedEngine(Engine):
                 f"'{path}' is not a DeepSpeed checkpoint folder (engine=deepspeed saves folders); "
                 "a DDP checkpoint file cannot resume a DeepSpeed run"
             )
+        problem = ds_checkpoint.check_compatible(
+            path, zero_stage=self.cfg.deepspeed.zero_stage, world_size=self.dist.world_size
+        )
+        if problem is not None:
+            raise CheckpointError(problem)
         load_path, client = self._ds.load_checkpoint(
             str(path.parent),
             tag=path.name,

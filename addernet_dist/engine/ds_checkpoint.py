@@ -78,6 +78,28 @@ def verify_dir(folder: Path) -> str | None:
     return None
 
 
+def check_compatible(folder: Path, *, zero_stage: int, world_size: int) -> str | None:
+    """None if this run can load ``folder``, else why not (and what to do instead).
+
+    ZeRO-1/2 optimizer shards are cut for the world size that wrote them, so a resume must use
+    the same ZeRO stage and (for stages 1/2) the same number of ranks.
+    """
+    manifest = read_manifest(folder)
+    saved_stage, saved_world = manifest.get("zero_stage"), manifest.get("world_size")
+    fix = (
+        "resume with the same deepspeed.zero_stage and number of processes, or convert it with "
+        "addernet-zero-to-state-dict to take only the weights"
+    )
+    if saved_stage != zero_stage:
+        return f"'{folder}' was written with zero_stage={saved_stage}, this run uses {zero_stage}; {fix}"
+    if zero_stage > 0 and saved_world != world_size:
+        return (
+            f"'{folder}' holds ZeRO-{zero_stage} optimizer shards of {saved_world} ranks, this run "
+            f"has {world_size}; {fix}"
+        )
+    return None
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
