@@ -407,6 +407,27 @@ def test_bf16_precision_trains_close_to_fp32_and_converts_to_fp32_masters(worker
     assert not torch.equal(w, w.to(torch.bfloat16).float())
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (NCCL, bf16)")
+@pytest.mark.timeout(600)
+def test_gpu_zero2_bf16_autocast_tracks_ddp(tmp_path):
+    """One GPU, train.bf16 autocast: ZeRO-2 follows the DDP engine step by step (bf16 tolerance)."""
+    losses = {}
+    for engine in ("ddp", "deepspeed"):
+        out = tmp_path / engine
+        cmd = [sys.executable, "-m", "addernet_dist.train", "--config", str(CONFIG), *TINY]
+        cmd += ["train.device=cuda", "train.bf16=true", "train.epochs=1", "train.log_every=1"]
+        cmd += [f"engine={engine}", "deepspeed.zero_stage=2", f"output_dir={out}"]
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        env.pop("DS_ACCELERATOR", None)
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+        losses[engine] = _losses(out / "metrics.jsonl")
+    assert sorted(losses["deepspeed"]) == sorted(losses["ddp"]) == list(range(1, 9))
+    for step, ref in losses["ddp"].items():
+        assert losses["deepspeed"][step] == pytest.approx(ref, rel=2e-2), step
+
+
 def _losses(metrics: Path) -> dict[int, float]:
     out = {}
     for line in metrics.read_text().splitlines():
