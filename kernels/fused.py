@@ -16,6 +16,8 @@ numerically the original model everywhere.
 
 from __future__ import annotations
 
+import types
+
 import torch
 import torch.nn.functional as F
 from addernet_dist.kernels import triton_adder as ta
@@ -208,14 +210,45 @@ def _is_fusable(adder: nn.Module, bn: nn.Module) -> bool:
     )
 
 
+def _basic_block_forward(self, x):
+    # BasicBlock with conv1 = fused(adder, bn1, ReLU) and conv2 = fused(adder, bn2, ReLU) taking the
+    # residual: relu(bn2(conv2(·)) + identity) is one epilogue in inference.
+    identity = x if self.downsample is None else self.downsample(x)
+    return self.conv2(self.conv1(x), residual=identity)
+
+
+def _bottleneck_forward(self, x):
+    identity = x if self.downsample is None else self.downsample(x)
+    return self.conv3(self.conv2(self.conv1(x)), residual=identity)
+
+
+def _fuse_resnet_block(block: nn.Module) -> None:
+    """Move a zoo ResNet block's ReLUs and residual add into its fused convolutions' epilogues."""
+    from addernet_dist.models.resnet import BasicBlock, Bottleneck
+
+    if type(block) is BasicBlock:
+        names, forward = ("conv1", "conv2"), _basic_block_forward
+    elif type(block) is Bottleneck:
+        names, forward = ("conv1", "conv2", "conv3"), _bottleneck_forward
+    else:
+        return
+    convs = [getattr(block, n) for n in names]
+    if not all(isinstance(c, FusedAdderBN2d) for c in convs):
+        return  # e.g. a CNN twin, or an adder layer that could not be fused
+    for c in convs:
+        c.relu = True  # the block applies ReLU after every BN, the last one after the residual add
+    block.forward = types.MethodType(forward, block)
+
+
 def fuse_adder_bn(model: nn.Module) -> nn.Module:
     """Replace Adder2d → BatchNorm2d (→ ReLU) pairs by ``FusedAdderBN2d``, in place; returns ``model``.
 
     Two patterns, the ones the model zoo uses: consecutive entries of an ``nn.Sequential`` (VGG features,
     ResNet downsample, LeNet), where a directly following ``nn.ReLU`` is fused too; and sibling attributes
-    ``<prefix>conv<i>`` / ``<prefix>bn<i>`` of a block (ResNet blocks), whose ReLU/residual stay in the
-    block's forward. The BN (and fused ReLU) slots become ``nn.Identity``. Parameters are shared, so an
-    optimizer built before fusing keeps working. Returns the model for chaining.
+    ``<prefix>conv<i>`` / ``<prefix>bn<i>`` of a block. For the zoo's ResNet ``BasicBlock``/``Bottleneck``
+    the block's ReLUs and its residual add move into the fused layers' epilogues too (the block's
+    ``forward`` is rebound on the instance). The BN (and fused ReLU) slots become ``nn.Identity``.
+    Parameters are shared, so an optimizer built before fusing keeps working. Returns the model.
     """
     for parent in list(model.modules()):
         if isinstance(parent, FusedAdderBN2d):
@@ -243,4 +276,5 @@ def fuse_adder_bn(model: nn.Module) -> nn.Module:
             if bn is not None and _is_fusable(child, bn):
                 setattr(parent, name, FusedAdderBN2d(child, bn))
                 setattr(parent, bn_name, nn.Identity())
+        _fuse_resnet_block(parent)
     return model

@@ -44,8 +44,11 @@ EPI_NONE, EPI_BN_STATS, EPI_AFFINE = 0, 1, 2
 GX_HARDTANH, GX_SIGN, GX_LINEAR, GX_POW = 0, 1, 2, 3
 
 _INT32_MAX = 2**31 - 1
-# Filter rows are zero-padded to a multiple of this (≥ every BLOCK_N in the tuning lists).
-_W_PAD = 32
+# Filter rows are zero-padded to a multiple of this; every BLOCK_N of the forward/∂X configs (and the
+# interpreter's) must divide it, or the unmasked filter loads would read past the buffer.
+_W_PAD = 64
+# ∂X filter rows per tap are padded to a multiple of this; every ∂X BLOCK_K must divide it.
+_DX_O_PAD = 8
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -86,7 +89,7 @@ def _pow_abs(d, e, FAST_MATH: tl.constexpr):
 @triton.jit
 def _adder_fwd_kernel(
     x_ptr,  # (N, C, H, W) input, any strides, fp32/fp16/bf16/fp64
-    w_ptr,  # (R, S, C, OP) contiguous fp32/fp64 filters (w_rsco), O zero-padded to OP (a multiple of 32)
+    w_ptr,  # (R, S, C, OP) contiguous fp32/fp64 filters (w_rsco), O zero-padded to OP (a multiple of 64)
     y_ptr,  # (N, O, P, Q) output, any strides, input dtype
     part_ptr,  # (num_m_blocks, 2, O) fp32: per-block channel mean and M2 (EPILOGUE == EPI_BN_STATS)
     center_ptr,  # (O,) fp32 subtracted before the scale (EPILOGUE == EPI_AFFINE)
@@ -737,7 +740,7 @@ def adder2d_grad_input(
         mode = GX_HARDTANH
     else:
         mode = GX_SIGN if p == 1.0 else GX_LINEAR if p == 2.0 else GX_POW
-    o_pad = triton.cdiv(o, 8) * 8
+    o_pad = triton.cdiv(o, _DX_O_PAD) * _DX_O_PAD
     w_rsoc = torch.zeros(
         (r, s, o_pad, c_pad), device=weight.device, dtype=compute_dtype(weight.dtype)
     )

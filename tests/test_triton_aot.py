@@ -27,6 +27,14 @@ def test_every_config_is_listed_once():
     assert len(dw) == 4
 
 
+def test_padding_covers_every_block():
+    # The forward/∂X filter loads are unmasked: the host pads the filter rows so that every tile fits.
+    fwd_dx = ta.FWD_CONFIGS + ta.DX_CONFIGS + [ta.INTERPRETER_CONFIGS[k] for k in ("fwd", "dx")]
+    assert all(ta._W_PAD % c.kwargs["BLOCK_N"] == 0 for c in fwd_dx)
+    dx = ta.DX_CONFIGS + [ta.INTERPRETER_CONFIGS["dx"]]
+    assert all(ta._DX_O_PAD % c.kwargs["BLOCK_K"] == 0 for c in dx)
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("cc", [80, 90])
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.label.replace(" ", "_"))

@@ -91,6 +91,9 @@ def test_fuse_resnet8_block_pairs(fused):
     # 3 blocks × 2 convs + 2 downsample projections; the full-precision stem conv is left alone.
     assert len(fms) == 8
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fm.layer1[0]._modules.values())
+    # The blocks' ReLUs and residual adds moved into the fused layers' epilogues.
+    assert fm.layer1[0].conv1.relu and fm.layer1[0].conv2.relu
+    assert not fm.layer2[0].downsample[0].relu
     for m in fms:
         m.adder.backend = None
     x = torch.randn(2, 3, 4, 4)
