@@ -17,9 +17,11 @@ Launch commands (every form takes dotted overrides after the config, e.g. ``opti
 
 ``resume=auto`` (default) continues from the newest valid checkpoint in ``output_dir``, so a
 restarted torchrun group (``--max-restarts``) or a requeued Slurm job picks up by itself.
+SIGTERM (Slurm preemption): the ranks agree on it at the next logging step, write a checkpoint
+and exit 0 without a final evaluation; the same command continues from there.
 Fault injection for tests: ADDERNET_FAULT_STEP=s [ADDERNET_FAULT_RANK=r]
-[ADDERNET_FAULT_MARKER=file] SIGKILLs the process right after optimizer step s (once, if a marker
-file is given: the marker is created before the kill and disables later faults).
+[ADDERNET_FAULT_MARKER=file] [ADDERNET_FAULT_SIGNAL=KILL|TERM] signals the process right after
+optimizer step s (once, if a marker file is given: it is created first and disables later faults).
 """
 
 from __future__ import annotations
@@ -155,8 +157,9 @@ def _maybe_inject_fault(global_step: int, rank: int) -> None:
             os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
             return
-    log.warning("fault injection: SIGKILL rank %d after step %d", rank, global_step)
-    os.kill(os.getpid(), signal.SIGKILL)
+    name = os.environ.get("ADDERNET_FAULT_SIGNAL", "KILL").upper()
+    log.warning("fault injection: SIG%s to rank %d after step %d", name, rank, global_step)
+    os.kill(os.getpid(), getattr(signal, f"SIG{name}"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,8 +327,12 @@ def _loop(
                 t_last, steps_last = time.perf_counter(), 0
                 if stop.agreed(dist):
                     path = save(last_eval)
-                    progress.message(f"SIGTERM: saved {path}; exiting so the job can be requeued")
-                    return result
+                    log.warning(
+                        "preempted (SIGTERM): saved %s at step %d; the same command resumes",
+                        path,
+                        state.global_step,
+                    )
+                    return None
             every = cfg.train.ckpt_every_steps
             if every and state.global_step % every == 0 and not end_of_epoch:
                 save(last_eval)

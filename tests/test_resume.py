@@ -33,11 +33,34 @@ def _train_losses(out) -> dict[int, float]:
     }
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    full = tmp_path_factory.mktemp("full")
+    return full, check(run_python(train_cmd([f"output_dir={full}", *RUN])))
+
+
+def _assert_same_run(full, other) -> None:
+    losses_full, losses_other = _train_losses(full), _train_losses(other)
+    assert sorted(losses_full) == list(range(1, 25))
+    assert losses_other == losses_full  # every step, exact float equality
+    evals = [
+        [r for r in read_metrics(d / "metrics.jsonl") if r["kind"] == "eval"] for d in (full, other)
+    ]
+    assert evals[0] == evals[1] and len(evals[0]) == 2
+    # Final weights, BN statistics, momentum buffers and LR schedule: bit-identical.
+    a = checkpoint.load_file(full / "checkpoints" / "step_000000024.pt")["engine"]
+    b = checkpoint.load_file(other / "checkpoints" / "step_000000024.pt")["engine"]
+    assert_same_state(a["model"], b["model"])
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert a["lr_scheduler"] == b["lr_scheduler"]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    ref = check(run_python(train_cmd([f"output_dir={full}", *RUN])))
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(uninterrupted, tmp_path):
+    full, ref = uninterrupted
+    killed = tmp_path / "killed"
 
     # SIGKILL right after optimizer step 22 (epoch 2, mid-epoch); checkpoints 12, 15, 20 remain.
     proc = run_python(train_cmd([f"output_dir={killed}", *RUN]), ADDERNET_FAULT_STEP="22")
@@ -58,25 +81,33 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
     assert "skipping checkpoint step_000000020.pt" in resumed.stderr
     assert "resumed from" in resumed.stderr and "step_000000015.pt at step 15" in resumed.stderr
 
-    losses_full, losses_resumed = _train_losses(full), _train_losses(killed)
-    assert sorted(losses_full) == list(range(1, 25))
-    assert losses_resumed == losses_full  # every step, exact float equality
-    evals = [
-        [r for r in read_metrics(d / "metrics.jsonl") if r["kind"] == "eval"]
-        for d in (full, killed)
-    ]
-    assert evals[0] == evals[1] and len(evals[0]) == 2
-    # Final weights, BN statistics, momentum buffers and LR schedule: bit-identical.
-    a = checkpoint.load_file(full / "checkpoints" / "step_000000024.pt")["engine"]
-    b = checkpoint.load_file(killed / "checkpoints" / "step_000000024.pt")["engine"]
-    assert_same_state(a["model"], b["model"])
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
-    assert a["lr_scheduler"] == b["lr_scheduler"]
+    _assert_same_run(full, killed)
     final = [line for line in ref.stdout.splitlines() if line.startswith("final:")]
     assert final and final == [ln for ln in resumed.stdout.splitlines() if ln.startswith("final:")]
     # The resolved config was written once the run validated.
     assert load_config(killed / "config.yaml").train.ckpt_every_steps == 5
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_sigterm_checkpoints_at_next_log_step_and_resumes_exactly(uninterrupted, tmp_path):
+    full, _ = uninterrupted
+    out = tmp_path / "preempted"
+    run = [f"output_dir={out}", *RUN[1:], "train.log_every=3"]
+    # SIGTERM after step 7: the run goes on to the next logging step (9), saves, exits 0.
+    proc = run_python(train_cmd(run), ADDERNET_FAULT_STEP="7", ADDERNET_FAULT_SIGNAL="TERM")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "preempted (SIGTERM): saved" in proc.stderr and "at step 9" in proc.stderr
+    assert "final:" not in proc.stdout
+    assert (out / "checkpoints" / "step_000000009.pt").is_file()
+    check(run_python(train_cmd(run)))
+    # log_every=3 logs steps 3, 6, ..., so compare those steps; weights must match exactly.
+    losses = _train_losses(out)
+    assert losses == {s: v for s, v in _train_losses(full).items() if s % 3 == 0 or s == 12}
+    a = checkpoint.load_file(full / "checkpoints" / "step_000000024.pt")["engine"]["model"]
+    assert_same_state(
+        a, checkpoint.load_file(out / "checkpoints" / "step_000000024.pt")["engine"]["model"]
+    )
 
 
 # ---- in-process units ------------------------------------------------------------------------
