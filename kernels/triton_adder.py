@@ -54,6 +54,15 @@ _DX_O_PAD = 8
 # ----------------------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------------------
+# Kernels call only triton.language builtins and this module's own @triton.jit helpers (tl.full, not
+# tl.zeros; tl.reduce(·, _add), not tl.sum): triton's library helpers are compiled-mode objects when triton
+# was imported before TRITON_INTERPRET was set, and the interpreter (kernels/triton_testing.py) cannot call
+# those.
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
 @triton.jit
 def _pow_abs(d, e, FAST_MATH: tl.constexpr):
     """|d|^e for 1 ≤ e ≤ 2 (e = p) or 0 < e < 1 (e = p − 1), as exp2(e·log2|d|); 0 at d = 0.
@@ -157,7 +166,7 @@ def _adder_fwd_kernel(
     # filter values (warp-uniform, one vector load) and does BLOCK_N·BLOCK_M/(32·warps) MACs in registers.
     # The (positions, channels) order puts one channel per thread and costs ~1 load per MAC (measured in
     # the SASS report: 4.6 vs 2.x instructions per MAC).
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=ACC_DTYPE)
+    acc = tl.full((BLOCK_N, BLOCK_M), 0.0, ACC_DTYPE)
     C_main = C - C % BLOCK_K
     for r in tl.static_range(R):
         ih = ih0 + r * dil_h
@@ -224,9 +233,9 @@ def _adder_fwd_kernel(
         # Statistics use the value rounded to the storage dtype, i.e. exactly what an unfused BN reads.
         ys = y_out.to(ACC_DTYPE)
         rows = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M)
-        mean = tl.sum(tl.where(tile_mask, ys, 0.0), axis=1) / rows
+        mean = tl.reduce(tl.where(tile_mask, ys, 0.0), 1, _add) / rows
         dev = tl.where(tile_mask, ys - mean[:, None], 0.0)
-        m2 = tl.sum(dev * dev, axis=1)
+        m2 = tl.reduce(dev * dev, 1, _add)
         part = part_ptr + pid_m * 2 * O + offs_n
         tl.store(part, mean.to(tl.float32), mask=n_mask)
         tl.store(part + O, m2.to(tl.float32), mask=n_mask)
@@ -305,8 +314,8 @@ def _adder_bwd_dx_kernel(
     else:
         xk = xt
 
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=ACC_DTYPE)
-    gsum = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
+    acc = tl.full((BLOCK_N, BLOCK_M), 0.0, ACC_DTYPE)
+    gsum = tl.full((BLOCK_M,), 0.0, ACC_DTYPE)
     for r in tl.static_range(R):
         th = ih + pad_h - r * dil_h
         oh = th // stride_h
@@ -390,7 +399,7 @@ def _adder_bwd_dw_kernel(
     pid_t = tl.program_id(0)
     rs = tl.program_id(1)
     pid_split = tl.program_id(2)
-    num_c_blocks = tl.cdiv(C, BLOCK_N)
+    num_c_blocks = (C + BLOCK_N - 1) // BLOCK_N
     pid_o = pid_t // num_c_blocks
     pid_c = pid_t % num_c_blocks
     r = rs // S
@@ -406,7 +415,7 @@ def _adder_bwd_dw_kernel(
         other=0.0,
     ).to(ACC_DTYPE)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, ACC_DTYPE)
     row0 = pid_split * rows_per_split
     row1 = tl.minimum(row0 + rows_per_split, N * P)
     if SIGN:
@@ -415,7 +424,7 @@ def _adder_bwd_dw_kernel(
         # 12 SASS for the select chain) and the "2·acc − Σg" correction after the loop.
         big = 18446744073709551616.0  # 2^64
         wk = wt * big
-        gs = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
+        gs = tl.full((BLOCK_M,), 0.0, ACC_DTYPE)
         for row in range(row0, row1):
             n_img = row // P
             oh = row % P
@@ -436,7 +445,7 @@ def _adder_bwd_dw_kernel(
     else:
         # Σ_m g·(x − w) = (gᵀx) − w·Σ_m g: an implicit GEMM over BLOCK_K positions per step (x gathered
         # per tap, padded taps read 0), in IEEE fp32 FMA (no TF32), plus a row sum of g.
-        gs = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
+        gs = tl.full((BLOCK_M,), 0.0, ACC_DTYPE)
         PQ = P * Q
         pos1 = row1 * Q
         offs_k = tl.arange(0, BLOCK_K)
@@ -463,7 +472,7 @@ def _adder_bwd_dw_kernel(
                 other=0.0,
             ).to(ACC_DTYPE)
             acc = tl.dot(gt, xt, acc, input_precision="ieee", out_dtype=ACC_DTYPE)
-            gs += tl.sum(gt, axis=1)
+            gs += tl.reduce(gt, 1, _add)
         acc -= wt * gs[:, None]
 
     out_off = rs * O * C + offs_o[:, None] * C + offs_c[None, :]

@@ -4,10 +4,11 @@
 ``TRITON_INTERPRET``. Setting the variable process-wide would leak into every test that runs after ours
 (and would not work at all if triton or our modules were already imported, e.g. by the AOT tests or the
 dispatcher). ``interpreted_modules`` instead imports FRESH copies of the kernel modules with
-``TRITON_INTERPRET=1``, swaps triton's own ``@jit`` library functions (``tl.zeros``, ``tl.sum``,
-``tl.cdiv``, ...: compiled-mode objects if triton was imported first, which the interpreter cannot call)
-for interpreted twins, and afterwards restores ``sys.modules``, the package attributes, triton's library
-and the environment exactly as they were.
+``TRITON_INTERPRET=1`` and afterwards restores ``sys.modules``, the package attributes and the
+environment exactly as they were. This works because the kernels call only triton.language builtins and
+their own module's helpers: triton's ``@jit`` library functions (``tl.zeros``, ``tl.sum``, ``tl.cdiv``)
+are compiled-mode objects once triton is imported without the variable, and the interpreter cannot call
+them.
 
     with interpreted_modules("addernet_dist.kernels.triton_adder") as (ta,):
         y = ta.adder2d_triton(x_cpu, w_cpu)   # runs the real kernel code in the interpreter
@@ -26,38 +27,21 @@ from types import ModuleType
 KERNEL_MODULES = ("addernet_dist.kernels.triton_adder", "addernet_dist.kernels.fused")
 
 
-def _interpret_triton_stdlib() -> list[tuple[ModuleType, str, object]]:
-    """Replace compiled-mode @jit functions of triton.language by interpreted twins; returns the undo list."""
-    import triton.language as tl
-    import triton.language.standard as std
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    undo = []
-    for mod in (tl, std, tl.math):
-        for name, obj in list(vars(mod).items()):
-            if isinstance(obj, JITFunction):
-                undo.append((mod, name, obj))
-                setattr(mod, name, InterpretedFunction(obj.fn))
-    return undo
-
-
 @contextlib.contextmanager
 def interpreted_modules(*names: str) -> Iterator[tuple[ModuleType, ...]]:
     pkg = importlib.import_module("addernet_dist.kernels")
     saved_env = os.environ.get("TRITON_INTERPRET")
     saved_mods = {k: sys.modules.pop(k) for k in KERNEL_MODULES if k in sys.modules}
     saved_attrs = {k: getattr(pkg, k.rsplit(".", 1)[1], None) for k in KERNEL_MODULES}
-    for k in KERNEL_MODULES:  # `from addernet_dist.kernels import x` must not find the compiled copy
+    for (
+        k
+    ) in KERNEL_MODULES:  # `from addernet_dist.kernels import x` must not find the compiled copy
         if hasattr(pkg, k.rsplit(".", 1)[1]):
             delattr(pkg, k.rsplit(".", 1)[1])
     os.environ["TRITON_INTERPRET"] = "1"
-    undo = _interpret_triton_stdlib()
     try:
         yield tuple(importlib.import_module(n) for n in names)
     finally:
-        for mod, name, obj in undo:
-            setattr(mod, name, obj)
         if saved_env is None:
             os.environ.pop("TRITON_INTERPRET", None)
         else:
