@@ -87,7 +87,7 @@ def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(DEBUG_CONFIG, ["optim.lr=0.02"])
     path = save_resolved(cfg, tmp_path / "run")
     assert Config.model_validate(yaml.safe_load(path.read_text())) == cfg
-    assert cfg.p_decay_epochs() == 1.5
+    assert cfg.p_decay_epochs() == 0.5
     assert load_config(None, ["train.epochs=8"]).p_decay_epochs() == 6.0  # Table 6: 3/4
 
 

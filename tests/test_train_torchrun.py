@@ -50,9 +50,9 @@ def test_two_process_debug_run(baseline):
     assert [r["step"] for r in train] == list(range(1, STEPS + 1))
     losses = [r["loss"] for r in train]
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.3  # it learns
-    # lp schedule, per iteration: p of step s is value(s - 1); decay over 1.5 epochs = 18 steps
+    # lp schedule, per iteration: p of step s is value(s - 1); decay over 0.5 epochs = 6 steps
     for r in train:
-        assert r["p"] == pytest.approx(max(1.0, 2.0 - (r["step"] - 1) / 18), abs=1e-12)
+        assert r["p"] == pytest.approx(max(1.0, 2.0 - (r["step"] - 1) / 6), abs=1e-12)
     assert train[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine reaches 0 at the end
     # eq. 33 on every adder layer: alpha_l * ||g_l|| == eta * sqrt(k_l)
     model = create_model("resnet8", num_classes=10)
