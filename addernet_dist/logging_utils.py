@@ -83,20 +83,19 @@ class MetricsLogger:
         mode = wcfg.mode
         if mode == "auto":
             mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-        if self.wandb_run_id is None:
-            self.wandb_run_id = wandb.util.generate_id()
         run = wandb.init(
             project=wcfg.project,
             entity=wcfg.entity,
             name=wcfg.name,
             tags=wcfg.tags,
-            id=self.wandb_run_id,
+            id=self.wandb_run_id,  # None on a fresh run: W&B generates one
             # "allow": a resumed run (same id, read from the checkpoint) continues the same run.
             resume="allow",
             mode=mode,
             dir=str(Path(cfg.output_dir)),
             config=cfg.model_dump(mode="json"),
         )
+        self.wandb_run_id = run.id  # a fresh id on the first start; stored in checkpoints
         log.info("W&B run %s (%s mode)", run.id, mode)
         return run
 
