@@ -73,3 +73,37 @@ def test_topk_correct_ignores_padding_and_caps_k():
 
 if __name__ == "__main__":
     _worker(sys.argv[1])
+
+
+@pytest.mark.timeout(120)
+def test_addernet_eval_cli_matches_in_process_eval(tmp_path, capsys):
+    from addernet_dist import checkpoint
+    from addernet_dist.evaluate import main
+
+    cfg = load_config(
+        DEBUG_CONFIG, [f"data.synthetic_val_size={VAL_SIZE}", "adder.backend=reference"]
+    )
+    torch.manual_seed(0)
+    model = create_model("resnet8", num_classes=10)
+    path = tmp_path / "best.pt"
+    # the layout addernet-train writes: engine state + the resolved config in the client state
+    checkpoint.save_file(
+        {
+            "engine": {"model": model.state_dict()},
+            "client": {"config": cfg.model_dump(mode="json")},
+        },
+        path,
+    )
+    loader = build_loader(cfg.data, "val", batch_size=8, seed=0, device="cpu")
+    expected = evaluate(model, loader, DistInfo())
+    # no --config: the checkpoint's config is used; overrides still apply on top
+    assert main(["--checkpoint", str(path), "train.global_batch_size=8"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["count"] == VAL_SIZE
+    assert (out["top1"], out["top5"]) == (expected.top1, expected.top5)
+    assert out["loss"] == pytest.approx(expected.loss, rel=1e-6)
+    # a damaged checkpoint is a clear error, not a traceback
+    path.write_bytes(path.read_bytes()[:-5])
+    assert main(["--checkpoint", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: checkpoint") and "truncated" in err and "Traceback" not in err
