@@ -360,6 +360,7 @@ def _loop(
                 ckpt.copy_to_best(path)
         else:
             save(last_eval)
+        t_last = time.perf_counter()  # images/s measures training only, not eval + checkpoint
 
     if result is None and last_eval is not None:
         # Resumed after the last evaluation (e.g. killed while saving): report it again.
