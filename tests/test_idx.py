@@ -180,6 +180,12 @@ def test_build_loader_registers_fashion_mnist(idx_root):
     assert x.is_contiguous(memory_format=torch.channels_last)
     cfg = DataConfig(dataset="fashion_mnist", root=idx_root, image_size=32, mean=(0.5,), std=(0.5,))
     assert build_loader(cfg, "train", **kw).std == 0.5
+    # A full dump of the config (as checkpoints store it) re-validated: defaults stay defaults.
+    dumped = DataConfig.model_validate(
+        DataConfig(dataset="fashion_mnist", root=idx_root).model_dump(mode="json")
+    )
+    dumped_loader = build_loader(dumped, "val", **kw)
+    assert dumped_loader.mean == FASHION_MNIST_MEAN and dumped_loader.images.shape[-1] == 32
     with pytest.raises(ValueError, match="one value"):
         build_loader(cfg.model_copy(update={"mean": (0.5, 0.5, 0.5)}), "train", **kw)
     with pytest.raises(ValueError, match="data.augment=none"):

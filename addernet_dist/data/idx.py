@@ -281,8 +281,9 @@ def build_fashion_mnist_loader(
 ) -> IdxLoader:
     """``build_loader`` entry for ``dataset: fashion_mnist``.
 
-    ``cfg.root`` None = Debian's path. ``cfg.mean``/``cfg.std`` are used only when set explicitly
-    (their defaults are ImageNet's 3-channel values); otherwise the Fashion-MNIST statistics.
+    ``cfg.root`` None = Debian's path. ``cfg.mean``/``cfg.std``/``cfg.image_size`` are used only
+    when set to something other than DataConfig's ImageNet defaults; otherwise the Fashion-MNIST
+    statistics and 32x32.
     """
     given = getattr(cfg, "model_fields_set", set())
     augment = getattr(cfg, "augment", "none")
@@ -291,10 +292,21 @@ def build_fashion_mnist_loader(
             f"data.augment={augment!r}: the fashion_mnist loader does no augmentation (paper §5.2 "
             "names none); set data.augment=none or leave it unset"
         )
+    fields = getattr(type(cfg), "model_fields", {})
+
+    def explicit(key: str) -> Any:
+        """cfg.<key> if the user set it to something other than DataConfig's default (ImageNet's
+        224 px and 3-channel statistics), else None. A default also arrives "set" when a saved
+        config is re-validated (checkpoints hold the full dump), hence the value comparison."""
+        value = getattr(cfg, key, None)
+        default = fields[key].default if key in fields else None
+        return value if key in given and value != default else None
+
     stats = {}
     for key in ("mean", "std"):
-        if key in given:
-            value = tuple(getattr(cfg, key))
+        value = explicit(key)
+        if value is not None:
+            value = tuple(value)
             if len(value) != 1:
                 raise ValueError(
                     f"data.{key}={list(value)}: Fashion-MNIST has 1 channel, give one value"
@@ -309,6 +321,6 @@ def build_fashion_mnist_loader(
         seed=seed,
         device=device,
         channels_last=channels_last,
-        image_size=int(getattr(cfg, "image_size", 32) or 32),
+        image_size=int(explicit("image_size") or 32),
         **stats,
     )
