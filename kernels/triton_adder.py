@@ -55,12 +55,11 @@ _DX_O_PAD = 8
 # Kernels
 # ----------------------------------------------------------------------------------------------------------
 # Kernels call only triton.language builtins and this module's own @triton.jit helpers (tl.full, not
-# tl.zeros; tl.reduce(·, _add), not tl.sum): triton's library helpers are compiled-mode objects when triton
-# was imported before TRITON_INTERPRET was set, and the interpreter (kernels/triton_testing.py) cannot call
-# those.
-@triton.jit
-def _add(a, b):
-    return a + b
+# tl.zeros; tl.reduce(·, tl.standard._sum_combine), not tl.sum): triton's library helpers are
+# compiled-mode objects when triton was imported before TRITON_INTERPRET was set, and the interpreter
+# (kernels/triton_testing.py) cannot call those. _sum_combine is only passed, never called by the
+# interpreter: it recognises that exact object and uses np.sum (a Python combine function instead made
+# the CPU tests 5× slower: one call per element).
 
 
 @triton.jit
@@ -233,9 +232,9 @@ def _adder_fwd_kernel(
         # Statistics use the value rounded to the storage dtype, i.e. exactly what an unfused BN reads.
         ys = y_out.to(ACC_DTYPE)
         rows = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M)
-        mean = tl.reduce(tl.where(tile_mask, ys, 0.0), 1, _add) / rows
+        mean = tl.reduce(tl.where(tile_mask, ys, 0.0), 1, tl.standard._sum_combine) / rows
         dev = tl.where(tile_mask, ys - mean[:, None], 0.0)
-        m2 = tl.reduce(dev * dev, 1, _add)
+        m2 = tl.reduce(dev * dev, 1, tl.standard._sum_combine)
         part = part_ptr + pid_m * 2 * O + offs_n
         tl.store(part, mean.to(tl.float32), mask=n_mask)
         tl.store(part + O, m2.to(tl.float32), mask=n_mask)
@@ -445,7 +444,7 @@ def _adder_bwd_dw_kernel(
     else:
         # Σ_m g·(x − w) = (gᵀx) − w·Σ_m g: an implicit GEMM over BLOCK_K positions per step (x gathered
         # per tap, padded taps read 0), in IEEE fp32 FMA (no TF32), plus a row sum of g.
-        gs = tl.full((BLOCK_M,), 0.0, ACC_DTYPE)
+        gs2 = tl.full((BLOCK_M, BLOCK_K), 0.0, ACC_DTYPE)  # Σ_m g, reduced once after the loop
         PQ = P * Q
         pos1 = row1 * Q
         offs_k = tl.arange(0, BLOCK_K)
@@ -472,8 +471,8 @@ def _adder_bwd_dw_kernel(
                 other=0.0,
             ).to(ACC_DTYPE)
             acc = tl.dot(gt, xt, acc, input_precision="ieee", out_dtype=ACC_DTYPE)
-            gs += tl.reduce(gt, 1, _add)
-        acc -= wt * gs[:, None]
+            gs2 += gt
+        acc -= wt * tl.reduce(gs2, 1, tl.standard._sum_combine)[:, None]
 
     out_off = rs * O * C + offs_o[:, None] * C + offs_c[None, :]
     if ATOMIC:
