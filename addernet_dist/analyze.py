@@ -399,6 +399,21 @@ def collect_features(net: LeNetPP, loader: IdxLoader) -> tuple[np.ndarray, np.nd
     return f, y, correct / max(1, len(y))
 
 
+def feature_geometry(f: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """How the classes are arranged in feature space, as two nearest-prototype accuracies:
+    ``angle``: nearest class mean DIRECTION by cosine (classes separated by angle, the CNN
+    picture of Fig. 1); ``l1_centre``: nearest class median by l1 distance (classes clustered
+    around centres, the AdderNet picture)."""
+    classes = np.unique(y)
+    unit = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+    dirs = np.stack([unit[y == c].mean(0) for c in classes])
+    dirs /= np.maximum(np.linalg.norm(dirs, axis=1, keepdims=True), 1e-12)
+    angle = classes[np.argmax(unit @ dirs.T, axis=1)]
+    centres = np.stack([np.median(f[y == c], axis=0) for c in classes])
+    l1 = classes[np.argmin(np.abs(f[:, None, :] - centres[None]).sum(-1), axis=1)]
+    return {"angle": float((angle == y).mean()), "l1_centre": float((l1 == y).mean())}
+
+
 def plot_features(panels: dict[str, tuple[np.ndarray, np.ndarray, float]], path: str) -> None:
     plt = _plt()
     dim = next(iter(panels.values()))[0].shape[1]
@@ -607,10 +622,11 @@ def _cmd_features(args) -> None:
             f"{label}: LeNet++ (width x{args.width}, {args.kernel}x{args.kernel}), {args.epochs} "
             f"epoch(s), test top-1 {100 * acc:.2f}%, {result[label]['seconds']:.0f} s"
         )
-        # How the classes are arranged: the CNN's by direction, the AdderNet's around centres.
-        norm = np.linalg.norm(f, axis=1)
+        geo = feature_geometry(f, y)
+        result[label]["geometry"] = geo
         print(
-            f"  feature norm median {np.median(norm):.3g}, IQR/median {np.subtract(*np.percentile(norm, [75, 25])) / max(np.median(norm), 1e-12):.2f}"
+            f"  nearest-prototype accuracy of the features: by angle {100 * geo['angle']:.1f}%, "
+            f"by l1 distance to class centres {100 * geo['l1_centre']:.1f}%"
         )
     plot_features(panels, args.out)
     _dump(args, result)

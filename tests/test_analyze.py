@@ -16,6 +16,7 @@ from addernet_dist import checkpoint
 from addernet_dist.analyze import (
     LeNetPP,
     bn_recalibrated_top1,
+    feature_geometry,
     final_checkpoint,
     fit_laplace_gaussian,
     load_trained_model,
@@ -210,9 +211,25 @@ def test_features_trains_both_nets_and_plots(idx_root, tmp_path, dim):
     for label in ("CNN", "AdderNet"):
         assert 0.0 <= res[label]["top1"] <= 1.0
         assert len(res[label]["train_loss"]) == 1 and np.isfinite(res[label]["train_loss"][0])
+        assert set(res[label]["geometry"]) == {"angle", "l1_centre"}
     assert_png(png)
     with pytest.raises(ValueError, match="feature dim must be 2 or 3"):
         LeNetPP("conv", dim=4)
+
+
+@pytest.mark.timeout(30)
+def test_feature_geometry_tells_rays_from_blobs():
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(8), 300)
+    ang = y * np.pi / 4 + rng.normal(0, 0.02, y.size)
+    r = rng.uniform(0.5, 40, y.size)
+    rays = np.stack([r * np.cos(ang), r * np.sin(ang)], 1)
+    geo = feature_geometry(rays, y)
+    assert geo["angle"] == 1.0 and geo["l1_centre"] < 0.95
+    centres = np.arange(1, 9)[:, None] * np.array([[3.0, 3.0]])  # all on one ray
+    blobs = centres[y] + rng.normal(0, 0.3, (y.size, 2))
+    geo = feature_geometry(blobs, y)
+    assert geo["l1_centre"] > 0.99 and geo["angle"] < 0.3
 
 
 @pytest.mark.slow
