@@ -112,6 +112,9 @@ class FusedAdderBN2d(nn.Module):
         self.relu = bool(relu)
         # Forces the unfused path (for A/B comparisons and debugging); not saved.
         self.use_fast_path = True
+        # ∂L/∂F reduction order, as adder2d_triton: True = fixed-order partials (bitwise reproducible),
+        # False = float atomics, None = follow torch.are_deterministic_algorithms_enabled().
+        self.deterministic: bool | None = True
 
     def _fast_path_ok(self, x: torch.Tensor) -> bool:
         return (
@@ -156,7 +159,7 @@ class FusedAdderBN2d(nn.Module):
                 adder.grad_x,
                 adder.grad_w,
                 bn.eps,
-                ta.resolve_deterministic(None),
+                ta.resolve_deterministic(self.deterministic),
                 out_hw,
             )
             if bn.training and bn.track_running_stats:

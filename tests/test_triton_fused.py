@@ -127,3 +127,15 @@ def test_fused_module_rejects_bad_pairs(fused):
         fused.FusedAdderBN2d(adder, nn.BatchNorm2d(6))
     with pytest.raises(TypeError, match="BatchNorm2d"):
         fused.FusedAdderBN2d(adder, nn.BatchNorm1d(5))
+
+
+@pytest.mark.timeout(60)
+def test_eval_with_autograd_falls_back_to_unfused_and_has_gradients(fused):
+    adder, bn = _pair()
+    adder.eval(), bn.eval()
+    f = _fused_copy(fused, adder, bn, relu=True).eval()
+    x = torch.randn(1, 3, 5, 5, requires_grad=True)
+    y = f(x)  # eval statistics with autograd recording: the inference kernel has no backward
+    y.sum().backward()
+    torch.testing.assert_close(y, torch.relu(bn(adder(x))), rtol=1e-5, atol=1e-5)
+    assert x.grad is not None and f.adder.weight.grad is not None
