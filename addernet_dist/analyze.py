@@ -768,7 +768,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    args.fn(args)
+    try:
+        args.fn(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        # Missing data / checkpoint / run folder, bad argument, failed trainer run: the message
+        # names the problem and the fix; a traceback would bury it.
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 

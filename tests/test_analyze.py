@@ -86,6 +86,16 @@ def test_table1_adder_gradients_are_orders_smaller(idx_root, tmp_path, capsys):
 
 
 @pytest.mark.timeout(30)
+def test_cli_errors_name_the_problem(tmp_path, capsys):
+    assert main(["table1", "--data-root", str(tmp_path)]) == 2
+    assert "apt-get install -y dataset-fashion-mnist" in capsys.readouterr().err
+    assert main(["weights", "--adder", str(tmp_path / "none.pt")]) == 2
+    assert "does not exist; train one first" in capsys.readouterr().err
+    assert main(["curves", "--run", f"x={tmp_path}"]) == 2
+    assert "metrics.jsonl' does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(30)
 def test_fit_picks_the_generating_distribution():
     rng = np.random.default_rng(0)
     lap = fit_laplace_gaussian(rng.laplace(0.1, 0.5, size=40_000))
