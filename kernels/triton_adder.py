@@ -622,6 +622,7 @@ def adder2d_forward(
         else torch.contiguous_format
     )
     y = torch.empty((n, o, pp, qq), device=x.device, dtype=x.dtype, memory_format=fmt)
+    _check_device(y)  # the output can be larger than the input (int32 indexing)
     o_pad = triton.cdiv(o, _W_PAD) * _W_PAD
     # fp32 (fp64) filters whatever the storage dtype: each thread converts every filter value it loads, so
     # bf16 filters cost one extra instruction per MAC (3.94 vs 2.5 SASS/MAC); the copy is tiny anyway.
