@@ -514,7 +514,8 @@ def _reset_pool_after_fork() -> None:
     _pool, _pool_key = None, None  # a forked child (DataLoader worker) inherits no live threads
 
 
-os.register_at_fork(after_in_child=_reset_pool_after_fork)
+if hasattr(os, "register_at_fork"):  # POSIX only
+    os.register_at_fork(after_in_child=_reset_pool_after_fork)
 
 
 def _run(fn, jobs: list[tuple]) -> None:

@@ -348,3 +348,32 @@ def test_extra_memory_is_a_few_inputs_not_an_im2col():
     assert fast < 4 * input_bytes, f"{fast / 2**20:.1f} MiB beyond autograd's own"
     # control: the same measurement does see a column tensor when one is materialised
     assert _extra_bytes("fast+im2col", 8) - null > 4 * input_bytes
+
+
+def _child_forward(q):
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float64).reshape(2, 3, 6, 6) / 50
+    w = torch.linspace(-1, 1, 4 * 3 * 9, dtype=torch.float64).reshape(4, 3, 3, 3)
+    q.put(cpu_adder.adder2d_cpu(x, w, padding=1).sum().item())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_forked_child_can_use_the_kernels_after_the_parent_did():
+    # DataLoader workers and torchrun-spawned helpers fork a parent whose thread pool is already
+    # running; the child has none of its threads and must build its own instead of waiting forever
+    import multiprocessing as mp
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        q = mp.get_context("fork").Queue()
+        _child_forward(q)  # the parent uses (and so starts) the pool
+        want = q.get(timeout=30)
+        proc = mp.get_context("fork").Process(target=_child_forward, args=(q,))
+        proc.start()
+        got = q.get(timeout=60)
+        proc.join(timeout=30)
+    finally:
+        torch.set_num_threads(before)
+    assert proc.exitcode == 0
+    assert got == want
