@@ -323,7 +323,8 @@ def _loop(
                 rec = _train_record(state, loss, engine, p, stats, adder_names, dist)
                 rec["images_per_s"] = steps_last * cfg.train.global_batch_size / max(dt, 1e-9)
                 logger.write(rec)
-                progress.update(steps_last, {k: rec[k] for k in ("epoch", "loss", "lr", "p")})
+                keys = ("epoch", "loss", "lr", "p", "images_per_s")
+                progress.update(steps_last, {k: rec[k] for k in keys})
                 t_last, steps_last = time.perf_counter(), 0
                 if stop.agreed(dist):
                     path = save(last_eval)

@@ -50,6 +50,6 @@ def test_disabled_logger_on_other_ranks_writes_nothing(tmp_path):
 def test_progress_plain_lines_when_not_a_terminal(caplog):
     caplog.set_level(logging.INFO, logger="addernet_dist")
     prog = Progress(enabled=True, mode="auto", total=10, initial=0)  # pytest's stderr: no TTY
-    prog.update(2, {"epoch": 0, "loss": 2.30259, "lr": 0.1, "p": 1.75})
+    prog.update(2, {"epoch": 0, "loss": 2.30259, "lr": 0.1, "p": 1.75, "images_per_s": 812.4})
     prog.close()
-    assert "epoch=0 loss=2.303 lr=0.1 p=1.75" in caplog.text
+    assert "epoch=0 loss=2.303 lr=0.1 p=1.75 images_per_s=812.4" in caplog.text
