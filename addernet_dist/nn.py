@@ -131,12 +131,14 @@ class AdderLinear(_AdderMixin, nn.Module):
         p: float = 1.0,
         grad_x: str = "lp",
         grad_w: str = "full",
+        backend: str | None = None,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
+        self.backend = backend
         self._init_modes(p, grad_x, grad_w)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))

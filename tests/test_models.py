@@ -65,6 +65,10 @@ def test_stem_and_head_stay_full_precision_by_default():
 def test_adder_options_are_passed_to_layers():
     m = create_model("resnet8", p=2.0, grad_x="hardtanh")
     assert {(a.p, a.grad_x) for a in adder_modules(m)} == {(2.0, "hardtanh")}
+    # every adder layer type takes the backend option, LeNet's adder FC layers included
+    m = create_model("lenet5_bn", backend="reference", grad_w="sign")
+    assert {(a.backend, a.grad_w) for a in adder_modules(m)} == {("reference", "sign")}
+    assert m(torch.randn(2, 1, 32, 32)).shape == (2, 10)
     with pytest.raises(ValueError, match="make no sense with conv='conv'"):
         create_model("resnet8", conv="conv", p=2.0)
 
