@@ -92,3 +92,18 @@ def test_ablation_switches_reach_every_adder_layer():
     # conv twin: no adder layers, and the adder options are simply not applicable
     cnn = build_model(load_config(DEBUG_CONFIG, ["model.conv=conv"]), num_classes=10)
     assert adder_modules(cnn) == [] and isinstance(cnn, type(create_model("resnet8", conv="conv")))
+
+
+@pytest.mark.timeout(60)
+def test_resume_keeps_position_but_takes_schedule_shape_from_new_config():
+    engine, model = _engine(["optim.schedule=cosine", "train.epochs=2"])
+    for _ in range(3):
+        _step(engine, model)
+    saved = engine.state_dict()
+    longer, _ = _engine(["optim.schedule=cosine", "train.epochs=4"])
+    longer.load_state_dict(saved)
+    fn = longer.lr_scheduler.lr_lambdas[0]
+    assert fn.total_steps == 16 and longer.lr_scheduler.last_epoch == 3
+    assert engine.lr_scheduler.lr_lambdas[0].total_steps == 8  # the source is untouched
+    _step(longer, longer.unwrap())
+    assert longer.lr == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 16)))

@@ -7,6 +7,7 @@ all-reduce still overlaps backward.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -104,4 +105,9 @@ class DDPEngine(Engine):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        # Position from the checkpoint, schedule shape (total steps, warmup) from this run's config,
+        # like the p schedule: resuming with more train.epochs stretches the remaining decay.
+        # LambdaLR.load_state_dict overwrites its LRLambda objects' fields in place, hence copies.
+        shape = [copy.copy(fn) for fn in self.lr_scheduler.lr_lambdas]
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.lr_scheduler.lr_lambdas = shape
