@@ -515,14 +515,15 @@ def plot_curves(runs: dict[str, dict[str, Any]], path: str) -> None:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
     for label, s in runs.items():
         a1.plot([e + 1 for e in s["train_epochs"]], s["train_loss"], marker=".", label=label)
-        a2.plot(
-            [e + 1 for e in s["eval_epochs"]], [_pct(v) for v in s["top1"]], marker=".", label=label
-        )
+        # Train records carry the 0-based epoch being trained, eval records the number of
+        # completed epochs: both end up at "epochs done".
+        a2.plot(s["eval_epochs"], [_pct(v) for v in s["top1"]], marker=".", label=label)
     a1.set_xlabel("epoch")
     a1.set_ylabel("train loss (mean over logged steps)")
     a1.set_yscale("log")
     a2.set_xlabel("epoch")
     a2.set_ylabel("test top-1 (%)")
+    a2.set_ylim(bottom=max(0.0, min(_pct(v) for s in runs.values() for v in s["top1"]) - 2))
     for a in (a1, a2):
         a.grid(alpha=0.3)
         a.legend()
