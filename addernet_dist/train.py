@@ -91,8 +91,9 @@ def build_data(cfg: Config, dist: DistInfo):
     try:
         train = build_loader(cfg.data, "train", **kw)
         val = build_loader(cfg.data, "val", **kw)
-    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
-        # The data layer's errors name the path and the expected layout; make them user errors.
+    except (OSError, ValueError) as e:
+        # The data layer's errors name the path and the expected layout (missing folders, a val
+        # image absent from the ground truth, a half-written digits root): make them user errors.
         raise ConfigError(f"data: {e}") from e
     if len(train) == 0:
         raise ConfigError("the training split yields no batches; lower train.global_batch_size")

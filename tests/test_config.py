@@ -128,6 +128,23 @@ def test_cli_errors_exit_nonzero_and_leave_output_dir_untouched(
     assert _snapshot(existing_run) == before
 
 
+@pytest.mark.timeout(60)
+def test_half_written_digits_root_is_a_user_error(existing_run, tmp_path, capsys):
+    # The data layer refuses a non-empty root without its completion marker (FileExistsError);
+    # the trainer must report it like any other data error: rc 2, nothing written.
+    root = tmp_path / "digits"
+    (root / "train").mkdir(parents=True)
+    (root / "train" / "partial.jpg").write_bytes(b"")
+    before = _snapshot(existing_run)
+    rc = main(
+        ["--config", str(DEBUG_CONFIG), f"output_dir={existing_run}", "data.dataset=digits",
+         f"data.root={root}"]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: data: ") and str(root) in err
+    assert _snapshot(existing_run) == before
+
+
 @pytest.mark.timeout(120)
 def test_cli_process_exit_code(existing_run):
     before = _snapshot(existing_run)
