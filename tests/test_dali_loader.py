@@ -42,6 +42,24 @@ def _tv(cfg: DataConfig) -> DataConfig:
 
 
 @pytest.mark.timeout(60)
+def test_train_antialias_option_reaches_the_resize(tree):
+    # Same seed, same crops: only the resize filter differs. Crops of the generated images are
+    # downscaled to 24x24, where antialiasing changes pixels; the default is off (DLE's choice).
+    root, _ = tree
+    assert DataConfig(dataset="synthetic").dali.train_antialias is False
+    outs = {}
+    for aa in (False, True):
+        cfg = _cfg(root, augment="random_resized_crop")
+        cfg = cfg.model_copy(update={"dali": cfg.dali.model_copy(update={"train_antialias": aa})})
+        outs[aa] = torch.cat([x for x, _ in build_loader(cfg, "train", batch_size=4, seed=3)])
+    again = _cfg(root, augment="random_resized_crop")
+    torch.testing.assert_close(
+        torch.cat([x for x, _ in build_loader(again, "train", batch_size=4, seed=3)]), outs[False]
+    )
+    assert (outs[True] - outs[False]).abs().mean() > 1e-3
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("augment", ["random_resized_crop", "pad_crop"])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_train_shapes_dtypes_layout(tree, augment, channels_last):

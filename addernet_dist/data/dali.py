@@ -100,7 +100,13 @@ def build_pipeline(
                 num_attempts=10,
                 **decoder_kw,
             )
-            images = fn.resize(images, device=op_device, resize_x=s, resize_y=s, antialias=True)
+            images = fn.resize(
+                images,
+                device=op_device,
+                resize_x=s,
+                resize_y=s,
+                antialias=cfg.dali.train_antialias,
+            )
             crop = None
         elif augment == "pad_crop":
             images = fn.decoders.image(
