@@ -38,7 +38,7 @@ class DaliConfig(BaseModel):
     hw_decoder_load: float = Field(default=0.65, ge=0.0, le=1.0)
     # Antialiased resize of the train random-resized-crop. Off by default, as in NVIDIA's
     # DeepLearningExamples ResNet-50 DALI pipeline: it is the most expensive CPU op of the train
-    # pipeline (DALI CPU / torchvision went 1.30x -> see BENCHMARKS.md with it off), and the crop
+    # pipeline (DALI CPU / torchvision: 1.30x with it, 1.59x without, BENCHMARKS.md), and the crop
     # is a random augmentation anyway. Val always resizes antialiased, matching torchvision.
     train_antialias: bool = False
 
