@@ -41,6 +41,14 @@ def build_loader(
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     train = split == "train"
     device = torch.device(device)
+    shard_kw = dict(
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        device=device,
+        channels_last=channels_last,
+    )
 
     if cfg.dataset == "synthetic":
         from .synthetic import SyntheticDataset, SyntheticLoader
@@ -71,16 +79,7 @@ def build_loader(
         # dataset-fashion-mnist files, no JPEG tree.
         from .idx import build_fashion_mnist_loader
 
-        return build_fashion_mnist_loader(
-            cfg,
-            split,
-            batch_size=batch_size,
-            rank=rank,
-            world_size=world_size,
-            seed=seed,
-            device=device,
-            channels_last=channels_last,
-        )
+        return build_fashion_mnist_loader(cfg, split, **shard_kw)
 
     from .folder import resolve_samples
 
@@ -88,27 +87,7 @@ def build_loader(
     if cfg.resolved_loader == "dali":
         from .dali import DaliLoader
 
-        return DaliLoader(
-            cfg,
-            samples,
-            train=train,
-            batch_size=batch_size,
-            rank=rank,
-            world_size=world_size,
-            seed=seed,
-            device=device,
-            channels_last=channels_last,
-        )
+        return DaliLoader(cfg, samples, train=train, **shard_kw)
     from .folder import TorchvisionLoader
 
-    return TorchvisionLoader(
-        cfg,
-        samples,
-        train=train,
-        batch_size=batch_size,
-        rank=rank,
-        world_size=world_size,
-        seed=seed,
-        device=device,
-        channels_last=channels_last,
-    )
+    return TorchvisionLoader(cfg, samples, train=train, **shard_kw)

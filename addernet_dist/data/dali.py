@@ -27,8 +27,7 @@ from collections.abc import Iterator
 import torch
 
 from .config import DataConfig
-from .folder import CorruptImageError, Samples, load_rgb
-from .loader import ShardedLoader
+from .folder import CorruptImageError, FolderLoader, Samples, load_rgb
 from .sampler import ResumableShardSampler, ShardPlan
 
 
@@ -205,34 +204,11 @@ def _pipeline_seed(seed: int, epoch: int, rank: int, batches_done: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + rank * 104_729 + batches_done * 31) % (2**31 - 1)
 
 
-class DaliLoader(ShardedLoader):
+class DaliLoader(FolderLoader):
     """DALI reading the sampler's order; see the module docstring."""
 
-    def __init__(
-        self,
-        cfg: DataConfig,
-        samples: Samples,
-        *,
-        train: bool,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        seed: int,
-        device: torch.device | str,
-        channels_last: bool,
-    ) -> None:
-        sampler = ResumableShardSampler(
-            len(samples),
-            batch_size=batch_size,
-            rank=rank,
-            world_size=world_size,
-            seed=seed,
-            shuffle=train,
-        )
-        super().__init__(sampler, train=train, device=device, channels_last=channels_last)
-        self.cfg = cfg
-        self.samples = samples
-        self.num_classes = len(samples.classes)
+    def __init__(self, cfg: DataConfig, samples: Samples, **kw) -> None:
+        super().__init__(cfg, samples, **kw)
         self.labels = torch.tensor(samples.labels, dtype=torch.int64)
         self.dali_device = resolve_dali_device(cfg, self.device)
 

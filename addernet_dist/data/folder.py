@@ -308,8 +308,8 @@ class _FolderDataset(torch.utils.data.Dataset):
         return self.transform(img, sample_rng(seed, epoch, position)), self.samples.labels[index]
 
 
-class TorchvisionLoader(ShardedLoader):
-    """PIL decode + torchvision transforms in ``cfg.num_workers`` DataLoader worker processes."""
+class FolderLoader(ShardedLoader):
+    """Base of the loaders over an image-file list (torchvision and DALI): one sampler, one order."""
 
     def __init__(
         self,
@@ -336,7 +336,14 @@ class TorchvisionLoader(ShardedLoader):
         self.cfg = cfg
         self.samples = samples
         self.num_classes = len(samples.classes)
-        self.dataset = _FolderDataset(samples, ImageTransform(cfg, train))
+
+
+class TorchvisionLoader(FolderLoader):
+    """PIL decode + torchvision transforms in ``cfg.num_workers`` DataLoader worker processes."""
+
+    def __init__(self, cfg: DataConfig, samples: Samples, **kw) -> None:
+        super().__init__(cfg, samples, **kw)
+        self.dataset = _FolderDataset(samples, ImageTransform(cfg, self.train))
 
     def _batches(self, plans: list[ShardPlan]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         seed, epoch = self.sampler.seed, self.sampler.epoch
