@@ -82,17 +82,6 @@ def _pow_abs(d: torch.Tensor, p: float) -> torch.Tensor:
     return d.abs().pow(p)
 
 
-def _grad_x_factor(d_wx: torch.Tensor, p: float, mode: str) -> torch.Tensor:
-    """∂y/∂x as a function of d = w − x (in place where it can be: d_wx is a scratch block)."""
-    if mode == "hardtanh":
-        return d_wx.clamp_(-1.0, 1.0)
-    if p == 1.0:
-        return d_wx.sign_()
-    if p == 2.0:
-        return d_wx
-    return d_wx.sign() * d_wx.abs().pow_(p - 1.0)
-
-
 def _chunk_rows(m: int, o: int, k: int, elem_bytes: int, max_chunk_bytes: int) -> int:
     return max(1, min(m, max_chunk_bytes // max(1, o * k * elem_bytes)))
 
@@ -107,12 +96,8 @@ def _distance(x_mk: torch.Tensor, w_ok: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def _output_from_distance(dist_mo: torch.Tensor, p: float) -> torch.Tensor:
+    """y[m, o] = −Σ_k |x[m,k] − w[o,k]|^p = −D^p."""
     return dist_mo.neg() if p == 1.0 else dist_mo.pow(p).neg_()
-
-
-def adder_forward_rows(x_mk: torch.Tensor, w_ok: torch.Tensor, p: float) -> torch.Tensor:
-    """y[m, o] = −Σ_k |x[m,k] − w[o,k]|^p = −D^p for patch rows x (M, K) and filters w (O, K)."""
-    return _output_from_distance(_distance(x_mk, w_ok, p), p)
 
 
 def adder_grad_x_lp_rows(
@@ -129,25 +114,22 @@ def adder_grad_x_lp_rows(
     return torch.ops.aten._cdist_backward(gd, x_mk, w_ok, p, dist_mo)
 
 
-def adder_grad_x_rows(
+def adder_grad_x_hardtanh_rows(
     x_mk: torch.Tensor,
     w_ok: torch.Tensor,
     g_mo: torch.Tensor,
-    p: float,
-    mode: str,
     max_chunk_bytes: int = _DEFAULT_CHUNK_BYTES,
 ) -> torch.Tensor:
-    """gx[m, k] = Σ_o g[m,o]·∂y/∂x(w[o,k] − x[m,k]), chunked over M (any mode; used for "hardtanh")."""
+    """gx[m, k] = Σ_o g[m,o]·HardTanh(w[o,k] − x[m,k]), chunked over M (no cdist form exists)."""
     m, k = x_mk.shape
     o = w_ok.shape[0]
     gx = torch.empty_like(x_mk)
     step = _chunk_rows(m, o, k, x_mk.element_size(), max_chunk_bytes)
     for s in range(0, m, step):
-        d = w_ok[:, None, :] - x_mk[None, s : s + step, :]  # (O, c, K)
-        f = _grad_x_factor(d, p, mode)
+        f = (w_ok[:, None, :] - x_mk[None, s : s + step, :]).clamp_(-1.0, 1.0)  # (O, c, K)
         f.mul_(g_mo[s : s + step].t()[:, :, None])
         gx[s : s + step] = f.sum(0)
-        del d, f
+        del f
     return gx
 
 
@@ -196,7 +178,7 @@ class AdderRowsFunction(torch.autograd.Function):
             if grad_x == "lp":
                 gx = adder_grad_x_lp_rows(xc, wc, g, p, dist)
             else:
-                gx = adder_grad_x_rows(xc, wc, g, p, grad_x, max_chunk_bytes)
+                gx = adder_grad_x_hardtanh_rows(xc, wc, g, max_chunk_bytes)
             gx = gx.to(x_dtype)
         if ctx.needs_input_grad[1]:
             gw = adder_grad_w_rows(xc, wc, g, grad_w, max_chunk_bytes).to(w_dtype)
