@@ -23,13 +23,14 @@ Notes on ``grad_x="lp"``:
     instability that motivated HardTanh in AdderNet v1 came from the *unbounded* full-precision gradient
     X − F, while sgn is bounded by 1 already. Users who want the v1 behaviour choose ``grad_x="hardtanh"``.
 
-Memory: the forward is ``torch.cdist`` (no broadcast); the input gradient and the sign filter gradient are
-evaluated over chunks of patches, so their largest temporary is an ``(O, chunk, K)`` block of at most
-``max_chunk_bytes`` (default 2 MiB, ``ADDERNET_REF_CHUNK_MB``), three such blocks for ``p ∉ {1, 2}``. With the
-unfolded input (``M·K`` elements, saved for backward anyway), its gradient and the output, the extra memory is
-about ``2·M·K + 2·M·O`` elements + 6 MiB — for the ResNet-50 stage-1 3×3 layer at batch 8 that is ~0.2 GB
-(measured peak: 0.45 GB with allocator slack, tests/test_memory_bound.py), where the original code's
-broadcast alone needs 3.7 GB.
+Memory: the forward is ``torch.cdist`` on the unfolded patches and the eq. 27 input gradient is ATen's
+``_cdist_backward`` on the saved distances: neither materialises the (O × K × M) differences. Only the
+``hardtanh`` input gradient and the ``sign`` filter gradient have no such form; they run over chunks of
+patches whose largest temporary is an ``(O, chunk, K)`` block of at most ``max_chunk_bytes`` (default
+2 MiB, ``ADDERNET_REF_CHUNK_MB``). With the unfolded input (``M·K`` elements, saved for backward anyway),
+its gradient, the output and the saved distances, the extra memory is about ``2·M·K + 2·M·O`` elements
++ 2 MiB — for the ResNet-50 stage-1 3×3 layer at batch 8 that is ~0.2 GB (measured peak: 429 MiB with
+allocator slack, tests/test_memory_bound.py), where the original code's broadcast alone needs 3.7 GB.
 The filter gradient needs no broadcast at all for ``grad_w="full"``:
 ``Σ_m g[m,o]·(x[m,k] − w[o,k]) = (gᵀx)[o,k] − w[o,k]·Σ_m g[m,o]`` — one GEMM.
 """
@@ -71,15 +72,6 @@ def check_args(p: float, grad_x: str, grad_w: str) -> None:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32/fp64 compute in their own precision; 16-bit storage accumulates in fp32."""
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
-
-
-def _pow_abs(d: torch.Tensor, p: float) -> torch.Tensor:
-    """|d|^p with exact fast paths for the two ends of the schedule."""
-    if p == 1.0:
-        return d.abs()
-    if p == 2.0:
-        return d * d
-    return d.abs().pow(p)
 
 
 def _chunk_rows(m: int, o: int, k: int, elem_bytes: int, max_chunk_bytes: int) -> int:
