@@ -11,9 +11,11 @@ Contract of one training iteration (the order is part of the contract)::
     stats = engine.step()                           # adaptive LR on GLOBAL grads, clip, opt step,
                                                     # LR scheduler step, zero grads
 
-``forward_backward`` must leave ``.grad`` of every parameter holding the gradient of the GLOBAL
-batch (averaged over ranks) when it returns, so that ``step`` can compute the eq. 33 norms
-``||grad F_l||_2`` on the global gradient (see adaptive_lr.py for why this matters).
+The contract is on ``step``: the eq. 33 norms ``||grad F_l||_2`` must be those of the GLOBAL batch's
+gradient (averaged over ranks; see adaptive_lr.py for why this matters). The DDP engine gets there by
+leaving the all-reduced gradient in ``.grad`` after ``forward_backward``; under ZeRO-1/2 the DeepSpeed
+engine holds only this rank's reduced partition, so it reduces per-layer squared norms inside ``step``
+(engine/zero_norms.py) instead.
 
 Checkpoints: ``save(path, client_state)`` writes the engine's state (model, optimizer, LR
 scheduler, GradScaler if any) plus the caller's ``client_state`` (train progress, loader position,
@@ -76,8 +78,8 @@ class Engine(ABC):
         """Forward under the engine's autocast policy, cross-entropy loss, backward.
 
         images: (B, C, H, W) float on ``self.device``; labels: (B,) int64. Returns the detached
-        scalar loss of THIS rank's batch (fp32, device tensor, no host sync). On return, ``.grad``
-        holds the global-batch gradient (already all-reduced across ranks).
+        scalar loss of THIS rank's batch (fp32, device tensor, no host sync). Where the global
+        gradient lives afterwards is engine-specific (``.grad`` for DDP, ZeRO partitions for DeepSpeed).
         """
 
     @abstractmethod
