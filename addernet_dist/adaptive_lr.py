@@ -51,6 +51,7 @@ class AdaptiveLRScaler:
         self.eta = float(eta)
         self.scope = scope
         self.sqrt_k = [math.sqrt(w.numel()) for w in self.weights]
+        self._sqrt_k_t: torch.Tensor | None = None
         self._handles = []
         # Per-rank norms seen by the local hooks in the last backward (logging only).
         self._local_norms: list[torch.Tensor | None] = [None] * len(self.weights)
@@ -69,6 +70,13 @@ class AdaptiveLRScaler:
 
         return hook
 
+    def _sqrt_k_on(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        # Built once: a fresh torch.tensor(list) every step is a host-to-device copy on GPU.
+        t = self._sqrt_k_t
+        if t is None or t.device != device or t.dtype != dtype:
+            t = self._sqrt_k_t = torch.tensor(self.sqrt_k, device=device, dtype=dtype)
+        return t
+
     @torch.no_grad()
     def scale_(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Scale ``.grad`` in place (scope="global"). Returns (norms, alphas) as (L,) fp32 device
@@ -80,7 +88,7 @@ class AdaptiveLRScaler:
             if len(norms) != len(self.weights):
                 return None, None
             stacked = torch.stack(norms)
-            sqrt_k = torch.tensor(self.sqrt_k, device=stacked.device)
+            sqrt_k = self._sqrt_k_on(stacked.device, stacked.dtype)
             return stacked, self.eta * sqrt_k / stacked.clamp_min(_NORM_FLOOR)
         grads = [w.grad for w in self.weights]
         if any(g is None for g in grads):
@@ -91,7 +99,7 @@ class AdaptiveLRScaler:
             )
         dtype = _norm_dtype(grads[0])
         norms = torch.stack([n.to(dtype) for n in torch._foreach_norm(grads)])
-        sqrt_k = torch.tensor(self.sqrt_k, device=norms.device, dtype=dtype)
+        sqrt_k = self._sqrt_k_on(norms.device, dtype)
         alphas = self.eta * sqrt_k / norms.clamp_min(_NORM_FLOOR)
         # One fused multiply over all layers; unbind gives 0-d tensor scalars (no host sync).
         torch._foreach_mul_(grads, [a.to(g.dtype) for a, g in zip(alphas.unbind(), grads)])
