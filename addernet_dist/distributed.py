@@ -115,7 +115,10 @@ def init_distributed(device: Literal["auto", "cpu", "cuda"] = "auto") -> DistInf
                 # publish) and try to connect to a port nobody listens on any more: refused, or
                 # a hang in ProcessGroupGloo construction, seen here 2 runs in 3. A per-attempt
                 # key prefix keeps attempts apart (pytorch/pytorch#167288 reports the NCCL twin).
-                store, _, _ = next(dist.rendezvous("env://", timeout=kwargs["timeout"]))
+                rdzv = dist.rendezvous("env://", timeout=kwargs["timeout"])
+                store, _, _ = next(rdzv)
+                rdzv.close()
+                _attempt_store[:] = [store]  # released in destroy_distributed, see there
                 kwargs.update(
                     store=dist.PrefixStore(f"addernet/attempt_{attempt}", store),
                     rank=rank,
@@ -125,6 +128,25 @@ def init_distributed(device: Literal["auto", "cpu", "cuda"] = "auto") -> DistInf
     return DistInfo(rank, world_size, local_rank, dev, backend)
 
 
-def destroy_distributed(info: DistInfo) -> None:
+# The store of a restarted attempt (see init_distributed). Dropped by destroy_distributed while the
+# interpreter is fully alive: a C++ store or process group left for interpreter finalisation can abort
+# the process at exit ("terminate called without an active exception", SIGABRT), which torchrun
+# counts as a failure and answers with one more restart of a finished run (seen once in CI).
+_attempt_store: list[Any] = []
+
+
+def destroy_distributed(info: DistInfo, ok: bool = True) -> None:
+    """Tear the process group down; ``ok=False`` on the error path.
+
+    Success: a barrier first, so no rank destroys its connections while a peer still has a
+    collective (the final eval's all-reduce, rank 0's checkpoint broadcast) in flight on them.
+    Failure: no barrier (the peers may be gone or stuck) and no NCCL destroy, which is collective and
+    would hang (torchtitan destroys on success only); gloo's destroy is local and runs.
+    """
     if info.initialized and dist.is_initialized():
-        dist.destroy_process_group()
+        if ok:
+            dist.barrier()
+            dist.destroy_process_group()
+        elif info.backend == "gloo":
+            dist.destroy_process_group()
+    _attempt_store.clear()

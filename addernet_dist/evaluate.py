@@ -61,10 +61,12 @@ def main(argv: list[str] | None = None) -> int:
             cfg = config_from_dict(apply_overrides(state["client"]["config"], args.overrides))
         dist = init_distributed(cfg.train.device)
         setup_console_logging(dist.rank)
+        ok = False
         try:
             result = evaluate_weights(cfg, state["engine"]["model"], dist)
+            ok = True
         finally:
-            destroy_distributed(dist)
+            destroy_distributed(dist, ok)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -211,10 +211,13 @@ def train(cfg: Config) -> EvalResult | None:
     """Run (or continue) the training described by ``cfg``; returns the last evaluation."""
     dist = init_distributed(cfg.train.device)
     setup_console_logging(dist.rank)
+    ok = False
     try:
-        return _train(cfg, dist)
+        result = _train(cfg, dist)
+        ok = True
+        return result
     finally:
-        destroy_distributed(dist)
+        destroy_distributed(dist, ok)
 
 
 def _train(cfg: Config, dist: DistInfo) -> EvalResult | None:
