@@ -62,6 +62,9 @@ _SOURCE = r"""
 #include <cstring>
 #include <algorithm>
 #include <limits>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 typedef int64_t i64;
 
 // V: a GCC vector of BYTES bytes (16 fp32 lanes at 64 B: one AVX-512 register, two AVX2 ones).
@@ -79,6 +82,126 @@ template <typename V, typename T, bool TAIL> static inline void st(T* p, V v, in
   std::memcpy(p, &v, TAIL ? cnt * sizeof(T) : sizeof(V));
 }
 template <typename V> static inline V vabs(V d) { return d < 0 ? -d : d; }
+
+// Row pairs: rows of Wo <= W/2 lanes (ResNet-20 stage 3: 8 fp32, ResNet-18/50 stage 4: 7) fill only
+// half of a 64-byte vector, so PAIR kernels put two output rows in one vector: the low half from row r,
+// the high half from row r + 1, RS elements further on. TAIL: CNT < W/2 valid lanes per half.
+// With AVX-512 a pair is one masked load plus one masked merge-load (no shuffle); assembling it through
+// memory instead stalls store-to-load forwarding and made the stage-3 forward 1.4x SLOWER than 8 lanes.
+#if defined(__AVX512F__)
+template <typename T, typename V> struct Pair512;
+template <typename V> struct Pair512<float, V> {
+  static inline V ld(const float* p, i64 rs, __mmask16 lo, __mmask16 hi) {
+    return (V)_mm512_mask_loadu_ps(_mm512_maskz_loadu_ps(lo, p), hi, p + rs - 8);
+  }
+  static inline void st(float* p, i64 rs, V v, __mmask16 lo, __mmask16 hi) {
+    _mm512_mask_storeu_ps(p, lo, (__m512)v);
+    _mm512_mask_storeu_ps(p + rs - 8, hi, (__m512)v);
+  }
+};
+template <typename V> struct Pair512<double, V> {
+  static inline V ld(const double* p, i64 rs, __mmask8 lo, __mmask8 hi) {
+    return (V)_mm512_mask_loadu_pd(_mm512_maskz_loadu_pd(lo, p), hi, p + rs - 4);
+  }
+  static inline void st(double* p, i64 rs, V v, __mmask8 lo, __mmask8 hi) {
+    _mm512_mask_storeu_pd(p, lo, (__m512d)v);
+    _mm512_mask_storeu_pd(p + rs - 4, hi, (__m512d)v);
+  }
+};
+#endif
+template <typename V, typename T, bool TAIL>
+static inline void pair_masks(int cnt, bool two, unsigned& lo, unsigned& hi) {
+  constexpr int H = (int)(sizeof(V) / sizeof(T)) / 2;
+  const unsigned half = TAIL ? (1u << cnt) - 1 : (1u << H) - 1;
+  lo = half;
+  hi = two ? half << H : 0;
+}
+// (two = false: a lone last row; its high half is zero and row r + 1, which may lie past the end of the
+// buffer, is never read)
+template <typename V, typename T, bool TAIL, bool PAIR>
+static inline V ldr(const T* p, i64 rs, int cnt, bool two) {
+  if constexpr (!PAIR) {
+    return ld<V, T, TAIL>(p, cnt);
+  } else {
+    constexpr int H = (int)(sizeof(V) / sizeof(T)) / 2;
+#if defined(__AVX512F__)
+    if constexpr (sizeof(V) == 64) {
+      unsigned lo, hi;
+      pair_masks<V, T, TAIL>(cnt, two, lo, hi);
+      return Pair512<T, V>::ld(p, rs, lo, hi);
+    }
+#endif
+    V v = V{};
+    std::memcpy(&v, p, (TAIL ? cnt : H) * sizeof(T));
+    if (two) std::memcpy(reinterpret_cast<T*>(&v) + H, p + rs, (TAIL ? cnt : H) * sizeof(T));
+    return v;
+  }
+}
+// Store (ADD: add into) the low half at p and, when TWO, the high half at p + rs.
+template <typename V, typename T, bool TAIL, bool PAIR, bool ADD>
+static inline void str(T* p, i64 rs, V v, int cnt, bool two) {
+  if constexpr (!PAIR) {
+    st<V, T, TAIL>(p, ADD ? ld<V, T, TAIL>(p, cnt) + v : v, cnt);
+  } else {
+    constexpr int H = (int)(sizeof(V) / sizeof(T)) / 2;
+#if defined(__AVX512F__)
+    if constexpr (sizeof(V) == 64) {
+      unsigned lo, hi;
+      pair_masks<V, T, TAIL>(cnt, two, lo, hi);
+      if (ADD) v += Pair512<T, V>::ld(p, rs, lo, hi);
+      Pair512<T, V>::st(p, rs, v, lo, hi);
+      return;
+    }
+#endif
+    const int m = TAIL ? cnt : H;
+    const T* lanes = reinterpret_cast<const T*>(&v);
+    for (int h = 0; h < (two ? 2 : 1); ++h) {
+      T* dst = p + h * rs;
+      if (ADD) for (int j = 0; j < m; ++j) dst[j] += lanes[h * H + j];
+      else std::memcpy(dst, lanes + h * H, m * sizeof(T));
+    }
+  }
+}
+
+// sgn(d) in {-1, 0, +1} and clamp(d, -1, 1) in ONE instruction each where AVX-512 has them, so the ℓ1
+// and HardTanh input gradients cost 3 vector ops per lane-MAC (sub, this, FMA) instead of 4:
+// vfixupimm maps the class of d (zero / negative / positive / ±inf) to a constant from a nibble table;
+// vrange "absmin(d, 1) with d's sign" is clamp. The products g·sgn are exact, so results are
+// bit-identical to the compare-and-select fallback.
+template <typename V> static inline V vsign(V d) {
+  typedef __typeof__(d[0] + 0) T;
+  // tokens (class -> response): QNaN->src, SNaN->QNaN(src), ±0->+0, +1->+1, -inf->-1, +inf->+1,
+  // negative->-1, positive->+1
+  constexpr int TABLE = (int)0xA9A9A821u;
+#if defined(__AVX512F__)
+  if constexpr (sizeof(V) == 64 && sizeof(T) == 4)
+    return (V)_mm512_fixupimm_ps((__m512)d, (__m512)d, _mm512_set1_epi32(TABLE), 0);
+  if constexpr (sizeof(V) == 64 && sizeof(T) == 8)
+    return (V)_mm512_fixupimm_pd((__m512d)d, (__m512d)d, _mm512_set1_epi64(TABLE), 0);
+#if defined(__AVX512VL__)
+  if constexpr (sizeof(V) == 32 && sizeof(T) == 4)
+    return (V)_mm256_fixupimm_ps((__m256)d, (__m256)d, _mm256_set1_epi32(TABLE), 0);
+#endif
+#endif
+  const V zero = V{}, one = zero + 1;
+  return (d > 0 ? one : zero) - (d < 0 ? one : zero);
+}
+template <typename V> static inline V vclamp1(V d) {
+  typedef __typeof__(d[0] + 0) T;
+#if defined(__AVX512DQ__)
+  constexpr int ABSMIN_SIGN_OF_A = 0x2;  // imm[1:0] = 10 absolute min, imm[3:2] = 00 sign from d
+  if constexpr (sizeof(V) == 64 && sizeof(T) == 4)
+    return (V)_mm512_range_ps((__m512)d, _mm512_set1_ps(1.0f), ABSMIN_SIGN_OF_A);
+  if constexpr (sizeof(V) == 64 && sizeof(T) == 8)
+    return (V)_mm512_range_pd((__m512d)d, _mm512_set1_pd(1.0), ABSMIN_SIGN_OF_A);
+#if defined(__AVX512VL__)
+  if constexpr (sizeof(V) == 32 && sizeof(T) == 4)
+    return (V)_mm256_range_ps((__m256)d, _mm256_set1_ps(1.0f), ABSMIN_SIGN_OF_A);
+#endif
+#endif
+  const V one = V{} + 1;
+  return d > one ? one : (d < -one ? -one : d);
+}
 
 // |a|^q for a >= 0 as exp(q·log a): vectorised by GCC through libmvec (-ffast-math). 0 stays 0 (q > 0).
 template <typename T, typename V> static inline V vpow(V a, T q) {
@@ -109,12 +232,14 @@ static void tap_offsets(const Geom& g, i64* off) {
 }
 
 // ---- forward: y = -sum_k |x - w|^p -------------------------------------------------------------------
-template <typename T, typename V, int MODE, int OB, bool TAIL>
-static inline void fwd_tile(const T* xp, const i64* off, const T* w, T* y, i64 K, i64 L, int cnt, T p) {
+// One tile: OB filters × one vector of output lanes (one row segment, or a row pair when PAIR).
+template <typename T, typename V, int MODE, int OB, bool TAIL, bool PAIR>
+static inline void fwd_tile(const T* xp, i64 rs, const i64* off, const T* w, T* y, i64 ys, i64 K, i64 L,
+                            int cnt, bool two, T p) {
   V acc[OB];
   for (int b = 0; b < OB; ++b) acc[b] = V{};
   for (i64 k = 0; k < K; ++k) {
-    V xv = ld<V, T, TAIL>(xp + off[k], cnt);
+    V xv = ldr<V, T, TAIL, PAIR>(xp + off[k], rs, cnt, two);
     for (int b = 0; b < OB; ++b) {
       V d = xv - w[b * K + k];
       if (MODE == 1) acc[b] += vabs(d);
@@ -122,87 +247,88 @@ static inline void fwd_tile(const T* xp, const i64* off, const T* w, T* y, i64 K
       else acc[b] += vpow<T, V>(vabs(d), p);
     }
   }
-  for (int b = 0; b < OB; ++b) st<V, T, TAIL>(y + b * L, -acc[b], cnt);
+  for (int b = 0; b < OB; ++b) str<V, T, TAIL, PAIR, false>(y + b * L, ys, -acc[b], cnt, two);
 }
 
-template <typename T, typename V, int MODE, bool TAIL>
-static inline void fwd_col(const T* xp, const i64* off, const T* w, T* y, i64 K, i64 O, i64 L, int cnt, T p) {
+template <typename T, typename V, int MODE, bool TAIL, bool PAIR>
+static inline void fwd_col(const T* xp, i64 rs, const i64* off, const T* w, T* y, i64 ys, i64 K, i64 O, i64 L,
+                           int cnt, bool two, T p) {
   i64 o = 0;
-  for (; o + 16 <= O; o += 16) fwd_tile<T, V, MODE, 16, TAIL>(xp, off, w + o * K, y + o * L, K, L, cnt, p);
-  for (; o + 4 <= O; o += 4) fwd_tile<T, V, MODE, 4, TAIL>(xp, off, w + o * K, y + o * L, K, L, cnt, p);
-  for (; o < O; ++o) fwd_tile<T, V, MODE, 1, TAIL>(xp, off, w + o * K, y + o * L, K, L, cnt, p);
+  for (; o + 16 <= O; o += 16)
+    fwd_tile<T, V, MODE, 16, TAIL, PAIR>(xp, rs, off, w + o * K, y + o * L, ys, K, L, cnt, two, p);
+  for (; o + 4 <= O; o += 4)
+    fwd_tile<T, V, MODE, 4, TAIL, PAIR>(xp, rs, off, w + o * K, y + o * L, ys, K, L, cnt, two, p);
+  for (; o < O; ++o) fwd_tile<T, V, MODE, 1, TAIL, PAIR>(xp, rs, off, w + o * K, y + o * L, ys, K, L, cnt, two, p);
 }
 
-// rows r0..r1 of the flattened (n, oh) output rows
-template <typename T, typename V, int MODE>
+// rows r0..r1 of the flattened (n, oh) output rows; PAIR: two rows of one image per vector
+template <typename T, typename V, int MODE, bool PAIR>
 static void fwd(const Geom& g, const T* P, const T* w, T* y, i64 r0, i64 r1, T p, const i64* off) {
-  constexpr int W = sizeof(V) / sizeof(T);
+  constexpr int W = sizeof(V) / sizeof(T), H = PAIR ? W / 2 : W;
   const i64 K = g.K(), L = g.L();
-  for (i64 r = r0; r < r1; ++r) {
+  for (i64 r = r0; r < r1;) {
     const i64 n = r / g.Ho, oh = r % g.Ho;
+    const bool two = PAIR && oh + 1 < g.Ho && r + 1 < r1;
     const T* xrow = P + n * g.img() + oh * g.Wq;
     T* yrow = y + n * g.O * L + oh * g.Wo;
-    for (i64 ow = 0; ow < g.Wo; ow += W) {
-      const int cnt = (int)(g.Wo - ow < W ? g.Wo - ow : W);
-      if (cnt == W) fwd_col<T, V, MODE, false>(xrow + ow, off, w, yrow + ow, K, g.O, L, cnt, p);
-      else fwd_col<T, V, MODE, true>(xrow + ow, off, w, yrow + ow, K, g.O, L, cnt, p);
+    for (i64 ow = 0; ow < g.Wo; ow += H) {
+      const int cnt = (int)(g.Wo - ow < H ? g.Wo - ow : H);
+      if (cnt == H) fwd_col<T, V, MODE, false, PAIR>(xrow + ow, g.Wq, off, w, yrow + ow, g.Wo, K, g.O, L, cnt, two, p);
+      else fwd_col<T, V, MODE, true, PAIR>(xrow + ow, g.Wq, off, w, yrow + ow, g.Wo, K, g.O, L, cnt, two, p);
     }
+    r += two ? 2 : 1;
   }
 }
 
 // ---- input gradient: gx = sum_o g * f(w - x), scattered into the phased padded buffer GP ------------
 // MODE 0: lp general p: sgn(d)|d|^(p-1); 1: lp p=1: sgn(d); 2: lp p=2: d; 3: hardtanh: clamp(d, -1, 1)
-template <typename T, typename V, int MODE, int KB, bool TAIL>
-static inline void gx_tile(const T* xp, T* gp, const i64* off, const T* w, const T* go, i64 K, i64 O, i64 L,
-                           int cnt, T p) {
+template <typename T, typename V, int MODE, int KB, bool TAIL, bool PAIR>
+static inline void gx_tile(const T* xp, T* gp, i64 rs, const i64* off, const T* w, const T* go, i64 gs, i64 K,
+                           i64 O, i64 L, int cnt, bool two, T p) {
   V xv[KB], acc[KB];
-  for (int b = 0; b < KB; ++b) { xv[b] = ld<V, T, TAIL>(xp + off[b], cnt); acc[b] = V{}; }
-  const V zero = V{}, one = zero + 1;
-  typedef __typeof__(zero < zero) I;  // same-width integer lanes; vector casts between them are bitcasts
-  typedef __typeof__(I{}[0]) Lane;
-  const I sign = I{} + std::numeric_limits<Lane>::min();  // only the sign bit set
+  for (int b = 0; b < KB; ++b) { xv[b] = ldr<V, T, TAIL, PAIR>(xp + off[b], rs, cnt, two); acc[b] = V{}; }
+  const V zero = V{};
   for (i64 o = 0; o < O; ++o) {
-    const V gv = ld<V, T, TAIL>(go + o * L, cnt);
+    const V gv = ldr<V, T, TAIL, PAIR>(go + o * L, gs, cnt, two);
     for (int b = 0; b < KB; ++b) {
       V d = w[o * K + b] - xv[b];
-      // g·sgn(d): g with d's sign bit xor-ed in (one vpternlogd), kept where d != 0 (a masked add)
-      if (MODE == 1) acc[b] += d != 0 ? (V)((I)gv ^ ((I)d & sign)) : zero;
+      if (MODE == 1) acc[b] += gv * vsign(d);
       else if (MODE == 2) acc[b] += gv * d;
-      else if (MODE == 3) acc[b] += gv * (d > one ? one : (d < -one ? -one : d));
+      else if (MODE == 3) acc[b] += gv * vclamp1(d);
       else {
         V m = vpow<T, V>(vabs(d), p - 1);
         acc[b] += (d > 0 ? gv * m : zero) - (d < 0 ? gv * m : zero);
       }
     }
   }
-  for (int b = 0; b < KB; ++b) {
-    T* dst = gp + off[b];
-    st<V, T, TAIL>(dst, ld<V, T, TAIL>(dst, cnt) + acc[b], cnt);
-  }
+  // sequential read-add-write: the two rows of a pair overlap in GP, which is fine within one thread
+  for (int b = 0; b < KB; ++b) str<V, T, TAIL, PAIR, true>(gp + off[b], rs, acc[b], cnt, two);
 }
 
-template <typename T, typename V, int MODE>
+template <typename T, typename V, int MODE, bool PAIR>
 static void gx(const Geom& g, const T* P, const T* w, const T* go, T* GP, i64 n0, i64 n1, i64 c0, i64 c1,
                T p, const i64* off) {
-  constexpr int W = sizeof(V) / sizeof(T);
+  constexpr int W = sizeof(V) / sizeof(T), H = PAIR ? W / 2 : W;
   const i64 K = g.K(), L = g.L(), khw = g.KH * g.KW;
   const i64 k0 = c0 * khw, k1 = c1 * khw;
   for (i64 n = n0; n < n1; ++n) {
-    for (i64 oh = 0; oh < g.Ho; ++oh) {
+    for (i64 oh = 0; oh < g.Ho; oh += PAIR ? 2 : 1) {
+      const bool two = PAIR && oh + 1 < g.Ho;
       const i64 base = n * g.img() + oh * g.Wq;
       const T* gorow = go + n * g.O * L + oh * g.Wo;
-      for (i64 ow = 0; ow < g.Wo; ow += W) {
-        const int cnt = (int)(g.Wo - ow < W ? g.Wo - ow : W);
+      for (i64 ow = 0; ow < g.Wo; ow += H) {
+        const int cnt = (int)(g.Wo - ow < H ? g.Wo - ow : H);
         const T* xp = P + base + ow;
         T* gp = GP + base + ow;
+        const T* gr = gorow + ow;
         i64 k = k0;
-        if (cnt == W) {
-          for (; k + 8 <= k1; k += 8) gx_tile<T, V, MODE, 8, false>(xp, gp, off + k, w + k, gorow + ow, K, g.O, L, cnt, p);
-          for (; k < k1; ++k) gx_tile<T, V, MODE, 1, false>(xp, gp, off + k, w + k, gorow + ow, K, g.O, L, cnt, p);
-        } else {
-          for (; k + 8 <= k1; k += 8) gx_tile<T, V, MODE, 8, true>(xp, gp, off + k, w + k, gorow + ow, K, g.O, L, cnt, p);
-          for (; k < k1; ++k) gx_tile<T, V, MODE, 1, true>(xp, gp, off + k, w + k, gorow + ow, K, g.O, L, cnt, p);
-        }
+#define GX_TILES(TAILV)                                                                                    \
+  for (; k + 8 <= k1; k += 8)                                                                              \
+    gx_tile<T, V, MODE, 8, TAILV, PAIR>(xp, gp, g.Wq, off + k, w + k, gr, g.Wo, K, g.O, L, cnt, two, p);   \
+  for (; k < k1; ++k)                                                                                      \
+    gx_tile<T, V, MODE, 1, TAILV, PAIR>(xp, gp, g.Wq, off + k, w + k, gr, g.Wo, K, g.O, L, cnt, two, p);
+        if (cnt == H) { GX_TILES(false) } else { GX_TILES(true) }
+#undef GX_TILES
       }
     }
   }
@@ -275,24 +401,25 @@ static void gwk(const Geom& g, const T* P, const T* w, const T* go, T* gw, i64 r
   }
 }
 
-// ---- entry points: geom = (N, C, O, KH, KW, SH, SW, DH, DW, Hq, Wq, Ho, Wo), wide = 64-byte vectors ---
+// ---- entry points: geom = (N, C, O, KH, KW, SH, SW, DH, DW, Hq, Wq, Ho, Wo) ----------------------------
+// wide: 0 = 32-byte vectors (fp32 only), 1 = 64-byte, 2 = 64-byte holding two output rows
 static Geom mk(const i64* a) { return Geom{a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12]}; }
 
-template <typename T, int BYTES>
+template <typename T, int BYTES, bool PAIR>
 static void fwd_entry(const Geom& g, const T* P, const T* w, T* y, i64 r0, i64 r1, T p, int mode, const i64* off) {
   typedef typename Vec<T, BYTES>::V V;
-  if (mode == 1) fwd<T, V, 1>(g, P, w, y, r0, r1, p, off);
-  else if (mode == 2) fwd<T, V, 2>(g, P, w, y, r0, r1, p, off);
-  else fwd<T, V, 0>(g, P, w, y, r0, r1, p, off);
+  if (mode == 1) fwd<T, V, 1, PAIR>(g, P, w, y, r0, r1, p, off);
+  else if (mode == 2) fwd<T, V, 2, PAIR>(g, P, w, y, r0, r1, p, off);
+  else fwd<T, V, 0, PAIR>(g, P, w, y, r0, r1, p, off);
 }
-template <typename T, int BYTES>
+template <typename T, int BYTES, bool PAIR>
 static void gx_entry(const Geom& g, const T* P, const T* w, const T* go, T* GP, i64 n0, i64 n1, i64 c0, i64 c1,
                      T p, int mode, const i64* off) {
   typedef typename Vec<T, BYTES>::V V;
-  if (mode == 1) gx<T, V, 1>(g, P, w, go, GP, n0, n1, c0, c1, p, off);
-  else if (mode == 2) gx<T, V, 2>(g, P, w, go, GP, n0, n1, c0, c1, p, off);
-  else if (mode == 3) gx<T, V, 3>(g, P, w, go, GP, n0, n1, c0, c1, p, off);
-  else gx<T, V, 0>(g, P, w, go, GP, n0, n1, c0, c1, p, off);
+  if (mode == 1) gx<T, V, 1, PAIR>(g, P, w, go, GP, n0, n1, c0, c1, p, off);
+  else if (mode == 2) gx<T, V, 2, PAIR>(g, P, w, go, GP, n0, n1, c0, c1, p, off);
+  else if (mode == 3) gx<T, V, 3, PAIR>(g, P, w, go, GP, n0, n1, c0, c1, p, off);
+  else gx<T, V, 0, PAIR>(g, P, w, go, GP, n0, n1, c0, c1, p, off);
 }
 template <typename T, int BYTES>
 static void gw_entry(const Geom& g, const T* P, const T* w, const T* go, T* gw, i64 r0, i64 r1,
@@ -310,11 +437,18 @@ typedef ADDER_T T;
     if (wide || sizeof(T) == 8) FN<T, 64>(__VA_ARGS__);             \
     else if constexpr (sizeof(T) == 4) FN<T, 32>(__VA_ARGS__);      \
   } while (0)
+// forward and input gradient: wide = 2 puts two output rows in each 64-byte vector (see ldr)
+#define VECTORS(FN, ...)                                                  \
+  do {                                                                    \
+    if (wide == 2) FN<T, 64, true>(__VA_ARGS__);                          \
+    else if (wide || sizeof(T) == 8) FN<T, 64, false>(__VA_ARGS__);       \
+    else if constexpr (sizeof(T) == 4) FN<T, 32, false>(__VA_ARGS__);     \
+  } while (0)
 
 #ifdef ADDER_FWD
 extern "C" void CAT(adder_fwd_, ADDER_SUF)(const i64* geom, const T* P, const T* w, T* y, i64 r0, i64 r1,
                                           double p, int mode, int wide, const i64* off) {
-  WIDE_OR_NARROW(fwd_entry, mk(geom), P, w, y, r0, r1, (T)p, mode, off);
+  VECTORS(fwd_entry, mk(geom), P, w, y, r0, r1, (T)p, mode, off);
 }
 #if ADDER_OFFSETS
 extern "C" void adder_tap_offsets(const i64* geom, i64* off) { tap_offsets(mk(geom), off); }
@@ -324,7 +458,7 @@ extern "C" void adder_tap_offsets(const i64* geom, i64* off) { tap_offsets(mk(ge
 extern "C" void CAT(adder_gx_, ADDER_SUF)(const i64* geom, const T* P, const T* w, const T* go, T* GP,
                                          i64 n0, i64 n1, i64 c0, i64 c1, double p, int mode, int wide,
                                          const i64* off) {
-  WIDE_OR_NARROW(gx_entry, mk(geom), P, w, go, GP, n0, n1, c0, c1, (T)p, mode, off);
+  VECTORS(gx_entry, mk(geom), P, w, go, GP, n0, n1, c0, c1, (T)p, mode, off);
 }
 #endif
 #ifdef ADDER_GW
@@ -559,7 +693,11 @@ class _Geom:
         self.k = c * kh * kw
         # 64-byte vectors (16 fp32 lanes) unless a row is too short to fill them; 32-byte vectors
         # then waste fewer lanes (ResNet-20 stage 3 has 8-wide rows: 100% vs 50% lane use).
-        self.wide = int(wo * (4 if dtype == torch.float32 else 8) > 32)
+        esize = 4 if dtype == torch.float32 else 8
+        self.wide = int(wo * esize > 32)
+        # Forward and ∂X: rows of at most half a 64-byte vector go two to a vector (wide = 2): stage 3
+        # of ResNet-20 (8 fp32) then uses 16-lane instead of 8-lane instructions.
+        self.vec = 2 if 2 * wo * esize <= 64 and ho >= 2 else self.wide
         self.off = torch.empty(self.k, dtype=torch.int64)
         _lib_or_raise().adder_tap_offsets(self.arr.data_ptr(), self.off.data_ptr())
 
@@ -567,7 +705,7 @@ class _Geom:
         # General p (mode 0) always takes 64-byte vectors: GCC maps only those onto libmvec's vector
         # exp/log (_ZGVeN16v_*); the 8-lane loop calls scalar expf/logf, 10x slower (ResNet-20 stage 3,
         # p = 1.5: 0.14 vs 1.5 G adder-MAC/s) — far worse than the half-empty lanes of an 8-wide row.
-        return 1 if mode == 0 else self.wide
+        return 1 if mode == 0 and self.vec == 0 else self.vec
 
     def _phases(self):
         """Per stride phase (a, b): P rows/cols [t0, t1) × [u0, u1) hold image rows i0::s_h, cols j0::s_w."""

@@ -141,6 +141,61 @@ def test_ties_follow_sign_of_zero(grad_x, grad_w):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+# Output widths around the vector-layout switch (fp32: <= 8 wide rows go two to a 64-byte vector, one
+# row <= 8 wide alone takes 32-byte vectors, wider rows take 64-byte ones): (H, W) input at pad 1, k 3.
+NARROW = [
+    (8, 8),  # ResNet-20 stage 3: full row pairs
+    (7, 7),  # ResNet-18/50 stage 4: 7 of 8 lanes per half (tail), odd row count (a lone last row)
+    (4, 4),  # rows shorter than the distance back to the pair's second row (Wq = 6 < 8)
+    (1, 6),  # one output row: no pair, 32-byte vectors
+    (5, 11),  # 11 wide: one 64-byte vector per row, tail of 11 lanes
+]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("hw", NARROW, ids=lambda hw: f"{hw[0]}x{hw[1]}")
+@pytest.mark.parametrize(
+    "p,grad_x", [(1.0, "lp"), (1.5, "lp"), (2.0, "lp"), (1.0, "hardtanh")], ids=str
+)
+def test_fp32_narrow_rows_and_row_pairs(hw, p, grad_x, threads):
+    # batch 3 with 2 threads splits the forward's (image, row) list mid-pair on some shapes
+    c = dict(n=3, cin=5, cout=6, hw=hw, k=3, stride=1, pad=1, dil=1, p=p)
+    c["grad_x"], c["grad_w"] = grad_x, "full"
+    x, w, g = _case(c, torch.float32)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        got = _run(cpu_adder.adder2d_cpu, x, w, g, c)
+    finally:
+        torch.set_num_threads(before)
+    want = _run(adder2d_reference, x.double(), w.double(), g.double(), c)
+    for name, a, b in zip(("y", "grad_x", "grad_w"), got, want):
+        # fp32 sums of 45 (y) to 3·6·H·W (grad_w) O(1) terms
+        torch.testing.assert_close(
+            a.double(), b, rtol=1e-5, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("hw", NARROW, ids=lambda hw: f"{hw[0]}x{hw[1]}")
+@pytest.mark.parametrize("grad_x", ["lp", "hardtanh"])
+def test_fp32_ties_and_clamp_edges_are_exact(hw, grad_x):
+    # integer data: x == w (sgn 0) and |w − x| == 1 (the clamp's edge) are frequent. Every product
+    # g·sgn and g·clamp is exact and the sums are small integers, so fp32 must equal fp64 exactly:
+    # this pins the one-instruction sgn (vfixupimm) and clamp (vrange) to the reference's values.
+    c = dict(n=2, cin=3, cout=4, hw=hw, k=3, stride=1, pad=1, dil=1, p=1.0)
+    c["grad_x"], c["grad_w"] = grad_x, "sign"
+    ho, wo = hw
+    x = torch.randint(-2, 3, (2, 3, ho, wo)).float()
+    w = torch.randint(-2, 3, (4, 3, 3, 3)).float()
+    g = torch.randint(-3, 4, (2, 4, ho, wo)).float()
+    got = _run(cpu_adder.adder2d_cpu, x, w, g, c)
+    want = _run(adder2d_reference, x.double(), w.double(), g.double(), c)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=0, atol=0)
+
+
 @pytest.mark.timeout(60)
 def test_thread_count_and_layout_do_not_change_results():
     c = dict(stride=2, pad=1, dil=1, p=1.0, grad_x="lp", grad_w="full")
