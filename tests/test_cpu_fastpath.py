@@ -197,6 +197,24 @@ def test_fp32_ties_and_clamp_edges_are_exact(hw, grad_x):
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("offset", [0.0, 1000.0, -300.0])
+def test_fp32_p1_forward_error_is_that_of_the_direct_sum(offset):
+    # The p = 1 forward sums x, w and min(x, w) instead of |x − w| (fewer instructions; kernels/
+    # cpu_adder.py, fwd_tile). Uncentred, a shared offset of 1000 would cost ~1000x the direct sum's
+    # rounding error; centring by the filters' channel mean keeps it at the reference's level.
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 9, 9) + offset
+    w = torch.randn(12, 16, 3, 3) + offset
+    exact = adder2d_reference(x.double(), w.double(), padding=0)
+    fast_err = (cpu_adder.adder2d_cpu(x, w, padding=0).double() - exact).abs().max()
+    ref_err = (adder2d_reference(x, w, padding=0).double() - exact).abs().max()
+    # (with an offset the reference is often exact: the |x − w| are coarse multiples of 2^-14; then the
+    # bound is a few fp32 ulps of the output. Uncentred, the error is 0.04-0.18 here.)
+    ulp = torch.finfo(torch.float32).eps * exact.abs().max()
+    assert fast_err <= 4 * ref_err + 4 * ulp, (fast_err.item(), ref_err.item())
+
+
+@pytest.mark.timeout(60)
 def test_thread_count_and_layout_do_not_change_results():
     c = dict(stride=2, pad=1, dil=1, p=1.0, grad_x="lp", grad_w="full")
     x = torch.randn(3, 5, 13, 13, dtype=torch.float64)
