@@ -66,6 +66,7 @@ _SOURCE = r"""
 #include <cstring>
 #include <algorithm>
 #include <limits>
+#include <vector>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -245,9 +246,32 @@ static inline i64 floordiv(i64 a, i64 b) { return a >= 0 ? a / b : -((-a + b - 1
 // stage-2 down, batch 32); here one pass, rows written once, images [n0, n1).
 template <typename T>
 static void phase_pad(const Geom& g, i64 H, i64 W, i64 PH, i64 PW, const T* x, T* P, i64 n0, i64 n1) {
+  const i64 WW = 2 * g.Wq;
+  std::vector<T> row(g.SW == 2 ? WW : 0);
   for (i64 nc = n0 * g.C; nc < n1 * g.C; ++nc) {
     const T* xi = x + nc * H * W;
     T* pc = P + nc * g.SH * g.SW * g.Hq * g.Wq;
+    if (g.SW == 2) {
+      // stride-2 columns: zero-pad the image row into `row` (one contiguous copy), then split it into
+      // the two phase rows in one interleaved loop that GCC vectorises (2x the strided loop below)
+      const i64 j1 = std::min(W, WW - PW);  // image columns that land inside the padded row
+      for (i64 a = 0; a < g.SH; ++a)
+        for (i64 t = 0; t < g.Hq; ++t) {
+          T* d0 = pc + (a * 2 * g.Hq + t) * g.Wq;
+          T* d1 = d0 + g.Hq * g.Wq;
+          const i64 i = t * g.SH + a - PH;
+          if (i < 0 || i >= H) {
+            std::fill(d0, d0 + g.Wq, T(0));
+            std::fill(d1, d1 + g.Wq, T(0));
+            continue;
+          }
+          std::fill(row.begin(), row.end(), T(0));
+          if (j1 > 0) std::memcpy(row.data() + PW, xi + i * W, j1 * sizeof(T));
+          const T* r = row.data();
+          for (i64 u = 0; u < g.Wq; ++u) { d0[u] = r[2 * u]; d1[u] = r[2 * u + 1]; }
+        }
+      continue;
+    }
     for (i64 a = 0; a < g.SH; ++a)
       for (i64 b = 0; b < g.SW; ++b) {
         // u range whose column j = u·SW + b − PW lies in [0, W)
@@ -260,7 +284,6 @@ static void phase_pad(const Geom& g, i64 H, i64 W, i64 PH, i64 PW, const T* x, T
           const T* src = xi + i * W + b - PW;
           std::fill(dst, dst + u0, T(0));
           if (g.SW == 1) std::memcpy(dst + u0, src + u0, (u1 - u0) * sizeof(T));
-          else if (g.SW == 2) for (i64 u = u0; u < u1; ++u) dst[u] = src[2 * u];  // constant stride: vectorised
           else for (i64 u = u0; u < u1; ++u) dst[u] = src[u * g.SW];
           std::fill(dst + u1, dst + g.Wq, T(0));
         }
@@ -272,6 +295,8 @@ static void phase_pad(const Geom& g, i64 H, i64 W, i64 PH, i64 PW, const T* x, T
 // floor in the output size, beyond Hq/Wq) get 0.
 template <typename T>
 static void phase_unpad(const Geom& g, i64 H, i64 W, i64 PH, i64 PW, const T* GP, T* gx, i64 n0, i64 n1) {
+  const i64 WW = 2 * g.Wq;
+  std::vector<T> row(g.SW == 2 ? WW : 0);
   for (i64 nc = n0 * g.C; nc < n1 * g.C; ++nc) {
     T* gi = gx + nc * H * W;
     const T* pc = GP + nc * g.SH * g.SW * g.Hq * g.Wq;
@@ -279,6 +304,18 @@ static void phase_unpad(const Geom& g, i64 H, i64 W, i64 PH, i64 PW, const T* GP
       T* dst = gi + i * W;
       const i64 t = (i + PH) / g.SH, a = (i + PH) % g.SH;
       if (t >= g.Hq) { std::fill(dst, dst + W, T(0)); continue; }
+      if (g.SW == 2) {
+        // interleave the two phase rows into the padded row, then one contiguous copy (the mirror of
+        // phase_pad); image columns past the padded row (never read by a tap) get 0
+        const T* s0 = pc + (a * 2 * g.Hq + t) * g.Wq;
+        const T* s1 = s0 + g.Hq * g.Wq;
+        T* r = row.data();
+        for (i64 u = 0; u < g.Wq; ++u) { r[2 * u] = s0[u]; r[2 * u + 1] = s1[u]; }
+        const i64 j1 = std::max<i64>(0, std::min(W, WW - PW));
+        std::memcpy(dst, r + PW, j1 * sizeof(T));
+        std::fill(dst + j1, dst + W, T(0));
+        continue;
+      }
       for (i64 b = 0; b < g.SW; ++b) {
         const T* src = pc + ((a * g.SW + b) * g.Hq + t) * g.Wq;
         const i64 u0 = std::min(g.Wq, std::max<i64>(0, (PW - b + g.SW - 1) / g.SW));
@@ -286,7 +323,6 @@ static void phase_unpad(const Geom& g, i64 H, i64 W, i64 PH, i64 PW, const T* GP
         // columns j = u·SW + b − PW for u in [u0, u1); the others of this phase (j >= the last read
         // column) are zeroed below
         if (g.SW == 1) std::memcpy(dst + u0 - PW, src + u0, (u1 - u0) * sizeof(T));
-        else if (g.SW == 2) for (i64 u = u0; u < u1; ++u) dst[2 * u + b - PW] = src[u];
         else for (i64 u = u0; u < u1; ++u) dst[u * g.SW + b - PW] = src[u];
       }
       // pixels past the last column any tap reads: u·SW + b − PW >= Wq·SW − PW
