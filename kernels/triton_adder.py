@@ -383,7 +383,6 @@ def _adder_bwd_dw_kernel(
     pad_w,
     dil_h,
     dil_w,
-    rows_per_split,  # output rows (n, oh) reduced by one program
     R: tl.constexpr,
     S: tl.constexpr,
     SIGN: tl.constexpr,  # grad_w="sign"
@@ -415,6 +414,10 @@ def _adder_bwd_dw_kernel(
     ).to(ACC_DTYPE)
 
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, ACC_DTYPE)
+    # The N·P output rows (n, oh) split evenly over the grid's third axis (chosen by the launcher, or
+    # from the autotuned tile); a split past the end reduces nothing and writes zeros.
+    n_split = tl.num_programs(2)
+    rows_per_split = (N * P + n_split - 1) // n_split
     row0 = pid_split * rows_per_split
     row1 = tl.minimum(row0 + rows_per_split, N * P)
     if SIGN:
@@ -511,22 +514,30 @@ DW_CONFIGS = [
 ]
 _FWD_KEY = ["C", "O", "P", "Q", "N", "R", "S", "P_MODE", "EPILOGUE"]
 _DX_KEY = ["C", "O", "H", "W", "N", "R", "S", "GX_MODE"]
+_DW_KEY = ["C", "O", "H", "W", "N", "R", "S", "SIGN"]
 
 
 def _interpreting() -> bool:
     return bool(triton.knobs.runtime.interpret)
 
 
-def _tuned(kernel, configs, key):
+def _tuned(kernel, configs, key, **kwargs):
     if _interpreting():
         return (
             None  # the interpreter runs the first config; benchmarking configs there is pointless
         )
-    return triton.autotune(configs=configs, key=key)(kernel)
+    return triton.autotune(configs=configs, key=key, **kwargs)(kernel)
 
 
 _adder_fwd_tuned = _tuned(_adder_fwd_kernel, FWD_CONFIGS, _FWD_KEY)
 _adder_bwd_dx_tuned = _tuned(_adder_bwd_dx_kernel, DX_CONFIGS, _DX_KEY)
+# ∂F is autotuned only in its atomic (non-deterministic) mode, where every config adds into the same
+# buffer: reset_to_zero clears it between the autotuner's trial runs. The deterministic mode keeps
+# DW_CONFIGS[0]: the tile sets the reduction split, so a config picked by timing (which varies run to
+# run) would change the summation order and with it the bits that mode promises to reproduce.
+_adder_bwd_dw_atomic_tuned = _tuned(
+    _adder_bwd_dw_kernel, DW_CONFIGS, _DW_KEY, reset_to_zero=["dw_ptr"]
+)
 
 
 # The interpreter's cost is per executed block operation, so it runs big tiles by default (fewer programs:
@@ -809,56 +820,50 @@ def adder2d_grad_weight(
 
     The reduction over the N·P output rows is split across programs. ``deterministic``: each split writes
     its own fp32 partial and the partials are summed in a fixed order (bitwise reproducible; extra memory
-    ≤ ~_DW_TARGET_PROGRAMS tiles). Otherwise the splits ``atomic_add`` into one buffer.
+    ≤ ~_DW_TARGET_PROGRAMS tiles) with the fixed config DW_CONFIGS[0]. Otherwise the splits
+    ``atomic_add`` into one buffer and the tile is autotuned over DW_CONFIGS per shape (on a GPU).
     """
     _check_device(g, x, weight)
     n, c, h, w_ = x.shape
     o, _, r, s = weight.shape
     pp, qq = g.shape[2:]
-    cfg = config if config is not None else _default_config("dw", DW_CONFIGS)
-    bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-    tiles = triton.cdiv(o, bm) * triton.cdiv(c, bn)
     rows = n * pp
-    split = max(1, min(rows, _DW_TARGET_PROGRAMS // max(1, tiles * r * s)))
-    rows_per_split = triton.cdiv(rows, split)
-    split = triton.cdiv(rows, rows_per_split)
     acc_dt = torch.float64 if compute_dtype(x.dtype) == torch.float64 else torch.float32
     atomic = not deterministic
-    if atomic:
-        buf = torch.zeros((r * s, o, c), device=x.device, dtype=torch.float32)
-    else:
-        buf = torch.empty((split, r * s, o, c), device=x.device, dtype=acc_dt)
+
+    def split_for(bm: int, bn: int) -> int:
+        # enough programs to fill the GPU (~_DW_TARGET_PROGRAMS), never more splits than rows
+        tiles = triton.cdiv(o, bm) * triton.cdiv(c, bn)
+        return max(1, min(rows, _DW_TARGET_PROGRAMS // max(1, tiles * r * s)))
+
+    def grid(meta):
+        bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
+        return (triton.cdiv(o, bm) * triton.cdiv(c, bn), r * s, split_for(bm, bn))
+
     w_c = weight.contiguous()
-    grid = (tiles, r * s, split)
-    _adder_bwd_dw_kernel[grid](
-        g,
-        x,
-        w_c,
-        buf,
-        n,
-        c,
-        h,
-        w_,
-        o,
-        pp,
-        qq,
-        *g.stride(),
-        *x.stride(),
-        *stride,
-        *padding,
-        *dilation,
-        rows_per_split,
-        R=r,
-        S=s,
-        SIGN=grad_w == "sign",
-        ATOMIC=atomic,
-        ACC_DTYPE=_acc_dtype(x.dtype),
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        BLOCK_K=cfg.kwargs["BLOCK_K"],
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
+    args = (g, x, w_c)
+    sizes = (n, c, h, w_, o, pp, qq, *g.stride(), *x.stride(), *stride, *padding, *dilation)
+    consts = dict(R=r, S=s, SIGN=grad_w == "sign", ATOMIC=atomic, ACC_DTYPE=_acc_dtype(x.dtype))
+    if atomic and config is None and _adder_bwd_dw_atomic_tuned is not None:
+        buf = torch.zeros((r * s, o, c), device=x.device, dtype=torch.float32)
+        _adder_bwd_dw_atomic_tuned[grid](*args, buf, *sizes, **consts)
+    else:
+        cfg = config if config is not None else _default_config("dw", DW_CONFIGS)
+        meta = dict(cfg.kwargs)
+        if atomic:
+            buf = torch.zeros((r * s, o, c), device=x.device, dtype=torch.float32)
+        else:
+            split = split_for(meta["BLOCK_M"], meta["BLOCK_N"])
+            buf = torch.empty((split, r * s, o, c), device=x.device, dtype=acc_dt)
+        _adder_bwd_dw_kernel[grid(meta)](
+            *args,
+            buf,
+            *sizes,
+            **consts,
+            **meta,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
     dw = buf if atomic else buf.sum(0)
     return dw.reshape(r, s, o, c).permute(2, 3, 0, 1).to(weight.dtype).contiguous()
 
