@@ -282,18 +282,28 @@ def _adder_bwd_dx_kernel(
     # Gather form: every input element sums over the (tap, output channel) pairs that read it, so no
     # atomics and no im2col. The x tile is loaded once and stays in registers; the tile is (channels,
     # positions) for the same per-thread register blocking as the forward.
+    # Stride phases: program_id(2) picks the phase (a, b) = (ih mod stride_h, iw mod stride_w) and the
+    # program's positions all lie in it. A tap (r, s) reads a position of that phase iff
+    # (a + pad_h − r·dil_h) and (b + pad_w − s·dil_w) are multiples of the strides, the same for the
+    # whole program, so the taps that never apply are skipped by a uniform branch instead of being
+    # computed under a mask (stride 2, 3×3: 2.25 taps of 9 per position on average, not 9).
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    HW = H * W
-    M = N * HW
+    phase = tl.program_id(2)
+    pa = phase // stride_w
+    pb = phase % stride_w
+    Hp = (H - pa + stride_h - 1) // stride_h  # rows of this phase
+    Wp = (W - pb + stride_w - 1) // stride_w
+    HWp = Hp * Wp
+    M = N * HWp
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     c_mask = offs_c < C
-    n_img = offs_m // HW
-    hw = offs_m % HW
-    ih = hw // W
-    iw = hw % W
+    n_img = offs_m // HWp
+    hw = offs_m % HWp
+    ih = pa + (hw // Wp) * stride_h
+    iw = pb + (hw % Wp) * stride_w
     x_off = n_img * sxn + ih * sxh + iw * sxw
     tile_mask = c_mask[:, None] & m_mask[None, :]
     xt = tl.load(x_ptr + offs_c[:, None] * sxc + x_off[None, :], mask=tile_mask, other=0.0).to(
@@ -319,6 +329,7 @@ def _adder_bwd_dx_kernel(
         th = ih + pad_h - r * dil_h
         oh = th // stride_h
         h_ok = m_mask & (th >= 0) & (oh * stride_h == th) & (oh < P)
+        r_hits = (pa + pad_h - r * dil_h) % stride_h == 0  # C remainder: 0 iff divisible, any sign
         for s in tl.static_range(S):
             tw = iw + pad_w - s * dil_w
             ow = tw // stride_w
@@ -327,7 +338,10 @@ def _adder_bwd_dx_kernel(
             # filter rows are zero-padded up to a multiple of BLOCK_K, so no tail loop is needed.
             g_tap = g_img + oh * sgh + ow * sgw
             w_tap = w_ptr + (r * S + s) * OK * CP + offs_c
-            for o0 in range(0, O, BLOCK_K):
+            s_hits = (pb + pad_w - s * dil_w) % stride_w == 0
+            # taps of other phases: zero trips (a uniform skip; the mask above still handles borders)
+            o_end = tl.where(r_hits & s_hits, O, 0)
+            for o0 in range(0, o_end, BLOCK_K):
                 for kk in tl.static_range(BLOCK_K):
                     o = o0 + kk
                     gv = tl.load(g_tap + o * sgc, mask=tap_ok & (o < O), other=0.0).to(ACC_DTYPE)
@@ -770,10 +784,11 @@ def adder2d_grad_input(
     elif mode == GX_SIGN:
         w_t = w_t * 2.0**64
     w_rsoc[:, :, :o, :c] = w_t
-    m = n * h * w_
+    sh, sw = stride
+    m = n * triton.cdiv(h, sh) * triton.cdiv(w_, sw)  # positions of the largest stride phase (0, 0)
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_N"]))
+        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_N"]), sh * sw)
 
     args = (
         g,

@@ -73,6 +73,36 @@ def test_padding_is_real(ta):
     torch.testing.assert_close(y, expected[None, :, None, None].expand(1, 3, 4, 4))
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # 0·inf in numpy
+# (stride, kernel, dilation, H, W): sizes where every pixel that no tap reads lies in a stride phase that
+# no tap reads (not merely past the last output, which a phase-level skip cannot see)
+@pytest.mark.parametrize(
+    "stride,kernel,dil,h,w", [(2, 1, 1, 7, 8), (3, 2, 1, 8, 8), (2, 3, 2, 7, 8)]
+)
+def test_dx_skips_the_taps_of_other_stride_phases(ta, stride, kernel, dil, h, w):
+    # ∂X runs one stride phase per program and skips taps that never read it. Observable: give every
+    # filter an infinite weight. A tap computed under a mask adds 0·inf = NaN; a skipped tap adds
+    # nothing, so the pixels of unread phases keep an exact 0 gradient (inf/NaN everywhere else).
+    x = torch.randn(1, 2, h, w, dtype=torch.float64)
+    wt = torch.full((3, 2, kernel, kernel), float("inf"), dtype=torch.float64)
+    span = dil * (kernel - 1) + 1
+    ho, wo = (h - span) // stride + 1, (w - span) // stride + 1
+    g = torch.randn(1, 3, ho, wo, dtype=torch.float64)
+    st, pd, dl = (stride, stride), (0, 0), (dil, dil)
+    dx = ta.adder2d_grad_input(g, x, wt, st, pd, dl, 2.0, "lp")  # p = 2: Σ g·(w − x)
+    read = torch.zeros(h, w, dtype=torch.bool)
+    for i in range(kernel):
+        for j in range(kernel):
+            r0, c0 = i * dil, j * dil
+            read[
+                r0 : r0 + (ho - 1) * stride + 1 : stride, c0 : c0 + (wo - 1) * stride + 1 : stride
+            ] = True
+    assert (~read).any() and read.any()
+    assert torch.equal(dx[:, :, ~read], torch.zeros_like(dx[:, :, ~read]))
+    assert not dx[:, :, read].isfinite().any()
+
+
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("cfg_index", range(5))
 def test_every_forward_config_matches_reference(ta, cfg_index):
