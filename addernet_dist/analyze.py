@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from addernet_dist.data.idx import FASHION_MNIST_CLASSES, IdxLoader
+from addernet_dist.distributed import DistInfo
+from addernet_dist.metrics import recalibrate_bn
 from addernet_dist.models import create_model
 from addernet_dist.nn import Adder2d, AdderLinear, adder_modules, set_p
 
@@ -246,15 +248,7 @@ def bn_recalibrated_top1(
     dcfg = DataConfig.model_validate(cfg["data"])
     batch_size = batch_size or int(cfg.get("train", {}).get("global_batch_size", 256))
     kw = dict(batch_size=batch_size, rank=0, world_size=1, seed=seed, device="cpu")
-    for m in net.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over the calibration batches
-    net.train()
-    for i, (x, _) in enumerate(build_loader(dcfg, "train", **kw)):
-        if i == batches:
-            break
-        net(x)
+    recalibrate_bn(net, build_loader(dcfg, "train", **kw), DistInfo(), num_batches=batches)
     net.eval()
     correct = count = 0
     for x, y in build_loader(dcfg, "val", **kw):

@@ -91,6 +91,10 @@ class TrainConfig(_Section):
     log_every: int = Field(default=10, ge=1)  # steps; also the cadence of adder grad-norm logs
     ckpt_every_steps: int = Field(default=0, ge=0)  # 0: only at the end of each epoch
     eval_every_epochs: int = Field(default=1, ge=1)  # the last epoch is always evaluated
+    # Before an evaluation at p > 1 (the lp -> l1 decay), recompute BN running statistics from this
+    # many training batches per rank at the current p (metrics.recalibrate_bn: the momentum-0.1
+    # statistics lag a moving p). 0: off. Best-checkpoint selection sees the recalibrated accuracy.
+    bn_recalibration_batches: int = Field(default=0, ge=0)
     keep_last: int = Field(default=3, ge=1)
     # tqdm bar: true / false / auto (only on an interactive terminal; plain log lines otherwise).
     # bool rather than "on"/"off": YAML reads a bare on/off as a boolean.

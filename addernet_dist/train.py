@@ -45,7 +45,7 @@ from addernet_dist.data import build_loader
 from addernet_dist.distributed import DistInfo, destroy_distributed, init_distributed
 from addernet_dist.engine.base import Engine, StepStats
 from addernet_dist.logging_utils import MetricsLogger, Progress, setup_console_logging
-from addernet_dist.metrics import EvalResult, evaluate
+from addernet_dist.metrics import EvalResult, evaluate, recalibrate_bn
 from addernet_dist.models import create_model
 from addernet_dist.nn import adder_modules, set_grad_modes, set_p
 from addernet_dist.ops import dispatch
@@ -98,6 +98,27 @@ def build_data(cfg: Config, dist: DistInfo):
     if len(train) == 0:
         raise ConfigError("the training split yields no batches; lower train.global_batch_size")
     return train, val
+
+
+def _recalibrate_bn(cfg: Config, dist: DistInfo, model, epoch: int, autocast_dtype) -> int:
+    """BN statistics at the current p from fresh training batches (train.bn_recalibration_batches).
+
+    A loader of its own (shuffled with a seed no training epoch uses), so the training loader's
+    position, and with it mid-epoch resume, is untouched."""
+    per_rank = cfg.train.global_batch_size // dist.world_size
+    loader = build_loader(
+        cfg.data,
+        "train",
+        batch_size=per_rank,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        seed=cfg.train.seed + 7_919,
+        device=dist.device,
+        channels_last=cfg.train.channels_last,
+    )
+    loader.set_epoch(epoch)
+    n = min(cfg.train.bn_recalibration_batches, len(loader))
+    return recalibrate_bn(model, loader, dist, num_batches=n, autocast_dtype=autocast_dtype)
 
 
 def build_model(cfg: Config, num_classes: int) -> torch.nn.Module:
@@ -345,21 +366,31 @@ def _loop(
         state.epoch += 1
         is_last = state.epoch == cfg.train.epochs
         if is_last or state.epoch % cfg.train.eval_every_epochs == 0:
-            # Ranks' BN running stats drift apart after the last forward (each saw its own
-            # batch); evaluate everywhere with rank 0's, which is also what gets checkpointed.
-            dist.broadcast_buffers_(model)
+            recal = 0
+            p_now = next(iter(adders)).p if adders else 1.0
+            if cfg.train.bn_recalibration_batches and p_now > 1.0:
+                recal = _recalibrate_bn(cfg, dist, model, state.epoch, _eval_dtype(engine))
+            else:
+                # Ranks' BN running stats drift apart after the last forward (each saw its own
+                # batch); evaluate everywhere with rank 0's, which is also what gets checkpointed.
+                dist.broadcast_buffers_(model)
             result = evaluate(model, val_loader, dist, autocast_dtype=_eval_dtype(engine))
             engine.train()
             last_eval = result.as_dict()
-            logger.write(
-                {"kind": "eval", "step": state.global_step, "epoch": state.epoch, **asdict(result)}
-            )
+            rec = {"kind": "eval", "step": state.global_step, "epoch": state.epoch}
+            if recal:
+                rec.update(bn_recalibration_batches=recal, p=p_now)
+            logger.write({**rec, **asdict(result)})
             progress.message(
                 f"epoch {state.epoch}: val top1 {result.top1:.2f}% top5 {result.top5:.2f}% "
                 f"loss {result.loss:.4f} ({result.count} images)"
             )
-            is_best = result.top1 > state.best_top1
-            state.best_top1 = max(state.best_top1, result.top1)
+            # best.pt holds a model of the final p only: a recalibrated mid-decay evaluation can
+            # score well, but that model computes the l_p distance, not the l1 AdderNet.
+            final_p = p_now <= cfg.adder.p_end + 1e-9
+            is_best = final_p and result.top1 > state.best_top1
+            if final_p:
+                state.best_top1 = max(state.best_top1, result.top1)
             path = save(last_eval)
             if is_best:
                 ckpt.copy_to_best(path)
