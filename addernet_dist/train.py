@@ -313,6 +313,7 @@ def _loop(
     adders = set(adder_modules(model))
     adder_names = [n for n, m in model.named_modules() if m in adders]
     steps_per_epoch = len(train_loader)
+    total_steps = cfg.train.epochs * steps_per_epoch
     stop = _Stop()
     result: EvalResult | None = None
 
@@ -385,9 +386,10 @@ def _loop(
                 f"epoch {state.epoch}: val top1 {result.top1:.2f}% top5 {result.top5:.2f}% "
                 f"loss {result.loss:.4f} ({result.count} images)"
             )
-            # best.pt holds a model of the final p only: a recalibrated mid-decay evaluation can
-            # score well, but that model computes the l_p distance, not the l1 AdderNet.
-            final_p = p_now <= cfg.adder.p_end + 1e-9
+            # best.pt holds a model at the p the run ends with (p_end, unless the run stops before
+            # the decay does): a recalibrated mid-decay evaluation can score well, but that model
+            # computes another l_p distance than the AdderNet the run produces.
+            final_p = abs(p_now - p_sched.value(total_steps - 1)) < 1e-9 if adders else True
             is_best = final_p and result.top1 > state.best_top1
             if final_p:
                 state.best_top1 = max(state.best_top1, result.top1)
