@@ -47,15 +47,17 @@ class Shape:
     k: int
     stride: int
     pad: int
+    count: int = 0  # 3×3 adder layers of this shape in the network (0: not tallied)
 
 
-def _resnet_cifar(widths=(16, 32, 64), hw=32) -> list[Shape]:
+def _resnet_cifar(widths=(16, 32, 64), hw=32, blocks=3) -> list[Shape]:
+    # ResNet-20: 3 stages × 3 blocks × 2 convs; a stage's first conv is strided after stage 1
     out = []
     for i, c in enumerate(widths):
         s = hw >> i
         if i:
-            out.append(Shape(f"stage{i + 1}.down", c // 2, c, s * 2, 3, 2, 1))
-        out.append(Shape(f"stage{i + 1}", c, c, s, 3, 1, 1))
+            out.append(Shape(f"stage{i + 1}.down", c // 2, c, s * 2, 3, 2, 1, 1))
+        out.append(Shape(f"stage{i + 1}", c, c, s, 3, 1, 1, 2 * blocks - (1 if i else 0)))
     return out
 
 
@@ -285,7 +287,9 @@ def bench_layers(args) -> None:
         cols += ["peak MiB", "% roofline fwd"]
     print(f"# {args.shapes} shapes, batch {args.batch}, p={args.p}, device {device}")
     ratios: dict[str, list[float]] = {}
-    for shape in SHAPES[args.shapes]():
+    totals: dict[str, float] = {}  # Σ count × fwd+bwd time, when every shape has a count
+    shapes = SHAPES[args.shapes]()
+    for shape in shapes:
         ho = (shape.hw + 2 * shape.pad - shape.k) // shape.stride + 1
         macs = args.batch * ho * ho * shape.cin * shape.k**2 * shape.cout
         x = torch.randn(args.batch, shape.cin, shape.hw, shape.hw, device=device)
@@ -313,6 +317,7 @@ def bench_layers(args) -> None:
         for k in methods:
             ratio = t_fb[k] / t_fb["fast"] if "fast" in t_fb else float("nan")
             ratios.setdefault(k, []).append(ratio)
+            totals[k] = totals.get(k, 0.0) + shape.count * t_fb[k]
             row = [k, f"{t_f[k] * 1e3:.2f}", f"{t_fb[k] * 1e3:.2f}", f"{macs / t_f[k] / 1e9:.2f}"]
             row.append(f"{ratio:.1f}")
             if device.type == "cuda":
@@ -326,6 +331,11 @@ def bench_layers(args) -> None:
     print("\n## geometric mean over shapes of (method fwd+bwd time) / (fast fwd+bwd time)")
     for k, r in ratios.items():
         print(f"- {k}: {math.exp(sum(map(math.log, r)) / len(r)):.1f}x  (shapes: {len(r)})")
+    if all(sh.count for sh in shapes) and "fast" in totals:
+        n = sum(sh.count for sh in shapes)
+        print(f"\n## the network's {n} 3x3 adder layers (shape x count), fwd+bwd ms and / fast")
+        for k, t in totals.items():
+            print(f"- {k}: {t * 1e3:.1f} ms  {t / totals['fast']:.1f}x")
 
 
 def bench_train(args) -> None:

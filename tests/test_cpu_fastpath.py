@@ -478,3 +478,32 @@ def test_forked_child_can_use_the_kernels_after_the_parent_did():
         torch.set_num_threads(before)
     assert proc.exitcode == 0
     assert got == want
+
+
+@pytest.mark.timeout(60)
+def test_benchmark_resnet20_shapes_and_counts_are_the_models_layers():
+    # bench_adder.py's network total (BENCHMARKS.md, "the network's 18 3x3 adder layers") weighs each
+    # shape by its count: those must be the adder ResNet-20's own 3×3 layers, shape for shape
+    from collections import Counter
+
+    from addernet_dist.models import create_model
+    from addernet_dist.nn import Adder2d
+
+    bench = _bench_module()
+    want = Counter()
+    model = create_model("resnet20", num_classes=10)
+    sizes = {}
+
+    def hook(mod, inp, _out):
+        sizes[mod] = inp[0].shape[-1]
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, Adder2d)]
+    model.eval()(torch.zeros(1, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    for m, hw in sizes.items():
+        if m.weight.shape[-1] == 3:
+            o, c = m.weight.shape[:2]
+            want[(c, o, hw, m.stride[0] if isinstance(m.stride, tuple) else m.stride)] += 1
+    got = Counter({(s.cin, s.cout, s.hw, s.stride): s.count for s in bench.SHAPES["resnet20"]()})
+    assert got == want and sum(got.values()) == 18
