@@ -93,7 +93,7 @@ class TrainConfig(_Section):
     eval_every_epochs: int = Field(default=1, ge=1)  # the last epoch is always evaluated
     # Before an evaluation at p > 1 (the lp -> l1 decay), recompute BN running statistics from this
     # many training batches per rank at the current p (metrics.recalibrate_bn: the momentum-0.1
-    # statistics lag a moving p). 0: off. Best-checkpoint selection sees the recalibrated accuracy.
+    # statistics lag a moving p). 0: off. (best.pt only ever comes from evaluations at the final p.)
     bn_recalibration_batches: int = Field(default=0, ge=0)
     keep_last: int = Field(default=3, ge=1)
     # tqdm bar: true / false / auto (only on an interactive terminal; plain log lines otherwise).
