@@ -9,6 +9,7 @@ with 2 ranks equal the 1-process values exactly on the same weights.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass
 
 import torch
@@ -116,9 +117,8 @@ def recalibrate_bn(
     model.train()
     used = 0
     try:
-        for images, _ in batches:
-            if used == num_batches:
-                break
+        # islice: a DataLoader/DALI iterator is not asked for (and does not decode) a batch past N
+        for images, _ in itertools.islice(batches, num_batches):
             with torch.autocast(
                 device_type=dist.device.type,
                 dtype=autocast_dtype or torch.float32,

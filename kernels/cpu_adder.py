@@ -659,7 +659,8 @@ extern "C" void CAT(adder_gw_, ADDER_SUF)(const i64* geom, const T* P, const T* 
 
 # ---- build & load --------------------------------------------------------------------------------------
 
-# -ffast-math lets GCC call libmvec's vector exp/log for general p (~8x the scalar libm loop); it is
+# -ffast-math lets GCC call libmvec's vector exp/log for fp64 general p (~8x the scalar libm loop; fp32
+# uses the inline pow16, whose exponent split is written with explicitly rounded intrinsics); it is
 # given to the compile step only: linking a shared object with it (GCC < 13) pulls in crtfastmath.o, whose
 # constructor would switch the whole process to flush-denormals-to-zero.
 _COMPILE_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-ffast-math"]
@@ -903,9 +904,10 @@ class _Geom:
         _lib_or_raise().adder_tap_offsets(self.arr.data_ptr(), self.off.data_ptr())
 
     def wide_for(self, mode: int) -> int:
-        # General p (mode 0) always takes 64-byte vectors: GCC maps only those onto libmvec's vector
-        # exp/log (_ZGVeN16v_*); the 8-lane loop calls scalar expf/logf, 10x slower (ResNet-20 stage 3,
-        # p = 1.5: 0.14 vs 1.5 G adder-MAC/s) — far worse than the half-empty lanes of an 8-wide row.
+        # General p (mode 0) always takes 64-byte vectors: the fp32 power (pow16) exists only for
+        # them, and for fp64 GCC maps only those onto libmvec's vector exp/log (_ZGVeN8v_*); an
+        # 8-lane fp32 loop called scalar expf/logf, 10x slower (ResNet-20 stage 3, p = 1.5: 0.14 vs
+        # 1.5 G adder-MAC/s), far worse than half-empty lanes. Narrow rows pair up anyway (vec = 2).
         return 1 if mode == 0 and self.vec == 0 else self.vec
 
     def _layout_call(self, kind: str, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
