@@ -10,6 +10,7 @@ MAC (``FADD d = x − w``; ``FADD acc += |d|``, the abs folded as an operand mod
     python benchmarks/kernel_report.py                 # sm_90, markdown table on stdout
     python benchmarks/kernel_report.py --cc 80 --full  # sm_80, every code path × every config
     python benchmarks/kernel_report.py --dump /tmp/sass # also write each kernel's SASS
+    python benchmarks/kernel_report.py --sfu-probe      # MUFUs per result of the f32 / packed 16-bit SFU forms
 """
 
 from __future__ import annotations
@@ -141,13 +142,76 @@ def to_markdown(rows: list[dict], cc: int) -> str:
     return head + body
 
 
+# ---- SFU probe: does a packed 16-bit SFU instruction do two results per MUFU? -------------------------
+# The general-p forward is MUFU-bound (two per MAC at 16/clk/SM, docs/kernels.md). PTX has packed
+# `ex2.approx.f16x2` (sm_75+) and `ex2.approx.ftz.bf16x2` (sm_90); if ptxas lowered either to one MUFU per
+# two results, a 16-bit exp2 would halve that cost. The probe compiles each form and counts MUFUs per result.
+_SFU_FORMS = {
+    # name: (PTX body on $1 → $0, element dtype, results per asm call, minimum cc)
+    "lg2.approx.ftz.f32": ("lg2.approx.ftz.f32 $0, $1;", "fp32", 1, 80),
+    "ex2.approx.ftz.f32": ("ex2.approx.ftz.f32 $0, $1;", "fp32", 1, 80),
+    "ex2.approx.f16x2": ("ex2.approx.f16x2 $0, $1;", "fp16", 2, 80),
+    "ex2.approx.ftz.bf16x2": ("ex2.approx.ftz.bf16x2 $0, $1;", "bf16", 2, 90),
+}
+_PROBE_BLOCK, _PROBE_WARPS = 1024, 4  # 8 results per thread
+
+
+def _sfu_probe_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe(x_ptr, y_ptr, BLOCK: tl.constexpr, ASM: tl.constexpr, PACK: tl.constexpr):
+        o = tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + o)
+        y = tl.inline_asm_elementwise(
+            ASM, "=r,r", [x], dtype=x.dtype, is_pure=True, pack=PACK
+        )
+        tl.store(y_ptr + o, y)
+
+    return probe
+
+
+def sfu_probe(cc: int) -> list[dict]:
+    """MUFU instructions per result for each SFU form (whole kernel SASS; the probe does nothing else)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import triton
+
+    rows = []
+    for name, (body, dtype, pack, min_cc) in _SFU_FORMS.items():
+        if cc < min_cc:
+            continue
+        ptr = aot._PTR[dtype]
+        sig = {"x_ptr": ptr, "y_ptr": ptr, "BLOCK": "constexpr", "ASM": "constexpr", "PACK": "constexpr"}
+        const = {"BLOCK": _PROBE_BLOCK, "ASM": "{ " + body + " }", "PACK": pack}
+        src = ASTSource(_sfu_probe_kernel(), sig, const)
+        k = triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": _PROBE_WARPS})
+        mufu = [ln for ln in disassemble(k.asm["cubin"]) if re.search(r"\bMUFU\.", ln)]
+        per_thread = _PROBE_BLOCK // (32 * _PROBE_WARPS)
+        ops = sorted({re.search(r"MUFU\.[A-Z0-9.]+", ln).group(0) for ln in mufu})
+        rows.append(dict(form=name, mufu_per_result=len(mufu) / per_thread, sass=" ".join(ops)))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cc", type=int, default=90, help="compute capability (80, 90)")
     ap.add_argument("--full", action="store_true", help="every code path × every tuning config")
     ap.add_argument("--dump", default=None, help="directory to write each kernel's SASS into")
     ap.add_argument("--only", default=None, help="only kernels whose label contains this string")
+    ap.add_argument(
+        "--sfu-probe",
+        action="store_true",
+        help="only count MUFU instructions per result of the f32 and packed 16-bit SFU forms",
+    )
     args = ap.parse_args(argv)
+    if args.sfu_probe:
+        sys.stdout.write(f"| SFU form (sm_{args.cc}) | MUFU / result | SASS |\n|---|---:|---|\n")
+        for r in sfu_probe(args.cc):
+            sys.stdout.write(f"| {r['form']} | {r['mufu_per_result']:.2f} | {r['sass']} |\n")
+        return
     rows = report(args.cc, args.full, args.dump, args.only)
     sys.stdout.write(to_markdown(rows, args.cc))
 

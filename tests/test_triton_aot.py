@@ -56,3 +56,33 @@ def test_cpu_tensors_without_interpreter_raise_a_clear_error():
     x, w = torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3)
     with pytest.raises(RuntimeError, match="needs CUDA tensors.*backend='cpu'"):
         ta.adder2d_triton(x, w)
+
+
+def _kernel_report():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_report.py"
+    spec = importlib.util.spec_from_file_location("kernel_report", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["kernel_report"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.timeout(120)
+def test_packed_16bit_sfu_does_not_halve_the_mufu_count():
+    # docs/kernels.md ("General p"): the general-p forward is MUFU-bound, and a packed f16x2/bf16x2 exp2
+    # would only help if ptxas issued one MUFU per two results. It issues one per result on sm_90 (the
+    # probe reads the SASS). If a future ptxas packs them, this fails: revisit the general-p design.
+    rows = {r["form"]: r for r in _kernel_report().sfu_probe(90)}
+    assert set(rows) == {
+        "lg2.approx.ftz.f32",
+        "ex2.approx.ftz.f32",
+        "ex2.approx.f16x2",
+        "ex2.approx.ftz.bf16x2",
+    }
+    for r in rows.values():
+        assert r["mufu_per_result"] == 1.0, r
+    assert rows["ex2.approx.f16x2"]["sass"] == "MUFU.EX2.F16"
