@@ -47,7 +47,9 @@ class KernelSpec:
     @property
     def label(self) -> str:
         kw = ",".join(
-            f"{k[6:] if k.startswith('BLOCK_') else k}={v}" for k, v in self.config.kwargs.items()
+            f"{k[6:] if k.startswith('BLOCK_') else k}={v}"
+            for k, v in self.config.kwargs.items()
+            if not (k == "EXP2_FMA" and v == 0)  # the default: SFU exp2 everywhere
         )
         return f"{self.name} {self.dtype} [{kw},w={self.config.num_warps}]"
 
@@ -107,7 +109,10 @@ def kernel_specs(r: int = 3, s: int = 3, full: bool = False) -> list[KernelSpec]
         ),
     ]
     for i, cfg in enumerate(ta.FWD_CONFIGS):
-        paths = fwd_paths if full else [fwd_paths[i % len(fwd_paths)]]
+        if cfg.kwargs["EXP2_FMA"]:  # general-p-only configs (pruned for every other path)
+            paths = [fwd_paths[2]]
+        else:
+            paths = fwd_paths if full else [fwd_paths[i % len(fwd_paths)]]
         kw = cfg.kwargs
         macs = kw["BLOCK_M"] * kw["BLOCK_N"] * kw["BLOCK_K"] // (32 * cfg.num_warps)
         for j, (nm, path) in enumerate(paths):
@@ -118,7 +123,7 @@ def kernel_specs(r: int = 3, s: int = 3, full: bool = False) -> list[KernelSpec]
                     f"fwd[{nm}]",
                     ta._adder_fwd_kernel,
                     cfg,
-                    dict(R=r, S=s, ACC_DTYPE=fp32, FAST_MATH=True, **path),
+                    dict(R=r, S=s, ACC_DTYPE=fp32, FAST_MATH=True, FMA_EXP2_OK=True, **path),
                     dtype,
                     macs,
                     ("OP",),
@@ -131,7 +136,10 @@ def kernel_specs(r: int = 3, s: int = 3, full: bool = False) -> list[KernelSpec]
         ("lp,p=2", ta.GX_LINEAR),
     ]
     for i, cfg in enumerate(ta.DX_CONFIGS):
-        paths = dx_paths if full else [dx_paths[i % len(dx_paths)]]
+        if cfg.kwargs["EXP2_FMA"]:  # ℓp-at-general-p-only configs (pruned for every other mode)
+            paths = [dx_paths[2]]
+        else:
+            paths = dx_paths if full else [dx_paths[i % len(dx_paths)]]
         kw = cfg.kwargs
         macs = kw["BLOCK_M"] * kw["BLOCK_N"] * kw["BLOCK_K"] // (32 * cfg.num_warps)
         for j, (nm, mode) in enumerate(paths):
@@ -141,7 +149,7 @@ def kernel_specs(r: int = 3, s: int = 3, full: bool = False) -> list[KernelSpec]
                     f"dx[{nm}]",
                     ta._adder_bwd_dx_kernel,
                     cfg,
-                    dict(R=r, S=s, GX_MODE=mode, FAST_MATH=True, ACC_DTYPE=fp32),
+                    dict(R=r, S=s, GX_MODE=mode, FAST_MATH=True, FMA_EXP2_OK=True, ACC_DTYPE=fp32),
                     dtype,
                     macs,
                     ("CP",),

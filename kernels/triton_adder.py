@@ -94,6 +94,56 @@ def _pow_abs(d, e, FAST_MATH: tl.constexpr):
         return tl.exp2(e * tl.log2(tl.abs(d)))
 
 
+# exp2 on the FMA pipe (no SFU): 2^y = 2^n · 2^f, n = round(y), f ∈ [−½, ½]. Degree-5 polynomial for 2^f,
+# fitted for relative error on [−½, ½] (Lawson-weighted least squares, 7.5e-8 in exact arithmetic; 2.3e-7
+# evaluated in fp32 with this range reduction over y ∈ [−126, 127], i.e. ex2.approx's 2^-22.5 ≈ 1.7e-7).
+_E2_C0 = tl.constexpr(1.00000007)
+_E2_C1 = tl.constexpr(0.69314697)
+_E2_C2 = tl.constexpr(0.2402212)
+_E2_C3 = tl.constexpr(0.05550713)
+_E2_C4 = tl.constexpr(0.00967554)
+_E2_C5 = tl.constexpr(0.00132765)
+_ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5·2^23: y + it holds round(y) in the low mantissa bits
+
+
+@triton.jit
+def _pow_abs_fma_exp2(d, e, FAST_MATH: tl.constexpr):
+    """|d|^e like _pow_abs, with the exp2 on the FMA pipe instead of MUFU.EX2 (fp32 only).
+
+    Why: the general-p forward is bound by the SFU (two MUFU per MAC at 16/clk/SM = 16 cycles per warp
+    and MAC, against 5.4 issue cycles). Moving the exp2 of some MACs to ~12 FMA-pipe instructions (2
+    clamps, 3 for the range reduction, 5 FFMA, 2 integer ops for the exponent) spends idle issue
+    slots to free MUFU cycles: with half of the MACs on this path the model is max(12 MUFU, 10.4 issue)
+    = 12 cycles per MAC instead of 16 (docs/kernels.md). The log2 stays on MUFU.LG2.
+    Edges: |d| = 0 gives 2^-126 (≈ 1e-38, below the resolution of any sum it enters) instead of 0;
+    |d|^e beyond fp32 saturates at 2^127.99 instead of inf; NaN propagates.
+    """
+    if FAST_MATH:
+        y = tl.inline_asm_elementwise(
+            """{
+            .reg .f32 t;
+            abs.f32 t, $1;
+            lg2.approx.ftz.f32 t, t;
+            mul.ftz.f32 $0, t, $2;
+            }""",
+            "=r,r,r",
+            [d, e],
+            dtype=tl.float32,
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        y = e * tl.log2(tl.abs(d))
+    y = tl.minimum(tl.maximum(y, -126.0, tl.PropagateNan.ALL), 127.99, tl.PropagateNan.ALL)
+    t = y + _ROUND_MAGIC
+    f = y - (t - _ROUND_MAGIC)
+    q = ((((_E2_C5 * f + _E2_C4) * f + _E2_C3) * f + _E2_C2) * f + _E2_C1) * f + _E2_C0
+    # t's mantissa is 2^22 + n: shifted by 23 the 2^22 leaves the word and n·2^23 is left, the exponent
+    # increment (two's complement for n < 0)
+    bits = q.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)
+    return bits.to(tl.float32, bitcast=True)
+
+
 @triton.jit
 def _adder_fwd_kernel(
     x_ptr,  # (N, C, H, W) input, any strides, fp32/fp16/bf16/fp64
@@ -135,6 +185,7 @@ def _adder_fwd_kernel(
     S: tl.constexpr,
     P_MODE: tl.constexpr,
     FAST_MATH: tl.constexpr,  # approximate SFU log2/exp2 for the general-p path (CUDA, fp32)
+    FMA_EXP2_OK: tl.constexpr,  # fp32 compute: the FMA-pipe exp2 may be used (EXP2_FMA)
     EPILOGUE: tl.constexpr,
     HAS_RES: tl.constexpr,
     RELU: tl.constexpr,
@@ -142,6 +193,7 @@ def _adder_fwd_kernel(
     BLOCK_M: tl.constexpr,  # output positions per program
     BLOCK_N: tl.constexpr,  # output channels per program
     BLOCK_K: tl.constexpr,  # input channels per unrolled step
+    EXP2_FMA: tl.constexpr,  # general p: of each BLOCK_K channels, this many take the FMA-pipe exp2
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -190,6 +242,8 @@ def _adder_fwd_kernel(
                         acc += tl.abs(d)
                     elif P_MODE == 2:
                         acc += d * d
+                    elif FMA_EXP2_OK and kk < EXP2_FMA:
+                        acc += _pow_abs_fma_exp2(d, p, FAST_MATH)
                     else:
                         acc += _pow_abs(d, p, FAST_MATH)
             for c in range(C_main, C):
@@ -274,10 +328,12 @@ def _adder_bwd_dx_kernel(
     S: tl.constexpr,
     GX_MODE: tl.constexpr,
     FAST_MATH: tl.constexpr,
+    FMA_EXP2_OK: tl.constexpr,  # fp32 compute: the FMA-pipe exp2 may be used (EXP2_FMA)
     ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr,  # input positions (n, ih, iw) per program
     BLOCK_N: tl.constexpr,  # input channels per program
     BLOCK_K: tl.constexpr,  # output channels per unrolled step
+    EXP2_FMA: tl.constexpr,  # GX_POW: of each BLOCK_K output channels, this many take the FMA-pipe exp2
 ):
     # Gather form: every input element sums over the (tap, output channel) pairs that read it, so no
     # atomics and no im2col. The x tile is loaded once and stays in registers; the tile is (channels,
@@ -356,7 +412,10 @@ def _adder_bwd_dx_kernel(
                         acc += gv[None, :] * wv[:, None]
                     else:
                         d = wv[:, None] - xt
-                        mag = _pow_abs(d, p - 1.0, FAST_MATH)
+                        if FMA_EXP2_OK and kk < EXP2_FMA:
+                            mag = _pow_abs_fma_exp2(d, p - 1.0, FAST_MATH)
+                        else:
+                            mag = _pow_abs(d, p - 1.0, FAST_MATH)
                         acc += gv[None, :] * tl.where(d < 0, -mag, mag)
                     gsum += gv
     if GX_MODE == 0 or GX_MODE == 1:
@@ -502,23 +561,58 @@ def _adder_bwd_dw_kernel(
 # Tuning lists. Every entry compiles for sm_80 and sm_90 (tests/test_triton_aot.py); the first entry of
 # each list is the interpreter/default config. Keys: the shapes that change the best tile.
 # ----------------------------------------------------------------------------------------------------------
+def _fwd_config(m: int, n: int, k: int, warps: int, exp2_fma: int = 0) -> triton.Config:
+    kw = {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "EXP2_FMA": exp2_fma}
+    return triton.Config(kw, num_warps=warps, num_stages=1)
+
+
 FWD_CONFIGS = [
     # BLOCK_M = 32 lanes × num_warps × (positions per thread) so that every warp sits on the position axis
     # and each thread keeps all BLOCK_N channels of its positions (see the comment on acc in the kernel).
-    triton.Config({"BLOCK_M": 256, "BLOCK_N": 16, "BLOCK_K": 4}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 4}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_M": 256, "BLOCK_N": 32, "BLOCK_K": 2}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 16, "BLOCK_K": 4}, num_warps=2, num_stages=1),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 8, "BLOCK_K": 4}, num_warps=2, num_stages=1),
+    _fwd_config(256, 16, 4, 4),
+    _fwd_config(128, 32, 4, 4),
+    _fwd_config(256, 32, 2, 4),
+    _fwd_config(128, 16, 4, 2),
+    _fwd_config(64, 8, 4, 2),
+    # General p only (pruned otherwise): half of each channel step takes the FMA-pipe exp2, which the
+    # model puts at 12 instead of 16 cycles per MAC; the autotuner measures it against the SFU-only tiles
+    # above, so a GPU where the model is wrong keeps the faster one.
+    _fwd_config(256, 16, 4, 4, exp2_fma=2),
+    _fwd_config(128, 32, 4, 4, exp2_fma=2),
+    _fwd_config(256, 32, 2, 4, exp2_fma=1),
 ]
+
+
+def _prune_fwd_configs(configs, named_args, **kwargs):
+    """The EXP2_FMA variants only differ on the fp32 general-p path: don't time duplicates elsewhere."""
+    split_matters = kwargs.get("P_MODE") == P_GENERAL and kwargs.get("FMA_EXP2_OK")
+    return [c for c in configs if split_matters or c.kwargs["EXP2_FMA"] == 0]
+
+
+def _dx_config(m: int, n: int, k: int, warps: int, exp2_fma: int = 0) -> triton.Config:
+    kw = {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "EXP2_FMA": exp2_fma}
+    return triton.Config(kw, num_warps=warps, num_stages=1)
+
+
 DX_CONFIGS = [
     # Same register blocking as the forward (BLOCK_M = 32 × num_warps × positions per thread); each thread
     # also keeps its BLOCK_N × positions x values, so the tiles are half the forward's.
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 16, "BLOCK_K": 4}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_M": 256, "BLOCK_N": 16, "BLOCK_K": 4}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 2}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 8, "BLOCK_K": 4}, num_warps=2, num_stages=1),
+    _dx_config(128, 16, 4, 4),
+    _dx_config(256, 16, 4, 4),
+    _dx_config(128, 32, 2, 4),
+    _dx_config(64, 8, 4, 2),
+    # ℓp mode at general p only (pruned otherwise), as the forward's EXP2_FMA tiles: |d|^(p−1) of half
+    # the output channels of each step takes the FMA-pipe exp2 (model: 16 → 12.9 cycles per MAC).
+    _dx_config(128, 16, 4, 4, exp2_fma=2),
+    _dx_config(128, 32, 2, 4, exp2_fma=1),
 ]
+
+
+def _prune_dx_configs(configs, named_args, **kwargs):
+    split_matters = kwargs.get("GX_MODE") == GX_POW and kwargs.get("FMA_EXP2_OK")
+    return [c for c in configs if split_matters or c.kwargs["EXP2_FMA"] == 0]
+
+
 DW_CONFIGS = [
     # (output channels, input channels, positions per GEMM step); tl.dot needs every dim ≥ 16.
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=1),
@@ -526,8 +620,8 @@ DW_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 16}, num_warps=8, num_stages=1),
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=2, num_stages=1),
 ]
-_FWD_KEY = ["C", "O", "P", "Q", "N", "R", "S", "P_MODE", "EPILOGUE"]
-_DX_KEY = ["C", "O", "H", "W", "N", "R", "S", "GX_MODE"]
+_FWD_KEY = ["C", "O", "P", "Q", "N", "R", "S", "P_MODE", "FMA_EXP2_OK", "EPILOGUE"]
+_DX_KEY = ["C", "O", "H", "W", "N", "R", "S", "GX_MODE", "FMA_EXP2_OK"]
 _DW_KEY = ["C", "O", "H", "W", "N", "R", "S", "SIGN"]
 
 
@@ -543,8 +637,18 @@ def _tuned(kernel, configs, key, **kwargs):
     return triton.autotune(configs=configs, key=key, **kwargs)(kernel)
 
 
-_adder_fwd_tuned = _tuned(_adder_fwd_kernel, FWD_CONFIGS, _FWD_KEY)
-_adder_bwd_dx_tuned = _tuned(_adder_bwd_dx_kernel, DX_CONFIGS, _DX_KEY)
+_adder_fwd_tuned = _tuned(
+    _adder_fwd_kernel,
+    FWD_CONFIGS,
+    _FWD_KEY,
+    prune_configs_by={"early_config_prune": _prune_fwd_configs},
+)
+_adder_bwd_dx_tuned = _tuned(
+    _adder_bwd_dx_kernel,
+    DX_CONFIGS,
+    _DX_KEY,
+    prune_configs_by={"early_config_prune": _prune_dx_configs},
+)
 # ∂F is autotuned only in its atomic (non-deterministic) mode, where every config adds into the same
 # buffer: reset_to_zero clears it between the autotuner's trial runs. The deterministic mode keeps
 # DW_CONFIGS[0]: the tile sets the reduction split, so a config picked by timing (which varies run to
@@ -558,8 +662,8 @@ _adder_bwd_dw_atomic_tuned = _tuned(
 # the fused ResNet-8 test took 21 s with FWD_CONFIGS[0]). Every tuning config is still interpreted on a
 # small case by tests/test_triton_adder.py (the `config=` argument) and compiled by the AOT test.
 INTERPRETER_CONFIGS = {
-    "fwd": triton.Config({"BLOCK_M": 256, "BLOCK_N": 64, "BLOCK_K": 8}),
-    "dx": triton.Config({"BLOCK_M": 256, "BLOCK_N": 64, "BLOCK_K": 8}),
+    "fwd": triton.Config({"BLOCK_M": 256, "BLOCK_N": 64, "BLOCK_K": 8, "EXP2_FMA": 4}),
+    "dx": triton.Config({"BLOCK_M": 256, "BLOCK_N": 64, "BLOCK_K": 8, "EXP2_FMA": 4}),
     "dw": triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}),
 }
 
@@ -743,6 +847,7 @@ def adder2d_forward(
         S=s,
         P_MODE=_p_mode(p),
         FAST_MATH=_fast_math(x.dtype),
+        FMA_EXP2_OK=compute_dtype(x.dtype) == torch.float32,
         EPILOGUE=epilogue,
         HAS_RES=residual is not None,
         RELU=bool(relu),
@@ -832,7 +937,12 @@ def adder2d_grad_input(
     )
     args = args + (*stride, *padding, *dilation)
     consts = dict(
-        R=r, S=s, GX_MODE=mode, FAST_MATH=_fast_math(x.dtype), ACC_DTYPE=_acc_dtype(x.dtype)
+        R=r,
+        S=s,
+        GX_MODE=mode,
+        FAST_MATH=_fast_math(x.dtype),
+        FMA_EXP2_OK=compute_dtype(x.dtype) == torch.float32,
+        ACC_DTYPE=_acc_dtype(x.dtype),
     )
     _launch(_adder_bwd_dx_kernel, _adder_bwd_dx_tuned, "dx", DX_CONFIGS, grid, args, consts, config)
     return dx

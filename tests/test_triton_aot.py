@@ -86,3 +86,25 @@ def test_packed_16bit_sfu_does_not_halve_the_mufu_count():
     for r in rows.values():
         assert r["mufu_per_result"] == 1.0, r
     assert rows["ex2.approx.f16x2"]["sass"] == "MUFU.EX2.F16"
+
+
+def test_exp2_fma_tiles_are_tuned_only_where_they_differ():
+    # The EXP2_FMA tiles change only the fp32 general-p code (forward) / ℓp at general p (∂X); elsewhere
+    # the autotuner would time exact duplicates, so they are pruned. The SFU-only tiles always stay.
+    def split(configs):
+        return {c.kwargs["EXP2_FMA"] > 0 for c in configs}
+
+    fwd, dx = ta.FWD_CONFIGS, ta.DX_CONFIGS
+    assert split(ta._prune_fwd_configs(fwd, {}, P_MODE=ta.P_GENERAL, FMA_EXP2_OK=True)) == {
+        False,
+        True,
+    }
+    assert len(ta._prune_fwd_configs(fwd, {}, P_MODE=ta.P_GENERAL, FMA_EXP2_OK=True)) == len(fwd)
+    for mode, ok in ((ta.P_ONE, True), (ta.P_TWO, True), (ta.P_GENERAL, False)):
+        kept = ta._prune_fwd_configs(fwd, {}, P_MODE=mode, FMA_EXP2_OK=ok)
+        assert split(kept) == {False} and len(kept) == sum(not c.kwargs["EXP2_FMA"] for c in fwd)
+    assert len(ta._prune_dx_configs(dx, {}, GX_MODE=ta.GX_POW, FMA_EXP2_OK=True)) == len(dx)
+    for mode in (ta.GX_HARDTANH, ta.GX_SIGN, ta.GX_LINEAR):
+        assert split(ta._prune_dx_configs(dx, {}, GX_MODE=mode, FMA_EXP2_OK=True)) == {False}
+    # the tuning keys separate fp32 from fp64 compute (the split exists only for fp32)
+    assert "FMA_EXP2_OK" in ta._FWD_KEY and "FMA_EXP2_OK" in ta._DX_KEY
