@@ -60,6 +60,27 @@ def test_large_shapes_fp32(shape, p, grad_x):
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.parametrize("p", [1.2, 1.5, 1.8])
+def test_every_general_p_tile_compiled(p):
+    # Each forward and ∂X tuning config, pinned (no autotuning), at a ResNet stage-2 size: the SFU-only
+    # tiles and the EXP2_FMA tiles (compiled MUFU.LG2 + FMA-pipe exp2) against the fp64 reference.
+    from addernet_dist.kernels import triton_adder as ta
+
+    x = torch.randn(8, 128, 28, 28, device=DEV)
+    w = torch.randn(64, 128, 3, 3, device=DEV)
+    g = torch.randn(8, 64, 28, 28, device=DEV)
+    conv = ((1, 1), (1, 1), (1, 1))
+    y_r = adder2d_reference(x.double(), w.double(), padding=1, p=p)
+    _, dx_r, _ = _run(adder2d_reference, x.double(), w.double(), g.double(), padding=1, p=p)
+    for cfg in ta.FWD_CONFIGS:
+        y, _ = ta.adder2d_forward(x, w, *conv, p, (28, 28), config=cfg)
+        assert _rel_err(y, y_r) < 1e-5, cfg
+    for cfg in ta.DX_CONFIGS:
+        dx = ta.adder2d_grad_input(g, x, w, *conv, p, "lp", config=cfg)
+        assert _rel_err(dx, dx_r) < 1e-5, cfg
+
+
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("p", [1.0, 1.5])
 def test_bf16_channels_last(p):
     from addernet_dist.kernels.triton_adder import adder2d_triton
