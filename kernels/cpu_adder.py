@@ -968,9 +968,27 @@ def _forward(g: _Geom, P: torch.Tensor, w_ok: torch.Tensor, p: float) -> torch.T
     return y
 
 
+_scratch = threading.local()
+
+
+def _zeroed_scratch(like: torch.Tensor) -> torch.Tensor:
+    """A zeroed tensor shaped like ``like``, carved from this thread's reusable buffer.
+
+    ∂X scatters into a P-layout buffer that lives only until phase_unpad has read it. A fresh
+    zeros_like page-faults all of it on every call (glibc returns big blocks to the OS on free): on the
+    stride-2 ResNet-20 layers, batch 32, that was ~7 % of the layer's forward+backward (4.79 vs 5.25 ms).
+    One buffer per thread (autograd may run backward on several threads), grown to the largest P seen.
+    """
+    n = like.numel()
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.dtype != like.dtype or buf.numel() < n:
+        buf = _scratch.buf = torch.empty(n, dtype=like.dtype)
+    return buf[:n].view(like.shape).zero_()
+
+
 def _grad_input(g: _Geom, P, w_ok, g_out, p: float, grad_x: str) -> torch.Tensor:
     lib = _lib_or_raise()
-    gp = torch.zeros_like(P)
+    gp = _zeroed_scratch(P)
     fn = getattr(lib, f"adder_gx_{_suffix(P.dtype)}")
     mode = 3 if grad_x == "hardtanh" else _MODE_FWD.get(p, 0)
     t = torch.get_num_threads()

@@ -268,6 +268,38 @@ def test_thread_count_and_layout_do_not_change_results():
     torch.testing.assert_close(single[1], two[1][:1], rtol=0, atol=0)
 
 
+@pytest.mark.timeout(120)
+def test_backward_scratch_is_per_thread_and_rezeroed():
+    # ∂X reuses one zeroed scratch buffer per thread (_zeroed_scratch): two threads running backward
+    # at once on different shapes, each alternating a large and a small layer (the small one reuses the
+    # large one's dirty buffer), must each get exactly their single-threaded results.
+    import threading
+
+    c = dict(stride=2, pad=1, dil=1, p=1.0, grad_x="hardtanh", grad_w="full")
+    cases = [
+        [_case(dict(n=2, cin=c_in, cout=4, hw=hw, k=3, **c)) for hw in ((15, 15), (6, 5))]
+        for c_in in (3, 5)
+    ]
+    want = [[_run(cpu_adder.adder2d_cpu, *xwg, c) for xwg in pair] for pair in cases]
+    errors: list[BaseException] = []
+
+    def work(i):
+        try:
+            for _ in range(15):
+                for xwg, ref in zip(cases[i], want[i]):
+                    for a, b in zip(_run(cpu_adder.adder2d_cpu, *xwg, c), ref):
+                        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        except BaseException as e:  # surfaced below: a thread's assert would be lost otherwise
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+
+
 @pytest.mark.timeout(60)
 def test_empty_batch_and_frozen_weight():
     x = torch.randn(0, 3, 8, 8, requires_grad=True)
