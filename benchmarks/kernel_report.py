@@ -164,9 +164,7 @@ def _sfu_probe_kernel():
     def probe(x_ptr, y_ptr, BLOCK: tl.constexpr, ASM: tl.constexpr, PACK: tl.constexpr):
         o = tl.arange(0, BLOCK)
         x = tl.load(x_ptr + o)
-        y = tl.inline_asm_elementwise(
-            ASM, "=r,r", [x], dtype=x.dtype, is_pure=True, pack=PACK
-        )
+        y = tl.inline_asm_elementwise(ASM, "=r,r", [x], dtype=x.dtype, is_pure=True, pack=PACK)
         tl.store(y_ptr + o, y)
 
     return probe
@@ -174,20 +172,27 @@ def _sfu_probe_kernel():
 
 def sfu_probe(cc: int) -> list[dict]:
     """MUFU instructions per result for each SFU form (whole kernel SASS; the probe does nothing else)."""
+    import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
-    import triton
 
     rows = []
     for name, (body, dtype, pack, min_cc) in _SFU_FORMS.items():
         if cc < min_cc:
             continue
         ptr = aot._PTR[dtype]
-        sig = {"x_ptr": ptr, "y_ptr": ptr, "BLOCK": "constexpr", "ASM": "constexpr", "PACK": "constexpr"}
+        sig = {
+            "x_ptr": ptr,
+            "y_ptr": ptr,
+            "BLOCK": "constexpr",
+            "ASM": "constexpr",
+            "PACK": "constexpr",
+        }
         const = {"BLOCK": _PROBE_BLOCK, "ASM": "{ " + body + " }", "PACK": pack}
         src = ASTSource(_sfu_probe_kernel(), sig, const)
-        k = triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": _PROBE_WARPS})
+        k = triton.compile(
+            src, target=GPUTarget("cuda", cc, 32), options={"num_warps": _PROBE_WARPS}
+        )
         mufu = [ln for ln in disassemble(k.asm["cubin"]) if re.search(r"\bMUFU\.", ln)]
         per_thread = _PROBE_BLOCK // (32 * _PROBE_WARPS)
         ops = sorted({re.search(r"MUFU\.[A-Z0-9.]+", ln).group(0) for ln in mufu})

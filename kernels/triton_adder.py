@@ -113,8 +113,8 @@ def _pow_abs_fma_exp2(d, e, FAST_MATH: tl.constexpr):
     Why: the general-p forward is bound by the SFU (two MUFU per MAC at 16/clk/SM = 16 cycles per warp
     and MAC, against 5.4 issue cycles). Moving the exp2 of some MACs to ~12 FMA-pipe instructions (2
     clamps, 3 for the range reduction, 5 FFMA, 2 integer ops for the exponent) spends idle issue
-    slots to free MUFU cycles: with half of the MACs on this path the model is max(12 MUFU, 10.4 issue)
-    = 12 cycles per MAC instead of 16 (docs/kernels.md). The log2 stays on MUFU.LG2.
+    slots to free MUFU cycles: with half of the MACs on this path the model is max(12 MUFU, 10.6 issue)
+    = 12 cycles per MAC instead of 16 (docs/kernels.md; 10.6 is the SASS report's count). The log2 stays on MUFU.LG2.
     Edges: |d| = 0 gives 2^-126 (≈ 1e-38, below the resolution of any sum it enters) instead of 0;
     |d|^e beyond fp32 saturates at 2^127.99 instead of inf; NaN propagates.
     """
@@ -561,7 +561,8 @@ def _adder_bwd_dw_kernel(
 # Tuning lists. Every entry compiles for sm_80 and sm_90 (tests/test_triton_aot.py); the first entry of
 # each list is the interpreter/default config. Keys: the shapes that change the best tile.
 # ----------------------------------------------------------------------------------------------------------
-def _fwd_config(m: int, n: int, k: int, warps: int, exp2_fma: int = 0) -> triton.Config:
+def _tile_config(m: int, n: int, k: int, warps: int, exp2_fma: int = 0) -> triton.Config:
+    """A forward / ∂X tile; ``exp2_fma``: of each BLOCK_K step, the terms whose exp2 is on the FMA pipe."""
     kw = {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "EXP2_FMA": exp2_fma}
     return triton.Config(kw, num_warps=warps, num_stages=1)
 
@@ -569,17 +570,17 @@ def _fwd_config(m: int, n: int, k: int, warps: int, exp2_fma: int = 0) -> triton
 FWD_CONFIGS = [
     # BLOCK_M = 32 lanes × num_warps × (positions per thread) so that every warp sits on the position axis
     # and each thread keeps all BLOCK_N channels of its positions (see the comment on acc in the kernel).
-    _fwd_config(256, 16, 4, 4),
-    _fwd_config(128, 32, 4, 4),
-    _fwd_config(256, 32, 2, 4),
-    _fwd_config(128, 16, 4, 2),
-    _fwd_config(64, 8, 4, 2),
+    _tile_config(256, 16, 4, 4),
+    _tile_config(128, 32, 4, 4),
+    _tile_config(256, 32, 2, 4),
+    _tile_config(128, 16, 4, 2),
+    _tile_config(64, 8, 4, 2),
     # General p only (pruned otherwise): half of each channel step takes the FMA-pipe exp2, which the
     # model puts at 12 instead of 16 cycles per MAC; the autotuner measures it against the SFU-only tiles
     # above, so a GPU where the model is wrong keeps the faster one.
-    _fwd_config(256, 16, 4, 4, exp2_fma=2),
-    _fwd_config(128, 32, 4, 4, exp2_fma=2),
-    _fwd_config(256, 32, 2, 4, exp2_fma=1),
+    _tile_config(256, 16, 4, 4, exp2_fma=2),
+    _tile_config(128, 32, 4, 4, exp2_fma=2),
+    _tile_config(256, 32, 2, 4, exp2_fma=1),
 ]
 
 
@@ -589,22 +590,17 @@ def _prune_fwd_configs(configs, named_args, **kwargs):
     return [c for c in configs if split_matters or c.kwargs["EXP2_FMA"] == 0]
 
 
-def _dx_config(m: int, n: int, k: int, warps: int, exp2_fma: int = 0) -> triton.Config:
-    kw = {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "EXP2_FMA": exp2_fma}
-    return triton.Config(kw, num_warps=warps, num_stages=1)
-
-
 DX_CONFIGS = [
     # Same register blocking as the forward (BLOCK_M = 32 × num_warps × positions per thread); each thread
     # also keeps its BLOCK_N × positions x values, so the tiles are half the forward's.
-    _dx_config(128, 16, 4, 4),
-    _dx_config(256, 16, 4, 4),
-    _dx_config(128, 32, 2, 4),
-    _dx_config(64, 8, 4, 2),
+    _tile_config(128, 16, 4, 4),
+    _tile_config(256, 16, 4, 4),
+    _tile_config(128, 32, 2, 4),
+    _tile_config(64, 8, 4, 2),
     # ℓp mode at general p only (pruned otherwise), as the forward's EXP2_FMA tiles: |d|^(p−1) of half
-    # the output channels of each step takes the FMA-pipe exp2 (model: 16 → 12.9 cycles per MAC).
-    _dx_config(128, 16, 4, 4, exp2_fma=2),
-    _dx_config(128, 32, 2, 4, exp2_fma=1),
+    # the output channels of each step takes the FMA-pipe exp2 (model: 16 → 13.6 cycles per MAC).
+    _tile_config(128, 16, 4, 4, exp2_fma=2),
+    _tile_config(128, 32, 2, 4, exp2_fma=1),
 ]
 
 
