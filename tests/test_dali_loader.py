@@ -155,32 +155,73 @@ def test_flat_val_layout(flat_tree):
     assert x.shape == (9, 3, 24, 24)
 
 
-@pytest.mark.timeout(60)
-def test_mid_epoch_resume_continues_same_files(tree):
-    """With a deterministic transform the resumed epoch is bit-identical to the uninterrupted one
-    (so the file order is); with random crops the labels still continue exactly."""
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("augment", ["none", "random_resized_crop", "pad_crop"])
+def test_mid_epoch_resume_is_bit_identical(tree, augment):
+    """The resumed epoch is the uninterrupted one, pixel for pixel, random crops and flips included:
+    the state carries DALI's pipeline checkpoint (reader position + random-op states) taken after
+    exactly the batches handed out, though the pipeline had prefetched further."""
     root, _ = tree
-    for augment in ("none", "random_resized_crop"):
-        cfg = _cfg(root, augment=augment, hflip=augment != "none")
-        kw = dict(batch_size=2, rank=1, world_size=2, seed=5)
-        ref = build_loader(cfg, "train", **kw)
-        ref.set_epoch(3)
-        full = [(x.clone(), y.clone()) for x, y in ref]
-        run = build_loader(cfg, "train", **kw)
-        run.set_epoch(3)
-        it = iter(run)
-        head = [next(it) for _ in range(2)]
-        state = run.state_dict()
-        del it
-        resumed = build_loader(cfg, "train", **kw)
-        resumed.load_state_dict(state)
-        resumed.set_epoch(3)
-        tail = list(resumed)
-        assert len(head) + len(tail) == len(full) == 4
-        assert torch.equal(torch.cat([y for _, y in head + tail]), torch.cat([y for _, y in full]))
-        if augment == "none":
-            for (xa, _), (xb, _) in zip(head + tail, full):
-                assert torch.equal(xa, xb)
+    cfg = _cfg(root, augment=augment, hflip=augment != "none", pad=3)
+    cfg.dali.prefetch_queue_depth = 3  # more in flight than the 2 batches handed out
+    kw = dict(batch_size=2, rank=1, world_size=2, seed=5)
+    ref = build_loader(cfg, "train", **kw)
+    ref.set_epoch(3)
+    full = [(x.clone(), y.clone()) for x, y in ref]
+    run = build_loader(cfg, "train", **kw)
+    run.set_epoch(3)
+    it = iter(run)
+    head = [next(it) for _ in range(2)]
+    state = run.state_dict()
+    del it
+    assert (state["dali_checkpoint"]["epoch"], state["dali_checkpoint"]["batches_done"]) == (3, 2)
+    resumed = build_loader(cfg, "train", **kw)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(3)
+    tail = list(resumed)
+    assert len(head) + len(tail) == len(full) == 4
+    for (xa, ya), (xb, yb) in zip(head + tail, full):
+        assert torch.equal(ya, yb)
+        assert torch.equal(xa, xb)
+    # the checkpoint is spent by the resumed epoch: the next epoch starts fresh and matches too
+    resumed.set_epoch(4)
+    ref.set_epoch(4)
+    for (xa, _), (xb, _) in zip(resumed, ref):
+        assert torch.equal(xa, xb)
+
+
+@pytest.mark.timeout(60)
+def test_resume_without_a_dali_checkpoint_keeps_the_file_order(tree):
+    # A position saved by another loader (or before checkpoints were kept): the same files follow in
+    # the same order; only the random draws of the rest of that epoch are new.
+    root, _ = tree
+    cfg = _cfg(root, augment="random_resized_crop", hflip=True)
+    kw = dict(batch_size=2, rank=0, world_size=2, seed=5)
+    ref = build_loader(cfg, "train", **kw)
+    ref.set_epoch(1)
+    full = [y.clone() for _, y in ref]
+    tv = build_loader(_tv(cfg), "train", **kw)
+    tv.set_epoch(1)
+    it = iter(tv)
+    next(it)
+    state = tv.state_dict()
+    del it
+    assert "dali_checkpoint" not in state
+    resumed = build_loader(cfg, "train", **kw)
+    resumed.load_state_dict(state)
+    tail = [y for _, y in resumed]
+    assert torch.equal(torch.cat(tail), torch.cat(full[1:]))
+    # a checkpoint of another position is ignored, not misapplied
+    run = build_loader(cfg, "train", **kw)
+    run.set_epoch(1)
+    it = iter(run)
+    next(it), next(it)
+    state = run.state_dict()
+    del it
+    state["batches_done"] = 1
+    resumed = build_loader(cfg, "train", **kw)
+    resumed.load_state_dict(state)
+    assert torch.equal(torch.cat([y for _, y in resumed]), torch.cat(full[1:]))
 
 
 @pytest.mark.timeout(60)

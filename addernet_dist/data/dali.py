@@ -15,9 +15,12 @@ Each file's label slot carries its position in that list; the loader maps positi
 dataset labels (and eval padding to ``IGNORE_LABEL``), and checks that the reader delivered
 exactly the requested files in order.
 
-Resume caveat: the file order after a mid-epoch resume is exact; the random crop/flip draws are
-seeded by (seed, epoch, rank, batches_done) at pipeline start, so they differ from the
-uninterrupted run's (the torchvision loader, whose draws are per sample, is bit-identical).
+Mid-epoch resume is bit-identical to the uninterrupted run: the train pipeline is built with DALI's
+checkpointing enabled, ``state_dict()`` adds ``pipe.checkpoint()`` — the reader position and the
+state of every random operator after exactly the batches handed out (the prefetched ones are not
+counted) — and the resumed epoch rebuilds the epoch's full list with that checkpoint. A state
+without one (saved by another loader, or an older version) still resumes the exact file order,
+with fresh random draws seeded by (seed, epoch, rank, batches_done).
 """
 
 from __future__ import annotations
@@ -57,8 +60,13 @@ def build_pipeline(
     dali_device: str,
     device_id: int | None,
     channels_last: bool,
+    enable_checkpointing: bool = False,
+    checkpoint: str | None = None,
 ):
-    """A built DALI pipeline yielding (images float32 NCHW|NHWC normalised, positions int32)."""
+    """A built DALI pipeline yielding (images float32 NCHW|NHWC normalised, positions int32).
+
+    ``checkpoint``: a ``Pipeline.checkpoint()`` string of a pipeline built with the same arguments;
+    the new pipeline continues exactly where that one was (needs ``enable_checkpointing``)."""
     from nvidia.dali import fn, types
     from nvidia.dali.pipeline import Pipeline
 
@@ -70,6 +78,8 @@ def build_pipeline(
         seed=seed,
         prefetch_queue_depth=cfg.dali.prefetch_queue_depth,
         exec_dynamic=True,
+        enable_checkpointing=enable_checkpointing,
+        checkpoint=checkpoint,
     )
     s = cfg.image_size
     op_device = "gpu" if dali_device == "gpu" else "cpu"
@@ -211,6 +221,31 @@ class DaliLoader(FolderLoader):
         super().__init__(cfg, samples, **kw)
         self.labels = torch.tensor(samples.labels, dtype=torch.int64)
         self.dali_device = resolve_dali_device(cfg, self.device)
+        # The train epoch's pipeline while its iterator is live (state_dict checkpoints it), and a
+        # checkpoint from load_state_dict waiting for the resumed epoch.
+        self._live_pipe = None
+        self._resume: dict | None = None
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        s = self.sampler
+        if self.train and self._live_pipe is not None and 0 < s.batches_done < len(s):
+            # After exactly `batches_done` batches handed out: DALI tracks the state per iteration,
+            # so the iterations already prefetched are not in it (tests/test_dali_loader.py).
+            state["dali_checkpoint"] = {
+                "epoch": s.epoch,
+                "batches_done": s.batches_done,
+                "pipeline": self._live_pipe.checkpoint(),
+            }
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        ck = state.get("dali_checkpoint")
+        s = self.sampler
+        # used only if it is the checkpoint of exactly the position being resumed
+        ok = ck is not None and (ck["epoch"], ck["batches_done"]) == (s.epoch, s.batches_done)
+        self._resume = ck if ok else None
 
     def _file_list(self, start_batch: int, epoch: int) -> list[str]:
         """All ranks' remaining orders from ``start_batch``, concatenated in rank order."""
@@ -237,7 +272,15 @@ class DaliLoader(FolderLoader):
         s = self.sampler
         start = s.batches_done if self.train else 0
         epoch = s.epoch
-        files = self._file_list(start, epoch)
+        resume, self._resume = self._resume, None  # one use
+        if not (
+            self.train and resume and (resume["epoch"], resume["batches_done"]) == (epoch, start)
+        ):
+            resume = None
+        # Restoring a DALI checkpoint rebuilds the epoch's pipeline exactly as it was first built (the
+        # whole list, the epoch-start seed); without one, the list starts at the resume position.
+        list_start = 0 if resume else start
+        files = self._file_list(list_start, epoch)
         device_id = None  # CPU-only pipeline: DALI touches no GPU
         if self.dali_device == "gpu":
             device_id = self.device.index
@@ -250,14 +293,19 @@ class DaliLoader(FolderLoader):
             batch_size=s.batch_size,
             shard_id=s.rank,
             num_shards=s.world_size,
-            seed=_pipeline_seed(s.seed, epoch, s.rank, start),
+            seed=_pipeline_seed(s.seed, epoch, s.rank, list_start),
             dali_device=self.dali_device,
             device_id=device_id,
             channels_last=self.channels_last,
+            enable_checkpointing=self.train,
+            checkpoint=resume["pipeline"] if resume else None,
         )
+        if self.train:
+            self._live_pipe = pipe
         out_device = self.device if self.dali_device == "gpu" else torch.device("cpu")
         size = self.cfg.image_size
-        offset = 0  # position, in this rank's list, of the batch's first file
+        # position, in this rank's list, of the batch's first file
+        offset = (start - list_start) * s.batch_size
         # Scheduled API instead of run(): run() keeps `prefetch_queue_depth` iterations in flight
         # and so decodes depth - 1 batches past the end of every epoch (1 of 16 batches, 6% of the
         # CPU, in the benchmark's 1,000-image epochs) and waits for them at shutdown.
@@ -306,6 +354,7 @@ class DaliLoader(FolderLoader):
                     images = images.permute(0, 3, 1, 2)  # NCHW view of NHWC memory
                 yield images, self.labels[plan.indices]
         finally:
+            self._live_pipe = None
             del pipe
 
     def _corrupt_error(self, plans: list[ShardPlan], err: RuntimeError) -> Exception:
