@@ -8,8 +8,7 @@ rank order, unshuffled, with ``shard_id=rank, num_shards=world_size``. DALI shar
 sampler's rank-r order. The pipeline is rebuilt per epoch (CPU, 2-core VM: 0.06 s for a small
 list, 1.7 s for 320k files = a quarter of ImageNet, plus ~0.5 s shutdown); that
 is what buys the properties DALI's own buffered shuffle lacks: a global permutation per epoch
-(``seed + epoch``), the same file order as the torchvision loader, and mid-epoch resume by
-simply starting the list at batch ``batches_done`` (no DALI checkpoint to carry).
+(``seed + epoch``) and the same file order as the torchvision loader.
 
 Each file's label slot carries its position in that list; the loader maps positions back to
 dataset labels (and eval padding to ``IGNORE_LABEL``), and checks that the reader delivered
