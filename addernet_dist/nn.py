@@ -12,6 +12,12 @@ absorbs the resulting O(K) output scale.
 ``p`` is a plain Python float (read on every forward; a tensor buffer would cost a host sync per layer per
 step on GPU). It is saved in ``state_dict`` through ``get_extra_state``/``set_extra_state`` together with the
 gradient modes, so a checkpoint restores the ℓp schedule position of every layer.
+
+Under ``torch.compile`` the adder layers' ``forward`` is not traced (``_NOT_TRACED``): Dynamo would bake
+``p`` into the graph as a constant and guard on it, so the ℓp schedule, which moves p every step,
+recompiled the whole model each step until Dynamo's recompile limit (8) sent it back to eager for good.
+The adder operator itself is opaque to Dynamo anyway (Triton launches, the C++ CPU path), so the
+layer call is a graph break either way; BN, ReLU and the residual adds between layers still compile.
 """
 
 from __future__ import annotations
@@ -23,6 +29,12 @@ from torch import nn
 
 from addernet_dist.ops import adder2d, adder_linear
 from addernet_dist.ops.reference import GRAD_W_MODES, GRAD_X_MODES, _pair, check_args
+
+
+_NOT_TRACED = torch.compiler.disable(
+    recursive=True,
+    reason="adder layer: p changes every step of the lp schedule; the op is opaque (Triton / C++)",
+)
 
 
 class _AdderMixin:
@@ -92,6 +104,7 @@ class Adder2d(_AdderMixin, nn.Module):
     def reset_parameters(self) -> None:
         self._reset_adder_parameters()
 
+    @_NOT_TRACED
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = adder2d(
             x,
@@ -148,6 +161,7 @@ class AdderLinear(_AdderMixin, nn.Module):
     def reset_parameters(self) -> None:
         self._reset_adder_parameters()
 
+    @_NOT_TRACED
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         y = adder_linear(

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from addernet_dist.kernels import triton_adder as ta
 from torch import nn
 
-from addernet_dist.nn import Adder2d
+from addernet_dist.nn import _NOT_TRACED, Adder2d
 from addernet_dist.ops.reference import check_conv_args
 
 
@@ -137,6 +137,7 @@ class FusedAdderBN2d(nn.Module):
         ones = torch.ones(bn.num_features, device=x.device, dtype=torch.float32)
         return ones, torch.zeros_like(ones)
 
+    @_NOT_TRACED  # as Adder2d.forward: p must not become a Dynamo guard (addernet_dist/nn.py)
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if not self._fast_path_ok(x):
             return self._unfused(x, residual)
