@@ -30,7 +30,6 @@ from torch import nn
 from addernet_dist.ops import adder2d, adder_linear
 from addernet_dist.ops.reference import GRAD_W_MODES, GRAD_X_MODES, _pair, check_args
 
-
 _NOT_TRACED = torch.compiler.disable(
     recursive=True,
     reason="adder layer: p changes every step of the lp schedule; the op is opaque (Triton / C++)",

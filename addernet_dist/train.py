@@ -250,6 +250,9 @@ def _train(cfg: Config, dist: DistInfo) -> EvalResult | None:
     steps_per_epoch = len(train_loader)
     total_steps = cfg.train.epochs * steps_per_epoch
     engine = build_engine(cfg, model, dist, steps_per_epoch)
+    fused = getattr(engine, "fused_adder_bn", 0)
+    if fused and dist.is_main:
+        log.info("fused %d Adder2d+BatchNorm2d pairs (adder.fuse_bn=%s)", fused, cfg.adder.fuse_bn)
     p_sched = PSchedule.from_config(
         cfg.adder, decay_epochs=cfg.p_decay_epochs(), steps_per_epoch=steps_per_epoch
     )

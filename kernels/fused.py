@@ -11,7 +11,7 @@ mode with autograd recording) the module computes exactly the unfused pair, so a
 numerically the original model everywhere.
 
     model = create_model("resnet50")
-    model = fuse_adder_bn(model)          # after loading a checkpoint; parameters are shared, not copied
+    model = fuse_adder_bn(model)          # parameters shared, not copied; state_dict keys stay unfused
 """
 
 from __future__ import annotations
@@ -86,9 +86,9 @@ class FusedAdderBN2d(nn.Module):
     """``relu?(bn(adder(x)) [+ residual])`` with the adder layer's and the BN's own parameters and buffers.
 
     The wrapped ``adder`` (an ``Adder2d``) and ``bn`` (a ``BatchNorm2d``) stay sub-modules, so ``set_p``,
-    the adaptive learning rate and the optimizer see the same parameters as before fusing; the state_dict
-    keys gain the ``adder.`` / ``bn.`` prefixes (fuse after loading a checkpoint, or load into a fused
-    model). ``forward(x, residual=None)``: x (N, Cin, H, W) → (N, Cout, H', W'); the residual (same shape
+    the adaptive learning rate and the optimizer see the same parameters as before fusing. Built directly,
+    its state_dict keys carry the ``adder.`` / ``bn.`` prefixes; ``fuse_adder_bn`` maps them back to the
+    unfused model's keys. ``forward(x, residual=None)``: x (N, Cin, H, W) → (N, Cout, H', W'); the residual (same shape
     as the output) is added after BN and before the ReLU, as in a ResNet block.
     """
 
@@ -205,6 +205,39 @@ class FusedAdderBN2d(nn.Module):
         return f"relu={self.relu}"
 
 
+def _keep_unfused_keys(parent: nn.Module, conv_key: str, bn_key: str) -> None:
+    """Make ``parent.<conv_key>`` (a FusedAdderBN2d that replaced the adder layer there, the BN having
+    been at ``parent.<bn_key>``) save and load under the unfused keys: ``<conv_key>.weight``,
+    ``<bn_key>.running_mean``... instead of ``<conv_key>.adder.weight``, ``<conv_key>.bn.running_mean``.
+
+    Saving renames in a post-hook of the fused module (it writes into the shared destination dict).
+    Loading renames in a pre-hook of the PARENT: each module's pre-hooks only see the keys under its
+    own prefix, and only the parent sees both the adder's and the BN's.
+    """
+    fused = parent._modules[conv_key]
+
+    def save(module, state_dict, prefix, local_metadata) -> None:
+        bn_prefix = prefix[: prefix.rstrip(".").rfind(".") + 1] + f"{bn_key}."
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            rest = key[len(prefix) :]
+            if rest.startswith("adder."):
+                state_dict[prefix + rest[len("adder.") :]] = state_dict.pop(key)
+            elif rest.startswith("bn."):
+                state_dict[bn_prefix + rest[len("bn.") :]] = state_dict.pop(key)
+
+    def load(module, state_dict, prefix, *args) -> None:
+        conv, bn = f"{prefix}{conv_key}.", f"{prefix}{bn_key}."
+        for key in [k for k in state_dict if k.startswith(bn)]:
+            state_dict[f"{conv}bn.{key[len(bn) :]}"] = state_dict.pop(key)
+        for key in [k for k in state_dict if k.startswith(conv)]:
+            rest = key[len(conv) :]
+            if not rest.startswith(("adder.", "bn.")):  # an unfused key of the adder layer
+                state_dict[f"{conv}adder.{rest}"] = state_dict.pop(key)
+
+    fused.register_state_dict_post_hook(save)
+    parent.register_load_state_dict_pre_hook(load)
+
+
 def _is_fusable(adder: nn.Module, bn: nn.Module) -> bool:
     return (
         isinstance(adder, Adder2d)
@@ -252,7 +285,9 @@ def fuse_adder_bn(model: nn.Module) -> nn.Module:
     ``<prefix>conv<i>`` / ``<prefix>bn<i>`` of a block. For the zoo's ResNet ``BasicBlock``/``Bottleneck``
     the block's ReLUs and its residual add move into the fused layers' epilogues too (the block's
     ``forward`` is rebound on the instance). The BN (and fused ReLU) slots become ``nn.Identity``.
-    Parameters are shared, so an optimizer built before fusing keeps working. Returns the model.
+    Parameters are shared, so an optimizer built before fusing keeps working, and ``state_dict`` /
+    ``load_state_dict`` keep the unfused model's keys (``conv1.weight``, ``bn1.running_mean``), so a
+    checkpoint loads into a fused or an unfused model alike. Returns the model.
     """
     for parent in list(model.modules()):
         if isinstance(parent, FusedAdderBN2d):
@@ -265,6 +300,7 @@ def fuse_adder_bn(model: nn.Module) -> nn.Module:
                 if _is_fusable(a, b):
                     relu = i + 2 < len(keys) and type(parent._modules[keys[i + 2]]) is nn.ReLU
                     parent._modules[keys[i]] = FusedAdderBN2d(a, b, relu=relu)
+                    _keep_unfused_keys(parent, keys[i], keys[i + 1])
                     parent._modules[keys[i + 1]] = nn.Identity()
                     if relu:
                         parent._modules[keys[i + 2]] = nn.Identity()
@@ -279,6 +315,7 @@ def fuse_adder_bn(model: nn.Module) -> nn.Module:
             bn = getattr(parent, bn_name, None)
             if bn is not None and _is_fusable(child, bn):
                 setattr(parent, name, FusedAdderBN2d(child, bn))
+                _keep_unfused_keys(parent, name, bn_name)
                 setattr(parent, bn_name, nn.Identity())
         _fuse_resnet_block(parent)
     return model

@@ -182,3 +182,20 @@ def test_metrics_log_survives_torn_line_and_resume(tmp_path):
     assert lines[0] == {"kind": "train", "step": 1, "loss": 2.0}
     assert [r["step"] for r in read_metrics(path)] == [1, 2]
     assert read_metrics(path)[1]["loss"] == 1.5
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_fused_adder_bn_trains_the_same_model_with_the_same_checkpoint_keys(
+    uninterrupted, tmp_path
+):
+    # adder.fuse_bn=true on CPU: the engine installs FusedAdderBN2d (8 pairs in ResNet-8); off the
+    # Triton path each computes exactly the unfused pair, so the run equals the unfused one bit for
+    # bit, and its checkpoints carry the unfused keys (evaluate/resume need not know about fusion).
+    full, _ = uninterrupted
+    out = tmp_path / "fused"
+    proc = check(run_python(train_cmd([f"output_dir={out}", *RUN, "adder.fuse_bn=true"])))
+    assert "fused 8 Adder2d+BatchNorm2d pairs" in proc.stderr
+    _assert_same_run(full, out)
+    keys = checkpoint.load_file(out / "checkpoints" / "step_000000024.pt")["engine"]["model"].keys()
+    assert "layer1.0.bn1.running_mean" in keys and not any(".adder." in k for k in keys)

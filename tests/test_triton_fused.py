@@ -120,6 +120,34 @@ def test_fuse_sequential_with_relu_lenet(fused):
         torch.testing.assert_close(fm(x), model(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", ["resnet8", "resnet50", "lenet5_bn"])
+def test_fused_model_saves_and_loads_the_unfused_keys(fused, name):
+    # BasicBlock, Bottleneck (+ downsample Sequential) and the LeNet Sequential patterns: a fused model's
+    # state_dict is the unfused model's, key for key and value for value, and each loads the other's
+    # strictly — a checkpoint does not depend on whether the run fused (adder.fuse_bn).
+    torch.manual_seed(0)
+    plain = create_model(name)
+    with torch.no_grad():  # every value distinct from a fresh model's, buffers included
+        for t in [*plain.parameters(), *plain.buffers()]:
+            if t.dtype.is_floating_point:
+                t.add_(torch.rand_like(t))
+    set_p(plain, 1.25)
+    want = plain.state_dict()
+    fm = fused.fuse_adder_bn(create_model(name))
+    assert any(isinstance(m, fused.FusedAdderBN2d) for m in fm.modules())
+    fm.load_state_dict(want, strict=True)  # strict: raises on any missing or unexpected key
+    got = fm.state_dict()
+    assert list(got) == list(want)  # same keys, same order
+    for k, v in want.items():
+        assert torch.equal(got[k], v) if isinstance(v, torch.Tensor) else got[k] == v, k
+    assert all(m.p == 1.25 for m in fm.modules() if isinstance(m, Adder2d))
+    back = create_model(name)
+    back.load_state_dict(got, strict=True)
+    for k, v in back.state_dict().items():
+        assert torch.equal(v, want[k]) if isinstance(v, torch.Tensor) else v == want[k], k
+
+
 @pytest.mark.timeout(30)
 def test_fused_module_rejects_bad_pairs(fused):
     adder, _ = _pair(o=5)

@@ -38,6 +38,25 @@ from torch import nn
 from addernet_dist.distributed import DistInfo
 
 
+def maybe_fuse_adder_bn(model: nn.Module, fuse_bn: bool | str, device: torch.device) -> int:
+    """Apply ``fuse_adder_bn`` per ``adder.fuse_bn`` (on the bare model, on its device, before the
+    optimizer and the wrappers see it); returns how many pairs were fused.
+
+    "auto" fuses where the fused kernels run: CUDA with the triton backend. Parameters are shared and
+    the state_dict keeps the unfused keys, so nothing else in the engine changes.
+    """
+    if fuse_bn == "auto":
+        from addernet_dist.ops import dispatch
+
+        fuse_bn = device.type == "cuda" and dispatch.resolve_backend(device) == "triton"
+    if not fuse_bn:
+        return 0
+    from addernet_dist.kernels.fused import FusedAdderBN2d, fuse_adder_bn
+
+    fuse_adder_bn(model)
+    return sum(isinstance(m, FusedAdderBN2d) for m in model.modules())
+
+
 @dataclass
 class StepStats:
     """What ``Engine.step`` measured, as DEVICE tensors (reading them forces a host sync, so the

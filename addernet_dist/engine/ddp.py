@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from addernet_dist.adaptive_lr import AdaptiveLRScaler
 from addernet_dist.config import Config
 from addernet_dist.distributed import DistInfo
-from addernet_dist.engine.base import Engine, StepStats
+from addernet_dist.engine.base import Engine, StepStats, maybe_fuse_adder_bn
 from addernet_dist.metrics import upcast_logits
 from addernet_dist.nn import adder_modules
 from addernet_dist.optim import build_lr_scheduler, build_optimizer
@@ -33,6 +33,7 @@ class DDPEngine(Engine):
         self.cfg = cfg
         memory_format = torch.channels_last if cfg.train.channels_last else torch.preserve_format
         model = model.to(device=self.device, memory_format=memory_format)
+        self.fused_adder_bn = maybe_fuse_adder_bn(model, cfg.adder.fuse_bn, self.device)
         self._module = model
         self.autocast_dtype = (
             torch.bfloat16 if cfg.train.bf16 and self.device.type == "cuda" else None

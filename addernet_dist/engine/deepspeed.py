@@ -36,7 +36,7 @@ from addernet_dist.checkpoint import CheckpointError
 from addernet_dist.config import Config, ConfigError
 from addernet_dist.distributed import DistInfo
 from addernet_dist.engine import ds_checkpoint
-from addernet_dist.engine.base import Engine, StepStats
+from addernet_dist.engine.base import Engine, StepStats, maybe_fuse_adder_bn
 from addernet_dist.engine.deepspeed_config import build_ds_config, resolve_batch
 from addernet_dist.engine.zero_norms import ShardedGradProcessor
 from addernet_dist.nn import adder_modules
@@ -94,6 +94,7 @@ class DeepSpeedEngine(Engine):
         self._ensure_process_group()
 
         model = model.to(self.device)
+        self.fused_adder_bn = maybe_fuse_adder_bn(model, cfg.adder.fuse_bn, self.device)
         self._module = model
         # autocast: bf16 autocast on CUDA, as the DDP engine. bf16: DeepSpeed's bf16 weights on any
         # device; autocast then only casts the fp32 images at the first layer, and the trainer's
