@@ -584,10 +584,18 @@ FWD_CONFIGS = [
 ]
 
 
-def _prune_fwd_configs(configs, named_args, **kwargs):
-    """The EXP2_FMA variants only differ on the fp32 general-p path: don't time duplicates elsewhere."""
-    split_matters = kwargs.get("P_MODE") == P_GENERAL and kwargs.get("FMA_EXP2_OK")
-    return [c for c in configs if split_matters or c.kwargs["EXP2_FMA"] == 0]
+def _exp2_fma_pruner(mode_key: str, pow_mode: int):
+    """Autotuner pruning: EXP2_FMA tiles differ from their SFU-only twins only where the kernel takes
+    |d|^e in fp32 (``mode_key == pow_mode`` and FMA_EXP2_OK); elsewhere they would time duplicates."""
+
+    def prune(configs, named_args, **kwargs):
+        split_matters = kwargs.get(mode_key) == pow_mode and kwargs.get("FMA_EXP2_OK")
+        return [c for c in configs if split_matters or c.kwargs["EXP2_FMA"] == 0]
+
+    return prune
+
+
+_prune_fwd_configs = _exp2_fma_pruner("P_MODE", P_GENERAL)
 
 
 DX_CONFIGS = [
@@ -604,9 +612,7 @@ DX_CONFIGS = [
 ]
 
 
-def _prune_dx_configs(configs, named_args, **kwargs):
-    split_matters = kwargs.get("GX_MODE") == GX_POW and kwargs.get("FMA_EXP2_OK")
-    return [c for c in configs if split_matters or c.kwargs["EXP2_FMA"] == 0]
+_prune_dx_configs = _exp2_fma_pruner("GX_MODE", GX_POW)
 
 
 DW_CONFIGS = [
