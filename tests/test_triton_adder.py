@@ -191,14 +191,17 @@ def test_every_dw_config_matches_reference(ta, cfg_index):
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("p", [1.0, 1.5, 2.0])
-def test_fp32_general_and_fast_paths(ta, p):
-    x = torch.randn(1, 3, 7, 7)
-    w = torch.randn(5, 3, 3, 3)
+@pytest.mark.parametrize("c,o", [(3, 5), (9, 11)], ids=["C3", "C9"])
+def test_fp32_general_and_fast_paths(ta, p, c, o):
+    # C = 9 with the interpreter's BLOCK_K = 8 runs the unrolled channel loop (whose first EXP2_FMA = 4
+    # terms, and ∂X's first 4 output channels per step, take the FMA-pipe exp2 at p = 1.5) and the tail.
+    x = torch.randn(1, c, 7, 7)
+    w = torch.randn(o, c, 3, 3)
     kw = dict(stride=1, padding=1, p=p, grad_x="lp", grad_w="full")
-    g = torch.randn(1, 5, 7, 7)
+    g = torch.randn(1, o, 7, 7)
     y, dx, dw = _run(ta.adder2d_triton, x, w, g, **kw)
     y_r, dx_r, dw_r = _run(adder2d_reference, x.double(), w.double(), g.double(), **kw)
-    # fp32 sums of 27 terms of size O(1): ~1e-6 relative; the interpreter's exp2/log2 are numpy's.
+    # fp32 sums of 27-81 terms of size O(1): ~1e-6 relative; the interpreter's exp2/log2 are numpy's.
     torch.testing.assert_close(y, y_r.float(), rtol=2e-6, atol=1e-5)
     torch.testing.assert_close(dx, dx_r.float(), rtol=2e-6, atol=1e-5)
     torch.testing.assert_close(dw, dw_r.float(), rtol=2e-6, atol=1e-4)
