@@ -17,6 +17,8 @@ from addernet_dist.analyze import (
     LeNetPP,
     bn_recalibrated_top1,
     feature_geometry,
+    filter_match,
+    filter_smoothness,
     final_checkpoint,
     fit_laplace_gaussian,
     load_trained_model,
@@ -193,6 +195,54 @@ def test_weights_from_trainer_checkpoint_and_plain_state_dict(tmp_path, capsys):
         load_trained_model(tmp_path / "missing.pt")
     with pytest.raises(ValueError, match="--model NAME"):
         load_trained_model(sd)
+
+
+def test_filter_statistics_tell_structure_from_noise():
+    yy, xx = np.mgrid[0:5, 0:5] / 4.0
+    # smooth first-layer-like filters: ramps and a blob
+    smooth = np.stack([xx, yy, xx + yy, np.exp(-((xx - 0.5) ** 2 + (yy - 0.5) ** 2) * 8)])[:, None]
+    noise = np.random.default_rng(101).standard_normal((4, 1, 5, 5))  # not filter_match's stream
+    assert filter_smoothness(smooth) > 0.5
+    assert abs(filter_smoothness(noise)) < 0.2
+    # the same patterns, rescaled, shifted and sign-flipped, match perfectly; noise only by chance
+    same = filter_match(smooth, -3.0 * smooth[::-1] + 1.0, trials=50)
+    assert same["mean_best_abs_corr"] == pytest.approx(1.0)
+    assert same["mean_best_abs_corr"] > same["chance_p95"]
+    vs_noise = filter_match(smooth, noise, trials=200)
+    assert vs_noise["mean_best_abs_corr"] < vs_noise["chance_p95"]
+
+
+@pytest.mark.timeout(60)
+def test_filters_command_reads_both_checkpoints_and_plots(tmp_path, capsys):
+    torch.manual_seed(0)
+    adder = create_model("lenet5_bn", conv="adder")
+    cnn = create_model("lenet5_bn", conv="conv")
+    with torch.no_grad():  # give the CNN the adder's first-layer patterns, sign-flipped
+        cnn.features[0].weight.copy_(-2.0 * adder.features[0].weight)
+    paths = []
+    for name, net in (("adder", adder), ("cnn", cnn)):
+        paths.append(tmp_path / f"{name}.pt")
+        torch.save(net.state_dict(), paths[-1])
+    png, js = tmp_path / "f.png", tmp_path / "f.json"
+    main(
+        ["filters", "--adder", str(paths[0]), "--cnn", str(paths[1]), "--model", "lenet5_bn"]
+        + ["--out", str(png), "--json", str(js)]
+    )
+    res = json.loads(js.read_text())
+    assert res["AdderNet"]["layer"] == res["CNN"]["layer"] == "features.0"
+    w = adder.features[0].weight.detach().double().numpy()
+    assert res["AdderNet"]["smoothness"] == pytest.approx(filter_smoothness(w))
+    assert res["adder_matched_by_cnn"]["mean_best_abs_corr"] == pytest.approx(1.0)
+    assert (
+        len(res["adder_matched_by_cnn"]["best_abs_corr"]) == 6
+    )  # LeNet-5-BN: 6 first-layer filters
+    assert "smoothness (adjacent-tap correlation)" in capsys.readouterr().out
+    assert_png(png)
+    base = ["filters", "--adder", str(paths[0]), "--cnn", str(paths[1]), "--model", "lenet5_bn"]
+    with pytest.raises(SystemExit, match="fc.0.*is not a convolution"):
+        main([*base, "--layer", "3", "--out", str(png)])
+    with pytest.raises(SystemExit, match="weight layers 1..5"):
+        main([*base, "--layer", "9", "--out", str(png)])
 
 
 @pytest.mark.timeout(180)
