@@ -303,14 +303,17 @@ def test_local_adaptive_scope_matches_ddp(worker):
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_single_process_run_without_torchrun(tmp_path):
-    """python -m addernet_dist.train with engine=deepspeed and no launcher (world size 1)."""
+    """python -m addernet_dist.train with engine=deepspeed and no launcher (world size 1); with
+    adder.fuse_bn=true the DeepSpeed engine fuses the Adder2d+BN pairs before ZeRO wraps the model."""
     out = tmp_path / "single"
     cmd = [sys.executable, "-m", "addernet_dist.train", "--config", str(CONFIG), *TINY]
     cmd += ["data.synthetic_train_size=16", "engine=deepspeed", "deepspeed.zero_stage=2"]
     cmd += ["deepspeed.micro_batch_size=4", f"output_dir={out}", "train.epochs=1"]
+    cmd += ["adder.fuse_bn=true"]
     env = {k: v for k, v in _env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "fused 8 Adder2d+BatchNorm2d pairs" in proc.stderr
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r.get("kind") == "train"] == [2]
     assert (out / "checkpoints" / "step_000000002.pt" / "MANIFEST").is_file()
