@@ -48,10 +48,18 @@ def load_zero_checkpoint(folder: str | Path) -> dict[str, Any]:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         fp32 = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+        # DeepSpeed names masters and buffers by named_parameters()/named_buffers(); a fused model
+        # saved its module under the unfused state_dict keys (the engine records the map).
+        keys = states.get("addernet_state_keys") or {}
+        fp32 = {keys.get(k, k): v for k, v in fp32.items()}
+        buffers = {keys.get(b, b) for b in states.get("buffer_names", [])}
         for k in lowp:
-            if k not in fp32:
+            if k in fp32:
+                model[k] = fp32[k].detach().to(torch.float32)
+            elif k in buffers:  # no master copy exists for buffers: DeepSpeed upcasts them too
+                model[k] = model[k].to(torch.float32)
+            else:
                 raise CheckpointError(f"'{folder}': no fp32 master copy of bf16 tensor '{k}'")
-            model[k] = fp32[k].detach().to(torch.float32)
     return {
         "engine": {
             "model": model,

@@ -29,6 +29,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from addernet_dist.models import create_model
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "debug.yaml"
 STEPS = 3
@@ -303,13 +305,17 @@ def test_local_adaptive_scope_matches_ddp(worker):
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_single_process_run_without_torchrun(tmp_path):
-    """python -m addernet_dist.train with engine=deepspeed and no launcher (world size 1); with
-    adder.fuse_bn=true the DeepSpeed engine fuses the Adder2d+BN pairs before ZeRO wraps the model."""
+    """python -m addernet_dist.train with engine=deepspeed and no launcher (world size 1). With
+    adder.fuse_bn=true and bf16 weights: the engine fuses the Adder2d+BN pairs before ZeRO wraps the
+    model, and the converter still rebuilds every fp32 master under the unfused keys (DeepSpeed names
+    the masters by named_parameters(), i.e. the fused names)."""
+    from addernet_dist.zero_to_state_dict import load_zero_checkpoint
+
     out = tmp_path / "single"
     cmd = [sys.executable, "-m", "addernet_dist.train", "--config", str(CONFIG), *TINY]
     cmd += ["data.synthetic_train_size=16", "engine=deepspeed", "deepspeed.zero_stage=2"]
     cmd += ["deepspeed.micro_batch_size=4", f"output_dir={out}", "train.epochs=1"]
-    cmd += ["adder.fuse_bn=true"]
+    cmd += ["adder.fuse_bn=true", "deepspeed.precision=bf16"]
     env = {k: v for k, v in _env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
@@ -317,6 +323,12 @@ def test_single_process_run_without_torchrun(tmp_path):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r.get("kind") == "train"] == [2]
     assert (out / "checkpoints" / "step_000000002.pt" / "MANIFEST").is_file()
+    plain = load_zero_checkpoint(out / "checkpoints" / "step_000000002.pt")["engine"]["model"]
+    unfused = create_model("resnet8", num_classes=10)
+    assert plain.keys() == unfused.state_dict().keys()
+    floats = [v for v in plain.values() if torch.is_tensor(v) and v.is_floating_point()]
+    assert floats and all(v.dtype == torch.float32 for v in floats)
+    unfused.load_state_dict(plain, strict=True)
 
 
 @pytest.mark.slow

@@ -63,6 +63,14 @@ def _import_deepspeed(device: torch.device):
     return deepspeed
 
 
+def _state_keys(model: nn.Module) -> dict[str, str]:
+    """{named_parameters()/named_buffers() name: state_dict() key} where the two differ (fused
+    Adder2d+BN modules save under the unfused keys)."""
+    key_of = {id(t): k for k, t in model.state_dict(keep_vars=True).items()}
+    named = [*model.named_parameters(), *model.named_buffers()]
+    return {n: key_of[id(t)] for n, t in named if key_of.get(id(t), n) != n}
+
+
 class DeepSpeedEngine(Engine):
     def __init__(
         self, model: nn.Module, cfg: Config, dist: DistInfo, *, steps_per_epoch: int
@@ -244,6 +252,10 @@ class DeepSpeedEngine(Engine):
         state = {
             _CLIENT_KEY: client_state,
             "addernet_lr_scheduler": self.lr_scheduler.state_dict(),
+            # DeepSpeed names the fp32 master shards and its buffer list by named_parameters() /
+            # named_buffers(); a fused model's state_dict uses the unfused keys (kernels/fused.py).
+            # The converter needs the map.
+            "addernet_state_keys": _state_keys(self._module),
         }
         self._ds.save_checkpoint(
             str(tmp.parent), tag=tmp.name, client_state=state, save_latest=False
