@@ -186,6 +186,18 @@ def adder_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, _AdderMixin)]
 
 
+def adder_layer_names(model: nn.Module) -> list[str]:
+    """Names of ``adder_modules(model)`` as in the unfused model: a wrapper that declares
+    ``layer_alias = "<child>"`` (FusedAdderBN2d: "adder") lends its own name to that child, so logged
+    per-layer metrics keep their keys whether or not the run fused its layers."""
+    alias = {
+        f"{n}.{m.layer_alias}": n
+        for n, m in model.named_modules()
+        if getattr(m, "layer_alias", None)
+    }
+    return [alias.get(n, n) for n, m in model.named_modules() if isinstance(m, _AdderMixin)]
+
+
 def set_p(model: nn.Module, p: float) -> None:
     """Set the ℓp exponent of every adder layer (the ℓp → ℓ1 schedule calls this each iteration)."""
     if not (1.0 <= float(p) <= 2.0):

@@ -47,7 +47,7 @@ from addernet_dist.engine.base import Engine, StepStats
 from addernet_dist.logging_utils import MetricsLogger, Progress, setup_console_logging
 from addernet_dist.metrics import EvalResult, evaluate, recalibrate_bn
 from addernet_dist.models import create_model
-from addernet_dist.nn import adder_modules, set_grad_modes, set_p
+from addernet_dist.nn import adder_layer_names, adder_modules, set_grad_modes, set_p
 from addernet_dist.ops import dispatch
 from addernet_dist.optim import PSchedule
 
@@ -313,8 +313,8 @@ def _loop(
     cfg, dist, engine, state, p_sched, train_loader, val_loader, ckpt, logger, progress, last_eval
 ) -> EvalResult | None:
     model = engine.unwrap()
-    adders = set(adder_modules(model))
-    adder_names = [n for n, m in model.named_modules() if m in adders]
+    adders = adder_modules(model)
+    adder_names = adder_layer_names(model)
     steps_per_epoch = len(train_loader)
     total_steps = cfg.train.epochs * steps_per_epoch
     stop = _Stop()

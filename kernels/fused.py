@@ -92,6 +92,9 @@ class FusedAdderBN2d(nn.Module):
     as the output) is added after BN and before the ReLU, as in a ResNet block.
     """
 
+    # Per-layer metrics name the wrapped adder layer by this module's name (nn.adder_layer_names).
+    layer_alias = "adder"
+
     def __init__(self, adder: Adder2d, bn: nn.BatchNorm2d, relu: bool = False) -> None:
         super().__init__()
         if not isinstance(adder, Adder2d):

@@ -197,5 +197,11 @@ def test_fused_adder_bn_trains_the_same_model_with_the_same_checkpoint_keys(
     proc = check(run_python(train_cmd([f"output_dir={out}", *RUN, "adder.fuse_bn=true"])))
     assert "fused 8 Adder2d+BatchNorm2d pairs" in proc.stderr
     _assert_same_run(full, out)
+    # per-layer metrics keep their unfused names (adder_alpha/layer1.0.conv1, not .../conv1.adder)
+    records = [
+        [r for r in read_metrics(d / "metrics.jsonl") if r["kind"] == "train"] for d in (full, out)
+    ]
+    assert [sorted(r) for r in records[0]] == [sorted(r) for r in records[1]]
+    assert "adder_alpha/layer1.0.conv1" in records[1][0]
     keys = checkpoint.load_file(out / "checkpoints" / "step_000000024.pt")["engine"]["model"].keys()
     assert "layer1.0.bn1.running_mean" in keys and not any(".adder." in k for k in keys)
