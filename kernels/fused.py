@@ -16,13 +16,14 @@ numerically the original model everywhere.
 
 from __future__ import annotations
 
-import types
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from addernet_dist.kernels import triton_adder as ta
 from torch import nn
 
+from addernet_dist.models.resnet import BasicBlock, Bottleneck
 from addernet_dist.nn import _NOT_TRACED, Adder2d
 from addernet_dist.ops.reference import check_conv_args
 
@@ -208,6 +209,26 @@ class FusedAdderBN2d(nn.Module):
         return f"relu={self.relu}"
 
 
+def _save_unfused(bn_key: str, module, state_dict, prefix, local_metadata) -> None:
+    bn_prefix = prefix[: prefix.rstrip(".").rfind(".") + 1] + f"{bn_key}."
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix) :]
+        if rest.startswith("adder."):
+            state_dict[prefix + rest[len("adder.") :]] = state_dict.pop(key)
+        elif rest.startswith("bn."):
+            state_dict[bn_prefix + rest[len("bn.") :]] = state_dict.pop(key)
+
+
+def _load_unfused(conv_key: str, bn_key: str, module, state_dict, prefix, *args) -> None:
+    conv, bn = f"{prefix}{conv_key}.", f"{prefix}{bn_key}."
+    for key in [k for k in state_dict if k.startswith(bn)]:
+        state_dict[f"{conv}bn.{key[len(bn) :]}"] = state_dict.pop(key)
+    for key in [k for k in state_dict if k.startswith(conv)]:
+        rest = key[len(conv) :]
+        if not rest.startswith(("adder.", "bn.")):  # an unfused key of the adder layer
+            state_dict[f"{conv}adder.{rest}"] = state_dict.pop(key)
+
+
 def _keep_unfused_keys(parent: nn.Module, conv_key: str, bn_key: str) -> None:
     """Make ``parent.<conv_key>`` (a FusedAdderBN2d that replaced the adder layer there, the BN having
     been at ``parent.<bn_key>``) save and load under the unfused keys: ``<conv_key>.weight``,
@@ -215,30 +236,11 @@ def _keep_unfused_keys(parent: nn.Module, conv_key: str, bn_key: str) -> None:
 
     Saving renames in a post-hook of the fused module (it writes into the shared destination dict).
     Loading renames in a pre-hook of the PARENT: each module's pre-hooks only see the keys under its
-    own prefix, and only the parent sees both the adder's and the BN's.
+    own prefix, and only the parent sees both the adder's and the BN's. The hooks are partials of
+    module-level functions, so a fused model still deep-copies and pickles (``torch.save(model)``).
     """
-    fused = parent._modules[conv_key]
-
-    def save(module, state_dict, prefix, local_metadata) -> None:
-        bn_prefix = prefix[: prefix.rstrip(".").rfind(".") + 1] + f"{bn_key}."
-        for key in [k for k in state_dict if k.startswith(prefix)]:
-            rest = key[len(prefix) :]
-            if rest.startswith("adder."):
-                state_dict[prefix + rest[len("adder.") :]] = state_dict.pop(key)
-            elif rest.startswith("bn."):
-                state_dict[bn_prefix + rest[len("bn.") :]] = state_dict.pop(key)
-
-    def load(module, state_dict, prefix, *args) -> None:
-        conv, bn = f"{prefix}{conv_key}.", f"{prefix}{bn_key}."
-        for key in [k for k in state_dict if k.startswith(bn)]:
-            state_dict[f"{conv}bn.{key[len(bn) :]}"] = state_dict.pop(key)
-        for key in [k for k in state_dict if k.startswith(conv)]:
-            rest = key[len(conv) :]
-            if not rest.startswith(("adder.", "bn.")):  # an unfused key of the adder layer
-                state_dict[f"{conv}adder.{rest}"] = state_dict.pop(key)
-
-    fused.register_state_dict_post_hook(save)
-    parent.register_load_state_dict_pre_hook(load)
+    parent._modules[conv_key].register_state_dict_post_hook(partial(_save_unfused, bn_key))
+    parent.register_load_state_dict_pre_hook(partial(_load_unfused, conv_key, bn_key))
 
 
 def _is_fusable(adder: nn.Module, bn: nn.Module) -> bool:
@@ -262,14 +264,22 @@ def _bottleneck_forward(self, x):
     return self.conv3(self.conv2(self.conv1(x)), residual=identity)
 
 
+class _FusedBasicBlock(BasicBlock):
+    """A zoo BasicBlock whose convolutions are fused: ReLUs and the residual add in their epilogues."""
+
+    forward = _basic_block_forward
+
+
+class _FusedBottleneck(Bottleneck):
+    forward = _bottleneck_forward
+
+
 def _fuse_resnet_block(block: nn.Module) -> None:
     """Move a zoo ResNet block's ReLUs and residual add into its fused convolutions' epilogues."""
-    from addernet_dist.models.resnet import BasicBlock, Bottleneck
-
     if type(block) is BasicBlock:
-        names, forward = ("conv1", "conv2"), _basic_block_forward
+        names, fused_cls = ("conv1", "conv2"), _FusedBasicBlock
     elif type(block) is Bottleneck:
-        names, forward = ("conv1", "conv2", "conv3"), _bottleneck_forward
+        names, fused_cls = ("conv1", "conv2", "conv3"), _FusedBottleneck
     else:
         return
     convs = [getattr(block, n) for n in names]
@@ -277,7 +287,8 @@ def _fuse_resnet_block(block: nn.Module) -> None:
         return  # e.g. a CNN twin, or an adder layer that could not be fused
     for c in convs:
         c.relu = True  # the block applies ReLU after every BN, the last one after the residual add
-    block.forward = types.MethodType(forward, block)
+    # a subclass (not a forward bound on the instance): the model still pickles and deep-copies
+    block.__class__ = fused_cls
 
 
 def fuse_adder_bn(model: nn.Module) -> nn.Module:

@@ -4,6 +4,7 @@ pair computed by the reference operator (the spec)."""
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -144,6 +145,12 @@ def test_fused_model_saves_and_loads_the_unfused_keys(fused, name):
     assert all(m.p == 1.25 for m in fm.modules() if isinstance(m, Adder2d))
     back = create_model(name)
     back.load_state_dict(got, strict=True)
+    # the hooks survive deep copies and pickling of the whole fused model
+    buf = io.BytesIO()
+    torch.save(copy.deepcopy(fm), buf)
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False)
+    assert list(again.state_dict()) == list(want)
     for k, v in back.state_dict().items():
         assert torch.equal(v, want[k]) if isinstance(v, torch.Tensor) else v == want[k], k
 
