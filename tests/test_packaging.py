@@ -31,3 +31,46 @@ def test_kernels_import_as_subpackage_only():
     import addernet_dist.kernels as k
 
     assert Path(k.__file__).resolve() == (ROOT / "kernels" / "__init__.py").resolve()
+
+
+def test_wheel_ships_the_cpu_kernel_source(tmp_path):
+    """A non-editable install (built wheel) has kernels/cpu_adder.cpp where cpu_adder.py looks for it.
+
+    Fails when the package-data entry in pyproject.toml is dropped (the wheel then has no .cpp and
+    the installed CPU fast path could never build).
+    """
+    import subprocess
+    import sys
+
+    import shutil
+
+    # build from a copy of the sources: setuptools reuses a ./build/ left by an earlier build, which
+    # could supply a file the current configuration no longer packages
+    src, wheels, target = tmp_path / "src", tmp_path / "wheels", tmp_path / "site"
+    junk = shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "__pycache__", "docs")
+    shutil.copytree(ROOT, src, ignore=junk)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(wheels), str(src)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    (wheel,) = wheels.glob("addernet_dist-*.whl")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "-q",
+         "--target", str(target), str(wheel)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    probe = (
+        "import addernet_dist.kernels.cpu_adder as c; "
+        "print(c.__file__); print(c._SOURCE_PATH); print(c._SOURCE_PATH.is_file())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        check=True, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        env={**__import__("os").environ, "PYTHONPATH": str(target)},
+    ).stdout.split()  # fmt: skip
+    mod, src, found = out
+    assert Path(mod).resolve().is_relative_to(target.resolve())  # the installed copy, not the tree
+    assert Path(src).resolve().is_relative_to(target.resolve())
+    assert found == "True"
+    assert Path(src).read_text() == (ROOT / "kernels" / "cpu_adder.cpp").read_text()

@@ -1,0 +1,597 @@
+// CPU fast path of the adder operator (addernet_dist.kernels.cpu_adder compiles and loads this file).
+// Shipped as package data next to cpu_adder.py; the on-disk cache of the compiled object is keyed on this
+// file's content, so an edit here recompiles on next use. See cpu_adder.py's docstring and
+// docs/kernels_cpu.md for the design.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <algorithm>
+#include <limits>
+#include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+typedef int64_t i64;
+
+// V: a GCC vector of BYTES bytes (16 fp32 lanes at 64 B: one AVX-512 register, two AVX2 ones).
+template <typename T, int BYTES> struct Vec {
+  typedef T V __attribute__((vector_size(BYTES)));
+  static constexpr int N = BYTES / (int)sizeof(T);
+};
+
+template <typename V, typename T, bool TAIL> static inline V ld(const T* p, int cnt) {
+  V v = V{};
+  std::memcpy(&v, p, TAIL ? cnt * sizeof(T) : sizeof(V));
+  return v;
+}
+template <typename V, typename T, bool TAIL> static inline void st(T* p, V v, int cnt) {
+  std::memcpy(p, &v, TAIL ? cnt * sizeof(T) : sizeof(V));
+}
+template <typename V> static inline V vabs(V d) { return d < 0 ? -d : d; }
+
+// Row pairs: rows of Wo <= W/2 lanes (ResNet-20 stage 3: 8 fp32, ResNet-18/50 stage 4: 7) fill only
+// half of a 64-byte vector, so PAIR kernels put two output rows in one vector: the low half from row r,
+// the high half from row r + 1, RS elements further on. TAIL: CNT < W/2 valid lanes per half.
+// With AVX-512 a pair is one masked load plus one masked merge-load (no shuffle); assembling it through
+// memory instead stalls store-to-load forwarding and made the stage-3 forward 1.4x SLOWER than 8 lanes.
+#if defined(__AVX512F__)
+template <typename T, typename V> struct Pair512;
+template <typename V> struct Pair512<float, V> {
+  static inline V ld(const float* p, i64 rs, __mmask16 lo, __mmask16 hi) {
+    return (V)_mm512_mask_loadu_ps(_mm512_maskz_loadu_ps(lo, p), hi, p + rs - 8);
+  }
+  static inline void st(float* p, i64 rs, V v, __mmask16 lo, __mmask16 hi) {
+    _mm512_mask_storeu_ps(p, lo, (__m512)v);
+    _mm512_mask_storeu_ps(p + rs - 8, hi, (__m512)v);
+  }
+};
+template <typename V> struct Pair512<double, V> {
+  static inline V ld(const double* p, i64 rs, __mmask8 lo, __mmask8 hi) {
+    return (V)_mm512_mask_loadu_pd(_mm512_maskz_loadu_pd(lo, p), hi, p + rs - 4);
+  }
+  static inline void st(double* p, i64 rs, V v, __mmask8 lo, __mmask8 hi) {
+    _mm512_mask_storeu_pd(p, lo, (__m512d)v);
+    _mm512_mask_storeu_pd(p + rs - 4, hi, (__m512d)v);
+  }
+};
+#endif
+template <typename V, typename T, bool TAIL>
+static inline void pair_masks(int cnt, bool two, unsigned& lo, unsigned& hi) {
+  constexpr int H = (int)(sizeof(V) / sizeof(T)) / 2;
+  const unsigned half = TAIL ? (1u << cnt) - 1 : (1u << H) - 1;
+  lo = half;
+  hi = two ? half << H : 0;
+}
+// (two = false: a lone last row; its high half is zero and row r + 1, which may lie past the end of the
+// buffer, is never read)
+template <typename V, typename T, bool TAIL, bool PAIR>
+static inline V ldr(const T* p, i64 rs, int cnt, bool two) {
+  if constexpr (!PAIR) {
+    return ld<V, T, TAIL>(p, cnt);
+  } else {
+    constexpr int H = (int)(sizeof(V) / sizeof(T)) / 2;
+#if defined(__AVX512F__)
+    if constexpr (sizeof(V) == 64) {
+      unsigned lo, hi;
+      pair_masks<V, T, TAIL>(cnt, two, lo, hi);
+      return Pair512<T, V>::ld(p, rs, lo, hi);
+    }
+#endif
+    V v = V{};
+    std::memcpy(&v, p, (TAIL ? cnt : H) * sizeof(T));
+    if (two) std::memcpy(reinterpret_cast<T*>(&v) + H, p + rs, (TAIL ? cnt : H) * sizeof(T));
+    return v;
+  }
+}
+// Store (ADD: add into) the low half at p and, when TWO, the high half at p + rs.
+template <typename V, typename T, bool TAIL, bool PAIR, bool ADD>
+static inline void str(T* p, i64 rs, V v, int cnt, bool two) {
+  if constexpr (!PAIR) {
+    st<V, T, TAIL>(p, ADD ? ld<V, T, TAIL>(p, cnt) + v : v, cnt);
+  } else {
+    constexpr int H = (int)(sizeof(V) / sizeof(T)) / 2;
+#if defined(__AVX512F__)
+    if constexpr (sizeof(V) == 64) {
+      unsigned lo, hi;
+      pair_masks<V, T, TAIL>(cnt, two, lo, hi);
+      if (ADD) v += Pair512<T, V>::ld(p, rs, lo, hi);
+      Pair512<T, V>::st(p, rs, v, lo, hi);
+      return;
+    }
+#endif
+    const int m = TAIL ? cnt : H;
+    const T* lanes = reinterpret_cast<const T*>(&v);
+    for (int h = 0; h < (two ? 2 : 1); ++h) {
+      T* dst = p + h * rs;
+      if (ADD) for (int j = 0; j < m; ++j) dst[j] += lanes[h * H + j];
+      else std::memcpy(dst, lanes + h * H, m * sizeof(T));
+    }
+  }
+}
+
+// sgn(d) in {-1, 0, +1} and clamp(d, -1, 1) in ONE instruction each where AVX-512 has them, so the ℓ1
+// and HardTanh input gradients cost 3 vector ops per lane-MAC (sub, this, FMA) instead of 4:
+// vfixupimm maps the class of d (zero / negative / positive / ±inf) to a constant from a nibble table;
+// vrange "absmin(d, 1) with d's sign" is clamp. The products g·sgn are exact, so results are
+// bit-identical to the compare-and-select fallback.
+template <typename V> static inline V vsign(V d) {
+  typedef __typeof__(d[0] + 0) T;
+  // tokens (class -> response): QNaN->src, SNaN->QNaN(src), ±0->+0, +1->+1, -inf->-1, +inf->+1,
+  // negative->-1, positive->+1
+  constexpr int TABLE = (int)0xA9A9A821u;
+#if defined(__AVX512F__)
+  if constexpr (sizeof(V) == 64 && sizeof(T) == 4)
+    return (V)_mm512_fixupimm_ps((__m512)d, (__m512)d, _mm512_set1_epi32(TABLE), 0);
+  if constexpr (sizeof(V) == 64 && sizeof(T) == 8)
+    return (V)_mm512_fixupimm_pd((__m512d)d, (__m512d)d, _mm512_set1_epi64(TABLE), 0);
+#if defined(__AVX512VL__)
+  if constexpr (sizeof(V) == 32 && sizeof(T) == 4)
+    return (V)_mm256_fixupimm_ps((__m256)d, (__m256)d, _mm256_set1_epi32(TABLE), 0);
+#endif
+#endif
+  const V zero = V{}, one = zero + 1;
+  return (d > 0 ? one : zero) - (d < 0 ? one : zero);
+}
+template <typename V> static inline V vclamp1(V d) {
+  typedef __typeof__(d[0] + 0) T;
+#if defined(__AVX512DQ__)
+  constexpr int ABSMIN_SIGN_OF_A = 0x2;  // imm[1:0] = 10 absolute min, imm[3:2] = 00 sign from d
+  if constexpr (sizeof(V) == 64 && sizeof(T) == 4)
+    return (V)_mm512_range_ps((__m512)d, _mm512_set1_ps(1.0f), ABSMIN_SIGN_OF_A);
+  if constexpr (sizeof(V) == 64 && sizeof(T) == 8)
+    return (V)_mm512_range_pd((__m512d)d, _mm512_set1_pd(1.0), ABSMIN_SIGN_OF_A);
+#if defined(__AVX512VL__)
+  if constexpr (sizeof(V) == 32 && sizeof(T) == 4)
+    return (V)_mm256_range_ps((__m256)d, _mm256_set1_ps(1.0f), ABSMIN_SIGN_OF_A);
+#endif
+#endif
+  const V one = V{} + 1;
+  return d > one ? one : (d < -one ? -one : d);
+}
+
+// |a|^q for a >= 0 as exp(q·log a): vectorised by GCC through libmvec (-ffast-math). 0 stays 0 (q > 0).
+template <typename T, typename V> static inline V vpow_libm(V a, T q) {
+  constexpr int W = sizeof(V) / sizeof(T);
+  V r;
+  for (int j = 0; j < W; ++j) r[j] = a[j] > 0 ? std::exp(q * std::log(a[j])) : T(0);
+  return r;
+}
+
+#if defined(__AVX512F__)
+// fp32 a^q inline, 2^(q·log2 a) from AVX-512's exponent/mantissa split: a = 2^e·m, m in [0.75, 1.5)
+// (vgetmant/vgetexp), log2 m = t·Q(t) with t = m − 1 and Q of degree 7, q·(e + log2 m) split into an
+// integer n and a fraction f in [−0.5, 0.5] (the q·e product carried in two floats, so a large |e| costs
+// no accuracy), 2^f by a degree-5 polynomial, then vscalef. ~30 vector ops and no calls: libmvec's
+// exp/log (vpow_libm) are calls, around which every live accumulator (16 in the forward tile) is
+// spilled and reloaded; this is 1.6-1.8x faster. Relative error <= 1.2e-6, as fp32 exp(q·log a) itself
+// (tests/test_cpu_fastpath.py, |a| in [2^-20, 2^20]); a = 0 gives 0.
+static inline __m512 pow16(__m512 a, float q) {
+#define HORNER(acc, x, c) acc = _mm512_fmadd_ps(acc, x, _mm512_set1_ps(c))
+  const __m512 m = _mm512_getmant_ps(a, _MM_MANT_NORM_p75_1p5, _MM_MANT_SIGN_zero);
+  const __m512 e = _mm512_sub_ps(_mm512_getexp_ps(a), _mm512_getexp_ps(m));  // m < 1 took one exponent
+  const __m512 t = _mm512_sub_ps(m, _mm512_set1_ps(1.0f));
+  // log2(1 + t) = t·Q(t), Q of degree 7 (relative error 1.8e-7 on [−0.25, 0.5], fitted here)
+  __m512 l = _mm512_set1_ps(-9.61605671e-02f);
+  HORNER(l, t, 2.04124348e-01f); HORNER(l, t, -2.50651909e-01f); HORNER(l, t, 2.90073856e-01f);
+  HORNER(l, t, -3.60335338e-01f); HORNER(l, t, 4.80847502e-01f); HORNER(l, t, -7.21350693e-01f);
+  HORNER(l, t, 1.44269525e+00f);
+  l = _mm512_mul_ps(l, t);
+  // The explicitly rounded forms (…_round_ps) are opaque to -ffast-math, which would otherwise fold
+  // q·e − hi to 0 and (hi − n) + lo into (hi + lo) − n, losing the low part (measured: 6e-6 instead of
+  // 1e-6 relative error at |e| ~ 100).
+  constexpr int RN = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const __m512 qv = _mm512_set1_ps(q);
+  const __m512 hi = _mm512_mul_round_ps(qv, e, RN);
+  const __m512 lo = _mm512_fmadd_round_ps(qv, l, _mm512_fmsub_round_ps(qv, e, hi, RN), RN);  // (q·e − hi) + q·log2 m
+  const __m512 n = _mm512_roundscale_ps(_mm512_add_round_ps(hi, lo, RN), RN);
+  const __m512 f = _mm512_add_round_ps(_mm512_sub_round_ps(hi, n, RN), lo, RN);  // hi − n is exact
+  // 2^f on [−0.5, 0.5], degree 5 (relative error 1.0e-7)
+  __m512 r = _mm512_set1_ps(1.33934907e-03f);
+  HORNER(r, f, 9.67603229e-03f); HORNER(r, f, 5.55034986e-02f); HORNER(r, f, 2.40221075e-01f);
+  HORNER(r, f, 6.93147191e-01f); HORNER(r, f, 1.00000008e+00f);
+#undef HORNER
+  r = _mm512_scalef_ps(r, n);
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_GT_OQ), r);
+}
+#endif
+
+template <typename T, typename V> static inline V vpow(V a, T q) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(V) == 64 && sizeof(T) == 4) return (V)pow16((__m512)a, q);
+#endif
+  return vpow_libm<T, V>(a, q);
+}
+
+// ---- geometry ----------------------------------------------------------------------------------------
+struct Geom {
+  i64 N, C, O, KH, KW, SH, SW, DH, DW, Hq, Wq, Ho, Wo;
+  i64 K() const { return C * KH * KW; }
+  i64 L() const { return Ho * Wo; }
+  i64 img() const { return C * SH * SW * Hq * Wq; }  // P elements per image
+};
+
+// off[k]: offset in one image of P of tap k for output (0, 0); output (oh, ow) adds oh·Wq + ow.
+static void tap_offsets(const Geom& g, i64* off) {
+  i64 k = 0;
+  for (i64 c = 0; c < g.C; ++c)
+    for (i64 i = 0; i < g.KH; ++i)
+      for (i64 j = 0; j < g.KW; ++j, ++k) {
+        i64 ph = (i * g.DH) % g.SH, qh = (i * g.DH) / g.SH;
+        i64 pw = (j * g.DW) % g.SW, qw = (j * g.DW) / g.SW;
+        off[k] = ((c * g.SH + ph) * g.SW + pw) * g.Hq * g.Wq + qh * g.Wq + qw;
+      }
+}
+
+// floor division (C++'s / truncates: W = 1, b = 1, PW = 0 must give -1, not 0)
+static inline i64 floordiv(i64 a, i64 b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+
+// ---- layout: x (N, C, H, W) <-> P (N, C, SH, SW, Hq, Wq) ------------------------------------------------
+// P[n, c, a, b, t, u] = x[n, c, t·SH + a − PH, u·SW + b − PW], 0 outside the image. Each P row is a zero
+// head, a copy (stride SW along x's row) and a zero tail. In torch these are 1 + SH·SW strided copies
+// that ran at ~3 GB/s and cost 10% of a stride-2 layer's forward+backward (0.6 ms of 6, ResNet-20
+// stage-2 down, batch 32); here one pass, rows written once, images [n0, n1).
+template <typename T>
+static void phase_pad(const Geom& g, i64 H, i64 W, i64 PH, i64 PW, const T* x, T* P, i64 n0, i64 n1) {
+  const i64 WW = 2 * g.Wq;
+  std::vector<T> row(g.SW == 2 ? WW : 0);
+  for (i64 nc = n0 * g.C; nc < n1 * g.C; ++nc) {
+    const T* xi = x + nc * H * W;
+    T* pc = P + nc * g.SH * g.SW * g.Hq * g.Wq;
+    if (g.SW == 2) {
+      // stride-2 columns: zero-pad the image row into `row` (one contiguous copy), then split it into
+      // the two phase rows in one interleaved loop that GCC vectorises (2x the strided loop below)
+      const i64 j1 = std::min(W, WW - PW);  // image columns that land inside the padded row
+      for (i64 a = 0; a < g.SH; ++a)
+        for (i64 t = 0; t < g.Hq; ++t) {
+          T* d0 = pc + (a * 2 * g.Hq + t) * g.Wq;
+          T* d1 = d0 + g.Hq * g.Wq;
+          const i64 i = t * g.SH + a - PH;
+          if (i < 0 || i >= H) {
+            std::fill(d0, d0 + g.Wq, T(0));
+            std::fill(d1, d1 + g.Wq, T(0));
+            continue;
+          }
+          std::fill(row.begin(), row.end(), T(0));
+          if (j1 > 0) std::memcpy(row.data() + PW, xi + i * W, j1 * sizeof(T));
+          const T* r = row.data();
+          for (i64 u = 0; u < g.Wq; ++u) { d0[u] = r[2 * u]; d1[u] = r[2 * u + 1]; }
+        }
+      continue;
+    }
+    for (i64 a = 0; a < g.SH; ++a)
+      for (i64 b = 0; b < g.SW; ++b) {
+        // u range whose column j = u·SW + b − PW lies in [0, W)
+        const i64 u0 = std::min(g.Wq, std::max<i64>(0, (PW - b + g.SW - 1) / g.SW));
+        const i64 u1 = std::max(u0, std::min(g.Wq, floordiv(W - 1 + PW - b, g.SW) + 1));
+        for (i64 t = 0; t < g.Hq; ++t) {
+          T* dst = pc + ((a * g.SW + b) * g.Hq + t) * g.Wq;
+          const i64 i = t * g.SH + a - PH;
+          if (i < 0 || i >= H || u1 <= u0) { std::fill(dst, dst + g.Wq, T(0)); continue; }
+          const T* src = xi + i * W + b - PW;
+          std::fill(dst, dst + u0, T(0));
+          if (g.SW == 1) std::memcpy(dst + u0, src + u0, (u1 - u0) * sizeof(T));
+          else for (i64 u = u0; u < u1; ++u) dst[u] = src[u * g.SW];
+          std::fill(dst + u1, dst + g.Wq, T(0));
+        }
+      }
+  }
+}
+
+// The inverse for gradients: gx[n, c, i, j] = GP[...] of the same position; pixels that no tap reads (the
+// floor in the output size, beyond Hq/Wq) get 0.
+template <typename T>
+static void phase_unpad(const Geom& g, i64 H, i64 W, i64 PH, i64 PW, const T* GP, T* gx, i64 n0, i64 n1) {
+  const i64 WW = 2 * g.Wq;
+  std::vector<T> row(g.SW == 2 ? WW : 0);
+  for (i64 nc = n0 * g.C; nc < n1 * g.C; ++nc) {
+    T* gi = gx + nc * H * W;
+    const T* pc = GP + nc * g.SH * g.SW * g.Hq * g.Wq;
+    for (i64 i = 0; i < H; ++i) {
+      T* dst = gi + i * W;
+      const i64 t = (i + PH) / g.SH, a = (i + PH) % g.SH;
+      if (t >= g.Hq) { std::fill(dst, dst + W, T(0)); continue; }
+      if (g.SW == 2) {
+        // interleave the two phase rows into the padded row, then one contiguous copy (the mirror of
+        // phase_pad); image columns past the padded row (never read by a tap) get 0
+        const T* s0 = pc + (a * 2 * g.Hq + t) * g.Wq;
+        const T* s1 = s0 + g.Hq * g.Wq;
+        T* r = row.data();
+        for (i64 u = 0; u < g.Wq; ++u) { r[2 * u] = s0[u]; r[2 * u + 1] = s1[u]; }
+        const i64 j1 = std::max<i64>(0, std::min(W, WW - PW));
+        std::memcpy(dst, r + PW, j1 * sizeof(T));
+        std::fill(dst + j1, dst + W, T(0));
+        continue;
+      }
+      for (i64 b = 0; b < g.SW; ++b) {
+        const T* src = pc + ((a * g.SW + b) * g.Hq + t) * g.Wq;
+        const i64 u0 = std::min(g.Wq, std::max<i64>(0, (PW - b + g.SW - 1) / g.SW));
+        const i64 u1 = std::max(u0, std::min(g.Wq, floordiv(W - 1 + PW - b, g.SW) + 1));
+        // columns j = u·SW + b − PW for u in [u0, u1); the others of this phase (j >= the last read
+        // column) are zeroed below
+        if (g.SW == 1) std::memcpy(dst + u0 - PW, src + u0, (u1 - u0) * sizeof(T));
+        else for (i64 u = u0; u < u1; ++u) dst[u * g.SW + b - PW] = src[u];
+      }
+      // pixels past the last column any tap reads: u·SW + b − PW >= Wq·SW − PW
+      for (i64 j = std::max<i64>(0, g.Wq * g.SW - PW); j < W; ++j) dst[j] = T(0);
+    }
+  }
+}
+
+// ---- forward: y = -sum_k |x - w|^p -------------------------------------------------------------------
+// p = 1 (MODE 1) uses |x − w| = x + w − 2·min(x, w):  Σ_k |x − w| = Σ_k x + Σ_k w − 2·Σ_k min(x, w).
+// Σ_k x is shared by every filter of a position (one add per tap per vector, 1/OB of the work) and Σ_k w
+// is a per-filter constant, so the hot loop is min + add, 2 vector ops per 16 MACs instead of 3 (sub,
+// abs, add): 1.3-1.5x on the forward. Rounding: the three sums are O(K·|x|, K·|w|) where the direct sum is
+// O(K·|x − w|), which would cancel badly when x and w share a large offset; so both are centred first,
+// per input channel, by the mean of that channel's filters (cx, per tap; the caller passes w − cx and
+// Σ_k (w − cx)): min(x, w) − c = min(x − c, w − c) exactly in real arithmetic, and after centring every
+// sum is of the size of the direct one's terms.
+template <typename V> static inline V vmin(V a, V b) {
+  typedef __typeof__(a[0] + 0) T;
+#if defined(__AVX512F__)
+  if constexpr (sizeof(V) == 64 && sizeof(T) == 4) return (V)_mm512_min_ps((__m512)a, (__m512)b);
+  if constexpr (sizeof(V) == 64 && sizeof(T) == 8) return (V)_mm512_min_pd((__m512d)a, (__m512d)b);
+#endif
+#if defined(__AVX__)
+  if constexpr (sizeof(V) == 32 && sizeof(T) == 4) return (V)_mm256_min_ps((__m256)a, (__m256)b);
+#endif
+  return a < b ? a : b;
+}
+
+// One tile: OB filters × one vector of output lanes (one row segment, or a row pair when PAIR).
+template <typename T, typename V, int MODE, int OB, bool TAIL, bool PAIR>
+static inline void fwd_tile(const T* xp, i64 rs, const i64* off, const T* w, T* y, i64 ys, i64 K, i64 L,
+                            int cnt, bool two, T p, const T* cx, const T* sw) {
+  V acc[OB];
+  for (int b = 0; b < OB; ++b) acc[b] = V{};
+  V sx = V{};
+  for (i64 k = 0; k < K; ++k) {
+    V xv = ldr<V, T, TAIL, PAIR>(xp + off[k], rs, cnt, two);
+    if (MODE == 1) {
+      xv -= cx[k];
+      sx += xv;
+    }
+    for (int b = 0; b < OB; ++b) {
+      const V wv = V{} + w[b * K + k];
+      if (MODE == 1) acc[b] += vmin(xv, wv);
+      else if (MODE == 2) { V d = xv - wv; acc[b] += d * d; }
+      else acc[b] += vpow<T, V>(vabs(xv - wv), p);
+    }
+  }
+  for (int b = 0; b < OB; ++b) {
+    // p = 1: y = −(Σx + Σw − 2·Σmin)
+    const V out = MODE == 1 ? (acc[b] + acc[b]) - (sx + sw[b]) : -acc[b];
+    str<V, T, TAIL, PAIR, false>(y + b * L, ys, out, cnt, two);
+  }
+}
+
+template <typename T, typename V, int MODE, bool TAIL, bool PAIR>
+static inline void fwd_col(const T* xp, i64 rs, const i64* off, const T* w, T* y, i64 ys, i64 K, i64 O, i64 L,
+                           int cnt, bool two, T p, const T* cx, const T* sw) {
+  i64 o = 0;
+#define FWD_TILES(OB)                                                                                      \
+  for (; o + OB <= O; o += OB)                                                                             \
+    fwd_tile<T, V, MODE, OB, TAIL, PAIR>(xp, rs, off, w + o * K, y + o * L, ys, K, L, cnt, two, p, cx,     \
+                                         sw ? sw + o : nullptr);
+  FWD_TILES(16) FWD_TILES(4) FWD_TILES(1)
+#undef FWD_TILES
+}
+
+// rows r0..r1 of the flattened (n, oh) output rows; PAIR: two rows of one image per vector
+template <typename T, typename V, int MODE, bool PAIR>
+static void fwd(const Geom& g, const T* P, const T* w, T* y, i64 r0, i64 r1, T p, const i64* off, const T* cx,
+                const T* sw) {
+  constexpr int W = sizeof(V) / sizeof(T), H = PAIR ? W / 2 : W;
+  const i64 K = g.K(), L = g.L();
+  for (i64 r = r0; r < r1;) {
+    const i64 n = r / g.Ho, oh = r % g.Ho;
+    const bool two = PAIR && oh + 1 < g.Ho && r + 1 < r1;
+    const T* xrow = P + n * g.img() + oh * g.Wq;
+    T* yrow = y + n * g.O * L + oh * g.Wo;
+    for (i64 ow = 0; ow < g.Wo; ow += H) {
+      const int cnt = (int)(g.Wo - ow < H ? g.Wo - ow : H);
+      if (cnt == H)
+        fwd_col<T, V, MODE, false, PAIR>(xrow + ow, g.Wq, off, w, yrow + ow, g.Wo, K, g.O, L, cnt, two, p, cx, sw);
+      else
+        fwd_col<T, V, MODE, true, PAIR>(xrow + ow, g.Wq, off, w, yrow + ow, g.Wo, K, g.O, L, cnt, two, p, cx, sw);
+    }
+    r += two ? 2 : 1;
+  }
+}
+
+// ---- input gradient: gx = sum_o g * f(w - x), scattered into the phased padded buffer GP ------------
+// MODE 0: lp general p: sgn(d)|d|^(p-1); 1: lp p=1: sgn(d); 2: lp p=2: d; 3: hardtanh: clamp(d, -1, 1)
+template <typename T, typename V, int MODE, int KB, bool TAIL, bool PAIR>
+static inline void gx_tile(const T* xp, T* gp, i64 rs, const i64* off, const T* w, const T* go, i64 gs, i64 K,
+                           i64 O, i64 L, int cnt, bool two, T p) {
+  V xv[KB], acc[KB];
+  for (int b = 0; b < KB; ++b) { xv[b] = ldr<V, T, TAIL, PAIR>(xp + off[b], rs, cnt, two); acc[b] = V{}; }
+  for (i64 o = 0; o < O; ++o) {
+    const V gv = ldr<V, T, TAIL, PAIR>(go + o * L, gs, cnt, two);
+    for (int b = 0; b < KB; ++b) {
+      V d = w[o * K + b] - xv[b];
+      if (MODE == 1) acc[b] += gv * vsign(d);
+      else if (MODE == 2) acc[b] += gv * d;
+      else if (MODE == 3) acc[b] += gv * vclamp1(d);
+      else {
+        acc[b] += (gv * vpow<T, V>(vabs(d), p - 1)) * vsign(d);  // × ±1 or 0: exact
+      }
+    }
+  }
+  // sequential read-add-write: the two rows of a pair overlap in GP, which is fine within one thread
+  for (int b = 0; b < KB; ++b) str<V, T, TAIL, PAIR, true>(gp + off[b], rs, acc[b], cnt, two);
+}
+
+template <typename T, typename V, int MODE, bool PAIR>
+static void gx(const Geom& g, const T* P, const T* w, const T* go, T* GP, i64 n0, i64 n1, i64 c0, i64 c1,
+               T p, const i64* off) {
+  constexpr int W = sizeof(V) / sizeof(T), H = PAIR ? W / 2 : W;
+  const i64 K = g.K(), L = g.L(), khw = g.KH * g.KW;
+  const i64 k0 = c0 * khw, k1 = c1 * khw;
+  for (i64 n = n0; n < n1; ++n) {
+    for (i64 oh = 0; oh < g.Ho; oh += PAIR ? 2 : 1) {
+      const bool two = PAIR && oh + 1 < g.Ho;
+      const i64 base = n * g.img() + oh * g.Wq;
+      const T* gorow = go + n * g.O * L + oh * g.Wo;
+      for (i64 ow = 0; ow < g.Wo; ow += H) {
+        const int cnt = (int)(g.Wo - ow < H ? g.Wo - ow : H);
+        const T* xp = P + base + ow;
+        T* gp = GP + base + ow;
+        const T* gr = gorow + ow;
+        i64 k = k0;
+#define GX_TILES(TAILV)                                                                                    \
+  for (; k + 8 <= k1; k += 8)                                                                              \
+    gx_tile<T, V, MODE, 8, TAILV, PAIR>(xp, gp, g.Wq, off + k, w + k, gr, g.Wo, K, g.O, L, cnt, two, p);   \
+  for (; k < k1; ++k)                                                                                      \
+    gx_tile<T, V, MODE, 1, TAILV, PAIR>(xp, gp, g.Wq, off + k, w + k, gr, g.Wo, K, g.O, L, cnt, two, p);
+        if (cnt == H) { GX_TILES(false) } else { GX_TILES(true) }
+#undef GX_TILES
+      }
+    }
+  }
+}
+
+// ---- filter gradient, "sign" mode: gw[o,k] += sum_pos g * sgn(x - w) ----------------------------------
+template <typename T, typename V, int OB, int KB>
+static inline void gw_block(const Geom& g, const T* P, const T* w, const T* go, T* gw, const i64* off, i64 o,
+                            i64 k, i64 r0, i64 r1) {
+  constexpr int W = sizeof(V) / sizeof(T);
+  const i64 K = g.K(), L = g.L();
+  V acc[OB][KB];
+  for (int a = 0; a < OB; ++a)
+    for (int b = 0; b < KB; ++b) acc[a][b] = V{};
+  const V zero = V{};
+  T wv[OB][KB];
+  for (int a = 0; a < OB; ++a)
+    for (int b = 0; b < KB; ++b) wv[a][b] = w[(o + a) * K + k + b];
+  for (i64 r = r0; r < r1; ++r) {
+    const i64 n = r / g.Ho, oh = r % g.Ho;
+    const T* xrow = P + n * g.img() + oh * g.Wq;
+    const T* grow = go + n * g.O * L + oh * g.Wo;
+    for (i64 ow = 0; ow < g.Wo; ow += W) {
+      const int cnt = (int)(g.Wo - ow < W ? g.Wo - ow : W);
+      V gv[OB], xv[KB];
+      // tails load zeros past the row end: g = 0 makes those lanes contribute nothing
+      if (cnt == W) {
+        for (int a = 0; a < OB; ++a) gv[a] = ld<V, T, false>(grow + (o + a) * L + ow, cnt);
+        for (int b = 0; b < KB; ++b) xv[b] = ld<V, T, false>(xrow + off[k + b] + ow, cnt);
+      } else {
+        for (int a = 0; a < OB; ++a) gv[a] = ld<V, T, true>(grow + (o + a) * L + ow, cnt);
+        for (int b = 0; b < KB; ++b) xv[b] = ld<V, T, true>(xrow + off[k + b] + ow, cnt);
+      }
+      for (int a = 0; a < OB; ++a)
+        for (int b = 0; b < KB; ++b) {
+          V d = xv[b] - wv[a][b];
+          acc[a][b] += (d > 0 ? gv[a] : zero) - (d < 0 ? gv[a] : zero);
+        }
+    }
+  }
+  for (int a = 0; a < OB; ++a)
+    for (int b = 0; b < KB; ++b) {
+      T s = 0;
+      for (int j = 0; j < W; ++j) s += acc[a][b][j];
+      gw[(o + a) * K + k + b] += s;
+    }
+}
+
+template <typename T, typename V>
+static void gwk(const Geom& g, const T* P, const T* w, const T* go, T* gw, i64 r0, i64 r1, const i64* off) {
+  const i64 K = g.K(), O = g.O;
+  // ~256 KiB of images at a time (their P and g stay in L2 while every (o, k) block reads them); small
+  // images are grouped so each block's 4×4 horizontal sums are amortised over many rows (ResNet-20
+  // stage 3: 6 images of 8 rows instead of 1)
+  const i64 per_img = (g.img() + O * g.L()) * (i64)sizeof(T);
+  const i64 imgs = std::max<i64>(1, (256 << 10) / per_img);
+  for (i64 rs = r0; rs < r1;) {
+    const i64 re = std::min(r1, (rs / g.Ho + imgs) * g.Ho);
+    i64 o = 0;
+    for (; o + 4 <= O; o += 4) {
+      i64 k = 0;
+      for (; k + 4 <= K; k += 4) gw_block<T, V, 4, 4>(g, P, w, go, gw, off, o, k, rs, re);
+      for (; k < K; ++k)
+        for (int a = 0; a < 4; ++a) gw_block<T, V, 1, 1>(g, P, w, go, gw, off, o + a, k, rs, re);
+    }
+    for (; o < O; ++o) {
+      for (i64 k = 0; k < K; ++k) gw_block<T, V, 1, 1>(g, P, w, go, gw, off, o, k, rs, re);
+    }
+    rs = re;
+  }
+}
+
+// ---- entry points: geom = (N, C, O, KH, KW, SH, SW, DH, DW, Hq, Wq, Ho, Wo) ----------------------------
+// wide: 0 = 32-byte vectors (fp32 only), 1 = 64-byte, 2 = 64-byte holding two output rows
+static Geom mk(const i64* a) { return Geom{a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12]}; }
+
+template <typename T, int BYTES, bool PAIR>
+static void fwd_entry(const Geom& g, const T* P, const T* w, T* y, i64 r0, i64 r1, T p, int mode, const i64* off,
+                      const T* cx, const T* sw) {
+  typedef typename Vec<T, BYTES>::V V;
+  if (mode == 1) fwd<T, V, 1, PAIR>(g, P, w, y, r0, r1, p, off, cx, sw);
+  else if (mode == 2) fwd<T, V, 2, PAIR>(g, P, w, y, r0, r1, p, off, nullptr, nullptr);
+  else fwd<T, V, 0, PAIR>(g, P, w, y, r0, r1, p, off, nullptr, nullptr);
+}
+template <typename T, int BYTES, bool PAIR>
+static void gx_entry(const Geom& g, const T* P, const T* w, const T* go, T* GP, i64 n0, i64 n1, i64 c0, i64 c1,
+                     T p, int mode, const i64* off) {
+  typedef typename Vec<T, BYTES>::V V;
+  if (mode == 1) gx<T, V, 1, PAIR>(g, P, w, go, GP, n0, n1, c0, c1, p, off);
+  else if (mode == 2) gx<T, V, 2, PAIR>(g, P, w, go, GP, n0, n1, c0, c1, p, off);
+  else if (mode == 3) gx<T, V, 3, PAIR>(g, P, w, go, GP, n0, n1, c0, c1, p, off);
+  else gx<T, V, 0, PAIR>(g, P, w, go, GP, n0, n1, c0, c1, p, off);
+}
+template <typename T, int BYTES>
+static void gw_entry(const Geom& g, const T* P, const T* w, const T* go, T* gw, i64 r0, i64 r1,
+                     const i64* off) {
+  gwk<T, typename Vec<T, BYTES>::V>(g, P, w, go, gw, r0, r1, off);
+}
+
+// One translation unit per (kernel, dtype), chosen by -DADDER_<KIND> -DADDER_T=<type> -DADDER_SUF=<suffix>,
+// so the six compile in parallel. fp64 (tests, checks) only gets 64-byte vectors: half the instantiations.
+#define CAT_(a, b) a##b
+#define CAT(a, b) CAT_(a, b)
+typedef ADDER_T T;
+#define WIDE_OR_NARROW(FN, ...)                                     \
+  do {                                                              \
+    if (wide || sizeof(T) == 8) FN<T, 64>(__VA_ARGS__);             \
+    else if constexpr (sizeof(T) == 4) FN<T, 32>(__VA_ARGS__);      \
+  } while (0)
+// forward and input gradient: wide = 2 puts two output rows in each 64-byte vector (see ldr)
+#define VECTORS(FN, ...)                                                  \
+  do {                                                                    \
+    if (wide == 2) FN<T, 64, true>(__VA_ARGS__);                          \
+    else if (wide || sizeof(T) == 8) FN<T, 64, false>(__VA_ARGS__);       \
+    else if constexpr (sizeof(T) == 4) FN<T, 32, false>(__VA_ARGS__);     \
+  } while (0)
+
+#ifdef ADDER_FWD
+// mode 1 (p = 1): w is the centred filter bank w − cx, cx the per-tap centre (K), sw = Σ_k (w − cx) (O)
+extern "C" void CAT(adder_fwd_, ADDER_SUF)(const i64* geom, const T* P, const T* w, T* y, i64 r0, i64 r1,
+                                          double p, int mode, int wide, const i64* off, const T* cx,
+                                          const T* sw) {
+  VECTORS(fwd_entry, mk(geom), P, w, y, r0, r1, (T)p, mode, off, cx, sw);
+}
+extern "C" void CAT(adder_phase_pad_, ADDER_SUF)(const i64* geom, i64 H, i64 W, i64 PH, i64 PW, const T* x,
+                                                T* P, i64 n0, i64 n1) {
+  phase_pad<T>(mk(geom), H, W, PH, PW, x, P, n0, n1);
+}
+#if ADDER_OFFSETS
+extern "C" void adder_tap_offsets(const i64* geom, i64* off) { tap_offsets(mk(geom), off); }
+#endif
+#endif
+#ifdef ADDER_GX
+extern "C" void CAT(adder_gx_, ADDER_SUF)(const i64* geom, const T* P, const T* w, const T* go, T* GP,
+                                         i64 n0, i64 n1, i64 c0, i64 c1, double p, int mode, int wide,
+                                         const i64* off) {
+  VECTORS(gx_entry, mk(geom), P, w, go, GP, n0, n1, c0, c1, (T)p, mode, off);
+}
+extern "C" void CAT(adder_phase_unpad_, ADDER_SUF)(const i64* geom, i64 H, i64 W, i64 PH, i64 PW,
+                                                  const T* GP, T* gx, i64 n0, i64 n1) {
+  phase_unpad<T>(mk(geom), H, W, PH, PW, GP, gx, n0, n1);
+}
+#endif
+#ifdef ADDER_GW
+extern "C" void CAT(adder_gw_, ADDER_SUF)(const i64* geom, const T* P, const T* w, const T* go, T* gw,
+                                         i64 r0, i64 r1, int wide, const i64* off) {
+  WIDE_OR_NARROW(gw_entry, mk(geom), P, w, go, gw, r0, r1, off);
+}
+#endif
