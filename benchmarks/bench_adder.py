@@ -7,6 +7,8 @@ noisy shared machine slows every method alike), adder-MAC/s and the ratio of eve
     python benchmarks/bench_adder.py --device cpu --shapes resnet20 --batch 32
     # GPU (Triton kernels; adds cuDNN conv2d fp32 with TF32 off and bf16, peak memory, roofline fraction):
     python benchmarks/bench_adder.py --device cuda --shapes resnet50 --batch 64
+    # CPU against the physical bar, F.conv2d (oneDNN) of the same shapes, one and two threads:
+    python benchmarks/bench_adder.py --device cpu --vs-conv resnet20:32,resnet50:2 --repeat 5
     # end-to-end CPU training images/s of an adder ResNet-20, fast path vs reference:
     python benchmarks/bench_adder.py --device cpu --train resnet20 --batch 32
 
@@ -338,6 +340,136 @@ def bench_layers(args) -> None:
             print(f"- {k}: {t * 1e3:.1f} ms  {t / totals['fast']:.1f}x")
 
 
+# ---- against the physical bar: a convolution of the same shape (oneDNN on CPU) ---------------------------
+
+
+def model_layer_shapes(name: str) -> list[Shape]:
+    """Every distinct adder-layer shape of a zoo model with its multiplicity (stem and classifier excluded).
+
+    Read off the model itself (a forward of its CNN twin with hooks), so 1×1 layers, the strided first
+    blocks and the downsample projections are all there: 22 shapes / 52 layers for ResNet-50,
+    7 / 20 for ResNet-20.
+    """
+    from collections import Counter
+
+    from torch import nn
+
+    from addernet_dist.models import create_model
+    from addernet_dist.models.registry import model_info
+
+    model = create_model(name, conv="conv").eval()
+    seen: Counter = Counter()
+    hooks = []
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, nn.Conv2d) and mod_name != "conv1":  # conv1: the full-precision stem
+
+            def hook(m, inp):
+                key = (m.in_channels, m.out_channels, inp[0].shape[-1], m.kernel_size[0])
+                seen[(*key, m.stride[0], m.padding[0])] += 1
+
+            hooks.append(mod.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        model(torch.zeros(1, *model_info(name).input_shape))
+    for h in hooks:
+        h.remove()
+    return [
+        Shape(f"{cin}->{cout} {hw}x{hw} k{k} s{s}", cin, cout, hw, k, s, pd, n)
+        for (cin, cout, hw, k, s, pd), n in seen.items()
+    ]
+
+
+def _time_both_clocks(fns: dict, repeat: int) -> dict:
+    """Best-of-``repeat`` (process CPU seconds, wall seconds) per call, every method once per round.
+
+    Each entry of ``fns`` is (threads, fn); the thread count is set before each call, so one- and
+    two-thread runs of every method interleave round by round and share the machine's slow phases.
+    """
+    best = {k: [math.inf, math.inf] for k in fns}
+    for threads, fn in fns.values():  # warm-up: allocator, oneDNN primitive cache, thread pools
+        torch.set_num_threads(threads)
+        fn()
+    for _ in range(repeat):
+        for k, (threads, fn) in fns.items():
+            torch.set_num_threads(threads)
+            c0, w0 = time.process_time(), time.perf_counter()
+            fn()
+            c1, w1 = time.process_time(), time.perf_counter()
+            best[k][0] = min(best[k][0], c1 - c0)
+            best[k][1] = min(best[k][1], w1 - w0)
+    return best
+
+
+def bench_vs_conv(args) -> None:
+    """Adder fast path / F.conv2d (oneDNN) per layer shape and per network, p given, fwd and fwd+bwd.
+
+    One thread: process CPU time (immune to other processes time-slicing the cores). Two threads: wall
+    time (CPU time would count the helpers' spin-waiting); the scaling column is best one-thread wall /
+    best two-thread wall of the same method, both interleaved in the same rounds.
+    """
+    nets = [tuple(item.split(":")) for item in args.vs_conv.split(",")]
+    p = args.p
+    for net, batch in nets:
+        batch = int(batch)
+        shapes = model_layer_shapes(net)
+        print(f"\n# {net}: {len(shapes)} distinct adder-layer shapes, "
+              f"{sum(s.count for s in shapes)} layers, batch {batch}, p={p}")  # fmt: skip
+        print("| layer | × | conv fwd ms | adder fwd / conv | conv f+b ms | adder f+b / conv "
+              "| 2T/1T conv | 2T/1T adder | 2T adder / 2T conv |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|---|")
+        tot: dict[str, float] = {}
+        for sh in shapes:
+            s, pd = sh.stride, sh.pad
+            ho = (sh.hw + 2 * pd - sh.k) // s + 1
+            x = torch.randn(batch, sh.cin, sh.hw, sh.hw)
+            w = torch.randn(sh.cout, sh.cin, sh.k, sh.k)
+            xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+            gy = torch.randn(batch, sh.cout, ho, ho)
+            methods = {
+                "adder": lambda x, w, s=s, pd=pd: adder2d(x, w, s, pd, 1, p, backend="cpu"),
+                "conv": lambda x, w, s=s, pd=pd: F.conv2d(x, w, None, s, pd),
+            }
+            fns = {}
+            for t in (1, 2):
+                for m, f in methods.items():
+                    fns[(m, "f", t)] = (t, _fwd_runner(f, x, w))
+                    fns[(m, "fb", t)] = (t, _fwd_bwd_runner(f, xg, wg, gy))
+            best = _time_both_clocks(fns, args.repeat)
+            cpu1 = {k[:2]: v[0] for k, v in best.items() if k[2] == 1}
+            wall = {k: v[1] for k, v in best.items()}
+            for m in methods:
+                for kind in ("f", "fb"):
+                    key = f"{m} {kind}"
+                    tot[key + " 1T cpu"] = (
+                        tot.get(key + " 1T cpu", 0.0) + sh.count * cpu1[(m, kind)]
+                    )
+                    for t in (1, 2):
+                        k2 = f"{key} {t}T wall"
+                        tot[k2] = tot.get(k2, 0.0) + sh.count * wall[(m, kind, t)]
+            row = [
+                sh.name,
+                str(sh.count),
+                f"{cpu1[('conv', 'f')] * 1e3:.2f}",
+                f"{cpu1[('adder', 'f')] / cpu1[('conv', 'f')]:.2f}",
+                f"{cpu1[('conv', 'fb')] * 1e3:.2f}",
+                f"**{cpu1[('adder', 'fb')] / cpu1[('conv', 'fb')]:.2f}**",
+                f"{wall[('conv', 'fb', 1)] / wall[('conv', 'fb', 2)]:.2f}",
+                f"{wall[('adder', 'fb', 1)] / wall[('adder', 'fb', 2)]:.2f}",
+                f"{wall[('adder', 'fb', 2)] / wall[('conv', 'fb', 2)]:.2f}",
+            ]
+            print("| " + " | ".join(row) + " |", flush=True)
+        print(f"\n## {net} network total (Σ count × best time), batch {batch}, p={p}")
+        for kind, label in (("f", "forward"), ("fb", "forward+backward")):
+            a1, c1 = tot[f"adder {kind} 1T cpu"], tot[f"conv {kind} 1T cpu"]
+            a2, c2 = tot[f"adder {kind} 2T wall"], tot[f"conv {kind} 2T wall"]
+            aw1, cw1 = tot[f"adder {kind} 1T wall"], tot[f"conv {kind} 1T wall"]
+            print(
+                f"- {label}: 1 thread (CPU time) adder {a1 * 1e3:.1f} ms / conv {c1 * 1e3:.1f} ms = "
+                f"**{a1 / c1:.2f}x conv**; 2 threads (wall) adder {a2 * 1e3:.1f} ms / conv "
+                f"{c2 * 1e3:.1f} ms = {a2 / c2:.2f}x; 2T speed-up (wall 1T / wall 2T): adder "
+                f"**{aw1 / a2:.2f}x**, conv {cw1 / c2:.2f}x"
+            )
+
+
 def bench_train(args) -> None:
     """End-to-end training images/s of an adder model on random data: fast backend vs reference."""
     from addernet_dist.models import create_model
@@ -417,6 +549,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--train", default="", help="model name: end-to-end training images/s instead")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: default)")
+    ap.add_argument(
+        "--vs-conv",
+        default="",
+        help="CPU: adder / F.conv2d per layer and network total, one and two threads, for "
+        "'net:batch,...' (e.g. resnet20:32,resnet50:2); every distinct layer shape of each net",
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -432,7 +570,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.device == "cuda":
         print(f"# GPU: {torch.cuda.get_device_name(0)}")
-    if args.train:
+    if args.vs_conv:
+        bench_vs_conv(args)
+    elif args.train:
         bench_train(args)
     else:
         bench_layers(args)

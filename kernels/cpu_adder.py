@@ -128,9 +128,7 @@ def build(force: bool = False) -> ctypes.CDLL:
         errors = []
         for arch in _ARCH_FLAG_CHOICES:
             key = hashlib.sha256(
-                "\0".join(
-                    [source, cxx, version, *arch, *_COMPILE_FLAGS, _cpu_signature()]
-                ).encode()
+                "\0".join([source, cxx, version, *arch, *_COMPILE_FLAGS, _cpu_signature()]).encode()
             ).hexdigest()[:16]
             out = _cache_dir() / f"cpu_adder_{key}.so"
             if not out.exists() or force:

@@ -39,10 +39,9 @@ def test_wheel_ships_the_cpu_kernel_source(tmp_path):
     Fails when the package-data entry in pyproject.toml is dropped (the wheel then has no .cpp and
     the installed CPU fast path could never build).
     """
+    import shutil
     import subprocess
     import sys
-
-    import shutil
 
     # build from a copy of the sources: setuptools reuses a ./build/ left by an earlier build, which
     # could supply a file the current configuration no longer packages
