@@ -8,7 +8,9 @@
 #include <algorithm>
 #include <limits>
 #include <vector>
-#if defined(__AVX512F__)
+// (also for AVX2-only CPUs: without it their -march=native build failed on the _mm256 intrinsics
+// below and the launcher silently fell back to a baseline x86-64 (SSE2) build, 4-12x slower)
+#if defined(__AVX__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 typedef int64_t i64;
@@ -132,6 +134,20 @@ template <typename V> static inline V vsign(V d) {
   const V zero = V{}, one = zero + 1;
   return (d > 0 ? one : zero) - (d < 0 ? one : zero);
 }
+// g·sgn(d): with AVX-512, g times vfixupimm's sign (above). With AVX2 the compare-and-select sign costs
+// 5 ops (2 compares, 2 ands, sub) before the FMA; instead pick g or −g by d's sign bit (vblendvps) and
+// zero the lanes where d == 0: 3 ops before the add. Exact (the same ±g or 0 is added).
+template <typename V> static inline V gsign(V g, V ng, V d) {
+  typedef __typeof__(d[0] + 0) T;
+#if !defined(__AVX512F__) && defined(__AVX__)
+  if constexpr (sizeof(V) == 32 && sizeof(T) == 4) {
+    const __m256 sel = _mm256_blendv_ps((__m256)g, (__m256)ng, (__m256)d);
+    return (V)_mm256_and_ps(sel, _mm256_cmp_ps((__m256)d, _mm256_setzero_ps(), _CMP_NEQ_UQ));
+  }
+#endif
+  (void)ng;
+  return g * vsign(d);
+}
 template <typename V> static inline V vclamp1(V d) {
   typedef __typeof__(d[0] + 0) T;
 #if defined(__AVX512DQ__)
@@ -201,6 +217,21 @@ template <typename T, typename V> static inline V vpow(V a, T q) {
 #endif
   return vpow_libm<T, V>(a, q);
 }
+
+// ---- register budgets ------------------------------------------------------------------------------------
+// AVX-512 has 32 vector registers, AVX2 16. A tile's accumulators plus its operands must fit, or every
+// tap spills and reloads them: the AVX-512 tiles (16 filters in the forward, 8 taps in ∂X, all in
+// 64-byte vectors) need 19 and 17 of them, which on an AVX2 machine (two ymm per 64-byte vector: 38,
+// 34) ran the ResNet-20 forward at 3.8 G adder-MAC/s and ∂X at ~1 (Zen 3, one thread).
+// FWD_OB: filters per forward tile, acc[OB] + x + Σx + broadcast w; GX_KB: taps per ∂X tile,
+// x[KB] + acc[KB] + g + −g + d.
+#if defined(__AVX512F__)
+template <typename V> constexpr int FWD_OB = 16;
+template <typename V> constexpr int GX_KB = 8;
+#else
+template <typename V> constexpr int FWD_OB = sizeof(V) <= 32 ? 12 : 5;  // 12+3 = 15 ymm; 2·5+5 = 15
+template <typename V> constexpr int GX_KB = sizeof(V) <= 32 ? 5 : 2;    // 10+3 = 13 ymm; 2·(4+3) = 14
+#endif
 
 // ---- geometry ----------------------------------------------------------------------------------------
 struct Geom {
@@ -373,7 +404,7 @@ static inline void fwd_col(const T* xp, i64 rs, const i64* off, const T* w, T* y
   for (; o + OB <= O; o += OB)                                                                             \
     fwd_tile<T, V, MODE, OB, TAIL, PAIR>(xp, rs, off, w + o * K, y + o * L, ys, K, L, cnt, two, p, cx,     \
                                          sw ? sw + o : nullptr);
-  FWD_TILES(16) FWD_TILES(4) FWD_TILES(1)
+  FWD_TILES(FWD_OB<V>) FWD_TILES(4) FWD_TILES(1)
 #undef FWD_TILES
 }
 
@@ -408,9 +439,10 @@ static inline void gx_tile(const T* xp, T* gp, i64 rs, const i64* off, const T* 
   for (int b = 0; b < KB; ++b) { xv[b] = ldr<V, T, TAIL, PAIR>(xp + off[b], rs, cnt, two); acc[b] = V{}; }
   for (i64 o = 0; o < O; ++o) {
     const V gv = ldr<V, T, TAIL, PAIR>(go + o * L, gs, cnt, two);
+    const V ngv = -gv;  // (gsign's blend operand on AVX2; dead code elsewhere)
     for (int b = 0; b < KB; ++b) {
       V d = w[o * K + b] - xv[b];
-      if (MODE == 1) acc[b] += gv * vsign(d);
+      if (MODE == 1) acc[b] += gsign(gv, ngv, d);
       else if (MODE == 2) acc[b] += gv * d;
       else if (MODE == 3) acc[b] += gv * vclamp1(d);
       else {
@@ -440,8 +472,9 @@ static void gx(const Geom& g, const T* P, const T* w, const T* go, T* GP, i64 n0
         const T* gr = gorow + ow;
         i64 k = k0;
 #define GX_TILES(TAILV)                                                                                    \
-  for (; k + 8 <= k1; k += 8)                                                                              \
-    gx_tile<T, V, MODE, 8, TAILV, PAIR>(xp, gp, g.Wq, off + k, w + k, gr, g.Wo, K, g.O, L, cnt, two, p);   \
+  for (; k + GX_KB<V> <= k1; k += GX_KB<V>)                                                               \
+    gx_tile<T, V, MODE, GX_KB<V>, TAILV, PAIR>(xp, gp, g.Wq, off + k, w + k, gr, g.Wo, K, g.O, L, cnt, two, \
+                                               p);                                                         \
   for (; k < k1; ++k)                                                                                      \
     gx_tile<T, V, MODE, 1, TAILV, PAIR>(xp, gp, g.Wq, off + k, w + k, gr, g.Wo, K, g.O, L, cnt, two, p);
         if (cnt == H) { GX_TILES(false) } else { GX_TILES(true) }
@@ -576,6 +609,13 @@ extern "C" void CAT(adder_phase_pad_, ADDER_SUF)(const i64* geom, i64 H, i64 W, 
 }
 #if ADDER_OFFSETS
 extern "C" void adder_tap_offsets(const i64* geom, i64* off) { tap_offsets(mk(geom), off); }
+extern "C" int adder_vector_bytes() {  // the launcher picks 32-byte fp32 vectors where 64 would split
+#if defined(__AVX512F__)
+  return 64;
+#else
+  return 32;
+#endif
+}
 #endif
 #endif
 #ifdef ADDER_GX

@@ -75,6 +75,7 @@ _ARCH_FLAG_CHOICES = (["-march=native"], [])  # native first; plain if the compi
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
+_arch: list[str] | None = None  # the -march flags the loaded object was built with
 _error: str | None = None
 _warned = False
 
@@ -106,7 +107,7 @@ def _compiler() -> str | None:
 
 def build(force: bool = False) -> ctypes.CDLL:
     """Compile (once per machine, cached on disk) and load the kernels; raises RuntimeError on failure."""
-    global _lib, _error
+    global _lib, _error, _arch
     with _lock:
         if _lib is not None and not force:
             return _lib
@@ -144,6 +145,16 @@ def build(force: bool = False) -> ctypes.CDLL:
                 continue
             _declare(lib)
             _lib, _error = lib, None
+            if (
+                errors
+            ):  # e.g. -march=native rejected: runs, but on the baseline ISA (several x slower)
+                warnings.warn(
+                    f"addernet CPU fast path built without {_ARCH_FLAG_CHOICES[0]} (slow): "
+                    + errors[0][-500:],
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            _arch = list(arch)
             return lib
         _error = "; ".join(errors)
         raise RuntimeError(_error)
@@ -205,6 +216,7 @@ def _wait(cmd: list[str], proc: subprocess.Popen) -> None:
 def _declare(lib: ctypes.CDLL) -> None:
     vp, i64, dbl, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
     lib.adder_tap_offsets.argtypes = [vp, vp]
+    lib.adder_vector_bytes.argtypes, lib.adder_vector_bytes.restype = [], cint
     for suf in ("f32", "f64"):
         getattr(lib, f"adder_fwd_{suf}").argtypes = [
             *(vp, vp, vp, vp, i64, i64, dbl, cint, cint, vp, vp, vp)
@@ -313,6 +325,10 @@ class _Geom:
         # Forward and ∂X: rows of at most half a 64-byte vector go two to a vector (wide = 2): stage 3
         # of ResNet-20 (8 fp32) then uses 16-lane instead of 8-lane instructions.
         self.vec = 2 if 2 * wo * esize <= 64 and ho >= 2 else self.wide
+        # Without AVX-512 a 64-byte vector is two 32-byte registers and the kernels' tiles are sized
+        # for 16 of those (FWD_OB / GX_KB in cpu_adder.cpp): fp32 p = 1, p = 2 and HardTanh use plain
+        # 32-byte vectors there (rows of 8 fill one exactly)
+        self.narrow_isa = esize == 4 and _lib_or_raise().adder_vector_bytes() == 32
         self.off = torch.empty(self.k, dtype=torch.int64)
         _lib_or_raise().adder_tap_offsets(self.arr.data_ptr(), self.off.data_ptr())
 
@@ -321,7 +337,9 @@ class _Geom:
         # them, and for fp64 GCC maps only those onto libmvec's vector exp/log (_ZGVeN8v_*); an
         # 8-lane fp32 loop called scalar expf/logf, 10x slower (ResNet-20 stage 3, p = 1.5: 0.14 vs
         # 1.5 G adder-MAC/s), far worse than half-empty lanes. Narrow rows pair up anyway (vec = 2).
-        return 1 if mode == 0 and self.vec == 0 else self.vec
+        if mode == 0:
+            return 1 if self.vec == 0 else self.vec
+        return 0 if self.narrow_isa else self.vec
 
     def _layout_call(self, kind: str, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
         fn = getattr(_lib_or_raise(), f"adder_{kind}_{_suffix(src.dtype)}")

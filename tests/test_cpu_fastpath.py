@@ -539,3 +539,19 @@ def test_benchmark_resnet20_shapes_and_counts_are_the_models_layers():
             want[(c, o, hw, m.stride[0] if isinstance(m.stride, tuple) else m.stride)] += 1
     got = Counter({(s.cin, s.cout, s.hw, s.stride): s.count for s in bench.SHAPES["resnet20"]()})
     assert got == want and sum(got.values()) == 18
+
+
+@pytest.mark.timeout(120)
+def test_built_for_this_cpu_when_the_compiler_can(tmp_path):
+    # The kernels must compile with -march=native wherever the compiler accepts it: on an AVX2-only
+    # CPU the source once failed there (immintrin.h was included for AVX-512 only) and the launcher
+    # silently loaded its baseline x86-64 fallback, 4-12x slower.
+    import subprocess
+
+    cxx = cpu_adder._compiler()
+    probe = tmp_path / "t.cpp"
+    probe.write_text("int main() { return 0; }\n")
+    ok = subprocess.run([cxx, "-march=native", "-c", str(probe), "-o", str(tmp_path / "t.o")])
+    if ok.returncode != 0:
+        pytest.skip("this compiler rejects -march=native (the fallback build is then expected)")
+    assert cpu_adder._arch == ["-march=native"]
