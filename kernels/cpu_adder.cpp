@@ -596,12 +596,53 @@ typedef ADDER_T T;
     else if constexpr (sizeof(T) == 4) FN<T, 32, false>(__VA_ARGS__);     \
   } while (0)
 
+// ---- inference epilogue: folded BatchNorm (+ residual) (+ ReLU) ----------------------------------------
+// y ← relu?((y − center[o])·scale[o] + shift[o] (+ res)), rows r0..r1 of the flattened (n, oh) rows, every
+// filter. (y − center)·scale + shift, not y·scale + (shift − center·scale): adder outputs sit far from 0
+// (≈ −1000 around a spread of ~10) and folding the mean into the shift would cancel ~2 digits in fp32 (the
+// Triton epilogue's form, kernels/triton_adder.py).
+template <typename T>
+static void epilogue(const Geom& g, T* y, i64 r0, i64 r1, const T* center, const T* scale, const T* shift,
+                     const T* res, int relu) {
+  const i64 L = g.L();
+  for (i64 r = r0; r < r1; ++r) {
+    const i64 n = r / g.Ho, oh = r % g.Ho;
+    for (i64 o = 0; o < g.O; ++o) {
+      const i64 at = (n * g.O + o) * L + oh * g.Wo;
+      T* yr = y + at;
+      const T c = center[o], s = scale[o], b = shift[o];
+      if (res) {
+        const T* rr = res + at;
+        if (relu) for (i64 j = 0; j < g.Wo; ++j) yr[j] = std::max((yr[j] - c) * s + b + rr[j], T(0));
+        else for (i64 j = 0; j < g.Wo; ++j) yr[j] = (yr[j] - c) * s + b + rr[j];
+      } else {
+        if (relu) for (i64 j = 0; j < g.Wo; ++j) yr[j] = std::max((yr[j] - c) * s + b, T(0));
+        else for (i64 j = 0; j < g.Wo; ++j) yr[j] = (yr[j] - c) * s + b;
+      }
+    }
+  }
+}
+
 #ifdef ADDER_FWD
-// mode 1 (p = 1): w is the centred filter bank w − cx, cx the per-tap centre (K), sw = Σ_k (w − cx) (O)
+// mode 1 (p = 1): w is the centred filter bank w − cx, cx the per-tap centre (K), sw = Σ_k (w − cx) (O).
+// scale != null: the inference epilogue (above) on every block of rows right after the block is computed,
+// while its outputs (<= ~64 KiB) are still in L1/L2: one pass over y in memory, as a fused kernel.
 extern "C" void CAT(adder_fwd_, ADDER_SUF)(const i64* geom, const T* P, const T* w, T* y, i64 r0, i64 r1,
                                           double p, int mode, int wide, const i64* off, const T* cx,
-                                          const T* sw) {
-  VECTORS(fwd_entry, mk(geom), P, w, y, r0, r1, (T)p, mode, off, cx, sw);
+                                          const T* sw, const T* center, const T* scale, const T* shift,
+                                          const T* res, int relu) {
+  const Geom g = mk(geom);
+  if (!scale) {
+    VECTORS(fwd_entry, g, P, w, y, r0, r1, (T)p, mode, off, cx, sw);
+    return;
+  }
+  // even-sized blocks (paired rows stay paired), each <= 64 KiB of outputs
+  const i64 rows = std::max<i64>(2, ((64 << 10) / (i64)(sizeof(T) * g.O * g.Wo)) & ~(i64)1);
+  for (i64 b0 = r0; b0 < r1; b0 += rows) {
+    const i64 b1 = std::min(r1, b0 + rows);
+    VECTORS(fwd_entry, g, P, w, y, b0, b1, (T)p, mode, off, cx, sw);
+    epilogue<T>(g, y, b0, b1, center, scale, shift, res, relu);
+  }
 }
 extern "C" void CAT(adder_phase_pad_, ADDER_SUF)(const i64* geom, i64 H, i64 W, i64 PH, i64 PW, const T* x,
                                                 T* P, i64 n0, i64 n1) {

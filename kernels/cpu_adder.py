@@ -59,7 +59,7 @@ from addernet_dist.ops.reference import (
     compute_dtype,
 )
 
-__all__ = ["adder2d_cpu", "is_available", "unavailable_reason", "build"]
+__all__ = ["adder2d_cpu", "adder2d_forward_cpu", "is_available", "unavailable_reason", "build"]
 
 # The C++ source ships next to this file as package data (pyproject.toml [tool.setuptools.package-data]).
 _SOURCE_PATH = Path(__file__).with_name("cpu_adder.cpp")
@@ -219,7 +219,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.adder_vector_bytes.argtypes, lib.adder_vector_bytes.restype = [], cint
     for suf in ("f32", "f64"):
         getattr(lib, f"adder_fwd_{suf}").argtypes = [
-            *(vp, vp, vp, vp, i64, i64, dbl, cint, cint, vp, vp, vp)
+            *(vp, vp, vp, vp, i64, i64, dbl, cint, cint, vp, vp, vp),
+            *(vp, vp, vp, vp, cint),  # inference epilogue: center, scale, shift, residual, relu
         ]
         getattr(lib, f"adder_gx_{suf}").argtypes = [
             *(vp, vp, vp, vp, vp),
@@ -375,7 +376,9 @@ def _suffix(dtype: torch.dtype) -> str:
     return "f32" if dtype == torch.float32 else "f64"
 
 
-def _forward(g: _Geom, P: torch.Tensor, w_ok: torch.Tensor, p: float) -> torch.Tensor:
+def _forward(g: _Geom, P: torch.Tensor, w_ok: torch.Tensor, p: float, epi=None) -> torch.Tensor:
+    """y = −Σ|x − w|^p; ``epi`` = (center, scale, shift, residual or None, relu): the inference
+    epilogue relu?((y − center)·scale + shift (+ residual)) applied in the kernel (see cpu_adder.cpp)."""
     lib = _lib_or_raise()
     y = P.new_empty(g.n, g.o, g.ho, g.wo)
     fn = getattr(lib, f"adder_fwd_{_suffix(P.dtype)}")
@@ -395,6 +398,12 @@ def _forward(g: _Geom, P: torch.Tensor, w_ok: torch.Tensor, p: float) -> torch.T
         cx, sw = cx64.to(P.dtype), (w64 - cx64).sum(1).to(P.dtype)
     a = (g.arr.data_ptr(), P.data_ptr(), w_ok.data_ptr(), y.data_ptr())
     extra = (cx.data_ptr(), sw.data_ptr()) if mode == 1 else (None, None)
+    if epi is None:
+        extra += (None, None, None, None, 0)
+    else:
+        center, scale, shift, res, relu = epi
+        ptr = [t.data_ptr() if t is not None else None for t in (center, scale, shift, res)]
+        extra += (*ptr, int(relu))
     _run(fn, [(*a, r0, r1, p, mode, g.wide_for(mode), g.off.data_ptr(), *extra) for r0, r1 in rows])
     return y
 
@@ -516,6 +525,62 @@ class AdderCPUFunction(torch.autograd.Function):
                 gw = _grad_weight(g, P, w_ok, g_out, grad_w, x).to(w_dtype)
             gw = gw.reshape(g.o, g.c, g.kh, g.kw)
         return gx, gw, None, None, None, None, None, None, None
+
+
+def adder2d_forward_cpu(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    p: float = 1.0,
+    *,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    center: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    relu: bool = False,
+) -> torch.Tensor:
+    """Inference forward with a folded BatchNorm (+ residual, + ReLU) in the kernel's epilogue, no autograd.
+
+    ``relu?((adder2d(x, w) − center)·scale + shift (+ residual))`` with ``scale``/``shift``/``center``
+    of shape (O,) (center defaults to 0; for an eval-mode BN: center = running_mean,
+    scale = γ/√(running_var + ε), shift = β) and ``residual`` shaped like the output. The CPU twin of
+    ``triton_adder.adder2d_forward``'s epilogue arguments; computed in fp32 (fp64 for fp64 inputs) and
+    returned in the input's dtype. Needs the compiled kernels (``is_available()``).
+    """
+    check_args(p, "lp", "full")
+    stride, padding, dilation, out_hw = check_conv_args(input, weight, stride, padding, dilation)
+    if input.device.type != "cpu" or weight.device.type != "cpu":
+        raise ValueError(
+            f"adder2d_forward_cpu needs CPU tensors, got input on {input.device} and weight on "
+            f"{weight.device}"
+        )
+    cdt = compute_dtype(input.dtype)
+    g = _Geom(input.shape, weight.shape, stride, padding, dilation, out_hw, cdt)
+    o = g.o
+    if center is None:
+        center = torch.zeros(o, dtype=cdt)
+    vecs = []
+    for name, t in (("scale", scale), ("shift", shift), ("center", center)):
+        if t.shape != (o,):
+            raise ValueError(
+                f"{name} must have shape ({o},) (one per output channel), got {tuple(t.shape)}"
+            )
+        vecs.append(t.detach().to(device="cpu", dtype=cdt).contiguous())
+    scale, shift, center = vecs
+    if residual is not None:
+        want = (g.n, o, g.ho, g.wo)
+        if tuple(residual.shape) != want:
+            raise ValueError(f"residual shape {tuple(residual.shape)} != output shape {want}")
+        residual = residual.detach().to(cdt).contiguous()
+    with torch.no_grad():
+        P = g.phase_pad(input.detach().to(cdt))
+        w_ok = weight.detach().to(cdt).reshape(o, g.k).contiguous()
+        if g.n == 0 or o == 0:
+            return input.new_zeros(g.n, o, g.ho, g.wo)
+        y = _forward(g, P, w_ok, float(p), (center, scale, shift, residual, relu))
+    return y.to(input.dtype)
 
 
 def adder2d_cpu(

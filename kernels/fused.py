@@ -20,11 +20,13 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from addernet_dist.kernels import cpu_adder
 from addernet_dist.kernels import triton_adder as ta
 from torch import nn
 
 from addernet_dist.models.resnet import BasicBlock, Bottleneck
 from addernet_dist.nn import _NOT_TRACED, Adder2d
+from addernet_dist.ops import dispatch
 from addernet_dist.ops.reference import check_conv_args
 
 
@@ -75,6 +77,23 @@ class _AdderBNTrainFunction(torch.autograd.Function):
         g_gamma = g_gamma if need_g else None
         g_beta = g_beta if need_b else None
         return dx, dw, g_gamma, g_beta, None, None, None, None, None, None, None
+
+
+def _cpu_inference(
+    m: FusedAdderBN2d, x: torch.Tensor, residual: torch.Tensor | None
+) -> torch.Tensor:
+    """Eval-mode forward on CPU: BN folded into the CPU kernel's epilogue with the residual and ReLU."""
+    adder, bn = m.adder, m.bn
+    gamma, beta = m._gamma_beta(x)
+    invstd = torch.rsqrt(bn.running_var + bn.eps)
+    return cpu_adder.adder2d_forward_cpu(
+        *(x, adder.weight, adder.stride, adder.padding, adder.dilation, adder.p),
+        scale=invstd * gamma.to(invstd.dtype),
+        shift=beta,
+        center=bn.running_mean,
+        residual=residual,
+        relu=m.relu,
+    )
 
 
 def _memory_format(t: torch.Tensor) -> torch.memory_format:
@@ -128,6 +147,21 @@ class FusedAdderBN2d(nn.Module):
             and x.dtype == self.adder.weight.dtype
         )
 
+    def _cpu_inference_ok(self, x: torch.Tensor) -> bool:
+        # eval-mode BN, no autograd, the CPU fast path chosen for this call: the folded-BN CPU kernel
+        bn = self.bn
+        return (
+            self.use_fast_path
+            and x.device.type == "cpu"
+            and not bn.training
+            and bn.running_mean is not None
+            and x.dtype == self.adder.weight.dtype
+            and not (
+                torch.is_grad_enabled() and (x.requires_grad or self.adder.weight.requires_grad)
+            )
+            and dispatch.resolve_backend(x.device, self.adder.backend) == "cpu"
+        )
+
     def _unfused(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         y = self.bn(self.adder(x))
         if residual is not None:
@@ -144,6 +178,8 @@ class FusedAdderBN2d(nn.Module):
     @_NOT_TRACED  # as Adder2d.forward: p must not become a Dynamo guard (addernet_dist/nn.py)
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if not self._fast_path_ok(x):
+            if self._cpu_inference_ok(x):
+                return _cpu_inference(self, x, residual)
             return self._unfused(x, residual)
         adder, bn = self.adder, self.bn
         if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
