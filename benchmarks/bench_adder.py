@@ -9,6 +9,8 @@ noisy shared machine slows every method alike), adder-MAC/s and the ratio of eve
     python benchmarks/bench_adder.py --device cuda --shapes resnet50 --batch 64
     # CPU against the physical bar, F.conv2d (oneDNN) of the same shapes, one and two threads:
     python benchmarks/bench_adder.py --device cpu --vs-conv resnet20:32,resnet50:2 --repeat 5
+    # eval-mode images/s of an adder ResNet-50 (BN folded into the CPU epilogue) vs its CNN twin:
+    python benchmarks/bench_adder.py --device cpu --eval resnet50 --eval-batches 1,32 --threads 1 --clock cpu
     # end-to-end CPU training images/s of an adder ResNet-20, fast path vs reference:
     python benchmarks/bench_adder.py --device cpu --train resnet20 --batch 32
 
@@ -470,6 +472,55 @@ def bench_vs_conv(args) -> None:
             )
 
 
+def bench_eval(args) -> None:
+    """Eval-mode images/s of an adder model (BN folded into the CPU epilogue, and unfused) vs its CNN twin.
+
+    Same threads for all three, methods interleaved, best of ``--steps`` forwards (process CPU time with
+    ``--clock cpu``, else wall). Random weights, BN at its initial statistics (speed does not depend on
+    the values).
+    """
+    from addernet_dist.kernels.fused import fuse_adder_bn
+
+    from addernet_dist.models import create_model
+    from addernet_dist.models.registry import model_info
+
+    info = model_info(args.eval)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    torch.manual_seed(0)
+    adder = create_model(args.eval, conv="adder").eval()
+    cnn = create_model(args.eval, conv="conv").eval()
+    fused = fuse_adder_bn(create_model(args.eval, conv="adder")).eval()
+    fused.load_state_dict(adder.state_dict())
+    models = {"adder (BN folded)": fused, "adder (unfused)": adder, "CNN twin": cnn}
+    if args.methods:
+        models = {k: v for k, v in models.items() if k.split()[0] in args.methods.split(",")}
+    print(
+        f"# {args.eval} eval forward, {torch.get_num_threads()} thread(s), best of {args.steps} "
+        f"({'CPU' if clock is time.process_time else 'wall'} seconds), images/s"
+    )
+    print("| batch | " + " | ".join(models) + " | adder folded / CNN |")
+    print("|---|" + "---|" * (len(models) + 1))
+    for batch in (int(b) for b in args.eval_batches.split(",")):
+        x = torch.randn(batch, *info.input_shape)
+        best = dict.fromkeys(models, math.inf)
+        with torch.no_grad():
+            for m in models.values():
+                m(x)  # warm-up
+            for _ in range(args.steps):
+                for k, m in models.items():
+                    t0 = clock()
+                    m(x)
+                    best[k] = min(best[k], clock() - t0)
+        ips = {k: batch / t for k, t in best.items()}
+        row = [str(batch), *(f"{v:.2f}" for v in ips.values())]
+        ratio = (
+            ips["adder (BN folded)"] / ips["CNN twin"]
+            if {"adder (BN folded)", "CNN twin"} <= ips.keys()
+            else float("nan")
+        )
+        print("| " + " | ".join(row) + f" | {ratio:.2f} |", flush=True)
+
+
 def bench_train(args) -> None:
     """End-to-end training images/s of an adder model on random data: fast backend vs reference."""
     from addernet_dist.models import create_model
@@ -549,6 +600,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--train", default="", help="model name: end-to-end training images/s instead")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: default)")
+    ap.add_argument("--eval", default="", help="model name: eval-mode images/s, adder vs CNN twin")
+    ap.add_argument("--eval-batches", default="1,32", help="--eval: comma list of batch sizes")
     ap.add_argument(
         "--vs-conv",
         default="",
@@ -572,6 +625,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"# GPU: {torch.cuda.get_device_name(0)}")
     if args.vs_conv:
         bench_vs_conv(args)
+    elif args.eval:
+        bench_eval(args)
     elif args.train:
         bench_train(args)
     else:
