@@ -7,6 +7,7 @@
 #include <cstring>
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <vector>
 // (also for AVX2-only CPUs: without it their -march=native build failed on the _mm256 intrinsics
 // below and the launcher silently fell back to a baseline x86-64 (SSE2) build, 4-12x slower)
@@ -21,12 +22,29 @@ template <typename T, int BYTES> struct Vec {
   static constexpr int N = BYTES / (int)sizeof(T);
 };
 
+// Partial vectors (TAIL: the first cnt lanes): a variable-length memcpy compiles to a call, ~10x a
+// vector load; with AVX2 a masked load/store (vmaskmovps) instead — the 7×7 layers end every filter
+// tile's 61 positions in one (ResNet-50 stage 4, 3×3: 6.5x -> see BENCHMARKS.md).
+#if defined(__AVX2__) && !defined(__AVX512F__)
+static inline __m256i tail_mask8(int cnt) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(cnt), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+#endif
 template <typename V, typename T, bool TAIL> static inline V ld(const T* p, int cnt) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  if constexpr (TAIL && sizeof(V) == 32 && sizeof(T) == 4) return (V)_mm256_maskload_ps(p, tail_mask8(cnt));
+#endif
   V v = V{};
   std::memcpy(&v, p, TAIL ? cnt * sizeof(T) : sizeof(V));
   return v;
 }
 template <typename V, typename T, bool TAIL> static inline void st(T* p, V v, int cnt) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  if constexpr (TAIL && sizeof(V) == 32 && sizeof(T) == 4) {
+    _mm256_maskstore_ps(p, tail_mask8(cnt), (__m256)v);
+    return;
+  }
+#endif
   std::memcpy(p, &v, TAIL ? cnt * sizeof(T) : sizeof(V));
 }
 template <typename V> static inline V vabs(V d) { return d < 0 ? -d : d; }
@@ -372,18 +390,23 @@ template <typename V> static inline V vmin(V a, V b) {
 // One tile: OB filters × one vector of output lanes (one row segment, or a row pair when PAIR).
 template <typename T, typename V, int MODE, int OB, bool TAIL, bool PAIR>
 static inline void fwd_tile(const T* xp, i64 rs, const i64* off, const T* w, T* y, i64 ys, i64 K, i64 L,
-                            int cnt, bool two, T p, const T* cx, const T* sw) {
+                            int cnt, bool two, T p, const T* cx, const T* sw, i64 Kn = -1, bool add = false,
+                            i64 wk = 1) {
+  // filter b's tap k at w[b·K + k·wk] (wk > 1: fwd_flat's packed tiles, K = 1 there); taps [0, Kn)
+  // (Kn < 0: all K); add: y += this chunk's part (a later chunk of fwd_flat's tap blocking: sw = null
+  // there, Σw went in with the first chunk)
+  if (Kn < 0) Kn = K;
   V acc[OB];
   for (int b = 0; b < OB; ++b) acc[b] = V{};
   V sx = V{};
-  for (i64 k = 0; k < K; ++k) {
+  for (i64 k = 0; k < Kn; ++k) {
     V xv = ldr<V, T, TAIL, PAIR>(xp + off[k], rs, cnt, two);
     if (MODE == 1) {
       xv -= cx[k];
       sx += xv;
     }
     for (int b = 0; b < OB; ++b) {
-      const V wv = V{} + w[b * K + k];
+      const V wv = V{} + w[b * K + k * wk];
       if (MODE == 1) acc[b] += vmin(xv, wv);
       else if (MODE == 2) { V d = xv - wv; acc[b] += d * d; }
       else acc[b] += vpow<T, V>(vabs(xv - wv), p);
@@ -391,8 +414,9 @@ static inline void fwd_tile(const T* xp, i64 rs, const i64* off, const T* w, T* 
   }
   for (int b = 0; b < OB; ++b) {
     // p = 1: y = −(Σx + Σw − 2·Σmin)
-    const V out = MODE == 1 ? (acc[b] + acc[b]) - (sx + sw[b]) : -acc[b];
-    str<V, T, TAIL, PAIR, false>(y + b * L, ys, out, cnt, two);
+    const V out = MODE == 1 ? (acc[b] + acc[b]) - (sw ? sx + sw[b] : sx) : -acc[b];
+    if (add) str<V, T, TAIL, PAIR, true>(y + b * L, ys, out, cnt, two);
+    else str<V, T, TAIL, PAIR, false>(y + b * L, ys, out, cnt, two);
   }
 }
 
@@ -602,6 +626,16 @@ typedef ADDER_T T;
 // (≈ −1000 around a spread of ~10) and folding the mean into the shift would cancel ~2 digits in fp32 (the
 // Triton epilogue's form, kernels/triton_adder.py).
 template <typename T>
+static inline void epi_row(T* yr, const T* rr, i64 Wo, T c, T s, T b, int relu) {
+  if (rr) {
+    if (relu) for (i64 j = 0; j < Wo; ++j) yr[j] = std::max((yr[j] - c) * s + b + rr[j], T(0));
+    else for (i64 j = 0; j < Wo; ++j) yr[j] = (yr[j] - c) * s + b + rr[j];
+  } else {
+    if (relu) for (i64 j = 0; j < Wo; ++j) yr[j] = std::max((yr[j] - c) * s + b, T(0));
+    else for (i64 j = 0; j < Wo; ++j) yr[j] = (yr[j] - c) * s + b;
+  }
+}
+template <typename T>
 static void epilogue(const Geom& g, T* y, i64 r0, i64 r1, const T* center, const T* scale, const T* shift,
                      const T* res, int relu) {
   const i64 L = g.L();
@@ -609,17 +643,109 @@ static void epilogue(const Geom& g, T* y, i64 r0, i64 r1, const T* center, const
     const i64 n = r / g.Ho, oh = r % g.Ho;
     for (i64 o = 0; o < g.O; ++o) {
       const i64 at = (n * g.O + o) * L + oh * g.Wo;
-      T* yr = y + at;
-      const T c = center[o], s = scale[o], b = shift[o];
-      if (res) {
-        const T* rr = res + at;
-        if (relu) for (i64 j = 0; j < g.Wo; ++j) yr[j] = std::max((yr[j] - c) * s + b + rr[j], T(0));
-        else for (i64 j = 0; j < g.Wo; ++j) yr[j] = (yr[j] - c) * s + b + rr[j];
-      } else {
-        if (relu) for (i64 j = 0; j < g.Wo; ++j) yr[j] = std::max((yr[j] - c) * s + b, T(0));
-        else for (i64 j = 0; j < g.Wo; ++j) yr[j] = (yr[j] - c) * s + b;
-      }
+      epi_row(y + at, res ? res + at : nullptr, g.Wo, center[o], scale[o], shift[o], relu);
     }
+  }
+}
+
+// ---- flat variants (small or odd-width outputs) ---------------------------------------------------------
+// The output positions of one image as ONE range q = oh·Wq + ow, q in [0, Lv), Lv = (Ho − 1)·Wq + Wo: tap k
+// of every q sits at q + off[k] in P (for any stride: P is phase-split), so vectors run across row ends
+// and only the image's last vector is partial. Rows of 14 or 7 (ResNet-50 stages 3-4) otherwise took a
+// partial (memcpy) load on every tap of every vector. The Wq − Wo columns between rows are computed and
+// thrown away (y is (N, O, Ho, Wq); the launcher keeps [..., :Wo]): 12 % of the lanes at 14 wide with a
+// 3×3, none for 1×1 layers (Wq = Wo). Every access stays inside what the last real output reads.
+// Loop order: filter tile outer, positions inner, so a tile's filters (12·K values) and the image's P
+// stay in L2 while the positions stream (position-outer re-read all O·K filter values per vector: 2.4 MB
+// for a 3×3 256→256 layer, 9.4 MB at 512→512).
+template <typename T, typename V, int MODE, int OB>
+static inline void fwd_flat_otile(const T* xi, const i64* off, const T* wp, T* y, i64 Kn, bool add, i64 Lf,
+                                  i64 Lv, T p, const T* cx, const T* sw) {
+  constexpr int W = sizeof(V) / sizeof(T);
+  i64 q = 0;
+  for (; q + W <= Lv; q += W)
+    fwd_tile<T, V, MODE, OB, false, false>(xi + q, 0, off, wp, y + q, 0, 1, Lf, W, false, p, cx, sw, Kn, add, OB);
+  if (q < Lv)
+    fwd_tile<T, V, MODE, OB, true, false>(xi + q, 0, off, wp, y + q, 0, 1, Lf, (int)(Lv - q), false, p, cx, sw,
+                                          Kn, add, OB);
+}
+
+// Taps in chunks of kc (kc <= 0: all): a chunk's P (kc taps of one image) and a tile's kc filter values
+// stay in L1/L2 while every position and tile reuses them; y accumulates over the chunks (p = 1 is
+// linear in its three sums). Without it a 1×1 1024→256 layer at 14×14 streamed its 800 KB image from L3
+// for every filter tile. Filters are packed tile by tile, tap-major (wp[k·OB + b]): read in place, the
+// OB rows of a tile lie K·4 bytes apart, which for K = 1024 or 2048 (ResNet-50's 1×1 layers) puts all
+// 12 in the same L1 set (4 KiB aliasing) and missed on every tap.
+template <typename T, typename V, int MODE>
+static void fwd_flat(const Geom& g, const T* P, const T* w, T* y, i64 n0, i64 n1, i64 o0, i64 o1, T p,
+                     const i64* off, const T* cx, const T* sw, i64 kc) {
+  const i64 K = g.K(), Lf = g.Ho * g.Wq, Lv = (g.Ho - 1) * g.Wq + g.Wo;
+  if (kc <= 0 || kc > K) kc = K;
+  // tiles of the same sizes, in the same order, as the loop below
+  std::vector<T> wp((o1 - o0) * K);
+  {
+    i64 o = o0;
+    auto pack = [&](int ob) {
+      for (; o + ob <= o1; o += ob)
+        for (i64 k = 0; k < K; ++k)
+          for (int b = 0; b < ob; ++b) wp[(o - o0) * K + k * ob + b] = w[(o + b) * K + k];
+    };
+    pack(FWD_OB<V>); pack(4); pack(1);
+  }
+  for (i64 n = n0; n < n1; ++n) {
+    const T* xi = P + n * g.img();
+    T* yi = y + n * g.O * Lf;
+    for (i64 k0 = 0; k0 < K; k0 += kc) {
+      const i64 Kn = std::min(kc, K - k0);
+      const bool add = k0 > 0;
+      const T* cxk = cx ? cx + k0 : nullptr;
+      i64 o = o0;
+#define FLAT_TILES(OB)                                                                                     \
+  for (; o + OB <= o1; o += OB)                                                                            \
+    fwd_flat_otile<T, V, MODE, OB>(xi, off + k0, wp.data() + (o - o0) * K + k0 * OB, yi + o * Lf, Kn, add, \
+                                   Lf, Lv, p, cxk, sw && !add ? sw + o : nullptr);
+      FLAT_TILES(FWD_OB<V>) FLAT_TILES(4) FLAT_TILES(1)
+#undef FLAT_TILES
+    }
+  }
+}
+
+template <typename T>
+static void epilogue_flat(const Geom& g, T* y, i64 n0, i64 n1, i64 o0, i64 o1, const T* center,
+                          const T* scale, const T* shift, const T* res, int relu) {
+  const i64 Lf = g.Ho * g.Wq, L = g.L();
+  for (i64 n = n0; n < n1; ++n)
+    for (i64 o = o0; o < o1; ++o)
+      for (i64 oh = 0; oh < g.Ho; ++oh)
+        epi_row(y + (n * g.O + o) * Lf + oh * g.Wq, res ? res + (n * g.O + o) * L + oh * g.Wo : nullptr, g.Wo,
+                center[o], scale[o], shift[o], relu);
+}
+
+// ∂X over the flat range: go is (N, O, Ho, Wq) with zeros in the Wq − Wo thrown-away columns, so those
+// lanes add exactly 0 (into pixels of the same image and channel range: no race between threads).
+// Tap tile outer, positions inner: the tile's O·KB filter values stay in L1 while the image's g streams.
+template <typename T, typename V, int MODE>
+static void gx_flat(const Geom& g, const T* P, const T* w, const T* go, T* GP, i64 n0, i64 n1, i64 c0, i64 c1,
+                    T p, const i64* off) {
+  constexpr int W = sizeof(V) / sizeof(T);
+  const i64 K = g.K(), Lf = g.Ho * g.Wq, Lv = (g.Ho - 1) * g.Wq + g.Wo, khw = g.KH * g.KW;
+  const i64 k0 = c0 * khw, k1 = c1 * khw;
+  for (i64 n = n0; n < n1; ++n) {
+    const T* xi = P + n * g.img();
+    T* gi = GP + n * g.img();
+    const T* gn = go + n * g.O * Lf;
+    auto tiles = [&](auto kb, i64 k) {
+      constexpr int KB = decltype(kb)::value;
+      i64 q = 0;
+      for (; q + W <= Lv; q += W)
+        gx_tile<T, V, MODE, KB, false, false>(xi + q, gi + q, 0, off + k, w + k, gn + q, 0, K, g.O, Lf, W, false, p);
+      if (q < Lv)
+        gx_tile<T, V, MODE, KB, true, false>(xi + q, gi + q, 0, off + k, w + k, gn + q, 0, K, g.O, Lf,
+                                             (int)(Lv - q), false, p);
+    };
+    i64 k = k0;
+    for (; k + GX_KB<V> <= k1; k += GX_KB<V>) tiles(std::integral_constant<int, GX_KB<V>>{}, k);
+    for (; k < k1; ++k) tiles(std::integral_constant<int, 1>{}, k);
   }
 }
 
@@ -644,12 +770,35 @@ extern "C" void CAT(adder_fwd_, ADDER_SUF)(const i64* geom, const T* P, const T*
     epilogue<T>(g, y, b0, b1, center, scale, shift, res, relu);
   }
 }
+// flat forward (see fwd_flat): images [n0, n1), filters [o0, o1); y is (N, O, Ho, Wq). 32-byte fp32 vectors
+// where AVX-512 is absent (wide = 0), else 64-byte.
+extern "C" void CAT(adder_fwd_flat_, ADDER_SUF)(const i64* geom, const T* P, const T* w, T* y, i64 n0, i64 n1,
+                                               i64 o0, i64 o1, double p, int mode, int wide, const i64* off,
+                                               const T* cx, const T* sw, const T* center, const T* scale,
+                                               const T* shift, const T* res, int relu, i64 kc) {
+  const Geom g = mk(geom);
+  auto run = [&](auto bytes) {
+    typedef typename Vec<T, decltype(bytes)::value>::V V;
+    if (mode == 1) fwd_flat<T, V, 1>(g, P, w, y, n0, n1, o0, o1, (T)p, off, cx, sw, kc);
+    else if (mode == 2) fwd_flat<T, V, 2>(g, P, w, y, n0, n1, o0, o1, (T)p, off, nullptr, nullptr, kc);
+    else fwd_flat<T, V, 0>(g, P, w, y, n0, n1, o0, o1, (T)p, off, nullptr, nullptr, kc);
+  };
+  if (wide || sizeof(T) == 8) run(std::integral_constant<int, 64>{});
+  else if constexpr (sizeof(T) == 4) run(std::integral_constant<int, 32>{});
+  if (scale) epilogue_flat<T>(g, y, n0, n1, o0, o1, center, scale, shift, res, relu);
+}
 extern "C" void CAT(adder_phase_pad_, ADDER_SUF)(const i64* geom, i64 H, i64 W, i64 PH, i64 PW, const T* x,
                                                 T* P, i64 n0, i64 n1) {
   phase_pad<T>(mk(geom), H, W, PH, PW, x, P, n0, n1);
 }
 #if ADDER_OFFSETS
 extern "C" void adder_tap_offsets(const i64* geom, i64* off) { tap_offsets(mk(geom), off); }
+// filters per forward tile for 32- or 64-byte vectors: the flat forward's filter-range split between
+// threads falls on multiples of it, so every filter is computed by the same tile code whatever the split
+// (bitwise the same result for an image alone or in a batch)
+extern "C" int adder_fwd_ob(int bytes) {
+  return bytes == 32 ? FWD_OB<Vec<float, 32>::V> : FWD_OB<Vec<float, 64>::V>;
+}
 extern "C" int adder_vector_bytes() {  // the launcher picks 32-byte fp32 vectors where 64 would split
 #if defined(__AVX512F__)
   return 64;
@@ -664,6 +813,20 @@ extern "C" void CAT(adder_gx_, ADDER_SUF)(const i64* geom, const T* P, const T* 
                                          i64 n0, i64 n1, i64 c0, i64 c1, double p, int mode, int wide,
                                          const i64* off) {
   VECTORS(gx_entry, mk(geom), P, w, go, GP, n0, n1, c0, c1, (T)p, mode, off);
+}
+extern "C" void CAT(adder_gx_flat_, ADDER_SUF)(const i64* geom, const T* P, const T* w, const T* go, T* GP,
+                                              i64 n0, i64 n1, i64 c0, i64 c1, double p, int mode, int wide,
+                                              const i64* off) {
+  const Geom g = mk(geom);
+  auto run = [&](auto bytes) {
+    typedef typename Vec<T, decltype(bytes)::value>::V V;
+    if (mode == 1) gx_flat<T, V, 1>(g, P, w, go, GP, n0, n1, c0, c1, (T)p, off);
+    else if (mode == 2) gx_flat<T, V, 2>(g, P, w, go, GP, n0, n1, c0, c1, (T)p, off);
+    else if (mode == 3) gx_flat<T, V, 3>(g, P, w, go, GP, n0, n1, c0, c1, (T)p, off);
+    else gx_flat<T, V, 0>(g, P, w, go, GP, n0, n1, c0, c1, (T)p, off);
+  };
+  if (wide || sizeof(T) == 8) run(std::integral_constant<int, 64>{});
+  else if constexpr (sizeof(T) == 4) run(std::integral_constant<int, 32>{});
 }
 extern "C" void CAT(adder_phase_unpad_, ADDER_SUF)(const i64* geom, i64 H, i64 W, i64 PH, i64 PW,
                                                   const T* GP, T* gx, i64 n0, i64 n1) {

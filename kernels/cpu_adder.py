@@ -217,6 +217,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     vp, i64, dbl, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
     lib.adder_tap_offsets.argtypes = [vp, vp]
     lib.adder_vector_bytes.argtypes, lib.adder_vector_bytes.restype = [], cint
+    lib.adder_fwd_ob.argtypes, lib.adder_fwd_ob.restype = [cint], cint
     for suf in ("f32", "f64"):
         getattr(lib, f"adder_fwd_{suf}").argtypes = [
             *(vp, vp, vp, vp, i64, i64, dbl, cint, cint, vp, vp, vp),
@@ -230,6 +231,11 @@ def _declare(lib: ctypes.CDLL) -> None:
             cint,
             vp,
         ]
+        getattr(lib, f"adder_fwd_flat_{suf}").argtypes = [
+            *(vp, vp, vp, vp, i64, i64, i64, i64, dbl, cint, cint, vp, vp, vp),
+            *(vp, vp, vp, vp, cint, i64),
+        ]
+        getattr(lib, f"adder_gx_flat_{suf}").argtypes = getattr(lib, f"adder_gx_{suf}").argtypes
         getattr(lib, f"adder_gw_{suf}").argtypes = [vp, vp, vp, vp, vp, i64, i64, cint, vp]
         for kind in ("phase_pad", "phase_unpad"):
             getattr(lib, f"adder_{kind}_{suf}").argtypes = [
@@ -243,7 +249,7 @@ def _declare(lib: ctypes.CDLL) -> None:
                 i64,
                 i64,
             ]
-        for kind in ("fwd", "gx", "gw", "phase_pad", "phase_unpad"):
+        for kind in ("fwd", "gx", "gw", "phase_pad", "phase_unpad", "fwd_flat", "gx_flat"):
             getattr(lib, f"adder_{kind}_{suf}").restype = None
 
 
@@ -298,7 +304,8 @@ def _split(n: int, parts: int) -> list[tuple[int, int]]:
 
 # ---- launchers -----------------------------------------------------------------------------------------
 
-_MODE_FWD = {1.0: 1, 2.0: 2}  # anything else: general p (mode 0)
+_MODE_FWD = {1.0: 1, 2.0: 2}
+_FLAT_CHUNK_BYTES = 64 << 10  # anything else: general p (mode 0)
 
 
 class _Geom:
@@ -321,7 +328,7 @@ class _Geom:
         self.k = c * kh * kw
         # 64-byte vectors (16 fp32 lanes) unless a row is too short to fill them; 32-byte vectors
         # then waste fewer lanes (ResNet-20 stage 3 has 8-wide rows: 100% vs 50% lane use).
-        esize = 4 if dtype == torch.float32 else 8
+        esize = self.esize = 4 if dtype == torch.float32 else 8
         self.wide = int(wo * esize > 32)
         # Forward and ∂X: rows of at most half a 64-byte vector go two to a vector (wide = 2): stage 3
         # of ResNet-20 (8 fp32) then uses 16-lane instead of 8-lane instructions.
@@ -341,6 +348,16 @@ class _Geom:
         if mode == 0:
             return 1 if self.vec == 0 else self.vec
         return 0 if self.narrow_isa else self.vec
+
+    def flat_for(self, mode: int) -> bool:
+        # One flat position range per image (fwd_flat / gx_flat in cpu_adder.cpp) where rows would end
+        # in a partial vector and the flat range wastes no more lanes than those tails: ResNet-50's 28-,
+        # 14- and 7-wide layers; not 8/16/32/56-wide rows (whole vectors) nor paired rows (wide = 2)
+        wide = self.wide_for(mode)
+        if wide == 2:
+            return False
+        lanes = (32 if wide == 0 else 64) // self.esize
+        return self.wo % lanes != 0 and self.wq <= -(-self.wo // lanes) * lanes
 
     def _layout_call(self, kind: str, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
         fn = getattr(_lib_or_raise(), f"adder_{kind}_{_suffix(src.dtype)}")
@@ -380,7 +397,6 @@ def _forward(g: _Geom, P: torch.Tensor, w_ok: torch.Tensor, p: float, epi=None) 
     """y = −Σ|x − w|^p; ``epi`` = (center, scale, shift, residual or None, relu): the inference
     epilogue relu?((y − center)·scale + shift (+ residual)) applied in the kernel (see cpu_adder.cpp)."""
     lib = _lib_or_raise()
-    y = P.new_empty(g.n, g.o, g.ho, g.wo)
     fn = getattr(lib, f"adder_fwd_{_suffix(P.dtype)}")
     mode = _MODE_FWD.get(p, 0)
     rows = _split(g.n * g.ho, torch.get_num_threads())
@@ -396,7 +412,6 @@ def _forward(g: _Geom, P: torch.Tensor, w_ok: torch.Tensor, p: float, epi=None) 
         cx64 = c.repeat_interleave(g.kh * g.kw)
         w_ok = (w64 - cx64).to(P.dtype).contiguous()
         cx, sw = cx64.to(P.dtype), (w64 - cx64).sum(1).to(P.dtype)
-    a = (g.arr.data_ptr(), P.data_ptr(), w_ok.data_ptr(), y.data_ptr())
     extra = (cx.data_ptr(), sw.data_ptr()) if mode == 1 else (None, None)
     if epi is None:
         extra += (None, None, None, None, 0)
@@ -404,6 +419,29 @@ def _forward(g: _Geom, P: torch.Tensor, w_ok: torch.Tensor, p: float, epi=None) 
         center, scale, shift, res, relu = epi
         ptr = [t.data_ptr() if t is not None else None for t in (center, scale, shift, res)]
         extra += (*ptr, int(relu))
+    if g.flat_for(mode):
+        # (N, O, Ho, Wq): the Wq − Wo columns between rows are thrown away below
+        yf = P.new_empty(g.n, g.o, g.ho, g.wq)
+        t = torch.get_num_threads()
+        wide = g.wide_for(mode)
+        # images, or for small batches filter ranges, so both threads have work on batch-1 inference
+        # and the 14×14 / 7×7 layers; the ranges split at whole tiles (adder_fwd_ob), so a filter's
+        # result does not depend on the split
+        ob = lib.adder_fwd_ob(32 if wide == 0 else 64)
+        units = g.o // ob
+        if g.n >= t or units < 2:
+            jobs = [(n0, n1, 0, g.o) for n0, n1 in _split(g.n, t)]
+        else:
+            jobs = [(0, g.n, ob * a, ob * b if b < units else g.o) for a, b in _split(units, t)]
+        a = (g.arr.data_ptr(), P.data_ptr(), w_ok.data_ptr(), yf.data_ptr())
+        fn = getattr(lib, f"adder_fwd_flat_{_suffix(P.dtype)}")
+        # taps per chunk: the chunk's slice of one image's P within ~_FLAT_CHUNK_BYTES (L2)
+        plane = g.stride[0] * g.stride[1] * g.hq * g.wq * g.esize
+        kc = max(16, (_FLAT_CHUNK_BYTES // plane) * g.kh * g.kw)
+        _run(fn, [(*a, *j, p, mode, wide, g.off.data_ptr(), *extra, kc) for j in jobs])
+        return yf if g.wq == g.wo else yf[..., : g.wo].contiguous()
+    y = P.new_empty(g.n, g.o, g.ho, g.wo)
+    a = (g.arr.data_ptr(), P.data_ptr(), w_ok.data_ptr(), y.data_ptr())
     _run(fn, [(*a, r0, r1, p, mode, g.wide_for(mode), g.off.data_ptr(), *extra) for r0, r1 in rows])
     return y
 
@@ -438,6 +476,12 @@ def _grad_input(g: _Geom, P, w_ok, g_out, p: float, grad_x: str) -> torch.Tensor
         jobs = [(n0, n1, 0, g.c) for n0, n1 in _split(g.n, t)]
     else:
         jobs = [(0, g.n, c0, c1) for c0, c1 in _split(g.c, t)]
+    if g.flat_for(mode):  # see flat_for: g in (N, O, Ho, Wq) with zeros in the thrown-away columns
+        fn = getattr(lib, f"adder_gx_flat_{_suffix(P.dtype)}")
+        if g.wq != g.wo:
+            gf = g_out.new_zeros(g.n, g.o, g.ho, g.wq)
+            gf[..., : g.wo] = g_out
+            g_out = gf
     a = (g.arr.data_ptr(), P.data_ptr(), w_ok.data_ptr(), g_out.data_ptr(), gp.data_ptr())
     _run(fn, [(*a, *j, p, mode, g.wide_for(mode), g.off.data_ptr()) for j in jobs])
     return g.phase_unpad(gp)

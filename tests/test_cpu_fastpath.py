@@ -555,3 +555,41 @@ def test_built_for_this_cpu_when_the_compiler_can(tmp_path):
     if ok.returncode != 0:
         pytest.skip("this compiler rejects -march=native (the fallback build is then expected)")
     assert cpu_adder._arch == ["-march=native"]
+
+
+# (n, cin, cout, (h, w), k, stride, pad): 14-, 7- and 11→6-wide outputs take the flat position range
+FLAT_CASES = [
+    (2, 37, 19, (14, 14), 3, 1, 1),
+    (1, 33, 21, (7, 7), 1, 1, 0),
+    (2, 9, 13, (13, 11), 3, 2, 1),
+    (3, 20, 6, (11, 13), 1, 2, 0),
+]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("chunk", [1, 64 << 10])
+@pytest.mark.parametrize("case", FLAT_CASES)
+def test_flat_positions_and_tap_chunks_match_the_reference(case, chunk, monkeypatch):
+    # fwd_flat / gx_flat: one position range per image (rows of 14 or 7 otherwise end in partial
+    # vectors), filters packed per tile, taps in chunks (chunk = 1 byte: 16 taps per chunk, so y
+    # accumulates over several chunks and the last one is partial)
+    monkeypatch.setattr(cpu_adder, "_FLAT_CHUNK_BYTES", chunk)
+    n, cin, cout, hw, k, s, pd = case
+    for dtype in (torch.float32, torch.float64):
+        g = cpu_adder._Geom((n, cin, *hw), (cout, cin, k, k), (s, s), (pd, pd), (1, 1),
+                            output_size(*hw, (k, k), (s, s), (pd, pd), (1, 1)), dtype)  # fmt: skip
+        # (rows of <= 8 fp32 pair up in 16-lane vectors on AVX-512 instead)
+        for mode in (1, 3):
+            assert g.flat_for(mode) or (g.wide_for(mode) == 2 and hw[1] < 14), (case, dtype)
+        x = torch.randn(n, cin, *hw, dtype=dtype)
+        w = torch.randn(cout, cin, k, k, dtype=dtype)
+        for p, grad_x in ((1.0, "lp"), (2.0, "hardtanh"), (1.5, "lp"), (1.0, "hardtanh")):
+            c = dict(stride=s, pad=pd, dil=1, p=p, grad_x=grad_x, grad_w="full")
+            y = adder2d_reference(x, w, s, pd, 1, p)
+            gy = torch.randn_like(y)
+            got = _run(cpu_adder.adder2d_cpu, x, w, gy, c)
+            want = _run(adder2d_reference, x.double(), w.double(), gy.double(), c)
+            tol = 1e-12 if dtype == torch.float64 else 3e-6
+            for name, a, b in zip(("y", "gx", "gw"), got, want):
+                err = ((a.double() - b).abs().max() / b.abs().max()).item()
+                assert err < tol, (case, dtype, p, grad_x, name, err)
