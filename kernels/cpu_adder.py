@@ -406,15 +406,17 @@ def _forward(g: _Geom, P: torch.Tensor, w_ok: torch.Tensor, p: float, epi=None) 
     cx = sw = None
     if mode == 1:
         # the min form of p = 1 (see fwd_tile): centre each input channel by its filters' mean
-        w64 = w_ok.double()
-        c = w64.view(g.o, g.c, g.kh * g.kw).mean((0, 2))
+        # (in P's dtype: the fp64 copies and fp64-accumulating reductions this used to do took 31 of
+        # the 48 ms of a batch-1 3×3 512→512 forward; the centre is an offset that only needs to be
+        # near the mean, and w − c is one correctly rounded subtraction in either precision)
+        c = w_ok.view(g.o, g.c, g.kh * g.kw).sum(0).double().sum(1) / (g.o * g.kh * g.kw)
         # rounded to 8 significant bits: an offset shrinks >= 256x, and x − c stays exact for
         # integer or other coarse data (then every sum is exact, as the direct one is)
         mant, expo = torch.frexp(c)
         c = torch.ldexp(torch.round(mant * 256) / 256, expo)
-        cx64 = c.repeat_interleave(g.kh * g.kw)
-        w_ok = (w64 - cx64).to(P.dtype).contiguous()
-        cx, sw = cx64.to(P.dtype), (w64 - cx64).sum(1).to(P.dtype)
+        cx = c.to(P.dtype).repeat_interleave(g.kh * g.kw)
+        w_ok = (w_ok - cx).contiguous()
+        sw = w_ok.sum(1)  # Σ of the centred values the kernel uses
     extra = (cx.data_ptr(), sw.data_ptr()) if mode == 1 else (None, None)
     if epi is None:
         extra += (None, None, None, None, 0)
