@@ -62,3 +62,22 @@ def set_bn_stats_from(model: nn.Module, images: torch.Tensor) -> nn.Module:
     for m, mom in zip(bns, saved):
         m.momentum = mom
     return model.eval()
+
+
+def spread_model(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Give ``model`` (any device) eval-mode outputs that depend on the image and on every BN
+    parameter: BN affine parameters off their (1, 0) init (a negated shift is invisible with
+    beta = 0), running statistics from ``x`` (the init's (0, 1) zeroes every feature after the ReLUs, so the logits
+    would be fc.bias for every image), fc.bias shrunk so the features pick the top-1.
+    Returns ``model`` in eval mode."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g).to(m.weight) + 0.5)
+                m.bias.copy_(torch.rand(m.bias.shape, generator=g).to(m.bias) - 0.5)
+        set_bn_stats_from(model, x)
+        fc = getattr(model, "fc", None)
+        if isinstance(fc, nn.Linear) and fc.bias is not None:
+            fc.bias.mul_(0.05)
+    return model
