@@ -1,0 +1,77 @@
+"""Resume restores the global RNG streams (Python ``random``, NumPy, torch), tested with a model
+that consumes all three at every training forward.
+
+Why this configuration: nothing in the shipped configs draws from the global RNGs during training
+(loaders and DALI seed their own generators), so a resume that skipped ``set_rng_state`` kept every
+other resume test green (issue 16). A user's model with dropout (torch) or a NumPy/Python-random
+augmentation does draw from them; this test stands in for it with a forward pre-hook that scales
+the input by noise from each stream. Without the restore the resumed epoch reuses the streams of a
+fresh start (seed_everything) and its losses differ from the uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from addernet_dist import train as train_mod
+from addernet_dist.config import load_config
+from addernet_dist.logging_utils import read_metrics
+from tests.train_helpers import DEBUG_CONFIG
+
+# 64 samples / global batch 16 = 4 steps per epoch; p fixed at 1 (a fractional p costs ~14x).
+RUN = [
+    "adder.backend=reference",
+    "train.progress_bar=false",
+    "data.synthetic_train_size=64",
+    "data.synthetic_val_size=16",
+    "adder.p_schedule=false",
+    "train.log_every=1",
+    "train.ckpt_every_steps=0",
+]
+
+
+def _noisy_forward(module, args):
+    if not module.training:
+        return None
+    (x,) = args
+    noise = (
+        torch.rand(()).item() + float(np.random.rand()) + random.random()
+    )  # one draw from each global stream per step
+    return (x * (1.0 + 0.2 * noise),)
+
+
+def _build_model_consuming_rng(cfg, num_classes):
+    model = _build_model(cfg, num_classes)
+    model.register_forward_pre_hook(_noisy_forward)
+    return model
+
+
+_build_model = train_mod.build_model
+
+
+def _losses(out):
+    return {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"}
+
+
+@pytest.mark.timeout(300)
+def test_preempted_run_resumes_with_the_python_numpy_and_torch_rng_streams(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_mod, "build_model", _build_model_consuming_rng)
+    full, split = tmp_path / "full", tmp_path / "split"
+    train_mod.train(load_config(DEBUG_CONFIG, [*RUN, f"output_dir={full}"]))
+    # The same run preempted (SIGTERM, in this process, once) after step 6 of 8: it saves at that
+    # logging step, returns, and the same call resumes mid-epoch 2. A new process would reseed
+    # every stream the same way (seed_everything runs before the restore).
+    monkeypatch.setenv("ADDERNET_FAULT_STEP", "6")
+    monkeypatch.setenv("ADDERNET_FAULT_SIGNAL", "TERM")
+    monkeypatch.setenv("ADDERNET_FAULT_MARKER", str(tmp_path / "fired"))
+    cfg = load_config(DEBUG_CONFIG, [*RUN, f"output_dir={split}"])
+    assert train_mod.train(cfg) is None  # preempted
+    assert (split / "checkpoints" / "step_000000006.pt").is_file()
+    train_mod.train(cfg)
+    a, b = _losses(full), _losses(split)
+    assert sorted(a) == list(range(1, 9))
+    assert b == a  # exact: steps 7-8 continue the noise streams of steps 1-6
