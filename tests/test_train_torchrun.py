@@ -95,6 +95,10 @@ def test_two_process_debug_run(baseline):
         assert train[0][f"adder_grad_norm/{name}"] == pytest.approx(norm, rel=1e-4), name
         alpha = train[0][f"adder_alpha/{name}"]
         assert alpha == pytest.approx(0.1 * math.sqrt(k) / norm, rel=1e-4), name
+    # the schedule reached the model, not only the log: every adder layer of the final
+    # checkpoint computes the l1 distance (p is saved as each layer's extra state)
+    ps = [v["p"] for k, v in final_model(out).items() if k.endswith("_extra_state")]
+    assert len(ps) == 8 and all(p == 1.0 for p in ps), ps
     evals = _records(out, "eval")
     assert [e["epoch"] for e in evals] == [1, 2]
     assert all(e["count"] == 100 for e in evals)  # every val image once (100 = 2 x 50, batch 8)
