@@ -63,7 +63,9 @@ MUTATIONS = [
         "addernet_dist/ops/reference.py",
         "return g_mo.t() @ x_mk - w_ok * g_mo.sum(0)[:, None]",
         "return g_mo.t() @ x_mk + w_ok * g_mo.sum(0)[:, None]",
-        ("tests/test_ops_reference.py::test_filter_gradient_is_full_precision_for_every_p",),
+        # (test_filter_gradient_is_full_precision_for_every_p goes through adder_linear, which
+        # dispatches to the CPU fast path on this machine: it stays green here)
+        ("tests/test_ops_reference.py::test_matches_float64_formula",),
     ),
     Mutation(
         "eq33-zero-norm-local",
@@ -232,7 +234,7 @@ def _pytest(root: Path, tests: tuple[str, ...], timeout: int) -> tuple[bool, str
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-rf", *tests],
+            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-rfE", *tests],
             cwd=root,
             env=_env(root),
             capture_output=True,
@@ -242,9 +244,14 @@ def _pytest(root: Path, tests: tuple[str, ...], timeout: int) -> tuple[bool, str
     except subprocess.TimeoutExpired:
         return False, "TIMEOUT", time.perf_counter() - t0
     dt = time.perf_counter() - t0
-    failed = [ln.split()[1] for ln in proc.stdout.splitlines() if ln.startswith("FAILED ")]
+    lines = proc.stdout.splitlines()
+    failed = [ln.split()[1] for ln in lines if ln.startswith("FAILED ")]
+    errors = [ln.split()[1] for ln in lines if ln.startswith("ERROR ")]
     if proc.returncode not in (0, 1):  # usage or collection error: not a verdict
         raise SystemExit(f"pytest rc={proc.returncode}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    if proc.returncode == 1 and not failed:
+        # a fixture error (e.g. a worker that timed out on a loaded machine) is not a verdict
+        return False, "ERROR (inconclusive): " + (errors[0] if errors else lines[-1:]), dt
     return proc.returncode == 0, (failed[0] if failed else ""), dt
 
 
@@ -270,7 +277,7 @@ def run(mutations: list[Mutation], baseline: bool, timeout: int) -> list[dict]:
                 ok, first, dt = _pytest(root, m.tests, timeout)
             finally:
                 target.write_text(original)
-            caught = not ok
+            caught = not ok and not first.startswith("ERROR")
             rows.append({"name": m.name, "caught": caught, "by": first, "seconds": round(dt)})
             print(
                 f"{'CAUGHT' if caught else 'MISSED'}  {m.name:32s} {dt:6.0f}s  {first}", flush=True
