@@ -6,7 +6,9 @@ Why this configuration: nothing in the shipped configs draws from the global RNG
 other resume test green (issue 16). A user's model with dropout (torch) or a NumPy/Python-random
 augmentation does draw from them; this test stands in for it with a forward pre-hook that scales
 the input by noise from each stream. Without the restore the resumed epoch reuses the streams of a
-fresh start (seed_everything) and its losses differ from the uninterrupted run's.
+fresh start (seed_everything) and its losses differ from the uninterrupted run's. The same
+preempted run logs to W&B (offline) and checks that the resumed process continues the run id
+stored in the checkpoint.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pytest
 import torch
 
 from addernet_dist import train as train_mod
+from addernet_dist.checkpoint import load_file
 from addernet_dist.config import load_config
 from addernet_dist.logging_utils import read_metrics
 from tests.train_helpers import DEBUG_CONFIG
@@ -65,13 +68,24 @@ def test_preempted_run_resumes_with_the_python_numpy_and_torch_rng_streams(tmp_p
     # The same run preempted (SIGTERM, in this process, once) after step 6 of 8: it saves at that
     # logging step, returns, and the same call resumes mid-epoch 2. A new process would reseed
     # every stream the same way (seed_everything runs before the restore).
+    # W&B (offline) on for the preempted run: the resumed run must continue the same W&B run id
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("ADDERNET_FAULT_STEP", "6")
     monkeypatch.setenv("ADDERNET_FAULT_SIGNAL", "TERM")
     monkeypatch.setenv("ADDERNET_FAULT_MARKER", str(tmp_path / "fired"))
-    cfg = load_config(DEBUG_CONFIG, [*RUN, f"output_dir={split}"])
+    cfg = load_config(DEBUG_CONFIG, [*RUN, f"output_dir={split}", "wandb.enabled=true"])
     assert train_mod.train(cfg) is None  # preempted
     assert (split / "checkpoints" / "step_000000006.pt").is_file()
     train_mod.train(cfg)
     a, b = _losses(full), _losses(split)
     assert sorted(a) == list(range(1, 9))
     assert b == a  # exact: steps 7-8 continue the noise streams of steps 1-6
+    # W&B run-id continuity: the id stored in the step-6 checkpoint is the one both the first
+    # and the resumed process logged under (two offline run folders, one id)
+    stored = load_file(split / "checkpoints" / "step_000000006.pt")["client"]["train_state"]
+    run_id = stored["wandb_run_id"]
+    assert run_id
+    runs = sorted(p.name for p in (split / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(name.endswith(f"-{run_id}") for name in runs), runs

@@ -251,7 +251,7 @@ def _pytest(root: Path, tests: tuple[str, ...], timeout: int) -> tuple[bool, str
         raise SystemExit(f"pytest rc={proc.returncode}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
     if proc.returncode == 1 and not failed:
         # a fixture error (e.g. a worker that timed out on a loaded machine) is not a verdict
-        return False, "ERROR (inconclusive): " + (errors[0] if errors else lines[-1:]), dt
+        return False, "ERROR (inconclusive): " + (errors[0] if errors else (lines[-1] if lines else "")), dt
     return proc.returncode == 0, (failed[0] if failed else ""), dt
 
 
