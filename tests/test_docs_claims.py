@@ -93,7 +93,9 @@ def test_deepspeed_sh_passes_the_hostfile_and_its_first_host(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert missing.returncode == 2 and "HOSTFILE" in missing.stderr and "not found" in missing.stderr
+    assert (
+        missing.returncode == 2 and "HOSTFILE" in missing.stderr and "not found" in missing.stderr
+    )
 
 
 # ---- progress bar on a terminal --------------------------------------------------------------
@@ -179,7 +181,9 @@ def _devkit_tree(tmp_path, kind: str):
 @pytest.mark.parametrize("loader", ["torchvision", "dali"])
 def test_devkit_flat_val_labels_through_the_loader(tmp_path, kind, loader):
     want = _devkit_tree(tmp_path, kind)
-    cfg = DataConfig(dataset="imagefolder", root=tmp_path, image_size=16, num_workers=1, loader=loader)
+    cfg = DataConfig(
+        dataset="imagefolder", root=tmp_path, image_size=16, num_workers=1, loader=loader
+    )
     got = torch.cat([y for _, y in build_loader(cfg, "val", batch_size=4)])
     assert got.tolist() == want and len(set(want)) == 3
 

@@ -39,4 +39,6 @@ def test_spread_model_gives_varying_logits_resnet18_setup_of_the_gpu_test():
     with torch.no_grad():
         logits = model(x)
     assert_logits_vary(logits)
-    assert any(m.bias.abs().min() > 0 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert any(
+        m.bias.abs().min() > 0 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)
+    )

@@ -57,7 +57,9 @@ _build_model = train_mod.build_model
 
 
 def _losses(out):
-    return {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"}
+    return {
+        r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"
+    }
 
 
 @pytest.mark.timeout(300)

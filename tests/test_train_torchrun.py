@@ -42,7 +42,6 @@ def _step1_global_adder_grad_norms() -> dict[str, tuple[float, int]]:
     trainer's init (seed_everything(seed), build_model), each rank's first batch in train mode
     (BN batch statistics per rank, as DDP without SyncBN), loss = mean of the ranks' mean losses
     (DDP's gradient average), p = 2 at step 1."""
-    import torch
     import torch.nn.functional as F
 
     from addernet_dist.config import load_config

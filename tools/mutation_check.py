@@ -191,12 +191,16 @@ MUTATIONS = [
 
 
 def _copy_tree(dst: Path) -> None:
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard", "-z"],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-    ).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for rel in filter(None, files):
         src = REPO / rel
         if not src.is_file():
@@ -251,7 +255,11 @@ def _pytest(root: Path, tests: tuple[str, ...], timeout: int) -> tuple[bool, str
         raise SystemExit(f"pytest rc={proc.returncode}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
     if proc.returncode == 1 and not failed:
         # a fixture error (e.g. a worker that timed out on a loaded machine) is not a verdict
-        return False, "ERROR (inconclusive): " + (errors[0] if errors else (lines[-1] if lines else "")), dt
+        return (
+            False,
+            "ERROR (inconclusive): " + (errors[0] if errors else (lines[-1] if lines else "")),
+            dt,
+        )
     return proc.returncode == 0, (failed[0] if failed else ""), dt
 
 
@@ -303,7 +311,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = run(chosen, args.baseline, args.timeout)
     missed = [r["name"] for r in rows if not r["caught"]]
-    print(f"{len(rows) - len(missed)}/{len(rows)} caught" + (f"; MISSED: {missed}" if missed else ""))
+    print(
+        f"{len(rows) - len(missed)}/{len(rows)} caught" + (f"; MISSED: {missed}" if missed else "")
+    )
     return 1 if missed else 0
 
 
