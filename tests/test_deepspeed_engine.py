@@ -401,7 +401,11 @@ def _assert_converted_logits_vary(path) -> None:
     model.load_state_dict(state["engine"]["model"])
     images, _ = next(iter(build_loader(cfg.data, "val", batch_size=20)))
     with torch.no_grad():
-        assert_logits_vary(model.eval()(images))
+        logits = model.eval()(images)
+    # After 8 steps fc.bias still picks one class for most images, so top-1 here counts labels;
+    # the loss (compared at rel 1e-5) is what depends on the weights, and it does only if the
+    # logits vary across images (relative spread measured 0.45 with the recalibrated BN).
+    assert_logits_vary(logits, min_distinct_top1=1)
 
 
 @pytest.mark.slow
