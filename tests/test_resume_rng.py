@@ -25,11 +25,11 @@ from addernet_dist.config import load_config
 from addernet_dist.logging_utils import read_metrics
 from tests.train_helpers import DEBUG_CONFIG
 
-# 64 samples / global batch 16 = 4 steps per epoch; p fixed at 1 (a fractional p costs ~14x).
+# 32 samples / global batch 16 = 2 steps per epoch; p fixed at 1 (a fractional p costs ~14x).
 RUN = [
     "adder.backend=reference",
     "train.progress_bar=false",
-    "data.synthetic_train_size=64",
+    "data.synthetic_train_size=32",
     "data.synthetic_val_size=16",
     "adder.p_schedule=false",
     "train.log_every=1",
@@ -67,26 +67,26 @@ def test_preempted_run_resumes_with_the_python_numpy_and_torch_rng_streams(tmp_p
     monkeypatch.setattr(train_mod, "build_model", _build_model_consuming_rng)
     full, split = tmp_path / "full", tmp_path / "split"
     train_mod.train(load_config(DEBUG_CONFIG, [*RUN, f"output_dir={full}"]))
-    # The same run preempted (SIGTERM, in this process, once) after step 6 of 8: it saves at that
+    # The same run preempted (SIGTERM, in this process, once) after step 3 of 4: it saves at that
     # logging step, returns, and the same call resumes mid-epoch 2. A new process would reseed
     # every stream the same way (seed_everything runs before the restore).
     # W&B (offline) on for the preempted run: the resumed run must continue the same W&B run id
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("ADDERNET_FAULT_STEP", "6")
+    monkeypatch.setenv("ADDERNET_FAULT_STEP", "3")
     monkeypatch.setenv("ADDERNET_FAULT_SIGNAL", "TERM")
     monkeypatch.setenv("ADDERNET_FAULT_MARKER", str(tmp_path / "fired"))
     cfg = load_config(DEBUG_CONFIG, [*RUN, f"output_dir={split}", "wandb.enabled=true"])
     assert train_mod.train(cfg) is None  # preempted
-    assert (split / "checkpoints" / "step_000000006.pt").is_file()
+    assert (split / "checkpoints" / "step_000000003.pt").is_file()
     train_mod.train(cfg)
     a, b = _losses(full), _losses(split)
-    assert sorted(a) == list(range(1, 9))
-    assert b == a  # exact: steps 7-8 continue the noise streams of steps 1-6
-    # W&B run-id continuity: the id stored in the step-6 checkpoint is the one both the first
+    assert sorted(a) == list(range(1, 5))
+    assert b == a  # exact: step 4 continues the noise streams of steps 1-3
+    # W&B run-id continuity: the id stored in the step-3 checkpoint is the one both the first
     # and the resumed process logged under (two offline run folders, one id)
-    stored = load_file(split / "checkpoints" / "step_000000006.pt")["client"]["train_state"]
+    stored = load_file(split / "checkpoints" / "step_000000003.pt")["client"]["train_state"]
     run_id = stored["wandb_run_id"]
     assert run_id
     runs = sorted(p.name for p in (split / "wandb").glob("offline-run-*"))
