@@ -23,7 +23,7 @@ from addernet_dist import train as train_mod
 from addernet_dist.checkpoint import load_file
 from addernet_dist.config import load_config
 from addernet_dist.logging_utils import read_metrics
-from tests.train_helpers import DEBUG_CONFIG
+from tests.train_helpers import DEBUG_CONFIG, assert_same_state
 
 # 32 samples / global batch 16 = 2 steps per epoch; p fixed at 1 (a fractional p costs ~14x).
 RUN = [
@@ -84,6 +84,11 @@ def test_preempted_run_resumes_with_the_python_numpy_and_torch_rng_streams(tmp_p
     a, b = _losses(full), _losses(split)
     assert sorted(a) == list(range(1, 5))
     assert b == a  # exact: step 4 continues the noise streams of steps 1-3
+    # and the weights after step 4 (the update uses the restored momentum buffers): bit-identical
+    final = [
+        load_file(d / "checkpoints" / "step_000000004.pt")["engine"]["model"] for d in (full, split)
+    ]
+    assert_same_state(*final)
     # W&B run-id continuity: the id stored in the step-3 checkpoint is the one both the first
     # and the resumed process logged under (two offline run folders, one id)
     stored = load_file(split / "checkpoints" / "step_000000003.pt")["client"]["train_state"]
