@@ -37,6 +37,9 @@ import triton
 
 CACHE_ENV = "ADDERNET_TILE_CACHE"
 CACHE_VERSION = 1
+# ADDERNET_TILE_TUNING=0: no timing; every uncached key takes the first tile of its (pruned) list, the
+# same on every rank (addernet-selftest's correctness checks use this to skip minutes of ptxas).
+TUNING_ENABLED = os.environ.get("ADDERNET_TILE_TUNING", "1") != "0"
 
 # key string → {"BLOCK_M": .., ..., "num_warps": .., "num_stages": ..}; shared by every tuner (the key
 # starts with the tuner's kind).
@@ -148,8 +151,10 @@ class TileTuner:
                 RuntimeWarning,
                 stacklevel=2,
             )
-        rank, world = _world()
         cands = self.candidates(args, consts)
+        if not TUNING_ENABLED:
+            return cands[0]
+        rank, world = _world()
         idx = None
         if rank == 0 or world == 1:
             idx = self._time(cands, run, list(reset))
