@@ -46,6 +46,7 @@ def test_gpu_plan_runs_every_gpu_path():
         "data.dali.device": "gpu",
     }
     assert t["eval_cli"] and t["epochs"] == 2
+    assert t["env"] == {"ADDERNET_TILE_TUNING": "0"}  # no minutes of tile timing in the smoke
     d = plan["deepspeed"]
     assert d["overrides"]["engine"] == "deepspeed" and d["overrides"]["deepspeed.zero_stage"] == 2
     assert d["overrides"]["adder.backend"] == "triton" and "DS_ACCELERATOR" not in d["env"]
