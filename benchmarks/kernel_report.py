@@ -206,8 +206,9 @@ def sfu_probe(cc: int) -> list[dict]:
 #  * issue-bound: a warp instruction issues per cycle per SM sub-partition (4 per SM); the hot loop's
 #    SASS per MAC (this report) sets the cost; loads hit L1/L2 (the loops reuse every loaded x across
 #    BLOCK_N channels and every filter across BLOCK_M positions);
-#  * per program, the instructions outside the hot loop are counted once per filter tap (an upper
-#    bound: the static count of the whole kernel minus the loop, per tap);
+#  * per program, the straight-line code (the static SASS outside every innermost loop: tap setup,
+#    prologue, epilogue, BN partials) runs once; the tap loops are unrolled at compile time, so that
+#    count already holds every tap's setup;
 #  * tile waste: positions and channels padded up to the tile; the tail wave: programs spread evenly
 #    over the SMs, the last round partially idle;
 #  * the tile is the one with the lowest modelled time among the tuning list (a GPU times them);
@@ -246,7 +247,8 @@ def model_kernel_time(
 ) -> dict:
     """Modelled seconds of one adder kernel (fwd | dx | dw) on one layer shape (see the assumptions).
 
-    ``cost``: {"per_mac": hot-loop SASS per MAC, "loop_instrs", "static_instrs", "regs", "smem"}.
+    ``cost``: {"per_mac": hot-loop SASS per MAC, "other_instrs": straight-line SASS per program, "regs",
+    "smem"}.
     """
     cdiv = lambda a, b: -(-a // b)  # noqa: E731
     bm, bn, bk = cfg_kwargs["BLOCK_M"], cfg_kwargs["BLOCK_N"], cfg_kwargs["BLOCK_K"]
@@ -256,7 +258,6 @@ def model_kernel_time(
     if kind == "fwd":
         programs = cdiv(m_out, bm) * cdiv(shape.o, bn)
         padded = programs * bm * bn * cdiv(shape.c, bk) * bk * taps
-        per_program_other = taps * (cost["static_instrs"] - cost["loop_instrs"])
     elif kind == "dx":
         # one stride phase per program; per phase, the taps that read it (uniform skip of the rest)
         phases = shape.stride * shape.stride
@@ -266,16 +267,14 @@ def model_kernel_time(
         )  # 1×1 stride 2: only phase (0, 0) works
         programs = cdiv(m_phase, bm) * cdiv(shape.c, bn) * phases
         padded = programs * bm * bn * cdiv(shape.o, bk) * bk * hits
-        per_program_other = taps * (cost["static_instrs"] - cost["loop_instrs"])
     else:  # dw: (O tile × C tile) per tap, the positions split to fill the GPU (the launcher's rule)
         tiles = cdiv(shape.o, bm) * cdiv(shape.c, bn)
         split = max(1, min(batch * shape.p, (gpu["sms"] * 4) // max(1, tiles * taps)))
         programs = tiles * taps * split
         per_split = cdiv(m_out, split)
         padded = programs * bm * bn * cdiv(per_split, bk) * bk
-        per_program_other = cost["static_instrs"] - cost["loop_instrs"]
     threads = 32 * warps
-    instr_warp = padded * cost["per_mac"] / 32 + programs * per_program_other * warps
+    instr_warp = padded * cost["per_mac"] / 32 + programs * cost["other_instrs"] * warps
     resident = resident_programs(cost["regs"], threads, cost["smem"], gpu)
     slots = gpu["sms"]
     waves = cdiv(programs, slots)
@@ -340,10 +339,10 @@ def tile_costs(cc: int, ks: tuple[int, ...]) -> dict[tuple[str, int, int], dict]
                 lines = disassemble(compiled.asm["cubin"])
                 lp = hot_loop(lines)
                 static = sum(1 for ln in lines if _INSTR.match(ln))
+                in_loops = sum(len(loop.ops) for loop in find_loops(lines))
                 out[(kind, k, i)] = dict(
                     per_mac=len(lp.ops) / macs,
-                    loop_instrs=len(lp.ops),
-                    static_instrs=static,
+                    other_instrs=static - in_loops,
                     regs=use["registers"],
                     smem=compiled.metadata.shared,
                     spill=use["stack"],

@@ -73,7 +73,7 @@ def test_throughput_model_on_hand_checkable_cases():
     # 1×1, 64→64 at 16² (stride 1), batch 33: M = 8448 = 33 × 256 positions → 33 programs of
     # BLOCK_M 256 × BLOCK_N 64 — no padding; cost 2 SASS/MAC and nothing outside the loop
     s = LayerShape(64, 64, 1, 1, 0, 16, 16)
-    cost = dict(per_mac=2.0, loop_instrs=100, static_instrs=100, regs=64, smem=0)
+    cost = dict(per_mac=2.0, other_instrs=0, regs=64, smem=0)
     cfg = dict(BLOCK_M=256, BLOCK_N=64, BLOCK_K=4)
     gpu["sms"] = 33  # one program per SM: no tail
     r = kr.model_kernel_time("fwd", s, 33, cfg, 4, cost, gpu)
