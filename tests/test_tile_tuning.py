@@ -188,3 +188,17 @@ def test_all_ranks_use_rank0s_tile(tmp_path):
     assert (r0["own"], r1["own"]) == (0, 1)  # left alone, the ranks would disagree
     assert r0["chosen"] == r1["chosen"] == r0["cfg0"]  # both run rank 0's tile
     assert (r0["timed"], r1["timed"]) == (2, 0)  # only rank 0 timed (rank 1 compiles one tile)
+
+
+def test_tuning_off_takes_the_first_tile_without_timing(ta, monkeypatch):
+    # ADDERNET_TILE_TUNING=0 (addernet-selftest's correctness checks): no timing, the first tile of the
+    # pruned list, nothing recorded (a later tuning run still times the key)
+    def no_timing(run):
+        raise AssertionError("timed with tuning off")
+
+    tuner = _install_fwd_tuner(ta, monkeypatch, ta.FWD_CONFIGS[3:5], no_timing)
+    monkeypatch.setattr(tile_tuner, "TUNING_ENABLED", False)
+    x, w = torch.randn(2, 3, 6, 6), torch.randn(5, 3, 3, 3)
+    y, _ = _fwd(ta, x, w)
+    torch.testing.assert_close(y, adder2d_reference(x, w), rtol=1e-5, atol=1e-4)
+    assert tuner.tunings == 0 and tile_tuner.choices() == {}
