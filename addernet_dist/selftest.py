@@ -771,6 +771,14 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
+        missing = [w for w in want if w not in {c.name for c in checks}]
+        if missing:
+            print(
+                f"error: --only {missing}: not run on this machine ({desc.kind}"
+                f"{', --quick' if args.quick else ''}); the speed check needs CUDA, deepspeed is not in --quick",
+                file=sys.stderr,
+            )
+            return 2
         checks = [c for c in checks if c.name in want]
     if args.plan:
         print(json.dumps({"device": asdict(desc), "checks": [asdict(c) for c in checks]}, indent=1))

@@ -132,3 +132,4 @@ def test_a_failing_check_fails_the_run(tmp_path, monkeypatch):
     env = json.loads((tmp_path / "b" / "report.json").read_text())["checks"][0]
     assert not env["ok"] and "470.1.1" in env["error"]
     assert st.main(["--only", "nope", "--out", str(tmp_path / "c")]) == 2
+    assert st.main(["--only", "speed", "--out", str(tmp_path / "c")]) == 2  # needs CUDA
