@@ -133,3 +133,61 @@ def test_a_failing_check_fails_the_run(tmp_path, monkeypatch):
     assert not env["ok"] and "470.1.1" in env["error"]
     assert st.main(["--only", "nope", "--out", str(tmp_path / "c")]) == 2
     assert st.main(["--only", "speed", "--out", str(tmp_path / "c")]) == 2  # needs CUDA
+
+
+def test_markdown_report_renders_every_section():
+    # the GPU sections are rendered here from a report shaped like the GPU run's, so a rendering bug
+    # cannot lose the report at the end of a 10-minute GPU run
+    report = dict(
+        date="d",
+        device={"name": "H100"},
+        ok=False,
+        seconds=1.0,
+        checks=[
+            dict(name="env", ok=True, seconds=1.0, details={"torch": "2.x", "driver": "580"}),
+            dict(
+                name="kernels",
+                ok=True,
+                seconds=2.0,
+                details={
+                    "mode": "compiled",
+                    "cases": [dict(case="p=1 lp", ok=True, errors={"y": 1e-7, "dx": 2e-7}, s=0.1)],
+                },
+            ),
+            dict(
+                name="speed",
+                ok=True,
+                seconds=3.0,
+                details={
+                    "batch": 64,
+                    "fp32_adder_roofline_tmacs": 16.7,
+                    "rows": [
+                        dict(
+                            layer="64→64 3×3/s1 @56²",
+                            count=3,
+                            adder_ms=1.5,
+                            conv_ms=0.9,
+                            adder_tmacs=9.9,
+                            conv_over_adder=0.6,
+                            roofline_fraction=0.59,
+                        ),
+                        dict(
+                            layer="x",
+                            count=1,
+                            adder_ms=1.0,
+                            conv_ms=1.0,
+                            adder_tmacs=1.0,
+                            conv_over_adder=1.0,
+                            roofline_fraction=None,
+                        ),
+                    ],
+                },
+            ),
+            dict(name="train", ok=False, seconds=4.0, error="CheckFailed: a|b\nc"),
+        ],
+    )
+    md = st.to_markdown(report)
+    assert "FAILED" in md and "a\\|b c" in md
+    assert "| 64→64 3×3/s1 @56² | 3 | 1.500 | 0.900 | 0.60 | 9.90 | 59 % |" in md
+    assert "| x | 1 | 1.000 | 1.000 | 1.00 | 1.00 | – |" in md
+    assert "| p=1 lp | y 1.0e-07, dx 2.0e-07 |" in md and "| driver | 580 |" in md
