@@ -74,14 +74,15 @@ def warmup_plan(cfg, gpus: int) -> WarmupPlan:
     )
 
 
-def warm_gpu(cfg, plan: WarmupPlan, num_classes: int, log=print) -> int:
-    """Run the model's kernels on the GPU for every (p, batch) of the plan; returns the launches."""
+def warm_model(cfg, plan: WarmupPlan, num_classes: int, device: str = "cuda", log=print) -> int:
+    """Run the model's kernels for every (p, batch) of the plan — a training step and an evaluation
+    forward each — on ``device`` (the GPU; tests run the same steps on CPU). Returns the steps run."""
     from addernet_dist.engine.base import maybe_fuse_adder_bn
     from addernet_dist.nn import set_p
     from addernet_dist.ops import dispatch
     from addernet_dist.train import build_model
 
-    device = torch.device("cuda")
+    device = torch.device(device)
     dispatch.set_default_backend(cfg.adder.backend)
     model = build_model(cfg, num_classes).to(device)
     fused = maybe_fuse_adder_bn(model, cfg.adder.fuse_bn, device)
@@ -101,14 +102,15 @@ def warm_gpu(cfg, plan: WarmupPlan, num_classes: int, log=print) -> int:
             )
             t0 = time.perf_counter()
             model.train()
-            with torch.autocast("cuda", dtype=dtype, enabled=plan.bf16):
+            with torch.autocast(device.type, dtype=dtype, enabled=plan.bf16):
                 loss = model(x).float().logsumexp(1).mean()
             loss.backward()
             model.zero_grad(set_to_none=True)
             model.eval()
-            with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=plan.bf16):
+            with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=plan.bf16):
                 model(x)
-            torch.cuda.synchronize()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             runs += 1
             log(f"  p={p:g} batch {n}: {time.perf_counter() - t0:.1f} s")
     return runs
@@ -171,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     if torch.cuda.is_available():
         from addernet_dist.kernels import tile_tuner
 
-        warm_gpu(cfg, plan, args.num_classes)
+        warm_model(cfg, plan, args.num_classes)
         if args.tile_cache:
             n = tile_tuner.save_tile_cache(args.tile_cache)
             print(

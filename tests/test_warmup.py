@@ -1,5 +1,5 @@
-"""addernet-warmup: its plan (pure), the CPU (AOT) form, and its errors. The GPU form (warm_gpu) runs
-on a GPU only; its tile cache file is tested in tests/test_tile_tuning.py."""
+"""addernet-warmup: its plan (pure), the GPU form's steps (run on CPU with the reference operator),
+the CPU (AOT) form, and its errors. Its tile cache file is tested in tests/test_tile_tuning.py."""
 
 from __future__ import annotations
 
@@ -37,3 +37,21 @@ def test_cpu_form_compiles_the_models_kernels_for_sm90(capsys):
     assert (
         warmup.main(["--config", str(CONFIGS / "debug.yaml"), "--tile-cache", "/tmp/x.json"]) == 2
     )
+
+
+def test_warm_model_runs_every_p_and_batch(monkeypatch):
+    # the GPU form's steps, on CPU with the reference operator (the kernels themselves are not what is
+    # tested here): every p code path × batch, a train step and an eval forward each
+    cfg = load_config(
+        str(CONFIGS / "debug.yaml"), ["adder.backend=reference", "train.global_batch_size=64"]
+    )
+    plan = warmup.warmup_plan(cfg, gpus=2)
+    assert plan.batches == (32, 31) and plan.p_values == (2.0, 1.5, 1.0)
+    seen = []
+    import addernet_dist.nn as adder_nn
+
+    real = adder_nn.set_p
+    monkeypatch.setattr(adder_nn, "set_p", lambda m, p: (seen.append(p), real(m, p))[1])
+    plan = warmup.WarmupPlan(plan.p_values, (3, 2), plan.image_size, plan.bf16, plan.channels_last)
+    assert warmup.warm_model(cfg, plan, 10, device="cpu", log=lambda *_: None) == 6
+    assert seen == [2.0, 1.5, 1.0]
