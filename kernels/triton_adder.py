@@ -33,8 +33,8 @@ import math
 import torch
 import triton
 import triton.language as tl
-from addernet_dist.kernels.tile_tuner import TileTuner
 
+from addernet_dist.kernels.tile_tuner import TileTuner
 from addernet_dist.ops.reference import check_args, check_conv_args, compute_dtype
 
 # P_MODE constexpr values: exact fast paths at the two ends of the ℓp schedule, one general path.
@@ -625,63 +625,11 @@ DW_CONFIGS = [
 ]
 # Tile keys: the layer shape and code path, never the batch size N (kernels/tile_tuner.py: evaluation
 # batches and a short last batch reuse the training batch's tile instead of re-tuning every layer).
-_FWD_KEY = [
-    "C",
-    "O",
-    "H",
-    "W",
-    "P",
-    "Q",
-    "R",
-    "S",
-    "stride_h",
-    "stride_w",
-    "pad_h",
-    "pad_w",
-    "dil_h",
-    "dil_w",
-    "P_MODE",
-    "FMA_EXP2_OK",
-    "EPILOGUE",
-    "HAS_RES",
-    "RELU",
-]
-_DX_KEY = [
-    "C",
-    "O",
-    "H",
-    "W",
-    "P",
-    "Q",
-    "R",
-    "S",
-    "stride_h",
-    "stride_w",
-    "pad_h",
-    "pad_w",
-    "dil_h",
-    "dil_w",
-    "GX_MODE",
-    "FMA_EXP2_OK",
-]
-_DW_KEY = [
-    "C",
-    "O",
-    "H",
-    "W",
-    "P",
-    "Q",
-    "R",
-    "S",
-    "stride_h",
-    "stride_w",
-    "pad_h",
-    "pad_w",
-    "dil_h",
-    "dil_w",
-    "SIGN",
-    "ATOMIC",
-]
+_SHAPE_KEY = ["C", "O", "H", "W", "P", "Q", "R", "S"]
+_SHAPE_KEY += ["stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w"]
+_FWD_KEY = _SHAPE_KEY + ["P_MODE", "FMA_EXP2_OK", "EPILOGUE", "HAS_RES", "RELU"]
+_DX_KEY = _SHAPE_KEY + ["GX_MODE", "FMA_EXP2_OK"]
+_DW_KEY = _SHAPE_KEY + ["SIGN", "ATOMIC"]
 
 
 def _interpreting() -> bool:
