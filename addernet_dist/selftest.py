@@ -17,6 +17,8 @@ tested on CPU machines):
   compiled kernels; on CPU the same kernel code through the Triton interpreter.
 * ``speed`` (CUDA) — the forward on ResNet-50 layer shapes against cuDNN ``conv2d`` (fp32, TF32 off),
   with the fraction of the FP32 issue roofline (an adder MAC is two FP32 instructions).
+* ``tiles`` — the kernel-tile tuner over the real process group (NCCL on a GPU node): rank 0 times the
+  tiles of a few layer shapes and broadcasts them; every rank must launch the same ones.
 * ``train`` — a multi-process training smoke: DDP over NCCL (gloo on CPU), bf16, fused Adder+BN, DALI
   ``mixed`` decoding (DALI CPU on CPU) of a generated JPEG tree, a checkpoint, a resume that continues
   it, evaluation during training and ``addernet-eval`` on the checkpoint.
@@ -143,7 +145,7 @@ class Check:
     params: dict[str, Any] = field(default_factory=dict)
 
 
-CHECK_NAMES = ("env", "kernels", "speed", "train", "deepspeed")
+CHECK_NAMES = ("env", "kernels", "speed", "tiles", "train", "deepspeed")
 
 
 def kernel_cases(quick: bool = False) -> list[dict[str, Any]]:
@@ -238,6 +240,18 @@ def plan_checks(desc: DeviceDescription, quick: bool = False) -> list[Check]:
     )
     if cuda:
         checks.append(Check("speed", dict(model="resnet50", batch=64, shapes="representative")))
+    if not quick:
+        # the tile tuner's rank agreement over the real process group (NCCL on a GPU node)
+        checks.append(
+            Check(
+                "tiles",
+                dict(
+                    nproc=max(2, min(desc.count, 8)) if cuda else 2,
+                    mode="compiled" if cuda else "interpreter",
+                    env={},
+                ),
+            )
+        )
     smoke = train_smoke_overrides(desc, quick)
     checks.append(Check("train", dict(**smoke, epochs=1 if quick else 2, eval_cli=not quick)))
     if not quick:
@@ -655,6 +669,75 @@ def check_deepspeed(desc: DeviceDescription, params: dict, workdir: Path) -> dic
     return check_train(desc, params, workdir, name="deepspeed")
 
 
+def check_tiles(desc: DeviceDescription, params: dict, workdir: Path) -> dict:
+    """Every rank of a real process group launches the same tiles (rank 0 times and broadcasts)."""
+    out = workdir / "tiles"
+    out.mkdir(parents=True, exist_ok=True)
+    nproc = params["nproc"]
+    if desc.kind == "cuda" and desc.count < 2:
+        return {"skipped": "one GPU: nothing to agree on"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "addernet_dist.selftest",
+        "--tiles-worker",
+        str(out),
+        "--tiles-mode",
+        params["mode"],
+    ]
+    _launch(cmd, params["env"], 600, workdir / "tiles.log")
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
+    if not ranks[0]["choices"]:
+        raise CheckFailed("rank 0 tuned nothing")
+    for r, d in enumerate(ranks[1:], 1):
+        if d["choices"] != ranks[0]["choices"]:
+            raise CheckFailed(
+                f"rank {r} launched other tiles than rank 0: {d['choices']} vs {ranks[0]['choices']}"
+            )
+    return {
+        "nproc": nproc,
+        "keys": len(ranks[0]["choices"]),
+        "timed_by_rank": [d["tunings"] for d in ranks],
+    }
+
+
+def _tiles_worker(out: str, mode: str) -> None:
+    """One rank of the ``tiles`` check: tune a few layer shapes under the process group."""
+    import torch.distributed as dist
+
+    from addernet_dist.kernels import tile_tuner
+
+    cuda = mode == "compiled"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank = dist.get_rank()
+    tile_tuner.clear()
+    with _kernel_module(mode) as ta:
+        tile_tuner.TUNING_ENABLED = True
+        tuner = ta._adder_fwd_tuned
+        if tuner is None:  # the interpreter: install a real tuner over the two small tiles
+            tuner = tile_tuner.TileTuner(
+                "fwd", ta._adder_fwd_kernel, ta.FWD_CONFIGS[3:5], ta._FWD_KEY
+            )
+            ta._adder_fwd_tuned = tuner
+        dev = "cuda" if cuda else "cpu"
+        shapes = [(64, 64, 3, 14), (256, 64, 1, 14)] if cuda else [(3, 5, 3, 6), (4, 6, 1, 5)]
+        for c, o, k, h in shapes:
+            x = torch.randn(8 if cuda else 2, c, h, h, device=dev)
+            w = torch.randn(o, c, k, k, device=dev)
+            p = h - k + 1
+            ta.adder2d_forward(x, w, (1, 1), (0, 0), (1, 1), 1.0, (p, p), bn_stats=True)
+        res = {"choices": tile_tuner.choices(), "tunings": tuner.tunings}
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(res, f)
+    dist.destroy_process_group()
+
+
 # ------------------------------------------------------------------------------------------------------
 # Runner and reports
 # ------------------------------------------------------------------------------------------------------
@@ -671,6 +754,8 @@ def run_checks(desc: DeviceDescription, checks: list[Check], workdir: Path) -> l
                 details = check_speed(desc, chk.params)
             elif chk.name == "train":
                 details = check_train(desc, chk.params, workdir)
+            elif chk.name == "tiles":
+                details = check_tiles(desc, chk.params, workdir)
             elif chk.name == "deepspeed":
                 details = check_deepspeed(desc, chk.params, workdir)
             else:
@@ -759,7 +844,12 @@ def main(argv: list[str] | None = None) -> int:
         "--only", default=None, help=f"comma-separated subset of {','.join(CHECK_NAMES)}"
     )
     ap.add_argument("--plan", action="store_true", help="print the plan as JSON and exit")
+    ap.add_argument("--tiles-worker", default=None, help=argparse.SUPPRESS)  # one rank of `tiles`
+    ap.add_argument("--tiles-mode", default="interpreter", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.tiles_worker:
+        _tiles_worker(args.tiles_worker, args.tiles_mode)
+        return 0
     desc = describe_device()
     checks = plan_checks(desc, quick=args.quick)
     if args.only:

@@ -20,7 +20,8 @@ CPU = st.DeviceDescription("cpu", "x86_64", cuda_build="13.0")
 
 def test_gpu_plan_runs_every_gpu_path():
     plan = {c.name: c.params for c in st.plan_checks(H100)}
-    assert list(plan) == ["env", "kernels", "speed", "train", "deepspeed"]
+    assert list(plan) == ["env", "kernels", "speed", "tiles", "train", "deepspeed"]
+    assert plan["tiles"] == {"nproc": 8, "mode": "compiled", "env": {}}
     k = plan["kernels"]
     assert (k["mode"], k["device"]) == ("compiled", "cuda")
     cases = k["cases"]
@@ -57,7 +58,14 @@ def test_gpu_plan_runs_every_gpu_path():
 
 def test_cpu_plan_runs_the_cpu_equivalents():
     plan = {c.name: c.params for c in st.plan_checks(CPU)}
-    assert list(plan) == ["env", "kernels", "train", "deepspeed"]  # no cuDNN to time against
+    assert list(plan) == [
+        "env",
+        "kernels",
+        "tiles",
+        "train",
+        "deepspeed",
+    ]  # no cuDNN to time against
+    assert plan["tiles"]["mode"] == "interpreter"
     assert plan["kernels"]["mode"] == "interpreter"
     t = plan["train"]
     assert t["distributed_backend"] == "gloo" and t["nproc"] == 2
@@ -191,3 +199,11 @@ def test_markdown_report_renders_every_section():
     assert "| 64→64 3×3/s1 @56² | 3 | 1.500 | 0.900 | 0.60 | 9.90 | 59 % |" in md
     assert "| x | 1 | 1.000 | 1.000 | 1.00 | 1.00 | – |" in md
     assert "| p=1 lp | y 1.0e-07, dx 2.0e-07 |" in md and "| driver | 580 |" in md
+
+
+@pytest.mark.timeout(200)
+def test_tiles_check_agrees_across_two_gloo_ranks(tmp_path):
+    # the check the GPU form runs over NCCL, here over gloo with the interpreter: rank 0 times, rank 1
+    # receives, both launch the same tiles
+    details = st.check_tiles(CPU, {"nproc": 2, "mode": "interpreter", "env": {}}, tmp_path)
+    assert details == {"nproc": 2, "keys": 2, "timed_by_rank": [2, 0]}
