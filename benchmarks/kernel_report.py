@@ -412,7 +412,7 @@ def layers_markdown(rep: dict) -> str:
     for m, d in rep["models"].items():
         out.append(
             f"\n**{m}** (sm_{rep['cc']}, {g['name']} at {g['clock_ghz']} GHz, per-GPU batch {rep['batch']}, "
-            f"fp32, p = 1, fused BN statistics; modelled, not measured)\n"
+            f"fp32, p = 1, fused BN statistics; modelled, not measured)\n\n"
         )
         out.append(
             "| layer (Cin→Cout k×k/stride @H²) | ×model | M MAC/img | fwd tile | fwd SASS/MAC | fwd µs "
