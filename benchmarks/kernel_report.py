@@ -313,7 +313,6 @@ _LAYER_KERNELS = {
 def tile_costs(cc: int, ks: tuple[int, ...]) -> dict[tuple[str, int, int], dict]:
     """Compile every (kernel, filter size, tile) of the modelled paths once; their SASS costs."""
     import triton.language as tl
-
     from addernet_dist.kernels import triton_adder as ta
 
     out = {}
@@ -356,6 +355,7 @@ def layer_report(
     """Per distinct layer shape: the modelled tile, SASS/MAC and time of fwd / ∂X / ∂F; per model the
     modelled training images/s. One GPU, per-GPU batch ``batch``."""
     from addernet_dist.kernels import triton_adder as ta
+
     from addernet_dist.layer_shapes import adder_layer_shapes
 
     shapes = {m: adder_layer_shapes(m) for m in models}
