@@ -51,7 +51,7 @@ def maybe_fuse_adder_bn(model: nn.Module, fuse_bn: bool | str, device: torch.dev
         fuse_bn = device.type == "cuda" and dispatch.resolve_backend(device) == "triton"
     if not fuse_bn:
         return 0
-    from addernet_dist.kernels.fused import FusedAdderBN2d, fuse_adder_bn
+    from addernet_dist.models.fusion import FusedAdderBN2d, fuse_adder_bn
 
     fuse_adder_bn(model)
     return sum(isinstance(m, FusedAdderBN2d) for m in model.modules())

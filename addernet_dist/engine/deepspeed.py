@@ -252,7 +252,7 @@ class DeepSpeedEngine(Engine):
             _CLIENT_KEY: client_state,
             "addernet_lr_scheduler": self.lr_scheduler.state_dict(),
             # DeepSpeed names the fp32 master shards and its buffer list by named_parameters() /
-            # named_buffers(); a fused model's state_dict uses the unfused keys (kernels/fused.py).
+            # named_buffers(); a fused model's state_dict uses the unfused keys (models/fusion.py).
             # The converter needs the map.
             "addernet_state_keys": _state_keys(self._module),
         }
