@@ -5,10 +5,12 @@ Each sub-command prints its numbers and writes one PNG (matplotlib, Agg backend)
     addernet-analyze table1   --out docs/figures/table1_grad_norms.png
         Table 1: l2 norm of every layer's filter gradient at the first iteration (before the
         adaptive LR scaling), AdderNet vs CNN, LeNet-5-BN on one real training batch.
-    addernet-analyze weights  --adder runs/fm_adder/checkpoints/best.pt --cnn runs/fm_cnn/checkpoints/best.pt
+    addernet-analyze weights  --adder runs/fm_adder/checkpoints/best.pt \
+                              --cnn runs/fm_cnn/checkpoints/best.pt
         Figure 7: histogram of a trained layer's weights (default: the 3rd weight layer, as the
         paper), maximum-likelihood Laplace and Gaussian fits, which fits better (log-likelihood).
-    addernet-analyze filters  --adder runs/fm_adder/checkpoints/best.pt --cnn runs/fm_cnn/checkpoints/best.pt
+    addernet-analyze filters  --adder runs/fm_adder/checkpoints/best.pt \
+                              --cnn runs/fm_cnn/checkpoints/best.pt
         Figure 5: the first layer's filters as images, AdderNet vs CNN, with two numbers behind
         "they share similar patterns": spatial smoothness, and how well each adder filter is
         matched by some CNN filter compared with random filters.
@@ -17,9 +19,11 @@ Each sub-command prints its numbers and writes one PNG (matplotlib, Agg backend)
     addernet-analyze ablation --epochs 2 --train-limit 12000
         Table 4: full-precision gradient x l2->l1 x adaptive LR, each run through addernet-train.
     addernet-analyze curves   --run AdderNet=runs/fm_adder --run CNN=runs/fm_cnn
-        Learning curves (train loss, val top-1) and final accuracies side by side from metrics.jsonl.
+        Learning curves (train loss, val top-1) and final accuracies side by side from
+        metrics.jsonl.
 
-Data: Fashion-MNIST from Debian's ``dataset-fashion-mnist`` (``--data-root`` to use other IDX files).
+Data: Fashion-MNIST from Debian's ``dataset-fashion-mnist`` (``--data-root`` to use other IDX
+files).
 
 One module per figure/table (``table1``, ``weights``, ``filters``, ``features``, ``ablation``,
 ``curves``), trained models from ``checkpoints``, the command line in ``cli``.

@@ -18,9 +18,9 @@ from addernet_dist.nn import AdderLinear, adder_modules, set_p
 class LeNetPP(nn.Module):
     """LeNet++ (Wen et al. 2016, as used by paper §5.5): 6 convolutions (32, 32, 64, 64, 128, 128
     channels, scaled by ``width``), a max-pool after each pair, a ``dim``-D feature layer and a
-    10-way classifier. CNN: Linear -> BN feature layer and a Linear classifier. AdderNet: as the paper,
-    only the last fully-connected layers become adder layers: AdderLinear -> BN (features) and
-    AdderLinear -> BN (logits = -l1 distance to a per-class template, then scaled)."""
+    10-way classifier. CNN: Linear -> BN feature layer and a Linear classifier. AdderNet: as the
+    paper, only the last fully-connected layers become adder layers: AdderLinear -> BN (features)
+    and AdderLinear -> BN (logits = -l1 distance to a per-class template, then scaled)."""
 
     def __init__(
         self,
