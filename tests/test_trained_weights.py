@@ -27,9 +27,9 @@ def test_reads_trainer_checkpoints_and_bare_state_dicts(tmp_path):
     assert w.config == cfg
     assert_same_state(w.model, net.state_dict())
 
-    # a bare state_dict of a compiled + DDP-wrapped model: prefixes go, no config
+    # a bare state_dict of a compiled DDP-wrapped model: prefixes go, no config
     bare = tmp_path / "bare.pt"
-    torch.save({f"module._orig_mod.{k}": v for k, v in net.state_dict().items()}, bare)
+    torch.save({f"_orig_mod.module.{k}": v for k, v in net.state_dict().items()}, bare)
     with pytest.raises(checkpoint.CheckpointError, match="not an addernet checkpoint"):
         read_trained_weights(bare)
     w = read_trained_weights(bare, allow_state_dict=True)
