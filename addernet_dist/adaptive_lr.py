@@ -32,6 +32,19 @@ def _norm_dtype(grad: torch.Tensor) -> torch.dtype:
     return torch.promote_types(grad.dtype, torch.float32)
 
 
+def adaptive_alpha(
+    eta: float, sqrt_k: float | torch.Tensor, norms: torch.Tensor
+) -> torch.Tensor:
+    """Eq. 33's factor ``alpha_l = eta * sqrt(k_l) / ||grad F_l||_2``: the one place it is computed
+    (both engines, both scopes, the analysis tools).
+
+    sqrt_k: sqrt of each layer's weight count, a float (one layer) or a tensor shaped like
+    ``norms``; norms: the gradient norms (device tensor, floored at 1e-12 so an all-zero gradient
+    gives 0, not NaN). Returns a tensor of ``norms``' shape; no host sync.
+    """
+    return eta * sqrt_k / norms.clamp_min(_NORM_FLOOR)
+
+
 class AdaptiveLRScaler:
     """Applies eq. 33 to the weights of the given adder modules.
 
@@ -65,7 +78,7 @@ class AdaptiveLRScaler:
             # sees the gradient: this is the original, world-size dependent, normalisation.
             norm = torch.linalg.vector_norm(grad, dtype=_norm_dtype(grad))
             self._local_norms[i] = norm.detach()
-            alpha = self.eta * self.sqrt_k[i] / norm.clamp_min(_NORM_FLOOR)
+            alpha = adaptive_alpha(self.eta, self.sqrt_k[i], norm)
             return grad * alpha.to(grad.dtype)
 
         return hook
@@ -76,6 +89,10 @@ class AdaptiveLRScaler:
         if t is None or t.device != device or t.dtype != dtype:
             t = self._sqrt_k_t = torch.tensor(self.sqrt_k, device=device, dtype=dtype)
         return t
+
+    def alphas(self, norms: torch.Tensor) -> torch.Tensor:
+        """(L,) eq. 33 factors of these layers for (L,) gradient norms (``adaptive_alpha``)."""
+        return adaptive_alpha(self.eta, self._sqrt_k_on(norms.device, norms.dtype), norms)
 
     @torch.no_grad()
     def scale_(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -88,8 +105,7 @@ class AdaptiveLRScaler:
             if len(norms) != len(self.weights):
                 return None, None
             stacked = torch.stack(norms)
-            sqrt_k = self._sqrt_k_on(stacked.device, stacked.dtype)
-            return stacked, self.eta * sqrt_k / stacked.clamp_min(_NORM_FLOOR)
+            return stacked, self.alphas(stacked)
         grads = [w.grad for w in self.weights]
         if any(g is None for g in grads):
             missing = [i for i, g in enumerate(grads) if g is None]
@@ -99,8 +115,7 @@ class AdaptiveLRScaler:
             )
         dtype = _norm_dtype(grads[0])
         norms = torch.stack([n.to(dtype) for n in torch._foreach_norm(grads)])
-        sqrt_k = self._sqrt_k_on(norms.device, dtype)
-        alphas = self.eta * sqrt_k / norms.clamp_min(_NORM_FLOOR)
+        alphas = self.alphas(norms)
         # One fused multiply over all layers; unbind gives 0-d tensor scalars (no host sync).
         torch._foreach_mul_(grads, [a.to(g.dtype) for a, g in zip(alphas.unbind(), grads)])
         return norms, alphas

@@ -71,7 +71,7 @@ class AdderConfig(_Section):
     # Operator backend (addernet_dist.ops.dispatch): auto = triton on CUDA, cpu on CPU; the
     # ADDERNET_BACKEND environment variable applies when this is auto.
     backend: Literal["auto", "reference", "cpu", "triton"] = "auto"
-    # Adder2d → BatchNorm2d (→ ReLU, + residual) pairs as one FusedAdderBN2d (kernels/fused.py): BN's
+    # Adder2d → BatchNorm2d (→ ReLU, + residual) pairs as one FusedAdderBN2d (models/fusion.py): BN's
     # batch statistics come from the forward kernel's epilogue instead of a re-read of the output.
     # "auto": on CUDA with the triton backend (elsewhere the fused module runs the unfused pair anyway).
     # Checkpoints keep the unfused keys either way.

@@ -24,16 +24,18 @@ from addernet_dist.distributed import DistInfo, destroy_distributed, init_distri
 from addernet_dist.logging_utils import setup_console_logging
 from addernet_dist.metrics import EvalResult, evaluate
 from addernet_dist.ops import dispatch
+from addernet_dist.trained_weights import read_trained_weights
 
 
 def evaluate_weights(cfg: Config, model_state: dict, dist: DistInfo) -> EvalResult:
     """Build the val loader and model of ``cfg``, load ``model_state`` into it, evaluate
     (collective)."""
-    from addernet_dist.train import build_data, build_model, seed_everything
+    from addernet_dist.train import build_model, build_split, seed_everything
 
     seed_everything(cfg.train.seed)
     dispatch.set_default_backend(cfg.adder.backend)
-    _, val_loader = build_data(cfg, dist)
+    # Only the val split: a train loader would scan the whole train tree (1.28M files on ImageNet).
+    val_loader = build_split(cfg, dist, "val")
     model = build_model(cfg, val_loader.num_classes)
     model.load_state_dict(model_state)
     model.to(dist.device)
@@ -52,18 +54,20 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args.checkpoint)
     try:
         try:
-            state = checkpoint.load_file(path)
+            weights = read_trained_weights(path)
         except checkpoint.CheckpointError as e:
             raise ConfigError(f"{e}; pass a step_*.pt or best.pt written by addernet-train") from e
         if args.config:
             cfg = load_config(args.config, args.overrides)
+        elif weights.config is None:
+            raise ConfigError(f"'{path}' holds no run config; pass --config CONFIG.yaml")
         else:
-            cfg = config_from_dict(apply_overrides(state["client"]["config"], args.overrides))
+            cfg = config_from_dict(apply_overrides(weights.config, args.overrides))
         dist = init_distributed(cfg.train.device)
         setup_console_logging(dist.rank)
         ok = False
         try:
-            result = evaluate_weights(cfg, state["engine"]["model"], dist)
+            result = evaluate_weights(cfg, weights.model, dist)
             ok = True
         finally:
             destroy_distributed(dist, ok)

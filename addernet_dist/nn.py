@@ -178,9 +178,6 @@ class AdderLinear(_AdderMixin, nn.Module):
         )
 
 
-ADDER_TYPES = (Adder2d, AdderLinear)
-
-
 def adder_modules(model: nn.Module) -> list[nn.Module]:
     """Every adder layer of ``model`` (Adder2d, AdderLinear and fused adder modules), in module order."""
     return [m for m in model.modules() if isinstance(m, _AdderMixin)]

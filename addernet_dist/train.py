@@ -73,28 +73,35 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_data(cfg: Config, dist: DistInfo):
+def loader_kwargs(cfg: Config, dist: DistInfo, seed: int | None = None) -> dict[str, Any]:
+    """``build_loader``'s keyword arguments for this rank (per-rank batch, shard, device)."""
     if cfg.train.global_batch_size % dist.world_size:
         raise ConfigError(
             f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by "
             f"WORLD_SIZE={dist.world_size}; choose a multiple of the number of processes"
         )
-    per_rank = cfg.train.global_batch_size // dist.world_size
-    kw = dict(
-        batch_size=per_rank,
+    return dict(
+        batch_size=cfg.train.global_batch_size // dist.world_size,
         rank=dist.rank,
         world_size=dist.world_size,
-        seed=cfg.train.seed,
+        seed=cfg.train.seed if seed is None else seed,
         device=dist.device,
         channels_last=cfg.train.channels_last,
     )
+
+
+def build_split(cfg: Config, dist: DistInfo, split: str, seed: int | None = None):
+    """One split's loader for this rank; the data layer's errors become user errors."""
     try:
-        train = build_loader(cfg.data, "train", **kw)
-        val = build_loader(cfg.data, "val", **kw)
+        return build_loader(cfg.data, split, **loader_kwargs(cfg, dist, seed))
     except (OSError, ValueError) as e:
         # The data layer's errors name the path and the expected layout (missing folders, a val
         # image absent from the ground truth, a half-written digits root): make them user errors.
         raise ConfigError(f"data: {e}") from e
+
+
+def build_data(cfg: Config, dist: DistInfo):
+    train, val = build_split(cfg, dist, "train"), build_split(cfg, dist, "val")
     if len(train) == 0:
         raise ConfigError("the training split yields no batches; lower train.global_batch_size")
     return train, val
@@ -105,17 +112,7 @@ def _recalibrate_bn(cfg: Config, dist: DistInfo, model, epoch: int, autocast_dty
 
     A loader of its own (shuffled with a seed no training epoch uses), so the training loader's
     position, and with it mid-epoch resume, is untouched."""
-    per_rank = cfg.train.global_batch_size // dist.world_size
-    loader = build_loader(
-        cfg.data,
-        "train",
-        batch_size=per_rank,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        seed=cfg.train.seed + 7_919,
-        device=dist.device,
-        channels_last=cfg.train.channels_last,
-    )
+    loader = build_loader(cfg.data, "train", **loader_kwargs(cfg, dist, cfg.train.seed + 7_919))
     loader.set_epoch(epoch)
     n = min(cfg.train.bn_recalibration_batches, len(loader))
     return recalibrate_bn(model, loader, dist, num_batches=n, autocast_dtype=autocast_dtype)

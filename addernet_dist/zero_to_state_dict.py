@@ -4,7 +4,7 @@
     addernet-eval --config runs/x/config.yaml --checkpoint model.pt
 
 The output has the trainer's single-file format (checkpoint.py: torch.save + sha256 footer) with
-``{"engine": {"model": state_dict, "optimizer": None, "lr_scheduler": ..., "scaler": None},
+``{"engine": {"model": state_dict, "optimizer": None, "lr_scheduler": ...},
 "client": client_state}``: the model is complete (BN running stats and each adder layer's ``p``
 included), the optimizer state is dropped (it is sharded and only DeepSpeed can resume it).
 
@@ -65,7 +65,6 @@ def load_zero_checkpoint(folder: str | Path) -> dict[str, Any]:
             "model": model,
             "optimizer": None,
             "lr_scheduler": states.get("addernet_lr_scheduler"),
-            "scaler": None,
         },
         "client": states.get("addernet", {}),
     }

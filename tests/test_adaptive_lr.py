@@ -146,3 +146,22 @@ def test_missing_gradient_is_a_clear_error():
 
 if __name__ == "__main__":
     _worker(sys.argv[1])
+
+
+def test_eq33_alpha_is_one_function_both_engines_call():
+    # Eq. 33 lives in adaptive_lr.adaptive_alpha: the scaler (DDP engine, both scopes) and the
+    # DeepSpeed engine's ZeRO gradient processor get their factors from it.
+    from addernet_dist.adaptive_lr import adaptive_alpha
+    from addernet_dist.engine.deepspeed import _alpha_fn
+
+    norms = torch.tensor([2.0, 0.0, 0.5])
+    sqrt_k = torch.tensor([3.0, 4.0, 5.0])
+    # eta * sqrt(k) / ||g||, and an all-zero gradient gets 0 * inf -> a finite factor, not NaN.
+    torch.testing.assert_close(adaptive_alpha(0.1, sqrt_k, norms)[[0, 2]], torch.tensor([0.15, 1.0]))
+    assert torch.isfinite(adaptive_alpha(0.1, sqrt_k, norms)).all()
+    layers = [torch.nn.Linear(3, 3, bias=False), torch.nn.Linear(4, 4, bias=False)]  # k = 9, 16
+    scaler = AdaptiveLRScaler(layers, eta=0.2)
+    n = torch.tensor([0.3, 7.0])
+    expected = torch.tensor([0.2 * 3.0 / 0.3, 0.2 * 4.0 / 7.0])
+    torch.testing.assert_close(scaler.alphas(n), expected)
+    assert torch.equal(_alpha_fn(scaler)(n), scaler.alphas(n))

@@ -89,9 +89,11 @@ def test_batches_are_padded_normalised_and_match_labels(idx_root):
     assert raw.shape == (N_TRAIN, 28, 28) and labels.dtype == torch.int64
     loader = IdxLoader(idx_root, "train", batch_size=4, seed=3)
     assert isinstance(loader, Loader) and loader.num_classes == 10
-    assert len(loader) == N_TRAIN // 4
+    # Train pads by wrapping to full batches (the shared sampler): 23 images -> 6 batches of 4,
+    # the last one has one image of the epoch's beginning again.
+    assert len(loader) == 6
     batches = list(loader)
-    assert len(batches) == 5
+    assert len(batches) == 6
     for x, y in batches:
         assert x.shape == (4, 1, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
         # 2-pixel zero border, normalised like the pixels.
@@ -152,18 +154,25 @@ def test_mid_epoch_resume_continues_the_same_order(idx_root):
     it = iter(part)
     next(it), next(it)
     state = part.state_dict()
-    assert state == {"epoch": 2, "batches_done": 2, "seed": 5}
+    assert state == {
+        "epoch": 2,
+        "batches_done": 2,
+        "seed": 5,
+        "num_samples": N_TRAIN,
+        "world_size": 1,
+        "batch_size": 4,
+    }
     resumed = IdxLoader(idx_root, "train", batch_size=4, seed=5)
     resumed.load_state_dict(state)
     resumed.set_epoch(2)  # the trainer re-announces the epoch; the position must survive
     rest = [x for x, _ in resumed]
-    assert len(rest) == 3
+    assert len(rest) == 4
     for a, b in zip(rest, expected[2:]):
         assert torch.equal(a, b)
     # The next epoch starts from its beginning again.
     resumed.set_epoch(3)
     assert len(list(resumed)) == len(resumed)
-    with pytest.raises(ValueError, match="same train.seed"):
+    with pytest.raises(ValueError, match="saved with seed=5 but this run has seed=6"):
         IdxLoader(idx_root, "train", batch_size=4, seed=6).load_state_dict(state)
 
 
@@ -187,18 +196,61 @@ def test_build_loader_registers_fashion_mnist(idx_root):
     dumped_loader = build_loader(dumped, "val", **kw)
     assert dumped_loader.mean == FASHION_MNIST_MEAN and dumped_loader.images.shape[-1] == 32
     with pytest.raises(ValueError, match="one value"):
-        build_loader(cfg.model_copy(update={"mean": (0.5, 0.5, 0.5)}), "train", **kw)
+        DataConfig(dataset="fashion_mnist", root=idx_root, mean=(0.5, 0.5), std=(0.5, 0.5))
     with pytest.raises(ValueError, match="data.augment=none"):
-        build_loader(
-            DataConfig(dataset="fashion_mnist", root=idx_root, augment="pad_crop"), "train", **kw
-        )
+        DataConfig(dataset="fashion_mnist", root=idx_root, augment="pad_crop")
 
 
 @pytest.mark.timeout(30)
 def test_bad_arguments_are_explained(idx_root):
-    with pytest.raises(ValueError, match="too few"):
-        IdxLoader(idx_root, "train", batch_size=64)
+    with pytest.raises(ValueError, match="empty dataset"):
+        IdxLoader(idx_root, "train", batch_size=4, limit=0)
     with pytest.raises(ValueError, match="image_size 20"):
         IdxLoader(idx_root, "train", batch_size=4, image_size=20)
     with pytest.raises(ValueError, match="split must be one of"):
         load_idx_split(idx_root, "dev")
+
+
+@pytest.mark.timeout(30)
+def test_idx_order_is_the_shared_samplers(idx_root):
+    # One data system: the IDX loader takes its order, padding and position from
+    # ResumableShardSampler under ShardedLoader, like the synthetic/torchvision/DALI loaders.
+    from addernet_dist.data.loader import ShardedLoader
+    from addernet_dist.data.sampler import ResumableShardSampler
+
+    raw, labels = load_idx_split(idx_root, "train")
+    for rank in range(2):
+        loader = IdxLoader(idx_root, "train", batch_size=4, rank=rank, world_size=2, seed=7)
+        assert isinstance(loader, ShardedLoader)
+        loader.set_epoch(3)
+        sampler = ResumableShardSampler(
+            N_TRAIN, batch_size=4, rank=rank, world_size=2, seed=7, shuffle=True
+        )
+        expected = sampler.plan(3).indices
+        got = torch.cat([y for _, y in loader])
+        assert torch.equal(got, labels[expected])
+        # a batch larger than the split still trains on full batches (wrapped)
+    big = IdxLoader(idx_root, "train", batch_size=64)
+    assert len(big) == 1 and next(iter(big))[0].shape[0] == 64
+
+
+def test_fashion_mnist_defaults_are_decided_by_config_validation(idx_root):
+    from addernet_dist.data import DataConfig
+    from addernet_dist.data.config import IMAGENET_MEAN, IMAGENET_STD
+
+    cfg = DataConfig(dataset="fashion_mnist", root=idx_root)
+    assert cfg.image_size == 32
+    assert cfg.mean == (FASHION_MNIST_MEAN,) and cfg.std == (FASHION_MNIST_STD,)
+    # the resolved values are what a run folder's config.yaml / checkpoint records
+    assert DataConfig.model_validate(cfg.model_dump(mode="json")) == cfg
+    # configs dumped by earlier versions carry the ImageNet defaults: read as "not given"
+    legacy = cfg.model_dump(mode="json") | {
+        "image_size": 224,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+    }
+    assert DataConfig.model_validate(legacy) == cfg
+    given = DataConfig(dataset="fashion_mnist", image_size=40, mean=(0.5,), std=(0.25,))
+    assert (given.image_size, given.mean, given.std) == (40, (0.5,), (0.25,))
+    # other datasets keep the ImageNet defaults
+    assert DataConfig(dataset="synthetic").mean == IMAGENET_MEAN

@@ -120,7 +120,7 @@ def test_dw_deterministic_bitwise_and_atomic_close():
 
 @pytest.mark.timeout(600)
 def test_fused_resnet18_matches_unfused():
-    from addernet_dist.kernels.fused import FusedAdderBN2d, fuse_adder_bn
+    from addernet_dist.models.fusion import FusedAdderBN2d, fuse_adder_bn
 
     from addernet_dist.models import create_model
 

@@ -171,7 +171,7 @@ MUTATIONS = [
     Mutation(
         "fused-negated-bn-shift",
         "fused inference epilogue adds −β instead of β (BN shift negated)",
-        "kernels/fused.py",
+        "addernet_dist/models/fusion.py",
         "            shift=beta.float(),",
         "            shift=-beta.float(),",
         (
@@ -182,7 +182,7 @@ MUTATIONS = [
     Mutation(
         "fused-residual-dropped",
         "fused inference epilogue drops the residual add",
-        "kernels/fused.py",
+        "addernet_dist/models/fusion.py",
         "            residual=residual,\n            relu=self.relu,",
         "            residual=None,\n            relu=self.relu,",
         ("tests/test_triton_fused.py::test_fuse_resnet8_block_pairs",),

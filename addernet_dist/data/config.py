@@ -8,12 +8,17 @@ lists the valid ones (pydantic ``extra="forbid"``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Fashion-MNIST (data/idx.py): pixel statistics of the training set on [0, 1], computed on the
+# 28x28 images (before padding) with float64: mean 0.28604, std 0.35302; 28x28 padded to 32x32.
+FASHION_MNIST_MEAN = 0.2860
+FASHION_MNIST_STD = 0.3530
+FASHION_MNIST_SIZE = 32
 
 # The classic ImageNet eval recipe: resize the shorter side to 256, centre-crop 224.
 DEFAULT_VAL_RESIZE_RATIO = 256 / 224
@@ -93,6 +98,30 @@ class DataConfig(BaseModel):
 
     dali: DaliConfig = Field(default_factory=DaliConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _dataset_defaults(cls, data: Any) -> Any:
+        """Per-dataset defaults, decided here (the resolved config then shows them).
+
+        fashion_mnist: 32x32 (28x28 zero-padded, paper §5.2) and the data set's 1-channel
+        statistics unless given. The ImageNet defaults (224, 3-channel mean/std) count as not
+        given: configs saved by earlier versions dump them for every dataset, and no
+        Fashion-MNIST run can use them.
+        """
+        if not isinstance(data, dict) or data.get("dataset") != "fashion_mnist":
+            return data
+        data = dict(data)
+        for key, default, imagenet in (
+            ("image_size", FASHION_MNIST_SIZE, 224),
+            ("mean", (FASHION_MNIST_MEAN,), IMAGENET_MEAN),
+            ("std", (FASHION_MNIST_STD,), IMAGENET_STD),
+        ):
+            value = data.get(key)
+            given = tuple(value) if isinstance(value, list | tuple) else value
+            if value is None or given == imagenet:
+                data[key] = default
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
         if self.dataset == "imagefolder" and self.root is None:
@@ -112,6 +141,16 @@ class DataConfig(BaseModel):
             raise ValueError(
                 f"data.crop_aspect_ratio must be (low, high) with 0 < low <= high, got {self.crop_aspect_ratio}"
             )
+        if self.dataset == "fashion_mnist":
+            if self.augment not in ("auto", "none"):
+                raise ValueError(
+                    f"data.augment={self.augment!r}: the fashion_mnist loader does no augmentation "
+                    "(paper §5.2 names none); set data.augment=none or leave it unset"
+                )
+            if len(self.mean) != 1:
+                raise ValueError(
+                    f"data.mean={list(self.mean)}: Fashion-MNIST has 1 channel, give one value"
+                )
         if self.dataset in ("synthetic", "fashion_mnist") and self.loader == "dali":
             raise ValueError(
                 f"data.loader 'dali' needs JPEG files; dataset '{self.dataset}' is held in "

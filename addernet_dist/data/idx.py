@@ -14,18 +14,17 @@ The whole split lives in memory as uint8 (60,000 x 28 x 28 = 47 MB), so a batch 
 ``index_select``: no worker processes, and the iteration order is a pure function of
 (seed, epoch, rank, world_size), which makes mid-epoch resume exact.
 
-Sharding (same rule as a ``DistributedSampler``):
-- train: permutation seeded by ``seed + epoch``, padded by wrapping to a multiple of
-  ``world_size``, rank r takes positions r, r+W, ...; only full batches are used (a last batch
-  of 1-2 images would break BatchNorm), so ``len = (ceil(N / W)) // B``.
-- val: no shuffle; padded to a multiple of ``world_size`` with duplicates labelled
-  ``IGNORE_LABEL`` (-1); the last, partial batch is kept, so every sample is counted exactly once.
+Sharding, padding and mid-epoch resume are the shared ones of every loader
+(:class:`~addernet_dist.data.sampler.ResumableShardSampler` under
+:class:`~addernet_dist.data.loader.ShardedLoader`): train shuffles with ``seed + epoch`` and pads
+by wrapping to full batches on every rank (every image is seen each epoch); val keeps the file
+order, pads to a multiple of ``world_size`` with duplicates labelled ``IGNORE_LABEL`` (-1) and
+keeps the last, partial batch, so every sample is counted exactly once.
 """
 
 from __future__ import annotations
 
 import gzip
-import math
 import os
 import struct
 from collections.abc import Iterator
@@ -35,15 +34,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from addernet_dist.data.base import IGNORE_LABEL
+# FASHION_MNIST_MEAN/STD: the training set's pixel statistics, defined with the config defaults.
+from addernet_dist.data.config import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+from addernet_dist.data.loader import ShardedLoader
+from addernet_dist.data.sampler import ResumableShardSampler, ShardPlan
 
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 INSTALL_HINT = "apt-get update && apt-get install -y dataset-fashion-mnist"
 
-# Pixel statistics of the Fashion-MNIST training set on [0, 1], computed on the 28x28 images
-# (before padding) with float64: mean 0.28604, std 0.35302.
-FASHION_MNIST_MEAN = 0.2860
-FASHION_MNIST_STD = 0.3530
 FASHION_MNIST_CLASSES = (
     "T-shirt/top",
     "Trouser",
@@ -161,8 +159,12 @@ def load_idx_split(
     return torch.from_numpy(images.astype(np.uint8)), torch.from_numpy(labels.astype(np.int64))
 
 
-class IdxLoader:
-    """In-memory, sharded, resumable loader over an MNIST-style IDX split (see module docstring)."""
+class IdxLoader(ShardedLoader):
+    """In-memory, sharded, resumable loader over an MNIST-style IDX split (see module docstring).
+
+    ``limit``: use the first N images of the split. ``shuffle``: None = shuffle (and pad) the
+    train split only; the order, padding and resume rules are the shared sampler's.
+    """
 
     num_classes: int = 10
 
@@ -183,89 +185,34 @@ class IdxLoader:
         shuffle: bool | None = None,
         limit: int | None = None,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world_size {world_size}")
         images, labels = load_idx_split(root, split)
         if limit is not None:
             images, labels = images[:limit], labels[:limit]
         h, w = images.shape[1:]
         if image_size < max(h, w):
             raise ValueError(f"image_size {image_size} is smaller than the images ({h}x{w})")
+        train = split == "train"
+        sampler = ResumableShardSampler(
+            len(labels),
+            batch_size=batch_size,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+            shuffle=train if shuffle is None else shuffle,
+        )
+        super().__init__(sampler, train=train, device=device, channels_last=channels_last)
         # Pad once here (uint8, zeros = background) instead of per batch.
         top, left = (image_size - h) // 2, (image_size - w) // 2
         padded = torch.zeros(len(images), image_size, image_size, dtype=torch.uint8)
         padded[:, top : top + h, left : left + w] = images
         self.images, self.labels = padded, labels
         self.num_classes = max(10, int(labels.max()) + 1) if len(labels) else 10
-        self.train = split == "train"
-        self.shuffle = self.train if shuffle is None else shuffle
-        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
-        self.device, self.channels_last = torch.device(device), channels_last
         self.mean, self.std = mean, std
-        self.epoch, self.batches_done, self._resume_at = 0, 0, 0
-        if len(self) == 0:
-            raise ValueError(
-                f"split {split!r} has {len(labels)} images: too few for batch_size {batch_size} "
-                f"x world_size {world_size} (training uses only full batches)"
-            )
 
-    def _per_rank(self) -> int:
-        return math.ceil(len(self.labels) / self.world_size)
-
-    def __len__(self) -> int:
-        n = self._per_rank()
-        return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
-
-    def _rank_indices(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(indices into the split, valid mask) of this rank for the current epoch."""
-        n = len(self.labels)
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(n, generator=g)
-        else:
-            order = torch.arange(n)
-        total = self._per_rank() * self.world_size
-        valid = torch.ones(total, dtype=torch.bool)
-        if total > n:
-            order = torch.cat([order, order[: total - n]])
-            valid[n:] = False
-        return order[self.rank :: self.world_size], valid[self.rank :: self.world_size]
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        idx, valid = self._rank_indices()
-        start, self._resume_at = self._resume_at, 0
-        bs = self.batch_size
-        for b in range(start, len(self)):
-            sel = idx[b * bs : (b + 1) * bs]
-            x = self.images.index_select(0, sel).unsqueeze(1).float().div_(255.0)
-            x = x.sub_(self.mean).div_(self.std)
-            y = self.labels.index_select(0, sel).clone()
-            if not self.train:
-                # Wrapped duplicates are not counted in eval (base.IGNORE_LABEL).
-                y[~valid[b * bs : (b + 1) * bs]] = IGNORE_LABEL
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            self.batches_done = b + 1
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-
-    def set_epoch(self, epoch: int) -> None:
-        # Re-setting the epoch a resumed loader is already in must keep its position.
-        if epoch != self.epoch:
-            self.epoch, self.batches_done, self._resume_at = epoch, 0, 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "batches_done": self.batches_done, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("seed", self.seed) != self.seed:
-            raise ValueError(
-                f"loader state was saved with seed {state['seed']} but this loader has seed "
-                f"{self.seed}; resume with the same train.seed"
-            )
-        self.epoch = int(state["epoch"])
-        self.batches_done = self._resume_at = int(state["batches_done"])
+    def _batches(self, plans: list[ShardPlan]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for plan in plans:
+            x = self.images.index_select(0, plan.indices).unsqueeze(1).float().div_(255.0)
+            yield x.sub_(self.mean).div_(self.std), self.labels.index_select(0, plan.indices)
 
 
 def build_fashion_mnist_loader(
@@ -279,41 +226,11 @@ def build_fashion_mnist_loader(
     device: torch.device,
     channels_last: bool = False,
 ) -> IdxLoader:
-    """``build_loader`` entry for ``dataset: fashion_mnist``.
-
-    ``cfg.root`` None = Debian's path. ``cfg.mean``/``cfg.std``/``cfg.image_size`` are used only
-    when set to something other than DataConfig's ImageNet defaults; otherwise the Fashion-MNIST
-    statistics and 32x32.
-    """
-    given = getattr(cfg, "model_fields_set", set())
-    augment = getattr(cfg, "augment", "none")
-    if "augment" in given and augment not in ("auto", "none"):
-        raise ValueError(
-            f"data.augment={augment!r}: the fashion_mnist loader does no augmentation (paper §5.2 "
-            "names none); set data.augment=none or leave it unset"
-        )
-    fields = getattr(type(cfg), "model_fields", {})
-
-    def explicit(key: str) -> Any:
-        """cfg.<key> if the user set it to something other than DataConfig's default (ImageNet's
-        224 px and 3-channel statistics), else None. A default also arrives "set" when a saved
-        config is re-validated (checkpoints hold the full dump), hence the value comparison."""
-        value = getattr(cfg, key, None)
-        default = fields[key].default if key in fields else None
-        return value if key in given and value != default else None
-
-    stats = {}
-    for key in ("mean", "std"):
-        value = explicit(key)
-        if value is not None:
-            value = tuple(value)
-            if len(value) != 1:
-                raise ValueError(
-                    f"data.{key}={list(value)}: Fashion-MNIST has 1 channel, give one value"
-                )
-            stats[key] = float(value[0])
+    """``build_loader`` entry for ``dataset: fashion_mnist``. ``cfg`` is a validated DataConfig:
+    its validation already put in the Fashion-MNIST defaults (32x32, the data set's 1-channel
+    statistics; data/config.py). ``cfg.root`` None = Debian's path."""
     return IdxLoader(
-        getattr(cfg, "root", None) or None,
+        cfg.root or None,
         split,
         batch_size=batch_size,
         rank=rank,
@@ -321,6 +238,7 @@ def build_fashion_mnist_loader(
         seed=seed,
         device=device,
         channels_last=channels_last,
-        image_size=int(explicit("image_size") or 32),
-        **stats,
+        image_size=cfg.image_size,
+        mean=float(cfg.mean[0]),
+        std=float(cfg.std[0]),
     )

@@ -18,7 +18,7 @@ engine holds only this rank's reduced partition, so it reduces per-layer squared
 (engine/zero_norms.py) instead.
 
 Checkpoints: ``save(path, client_state)`` writes the engine's state (model, optimizer, LR
-scheduler, GradScaler if any) plus the caller's ``client_state`` (train progress, loader position,
+scheduler) plus the caller's ``client_state`` (train progress, loader position,
 RNG states, config, W&B id) as one checkpoint at ``path``; ``load(path)`` restores the engine state
 and returns ``client_state``. Both are COLLECTIVE: every rank calls them. The default
 implementation (single verified file written by rank 0, see checkpoint.py) suits DDP, where every
@@ -28,7 +28,7 @@ rank holds the full state; DeepSpeed overrides them to write its sharded directo
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,7 @@ def maybe_fuse_adder_bn(model: nn.Module, fuse_bn: bool | str, device: torch.dev
         fuse_bn = device.type == "cuda" and dispatch.resolve_backend(device) == "triton"
     if not fuse_bn:
         return 0
-    from addernet_dist.kernels.fused import FusedAdderBN2d, fuse_adder_bn
+    from addernet_dist.models.fusion import FusedAdderBN2d, fuse_adder_bn
 
     fuse_adder_bn(model)
     return sum(isinstance(m, FusedAdderBN2d) for m in model.modules())
@@ -71,7 +71,6 @@ class StepStats:
     adder_grad_norms: torch.Tensor | None = None
     adder_alphas: torch.Tensor | None = None
     grad_norm: torch.Tensor | None = None
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Engine(ABC):
@@ -123,7 +122,7 @@ class Engine(ABC):
     # --- state ----------------------------------------------------------------------------
     @abstractmethod
     def state_dict(self) -> dict[str, Any]:
-        """Full (unsharded) state: {"model", "optimizer", "lr_scheduler", "scaler"}."""
+        """Full (unsharded) state: {"model", "optimizer", "lr_scheduler"}."""
 
     @abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None: ...

@@ -100,7 +100,6 @@ class DDPEngine(Engine):
             "model": self._module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
-            "scaler": None,  # bf16 needs no GradScaler; kept for the checkpoint contract
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from addernet_dist.adaptive_lr import _NORM_FLOOR, AdaptiveLRScaler
+from addernet_dist.adaptive_lr import AdaptiveLRScaler
 from addernet_dist.checkpoint import CheckpointError
 from addernet_dist.config import Config, ConfigError
 from addernet_dist.distributed import DistInfo
@@ -226,7 +226,6 @@ class DeepSpeedEngine(Engine):
             "model": self._module.state_dict(),
             "optimizer": None,
             "lr_scheduler": self.lr_scheduler.state_dict(),
-            "scaler": None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -253,7 +252,7 @@ class DeepSpeedEngine(Engine):
             _CLIENT_KEY: client_state,
             "addernet_lr_scheduler": self.lr_scheduler.state_dict(),
             # DeepSpeed names the fp32 master shards and its buffer list by named_parameters() /
-            # named_buffers(); a fused model's state_dict uses the unfused keys (kernels/fused.py).
+            # named_buffers(); a fused model's state_dict uses the unfused keys (models/fusion.py).
             # The converter needs the map.
             "addernet_state_keys": _state_keys(self._module),
         }
@@ -295,10 +294,5 @@ class DeepSpeedEngine(Engine):
 
 
 def _alpha_fn(scaler: AdaptiveLRScaler):
-    """eq. 33 factors from the trainer's AdaptiveLRScaler settings (same eta, k, norm floor)."""
-    sqrt_k = torch.tensor(scaler.sqrt_k, dtype=torch.float32)
-
-    def fn(norms: torch.Tensor) -> torch.Tensor:
-        return scaler.eta * sqrt_k.to(norms.device) / norms.clamp_min(_NORM_FLOOR)
-
-    return fn
+    """eq. 33 factors from the trainer's AdaptiveLRScaler (the DDP engine's very function)."""
+    return scaler.alphas

@@ -1,0 +1,340 @@
+"""Fused Adder2d + BatchNorm2d (+ ReLU, + residual) modules and the rewrite that installs them.
+
+The graph-rewrite half of the fusion: ``FusedAdderBN2d`` (the module), ``fuse_adder_bn`` (the
+rewrite), the fused ResNet block subclasses and the state-dict key hooks. The kernels and the
+autograd Function they call live in ``addernet_dist/kernels/fused.py`` and
+``kernels/triton_adder.py``; dependencies point one way: models -> nn -> ops -> kernels.
+
+Off the fast path (CPU tensors without the interpreter, an Adder2d pinned to another backend, or
+eval mode with autograd recording) the module computes exactly the unfused pair, so a fused model
+is numerically the original model everywhere.
+
+    from addernet_dist.models import create_model
+    from addernet_dist.models.fusion import fuse_adder_bn
+
+    model = create_model("resnet50")
+    model = fuse_adder_bn(model)   # parameters shared, not copied; state_dict keys stay unfused
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from functools import partial
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from addernet_dist.kernels import cpu_adder
+from addernet_dist.models.resnet import BasicBlock, Bottleneck
+from addernet_dist.nn import _NOT_TRACED, Adder2d
+from addernet_dist.ops import dispatch
+from addernet_dist.ops.reference import check_conv_args
+
+
+class _KernelModule:
+    """A kernel module looked up at call time, not bound at import: ``@triton.jit`` decides at
+    import whether kernels are compiled or interpreted, and the CPU tests swap in interpreted
+    copies of the kernel modules (kernels/triton_testing.py); a bound reference would keep the
+    compiled copy. The lookup is one dict access per call."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def _module(self) -> ModuleType:
+        return sys.modules.get(self._name) or importlib.import_module(self._name)
+
+    def __getattr__(self, attr: str):
+        return getattr(self._module(), attr)
+
+
+ta = _KernelModule("addernet_dist.kernels.triton_adder")
+_kernels = _KernelModule("addernet_dist.kernels.fused")
+
+
+def _cpu_inference(
+    m: FusedAdderBN2d, x: torch.Tensor, residual: torch.Tensor | None
+) -> torch.Tensor:
+    """Eval-mode forward on CPU: BN folded into the CPU kernel's epilogue with the residual and ReLU."""
+    adder, bn = m.adder, m.bn
+    gamma, beta = m._gamma_beta(x)
+    invstd = torch.rsqrt(bn.running_var + bn.eps)
+    return cpu_adder.adder2d_forward_cpu(
+        *(x, adder.weight, adder.stride, adder.padding, adder.dilation, adder.p),
+        scale=invstd * gamma.to(invstd.dtype),
+        shift=beta,
+        center=bn.running_mean,
+        residual=residual,
+        relu=m.relu,
+    )
+
+
+class FusedAdderBN2d(nn.Module):
+    """``relu?(bn(adder(x)) [+ residual])`` with the adder layer's and the BN's own parameters and buffers.
+
+    The wrapped ``adder`` (an ``Adder2d``) and ``bn`` (a ``BatchNorm2d``) stay sub-modules, so ``set_p``,
+    the adaptive learning rate and the optimizer see the same parameters as before fusing. Built directly,
+    its state_dict keys carry the ``adder.`` / ``bn.`` prefixes; ``fuse_adder_bn`` maps them back to the
+    unfused model's keys. ``forward(x, residual=None)``: x (N, Cin, H, W) → (N, Cout, H', W'); the residual (same shape
+    as the output) is added after BN and before the ReLU, as in a ResNet block.
+    """
+
+    # Per-layer metrics name the wrapped adder layer by this module's name (nn.adder_layer_names).
+    layer_alias = "adder"
+
+    def __init__(self, adder: Adder2d, bn: nn.BatchNorm2d, relu: bool = False) -> None:
+        super().__init__()
+        if not isinstance(adder, Adder2d):
+            raise TypeError(f"adder must be an Adder2d, got {type(adder).__name__}")
+        if not isinstance(bn, nn.BatchNorm2d):
+            raise TypeError(f"bn must be a BatchNorm2d, got {type(bn).__name__}")
+        if bn.num_features != adder.out_channels:
+            raise ValueError(
+                f"bn has {bn.num_features} features but the adder layer has {adder.out_channels} "
+                "output channels"
+            )
+        if adder.bias is not None:
+            raise ValueError(
+                "fusing an Adder2d with a bias is not supported (BN makes a bias redundant)"
+            )
+        self.adder = adder
+        self.bn = bn
+        self.relu = bool(relu)
+        # Forces the unfused path (for A/B comparisons and debugging); not saved.
+        self.use_fast_path = True
+        # ∂L/∂F reduction order, as adder2d_triton: True = fixed-order partials (bitwise reproducible),
+        # False = float atomics, None = follow torch.are_deterministic_algorithms_enabled().
+        self.deterministic: bool | None = True
+
+    def _fast_path_ok(self, x: torch.Tensor) -> bool:
+        return (
+            self.use_fast_path
+            and self.adder.backend in (None, "triton")
+            and (x.is_cuda or ta._interpreting())
+            and x.dtype == self.adder.weight.dtype
+        )
+
+    def _cpu_inference_ok(self, x: torch.Tensor) -> bool:
+        # eval-mode BN, no autograd, the CPU fast path chosen for this call: the folded-BN CPU kernel
+        bn = self.bn
+        return (
+            self.use_fast_path
+            and x.device.type == "cpu"
+            and not bn.training
+            and bn.running_mean is not None
+            and x.dtype == self.adder.weight.dtype
+            and not (
+                torch.is_grad_enabled() and (x.requires_grad or self.adder.weight.requires_grad)
+            )
+            and dispatch.resolve_backend(x.device, self.adder.backend) == "cpu"
+        )
+
+    def _unfused(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        y = self.bn(self.adder(x))
+        if residual is not None:
+            y = y + residual
+        return F.relu(y) if self.relu else y
+
+    def _gamma_beta(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        bn = self.bn
+        if bn.affine:
+            return bn.weight, bn.bias
+        ones = torch.ones(bn.num_features, device=x.device, dtype=torch.float32)
+        return ones, torch.zeros_like(ones)
+
+    @_NOT_TRACED  # as Adder2d.forward: p must not become a Dynamo guard (addernet_dist/nn.py)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if not self._fast_path_ok(x):
+            if self._cpu_inference_ok(x):
+                return _cpu_inference(self, x, residual)
+            return self._unfused(x, residual)
+        adder, bn = self.adder, self.bn
+        if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+            x = x.contiguous()  # see adder2d_triton: ∂L/∂X is written with x's (dense) strides
+        stride, padding, dilation, out_hw = check_conv_args(
+            x, adder.weight, adder.stride, adder.padding, adder.dilation
+        )
+        use_batch_stats = bn.training or bn.running_mean is None
+        gamma, beta = self._gamma_beta(x)
+        if use_batch_stats:
+            out, mean, var = _kernels.AdderBNTrainFunction.apply(
+                x,
+                adder.weight,
+                gamma,
+                beta,
+                (stride, padding, dilation),
+                adder.p,
+                adder.grad_x,
+                adder.grad_w,
+                bn.eps,
+                ta.resolve_deterministic(self.deterministic),
+                out_hw,
+            )
+            if bn.training and bn.track_running_stats:
+                self._update_running_stats(mean, var, out.numel() // out.shape[1])
+            if residual is not None:
+                out = out + residual
+            return F.relu(out) if self.relu else out
+        if torch.is_grad_enabled() and (x.requires_grad or adder.weight.requires_grad):
+            # Eval-mode statistics with autograd recording (e.g. fine-tuning with frozen BN): the
+            # inference kernel has no backward, the unfused pair does.
+            return self._unfused(x, residual)
+        invstd = torch.rsqrt(bn.running_var.float() + bn.eps)
+        y, _ = ta.adder2d_forward(
+            x,
+            adder.weight,
+            stride,
+            padding,
+            dilation,
+            adder.p,
+            out_hw,
+            scale=invstd * gamma.float(),
+            shift=beta.float(),
+            center=bn.running_mean.float(),
+            residual=residual,
+            relu=self.relu,
+        )
+        return y
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+        bn = self.bn
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative moving average, as nn.BatchNorm2d
+            factor = 1.0 / float(bn.num_batches_tracked)
+        else:
+            factor = bn.momentum
+        unbiased = var * (count / max(count - 1, 1))
+        bn.running_mean.mul_(1 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
+        bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
+
+    def extra_repr(self) -> str:
+        return f"relu={self.relu}"
+
+
+def _save_unfused(bn_key: str, module, state_dict, prefix, local_metadata) -> None:
+    bn_prefix = prefix[: prefix.rstrip(".").rfind(".") + 1] + f"{bn_key}."
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix) :]
+        if rest.startswith("adder."):
+            state_dict[prefix + rest[len("adder.") :]] = state_dict.pop(key)
+        elif rest.startswith("bn."):
+            state_dict[bn_prefix + rest[len("bn.") :]] = state_dict.pop(key)
+
+
+def _load_unfused(conv_key: str, bn_key: str, module, state_dict, prefix, *args) -> None:
+    conv, bn = f"{prefix}{conv_key}.", f"{prefix}{bn_key}."
+    for key in [k for k in state_dict if k.startswith(bn)]:
+        state_dict[f"{conv}bn.{key[len(bn) :]}"] = state_dict.pop(key)
+    for key in [k for k in state_dict if k.startswith(conv)]:
+        rest = key[len(conv) :]
+        if not rest.startswith(("adder.", "bn.")):  # an unfused key of the adder layer
+            state_dict[f"{conv}adder.{rest}"] = state_dict.pop(key)
+
+
+def _keep_unfused_keys(parent: nn.Module, conv_key: str, bn_key: str) -> None:
+    """Make ``parent.<conv_key>`` (a FusedAdderBN2d that replaced the adder layer there, the BN having
+    been at ``parent.<bn_key>``) save and load under the unfused keys: ``<conv_key>.weight``,
+    ``<bn_key>.running_mean``... instead of ``<conv_key>.adder.weight``, ``<conv_key>.bn.running_mean``.
+
+    Saving renames in a post-hook of the fused module (it writes into the shared destination dict).
+    Loading renames in a pre-hook of the PARENT: each module's pre-hooks only see the keys under its
+    own prefix, and only the parent sees both the adder's and the BN's. The hooks are partials of
+    module-level functions, so a fused model still deep-copies and pickles (``torch.save(model)``).
+    """
+    parent._modules[conv_key].register_state_dict_post_hook(partial(_save_unfused, bn_key))
+    parent.register_load_state_dict_pre_hook(partial(_load_unfused, conv_key, bn_key))
+
+
+def _is_fusable(adder: nn.Module, bn: nn.Module) -> bool:
+    return (
+        isinstance(adder, Adder2d)
+        and adder.bias is None
+        and type(bn) is nn.BatchNorm2d
+        and bn.num_features == adder.out_channels
+    )
+
+
+def _basic_block_forward(self, x):
+    # BasicBlock with conv1 = fused(adder, bn1, ReLU) and conv2 = fused(adder, bn2, ReLU) taking the
+    # residual: relu(bn2(conv2(·)) + identity) is one epilogue in inference.
+    identity = x if self.downsample is None else self.downsample(x)
+    return self.conv2(self.conv1(x), residual=identity)
+
+
+def _bottleneck_forward(self, x):
+    identity = x if self.downsample is None else self.downsample(x)
+    return self.conv3(self.conv2(self.conv1(x)), residual=identity)
+
+
+class _FusedBasicBlock(BasicBlock):
+    """A zoo BasicBlock whose convolutions are fused: ReLUs and the residual add in their epilogues."""
+
+    forward = _basic_block_forward
+
+
+class _FusedBottleneck(Bottleneck):
+    forward = _bottleneck_forward
+
+
+def _fuse_resnet_block(block: nn.Module) -> None:
+    """Move a zoo ResNet block's ReLUs and residual add into its fused convolutions' epilogues."""
+    if type(block) is BasicBlock:
+        names, fused_cls = ("conv1", "conv2"), _FusedBasicBlock
+    elif type(block) is Bottleneck:
+        names, fused_cls = ("conv1", "conv2", "conv3"), _FusedBottleneck
+    else:
+        return
+    convs = [getattr(block, n) for n in names]
+    if not all(isinstance(c, FusedAdderBN2d) for c in convs):
+        return  # e.g. a CNN twin, or an adder layer that could not be fused
+    for c in convs:
+        c.relu = True  # the block applies ReLU after every BN, the last one after the residual add
+    # a subclass (not a forward bound on the instance): the model still pickles and deep-copies
+    block.__class__ = fused_cls
+
+
+def fuse_adder_bn(model: nn.Module) -> nn.Module:
+    """Replace Adder2d → BatchNorm2d (→ ReLU) pairs by ``FusedAdderBN2d``, in place; returns ``model``.
+
+    Two patterns, the ones the model zoo uses: consecutive entries of an ``nn.Sequential`` (VGG features,
+    ResNet downsample, LeNet), where a directly following ``nn.ReLU`` is fused too; and sibling attributes
+    ``<prefix>conv<i>`` / ``<prefix>bn<i>`` of a block. For the zoo's ResNet ``BasicBlock``/``Bottleneck``
+    the block's ReLUs and its residual add move into the fused layers' epilogues too (the block's
+    class becomes a fused subclass). The BN (and fused ReLU) slots become ``nn.Identity``.
+    Parameters are shared, so an optimizer built before fusing keeps working, and ``state_dict`` /
+    ``load_state_dict`` keep the unfused model's keys (``conv1.weight``, ``bn1.running_mean``), so a
+    checkpoint loads into a fused or an unfused model alike. Returns the model.
+    """
+    for parent in list(model.modules()):
+        if isinstance(parent, FusedAdderBN2d):
+            continue
+        if isinstance(parent, nn.Sequential):
+            keys = list(parent._modules.keys())
+            i = 0
+            while i + 1 < len(keys):
+                a, b = parent._modules[keys[i]], parent._modules[keys[i + 1]]
+                if _is_fusable(a, b):
+                    relu = i + 2 < len(keys) and type(parent._modules[keys[i + 2]]) is nn.ReLU
+                    parent._modules[keys[i]] = FusedAdderBN2d(a, b, relu=relu)
+                    _keep_unfused_keys(parent, keys[i], keys[i + 1])
+                    parent._modules[keys[i + 1]] = nn.Identity()
+                    if relu:
+                        parent._modules[keys[i + 2]] = nn.Identity()
+                    i += 3 if relu else 2
+                else:
+                    i += 1
+            continue
+        for name, child in list(parent.named_children()):
+            if "conv" not in name:
+                continue
+            bn_name = name.replace("conv", "bn")
+            bn = getattr(parent, bn_name, None)
+            if bn is not None and _is_fusable(child, bn):
+                setattr(parent, name, FusedAdderBN2d(child, bn))
+                _keep_unfused_keys(parent, name, bn_name)
+                setattr(parent, bn_name, nn.Identity())
+        _fuse_resnet_block(parent)
+    return model

@@ -1,0 +1,56 @@
+"""The one reader of the trainer's checkpoint layout for tools that only need the weights.
+
+``addernet-eval`` and ``addernet-analyze`` read a trained model through ``read_trained_weights``;
+resume (train.py, the engines) restores the full state through ``checkpoint.py``. A trainer
+checkpoint file (checkpoint.py: ``torch.save`` + sha256 footer) holds::
+
+    {"engine": {"model": state_dict, "optimizer": ..., "lr_scheduler": ...},
+     "client": {"config": resolved config (Config.model_dump(mode="json")), ...}}
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from addernet_dist import checkpoint
+
+
+@dataclass(frozen=True)
+class TrainedWeights:
+    """model: the state_dict (keys without the ``_orig_mod.`` / ``module.`` prefixes that compiled
+    or DDP-wrapped models add). config: the run's resolved config as a dict, or None for a bare
+    ``state_dict`` file (or a checkpoint written without one)."""
+
+    model: dict[str, torch.Tensor]
+    config: dict[str, Any] | None
+
+
+def read_trained_weights(
+    path: str | os.PathLike, *, allow_state_dict: bool = False
+) -> TrainedWeights:
+    """The model weights and run config of a trainer checkpoint (``step_*.pt``, ``best.pt``, the
+    output of ``addernet-zero-to-state-dict``).
+
+    allow_state_dict: also accept a plain ``torch.save(model.state_dict())`` file (config None);
+    otherwise a file that is not a verified trainer checkpoint raises ``checkpoint.CheckpointError``
+    naming the problem (missing, truncated, corrupt).
+    """
+    path = Path(path)
+    try:
+        state = checkpoint.load_file(path)
+    except checkpoint.CheckpointError:
+        if not allow_state_dict:
+            raise
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict):
+        raise ValueError(f"'{path}' is not a checkpoint or state_dict file")
+    engine, client = state.get("engine", {}), state.get("client", {})
+    cfg = client.get("config") if isinstance(client, dict) else None
+    sd = engine.get("model") if isinstance(engine, dict) and "model" in engine else state
+    sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in sd.items()}
+    return TrainedWeights(model=sd, config=cfg if isinstance(cfg, dict) else None)
