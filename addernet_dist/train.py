@@ -39,7 +39,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from addernet_dist.checkpoint import Checkpointer, CheckpointError, rng_state, set_rng_state
+from addernet_dist.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    config_changes,
+    describe_changes,
+    load_for_resume,
+    release_run_locks,
+    rng_state,
+    set_rng_state,
+)
 from addernet_dist.config import Config, ConfigError, load_config, save_resolved
 from addernet_dist.data import build_loader
 from addernet_dist.distributed import DistInfo, destroy_distributed, init_distributed
@@ -238,6 +247,7 @@ def train(cfg: Config) -> EvalResult | None:
         ok = True
         return result
     finally:
+        release_run_locks()  # the run folder's lock (checkpoint.Checkpointer.open)
         destroy_distributed(dist, ok)
 
 
@@ -257,26 +267,40 @@ def _train(cfg: Config, dist: DistInfo) -> EvalResult | None:
         cfg.adder, decay_epochs=cfg.p_decay_epochs(), steps_per_epoch=steps_per_epoch
     )
     ckpt = Checkpointer(cfg.output_dir, cfg.train.keep_last, dist)
-    resume_from = ckpt.resolve_resume(cfg.resume)
-    # Everything is validated: only now touch output_dir.
-    if dist.is_main:
-        save_resolved(cfg, cfg.output_dir)
+    # Lock the run folder, clean temp files of killed writers, pick the resume point (or refuse).
+    plan = ckpt.open(cfg)
+    resume_from = plan.path
 
     seed_everything(cfg.train.seed + 1_000_003 * dist.rank)  # per-rank streams from here on
     state = TrainState()
     last_eval: dict[str, float] | None = None
+    changes: dict[str, list[Any]] = {}
     if resume_from is not None:
-        client = engine.load(resume_from)
-        state = _restore(client, p_sched, train_loader, dist)
+        client = load_for_resume(engine, resume_from)
+        try:
+            state = _restore(client, p_sched, train_loader, dist)
+        except ValueError as e:
+            raise CheckpointError(f"cannot resume from {resume_from}: {e}") from e
         last_eval = client.get("last_eval")
-        log.info(
-            "resumed from %s at step %d (epoch %d)", resume_from, state.global_step, state.epoch
-        )
+        changes = config_changes(client.get("config") or {}, cfg.model_dump(mode="json"))
+        if dist.is_main:
+            log.info(
+                "resumed from %s at step %d (epoch %d)", resume_from, state.global_step, state.epoch
+            )
+            for line in describe_changes(changes):
+                log.warning("resume: %s", line)
+    # Everything is validated (config, data, the resume checkpoint): only now write config.yaml.
+    if dist.is_main:
+        save_resolved(cfg, cfg.output_dir)
 
     logger = MetricsLogger(cfg, enabled=dist.is_main, wandb_run_id=state.wandb_run_id)
     state.wandb_run_id = logger.wandb_run_id
     if resume_from is not None:
-        logger.write({"kind": "resume", "step": state.global_step, "epoch": state.epoch})
+        rec = {"kind": "resume", "step": state.global_step, "epoch": state.epoch}
+        logger.write({**rec, **({"changed": changes} if changes else {})})
+    elif plan.from_scratch:
+        # One history for readers: read_metrics drops the records of the abandoned attempt.
+        logger.write({"kind": "resume", "step": 0, "epoch": 0, "restart": "no valid checkpoint"})
     progress = Progress(
         enabled=dist.is_main,
         mode=cfg.train.progress_bar,
@@ -320,10 +344,13 @@ def _loop(
     stop = _Stop()
     result: EvalResult | None = None
 
-    def save(last_eval):
+    def save(last_eval, best=False):
         path = ckpt.path_for(state.global_step)
         engine.save(path, _client_state(cfg, state, p_sched, train_loader, dist, last_eval))
-        ckpt.prune()
+        ckpt.verify_written(path)
+        if best:
+            ckpt.copy_to_best(path)
+        ckpt.prune()  # after best.pt is copied: only ever deletes verified, superseded files
         return path
 
     engine.train()
@@ -396,9 +423,7 @@ def _loop(
             is_best = final_p and result.top1 > state.best_top1
             if final_p:
                 state.best_top1 = max(state.best_top1, result.top1)
-            path = save(last_eval)
-            if is_best:
-                ckpt.copy_to_best(path)
+            save(last_eval, best=is_best)
         else:
             save(last_eval)
         t_last = time.perf_counter()  # images/s measures training only, not eval + checkpoint
