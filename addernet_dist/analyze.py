@@ -46,6 +46,7 @@ from addernet_dist.distributed import DistInfo
 from addernet_dist.metrics import recalibrate_bn
 from addernet_dist.models import create_model
 from addernet_dist.nn import Adder2d, AdderLinear, adder_modules, set_p
+from addernet_dist.runfolder import dumps_strict
 
 # Paper Table 1 (LeNet-5-BN on MNIST, first iteration): layers 1-3.
 PAPER_TABLE1 = {"AdderNet": (0.0009, 0.0012, 0.0146), "CNN": (0.2261, 0.2990, 0.4646)}
@@ -808,7 +809,10 @@ def _cmd_curves(args) -> None:
 def _dump(args, obj: Any) -> None:
     print(f"wrote {args.out}")
     if args.json:
-        Path(args.json).write_text(json.dumps(obj, indent=1, default=float))
+        # Strict JSON: non-finite values as null (default=float first turns numpy/torch scalars into floats).
+        Path(args.json).write_text(
+            dumps_strict(json.loads(json.dumps(obj, default=float)), indent=1)
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:

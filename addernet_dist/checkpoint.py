@@ -306,7 +306,9 @@ class Checkpointer:
         else:
             problem = verify(Path(resume))
             if problem is not None:
-                raise CheckpointError(f"resume={resume}: {problem}; pass resume=auto or resume=none")
+                raise CheckpointError(
+                    f"resume={resume}: {problem}; pass resume=auto or resume=none"
+                )
             plan.path = Path(resume)
         if plan.path.is_file():
             state = load_file(plan.path)
@@ -471,5 +473,7 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list[A
 def describe_changes(changes: dict[str, list[Any]]) -> list[str]:
     if not changes:
         return ["config unchanged since the checkpoint"]
-    lines = [f"{k}: {old!r} -> {new!r} (this run's value applies)" for k, (old, new) in changes.items()]
+    lines = [
+        f"{k}: {old!r} -> {new!r} (this run's value applies)" for k, (old, new) in changes.items()
+    ]
     return [f"{len(changes)} config key(s) differ from the checkpoint's:", *lines]

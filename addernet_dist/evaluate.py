@@ -12,7 +12,6 @@ apply on top either way. Prints one JSON line on rank 0:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from addernet_dist.distributed import DistInfo, destroy_distributed, init_distri
 from addernet_dist.logging_utils import setup_console_logging
 from addernet_dist.metrics import EvalResult, evaluate
 from addernet_dist.ops import dispatch
+from addernet_dist.runfolder import dumps_strict
 
 
 def evaluate_weights(cfg: Config, model_state: dict, dist: DistInfo) -> EvalResult:
@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     if dist.is_main:
-        print(json.dumps({**result.as_dict(prefix=""), "checkpoint": str(path)}), flush=True)
+        # Strict JSON: a non-finite loss prints as null (json.dumps would write NaN).
+        print(dumps_strict({**result.as_dict(prefix=""), "checkpoint": str(path)}), flush=True)
     return 0
 
 

@@ -18,7 +18,10 @@ Launch commands (every form takes dotted overrides after the config, e.g. ``opti
 ``resume=auto`` (default) continues from the newest valid checkpoint in ``output_dir``, so a
 restarted torchrun group (``--max-restarts``) or a requeued Slurm job picks up by itself.
 SIGTERM (Slurm preemption): the ranks agree on it at the next logging step, write a checkpoint
-and exit 0 without a final evaluation; the same command continues from there.
+and exit with status 143 (EXIT_PREEMPTED, 128+SIGTERM: "not finished, run me again") without a
+final evaluation; the same command continues from there.
+Exit status: 0 finished; 1 failed (diverged, a stalled peer, a crash); 2 bad config, checkpoint
+or run folder (the message says what to do); 143 preempted.
 Fault injection for tests: ADDERNET_FAULT_STEP=s [ADDERNET_FAULT_RANK=r]
 [ADDERNET_FAULT_MARKER=file] [ADDERNET_FAULT_SIGNAL=KILL|TERM] signals the process right after
 optimizer step s (once, if a marker file is given: it is created first and disables later faults).
@@ -53,6 +56,7 @@ from addernet_dist.config import Config, ConfigError, load_config, save_resolved
 from addernet_dist.data import build_loader
 from addernet_dist.distributed import DistInfo, destroy_distributed, init_distributed
 from addernet_dist.engine.base import Engine, StepStats
+from addernet_dist.guard import DivergedError, NonFiniteGuard, StallWatchdog
 from addernet_dist.logging_utils import MetricsLogger, Progress, setup_console_logging
 from addernet_dist.metrics import EvalResult, evaluate, recalibrate_bn
 from addernet_dist.models import create_model
@@ -61,6 +65,12 @@ from addernet_dist.ops import dispatch
 from addernet_dist.optim import PSchedule
 
 log = logging.getLogger("addernet_dist")
+
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: what a shell reports for a job killed by SIGTERM
+
+
+class Preempted(Exception):
+    """SIGTERM: a checkpoint was written; the run is unfinished (main exits EXIT_PREEMPTED)."""
 
 
 @dataclass
@@ -106,6 +116,15 @@ def build_data(cfg: Config, dist: DistInfo):
         raise ConfigError(f"data: {e}") from e
     if len(train) == 0:
         raise ConfigError("the training split yields no batches; lower train.global_batch_size")
+    n_train = getattr(getattr(train, "sampler", None), "num_samples", None)
+    if n_train is not None and cfg.train.global_batch_size > n_train:
+        # Every step would repeat samples within its batch (docs/data.md: at most W*B-1
+        # duplicates per epoch holds, but they would all sit in one global batch).
+        raise ConfigError(
+            f"train.global_batch_size={cfg.train.global_batch_size} is larger than the training "
+            f"set ({n_train} samples): every batch would repeat samples; set "
+            f"train.global_batch_size to at most {n_train}"
+        )
     return train, val
 
 
@@ -216,9 +235,11 @@ def _restore(client: dict[str, Any], p_sched, train_loader, dist: DistInfo) -> T
     p_sched.load_state_dict(client["p_schedule"])
     same_world = client["world_size"] == dist.world_size
     loader_state = client["loader"][dist.rank if same_world else 0]
-    if same_world or loader_state.get("batches_done", 0) != 0:
+    if loader_state.get("batches_done", 0) != 0:
         train_loader.load_state_dict(loader_state)  # raises a clear error mid-epoch otherwise
     else:
+        # At an epoch boundary the position is just the epoch: another world size or batch size
+        # is fine here (the sampler's layout check is for mid-epoch positions).
         train_loader.set_epoch(state.epoch)
     if same_world:
         set_rng_state(client["rng"][dist.rank])
@@ -246,6 +267,9 @@ def train(cfg: Config) -> EvalResult | None:
         result = _train(cfg, dist)
         ok = True
         return result
+    except Preempted:
+        ok = True  # every rank agreed on it: a clean shutdown
+        raise
     finally:
         release_run_locks()  # the run folder's lock (checkpoint.Checkpointer.open)
         destroy_distributed(dist, ok)
@@ -307,6 +331,14 @@ def _train(cfg: Config, dist: DistInfo) -> EvalResult | None:
         total=total_steps,
         initial=state.global_step,
     )
+    # Names a stalled peer instead of waiting for the 30-min process-group timeout (guard.py).
+    watchdog = StallWatchdog(
+        dist,
+        timeout_s=cfg.train.stall_timeout_s,
+        startup_timeout_s=cfg.train.stall_timeout_startup_s,
+        startup_steps=cfg.train.stall_startup_steps,
+        first_step=state.global_step,
+    )
     try:
         result = _loop(
             cfg,
@@ -320,8 +352,10 @@ def _train(cfg: Config, dist: DistInfo) -> EvalResult | None:
             logger,
             progress,
             last_eval,
+            watchdog,
         )
     finally:
+        watchdog.close()
         progress.close()
         logger.close()
     if dist.is_main and result is not None:
@@ -334,7 +368,18 @@ def _train(cfg: Config, dist: DistInfo) -> EvalResult | None:
 
 
 def _loop(
-    cfg, dist, engine, state, p_sched, train_loader, val_loader, ckpt, logger, progress, last_eval
+    cfg,
+    dist,
+    engine,
+    state,
+    p_sched,
+    train_loader,
+    val_loader,
+    ckpt,
+    logger,
+    progress,
+    last_eval,
+    watchdog: StallWatchdog,
 ) -> EvalResult | None:
     model = engine.unwrap()
     adders = adder_modules(model)
@@ -343,14 +388,18 @@ def _loop(
     total_steps = cfg.train.epochs * steps_per_epoch
     stop = _Stop()
     result: EvalResult | None = None
+    guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, dist.device)
 
     def save(last_eval, best=False):
+        # Never a checkpoint (or best.pt) of a non-finite model.
+        guard.check(dist, state.global_step, model, before="checkpoint")
         path = ckpt.path_for(state.global_step)
-        engine.save(path, _client_state(cfg, state, p_sched, train_loader, dist, last_eval))
-        ckpt.verify_written(path)
-        if best:
-            ckpt.copy_to_best(path)
-        ckpt.prune()  # after best.pt is copied: only ever deletes verified, superseded files
+        with watchdog.during("checkpoint"):
+            engine.save(path, _client_state(cfg, state, p_sched, train_loader, dist, last_eval))
+            ckpt.verify_written(path)
+            if best:
+                ckpt.copy_to_best(path)
+            ckpt.prune()  # after best.pt is copied: only ever deletes verified, superseded files
         return path
 
     engine.train()
@@ -367,7 +416,9 @@ def _loop(
                 set_p(model, p)
             loss = engine.forward_backward(images, labels)
             stats = engine.step()
+            guard.update(loss, [stats.grad_norm, stats.adder_grad_norms])
             state.global_step += 1
+            watchdog.beat(state.global_step)
             step_in_epoch += 1
             p_sched.step_count = state.global_step
             steps_last += 1
@@ -376,6 +427,7 @@ def _loop(
             end_of_epoch = step_in_epoch == steps_per_epoch
             if state.global_step % cfg.train.log_every == 0 or end_of_epoch:
                 dt = time.perf_counter() - t_last
+                guard.check(dist, state.global_step)
                 rec = _train_record(state, loss, engine, p, stats, adder_names, dist)
                 rec["images_per_s"] = steps_last * cfg.train.global_batch_size / max(dt, 1e-9)
                 logger.write(rec)
@@ -389,7 +441,7 @@ def _loop(
                         path,
                         state.global_step,
                     )
-                    return None
+                    raise Preempted(str(path))
             every = cfg.train.ckpt_every_steps
             if every and state.global_step % every == 0 and not end_of_epoch:
                 save(last_eval)
@@ -397,6 +449,9 @@ def _loop(
         state.epoch += 1
         is_last = state.epoch == cfg.train.epochs
         if is_last or state.epoch % cfg.train.eval_every_epochs == 0:
+            guard.check(dist, state.global_step, model, before="evaluation")
+            eval_phase = watchdog.during("evaluation")
+            eval_phase.__enter__()  # slow collective phase (the startup limit applies)
             recal = 0
             p_now = next(iter(adders)).p if adders else 1.0
             if cfg.train.bn_recalibration_batches and p_now > 1.0:
@@ -406,6 +461,7 @@ def _loop(
                 # batch); evaluate everywhere with rank 0's, which is also what gets checkpointed.
                 dist.broadcast_buffers_(model)
             result = evaluate(model, val_loader, dist, autocast_dtype=_eval_dtype(engine))
+            eval_phase.__exit__(None, None, None)
             engine.train()
             last_eval = result.as_dict()
             rec = {"kind": "eval", "step": state.global_step, "epoch": state.epoch}
@@ -481,6 +537,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except DivergedError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except Preempted:
+        return EXIT_PREEMPTED
     return 0
 
 
