@@ -112,6 +112,9 @@ class ResumePlan:
     # step 0 and marks the restart in metrics.jsonl.
     from_scratch: bool = False
     notes: list[str] = field(default_factory=list)
+    # Applied by Checkpointer.commit once the resume is validated (a rejected run moves nothing):
+    move_old_run: bool = False  # overwrite=true: the previous run goes to old-<time>/
+    supersede_after: int | None = None  # resume= an older step: newer ones go to superseded-<time>/
 
 
 def _model_identity(model_cfg: dict[str, Any]) -> dict[str, Any]:
@@ -287,8 +290,7 @@ class Checkpointer:
                     "choose another output_dir, or pass overwrite=true to move the old run "
                     f"into '{self.root}/old-<time>/' and start fresh"
                 )
-            dst = self._move_old_run()
-            plan.notes.append(f"overwrite=true: moved the previous run ({what}) to {dst}")
+            plan.move_old_run = True
             existing = []
         if resume == "none":
             return plan
@@ -314,13 +316,20 @@ class Checkpointer:
             state = load_file(plan.path)
             check_resumable(state, plan.path, cfg)
             if inside:
-                step = int(state["client"]["train_state"]["global_step"])
-                moved = self._supersede_newer(step)
-                if moved is not None:
-                    plan.notes.append(
-                        f"resume={resume}: the newer checkpoints of this folder moved to {moved}"
-                    )
+                plan.supersede_after = int(state["client"]["train_state"]["global_step"])
         return plan
+
+    def commit(self, plan: ResumePlan) -> None:
+        """Rank 0, once the resume checkpoint loaded and fits the run: move the previous run
+        (overwrite=true) or the checkpoints newer than an explicit resume point out of the way."""
+        if not self.dist.is_main:
+            return
+        if plan.move_old_run:
+            log.warning("overwrite=true: moved the previous run to %s", self._move_old_run())
+        if plan.supersede_after is not None:
+            moved = self._supersede_newer(plan.supersede_after)
+            if moved is not None:
+                log.warning("resumed from an older checkpoint: the newer ones moved to %s", moved)
 
     def open(self, cfg: Any) -> ResumePlan:
         """Collective. Lock the run folder (rank 0, for the life of the run), remove temp files

@@ -35,7 +35,15 @@ def evaluate_weights(cfg: Config, model_state: dict, dist: DistInfo) -> EvalResu
     dispatch.set_default_backend(cfg.adder.backend)
     _, val_loader = build_data(cfg, dist)
     model = build_model(cfg, val_loader.num_classes)
-    model.load_state_dict(model_state)
+    try:
+        model.load_state_dict(model_state)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise ConfigError(
+            f"the checkpoint's weights do not fit model {cfg.model.name} "
+            f"(conv={cfg.model.conv}) built from the config ({first}); evaluate it with the "
+            "config stored in the checkpoint (omit --config) or set model.* to match"
+        ) from None
     model.to(dist.device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -55,8 +63,15 @@ def main(argv: list[str] | None = None) -> int:
             state = checkpoint.load_file(path)
         except checkpoint.CheckpointError as e:
             raise ConfigError(f"{e}; pass a step_*.pt or best.pt written by addernet-train") from e
+        saved = state["client"].get("config", {}).get("model", {})
         if args.config:
             cfg = load_config(args.config, args.overrides)
+            if saved and (saved.get("name"), saved.get("conv")) != (cfg.model.name, cfg.model.conv):
+                raise ConfigError(
+                    f"'{path}' holds model {saved.get('name')} (conv={saved.get('conv')}), the "
+                    f"config builds {cfg.model.name} (conv={cfg.model.conv}); omit --config to "
+                    "use the checkpoint's own config, or set model.* to match"
+                )
         else:
             cfg = config_from_dict(apply_overrides(state["client"]["config"], args.overrides))
         dist = init_distributed(cfg.train.device)

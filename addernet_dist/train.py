@@ -60,6 +60,7 @@ from addernet_dist.guard import DivergedError, NonFiniteGuard, StallWatchdog
 from addernet_dist.logging_utils import MetricsLogger, Progress, setup_console_logging
 from addernet_dist.metrics import EvalResult, evaluate, recalibrate_bn
 from addernet_dist.models import create_model
+from addernet_dist.models.registry import check_input_size
 from addernet_dist.nn import adder_layer_names, adder_modules, set_grad_modes, set_p
 from addernet_dist.ops import dispatch
 from addernet_dist.optim import PSchedule
@@ -150,6 +151,10 @@ def _recalibrate_bn(cfg: Config, dist: DistInfo, model, epoch: int, autocast_dty
 
 
 def build_model(cfg: Config, num_classes: int) -> torch.nn.Module:
+    try:
+        check_input_size(cfg.model.name, cfg.data.image_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     model = create_model(
         cfg.model.name,
         conv=cfg.model.conv,
@@ -313,7 +318,8 @@ def _train(cfg: Config, dist: DistInfo) -> EvalResult | None:
             )
             for line in describe_changes(changes):
                 log.warning("resume: %s", line)
-    # Everything is validated (config, data, the resume checkpoint): only now write config.yaml.
+    # Everything is validated (config, data, the resume checkpoint): only now change the folder.
+    ckpt.commit(plan)
     if dist.is_main:
         save_resolved(cfg, cfg.output_dir)
 
