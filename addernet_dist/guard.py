@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 
 import torch
 import torch.distributed as tdist
@@ -89,6 +90,25 @@ class NonFiniteGuard:
         )
 
 
+def _own_store_client():
+    """A store client with its own connection: the process group's client is shared with the
+    main thread, and a heartbeat ``set`` queued behind one of its blocking calls stopped rank 1's
+    heartbeats for the rest of the run (seen here after the first checkpoint barrier)."""
+    host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if host and port:
+        try:
+            return tdist.TCPStore(
+                host,
+                int(port),
+                is_master=False,
+                timeout=timedelta(seconds=60),
+                wait_for_workers=False,
+            )
+        except Exception as e:  # fall back to the group's store
+            log.debug("own store client failed (%s); using the process group's", e)
+    return tdist.distributed_c10d._get_default_store()
+
+
 class StallWatchdog:
     def __init__(
         self,
@@ -110,8 +130,9 @@ class StallWatchdog:
         self._thread: threading.Thread | None = None
         if not (dist.initialized and timeout_s > 0):
             return
-        self._store = tdist.distributed_c10d._get_default_store()
-        self._key = "addernet/heartbeat/{}"
+        self._store = _own_store_client()
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        self._key = f"addernet/heartbeat/attempt_{attempt}/rank_{{}}"
         self._beat_count = 0
         self._publish()  # every rank's key exists before anyone reads it
         self._interval = max(0.2, min(5.0, timeout_s / 10))
@@ -185,7 +206,10 @@ class StallWatchdog:
         behind = [r for r in now if r != me and r not in stalled and now[r][1] < self.step]
         key = "train.stall_timeout_s" if self.phase == "train" else "train.stall_timeout_startup_s"
         if stalled:
-            who = ", ".join(f"rank {r} (at step {now[r][1]}, {now[r][2]})" for r in stalled)
+            # The heartbeat lags the loop by up to one interval: "last reported".
+            who = ", ".join(
+                f"rank {r} (last reported step {now[r][1]}, {now[r][2]})" for r in stalled
+            )
             cause = f"{who} stopped responding: no heartbeat for over {limit / 2:.0f} s"
         elif behind:
             who = ", ".join(f"rank {r} (at step {now[r][1]})" for r in behind)

@@ -12,6 +12,7 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -275,7 +276,7 @@ def test_rejected_resumes_leave_the_folder_untouched_and_say_what_to_do(one_epoc
         # another model: both named
         (["model.name=resnet20"], "holds model resnet8 (conv=adder", "this run builds resnet20"),
         # batch-size change mid-epoch
-        ([f"resume={mid}", "train.global_batch_size=32"], "batch_size=8", "epoch boundary"),
+        ([f"resume={mid}", "train.global_batch_size=32"], "batch_size=16", "epoch boundary"),
     ]
     for overrides, *needles in cases:
         proc = _rc(run_python(train_cmd([f"output_dir={out}", *ONE_EPOCH, *overrides])), 2)
@@ -336,7 +337,7 @@ def test_resume_applies_new_optimizer_settings_and_says_what_changed(one_epoch, 
     ):
         assert line in proc.stderr, proc.stderr[-3000:]
     records = read_metrics(out / "metrics.jsonl")
-    (resume,) = [r for r in records if r["kind"] == "resume"]
+    (resume,) = [r for r in _strict_lines(out / "metrics.jsonl") if r["kind"] == "resume"]
     assert resume["changed"]["optim.lr"] == [0.1, 0.05]
     # The LR actually used: the new base LR times the schedule of the (2-epoch) run.
     fn = LRLambda("cosine", total_steps=2 * 12, warmup_steps=3)
@@ -369,11 +370,12 @@ def test_divergence_stops_the_run_without_saving_a_nonfinite_model(tmp_path):
     assert "Traceback" not in proc.stderr
     # No checkpoint of a non-finite model, no best.pt; whatever was saved is finite.
     names = _names(out)
-    assert "best.pt" not in names
+    assert "best.pt" not in names and names == ["step_000000002.pt"]  # the loss is NaN from step 4
     for name in names:
         engine = checkpoint.load_file(out / "checkpoints" / name)["engine"]
         for k, v in engine["model"].items():
-            assert not v.is_floating_point() or torch.isfinite(v).all(), (name, k)
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                assert torch.isfinite(v).all(), (name, k)
     records = _strict_lines(out / "metrics.jsonl")  # strict JSON: NaN losses are null
     assert any(r["kind"] == "train" and r["loss"] is None for r in records)
     assert not any(r["kind"] == "eval" for r in records)
@@ -493,7 +495,7 @@ def test_stalled_rank_is_named_within_the_timeout_and_a_restart_resumes(tmp_path
         r1.communicate()
     assert r0.returncode == 1, err0[-3000:]
     assert "stalled run: rank 0 has waited" in err0 and "in step 8" in err0
-    assert "rank 1 (at step 7, train) stopped responding" in err0
+    assert re.search(r"rank 1 \(last reported step [67], train\) stopped responding", err0), err0
     assert "train.stall_timeout_s=4" in err0
     # The restart (same command, as torchrun --max-restarts runs it) resumes from step 5.
     procs = _workers(run, ADDERNET_FAULT_MARKER=str(marker))
