@@ -757,7 +757,8 @@ def _cmd_ablation(args) -> None:
         overrides = ablation_overrides(fp, lp, ad) + [
             f"train.epochs={args.epochs}",
             f"output_dir={run_dir}",
-            "resume=none" if args.fresh else "resume=auto",
+            # --fresh: start over; the old run in run_dir moves to run_dir/old-<time>/.
+            *(["resume=none", "overwrite=true"] if args.fresh else ["resume=auto"]),
             'train.progress_bar="off"',  # bare off is YAML for False
             *extra,
         ]
@@ -869,7 +870,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--set", nargs="*", default=[], help="extra trainer overrides key=value")
     p.add_argument("--reuse", action="store_true", help="skip arms whose run folder has metrics")
-    p.add_argument("--fresh", action="store_true", help="resume=none (default: resume=auto)")
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="resume=none overwrite=true: start over, the old runs move to <run>/old-<time>/ (default: resume=auto)",
+    )
     p.add_argument(
         "--recalibrate-bn",
         action="store_true",
