@@ -63,16 +63,18 @@ class NonFiniteGuard:
 
     def check(
         self, dist: DistInfo, step: int, model: torch.nn.Module | None = None, *, before: str = ""
-    ) -> None:
+    ) -> bool:
         """Collective. Raise DivergedError when the streak reached the limit on any rank, or
-        (``model`` given: before a checkpoint/evaluation) any weight or buffer is non-finite."""
+        (``model`` given: before a checkpoint/evaluation) any weight or buffer is non-finite.
+        Returns whether the last step was finite on every rank (a checkpoint is only written
+        then: a finite model reached through an inf gradient is not one to resume from)."""
         bad_model = self._model_nonfinite(model).to(self.streak.device) if model is not None else 0
         t = torch.stack([self.streak, torch.as_tensor(bad_model, device=self.streak.device)])
         if dist.initialized:
             tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
         streak, n_bad = (int(v) for v in t.tolist())
         if streak < self.limit and n_bad == 0:
-            return
+            return streak == 0
         what = (
             f"the loss or a gradient norm has been non-finite for {streak} consecutive steps "
             f"(since step {step - streak + 1})"

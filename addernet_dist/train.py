@@ -397,8 +397,15 @@ def _loop(
     guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, dist.device)
 
     def save(last_eval, best=False):
-        # Never a checkpoint (or best.pt) of a non-finite model.
-        guard.check(dist, state.global_step, model, before="checkpoint")
+        # Never a checkpoint (or best.pt) of a non-finite model, nor one from a non-finite step.
+        if not guard.check(dist, state.global_step, model, before="checkpoint"):
+            log.warning(
+                "not saving step %d: its loss or gradient norm is non-finite (the run stops after "
+                "train.max_nonfinite_steps=%d such steps in a row)",
+                state.global_step,
+                cfg.train.max_nonfinite_steps,
+            )
+            return None
         path = ckpt.path_for(state.global_step)
         with watchdog.during("checkpoint"):
             engine.save(path, _client_state(cfg, state, p_sched, train_loader, dist, last_eval))
@@ -433,10 +440,10 @@ def _loop(
             end_of_epoch = step_in_epoch == steps_per_epoch
             if state.global_step % cfg.train.log_every == 0 or end_of_epoch:
                 dt = time.perf_counter() - t_last
-                guard.check(dist, state.global_step)
                 rec = _train_record(state, loss, engine, p, stats, adder_names, dist)
                 rec["images_per_s"] = steps_last * cfg.train.global_batch_size / max(dt, 1e-9)
                 logger.write(rec)
+                guard.check(dist, state.global_step)  # after the record: the log shows the NaN
                 keys = ("epoch", "loss", "lr", "p", "images_per_s")
                 progress.update(steps_last, {k: rec[k] for k in keys})
                 t_last, steps_last = time.perf_counter(), 0
