@@ -159,8 +159,9 @@ class Checkpointer:
         self.dir = self.root / "checkpoints"
         self.keep_last = keep_last
         self.dist = dist
-        # path -> (size, mtime_ns) of files this process verified (written or read back)
-        self._valid: dict[Path, tuple[int, int]] = {}
+        # path -> stat signature of checkpoints this process verified (written or read back):
+        # a file (or DeepSpeed folder) is re-read only when it changed since.
+        self._valid: dict[Path, tuple] = {}
 
     def path_for(self, global_step: int) -> Path:
         return self.dir / f"step_{global_step:09d}.pt"
@@ -179,7 +180,13 @@ class Checkpointer:
     # ---- validity --------------------------------------------------------------------------
 
     @staticmethod
-    def _signature(path: Path) -> tuple[int, int]:
+    def _signature(path: Path) -> tuple:
+        if path.is_dir():  # a DeepSpeed folder: every shard's size and mtime
+            return tuple(
+                (str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
+                for p in sorted(path.rglob("*"))
+                if p.is_file()
+            )
         st = path.stat()
         return (st.st_size, st.st_mtime_ns)
 
@@ -189,10 +196,10 @@ class Checkpointer:
             sig = self._signature(path)
         except OSError as e:
             return f"cannot stat '{path}': {e}"
-        if not path.is_dir() and self._valid.get(path) == sig:
+        if self._valid.get(path) == sig:
             return None
         problem = verify(path)
-        if problem is None and not path.is_dir():
+        if problem is None:
             self._valid[path] = sig
         return problem
 
