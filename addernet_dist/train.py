@@ -23,7 +23,7 @@ final evaluation; the same command continues from there.
 Exit status: 0 finished; 1 failed (diverged, a stalled peer, a crash); 2 bad config, checkpoint
 or run folder (the message says what to do); 143 preempted.
 Fault injection for tests: ADDERNET_FAULT_STEP=s [ADDERNET_FAULT_RANK=r]
-[ADDERNET_FAULT_MARKER=file] [ADDERNET_FAULT_SIGNAL=KILL|TERM] signals the process right after
+[ADDERNET_FAULT_MARKER=file] [ADDERNET_FAULT_SIGNAL=KILL|TERM|STOP] signals the process right after
 optimizer step s (once, if a marker file is given: it is created first and disables later faults).
 """
 

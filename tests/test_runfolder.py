@@ -107,8 +107,14 @@ def test_retention_keeps_the_runs_valid_checkpoints_and_moves_corrupt_ones_aside
     (ck / "best.pt").unlink()
     newest = ck / "step_000000006.pt"
     newest.write_bytes(newest.read_bytes()[:1000])
+    # ... and the temp file of a writer killed mid-save (its pid is gone): removed at start.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = ck / f".step_000000008.pt.tmp.{dead.pid}"
+    stale.write_bytes(b"half a checkpoint")
 
     err = _main(capsys, [f"output_dir={out}", *ONE_EPOCH, "train.epochs=2", "train.keep_last=1"], 0)
+    assert f"removed {stale}, left by a killed writer" in err and not stale.exists()
     assert "skipping checkpoint step_000000006.pt" in err
     assert "moved unreadable checkpoint step_000000006.pt aside to step_000000006.pt.corrupt" in err
     assert "step_000000002.pt at step 2" in err
@@ -323,6 +329,11 @@ def test_rejected_resumes_leave_the_folder_untouched_and_say_what_to_do(
     assert eval_main(["--checkpoint", str(ds)]) == 2
     err = capsys.readouterr().err
     assert "DeepSpeed checkpoint" in err and "addernet-zero-to-state-dict" in err
+    # addernet-eval with a config of another model names both.
+    args = ["--config", str(DEBUG_CONFIG), "--checkpoint", str(mid), "model.name=resnet20"]
+    assert eval_main(args) == 2
+    err = capsys.readouterr().err
+    assert "holds model resnet8 (conv=adder), the config builds resnet20" in err, err
 
     # A batch-size change at an epoch boundary is fine (was: "resume at an epoch boundary").
     run = [f"output_dir={out}", *SMALL, "train.log_every=1", "train.epochs=2"]
