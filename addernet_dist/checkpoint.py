@@ -228,12 +228,14 @@ class Checkpointer:
         return None
 
     def verify_written(self, path: Path) -> None:
-        """Read back a checkpoint this run just wrote (rank 0): a write that does not verify (a
-        full disk on a network file system) is an error, and the previous checkpoints stay."""
-        if not self.dist.is_main:
-            return
-        self._valid.pop(path, None)
-        problem = self._check(path)
+        """Collective. Rank 0 reads back the checkpoint just written: one that does not verify
+        (a full disk on a network file system) is an error on every rank (none is left waiting
+        in the next collective), and the previous checkpoints stay."""
+        problem = None
+        if self.dist.is_main:
+            self._valid.pop(path, None)
+            problem = self._check(path)
+        problem = self.dist.broadcast_object(problem)
         if problem is not None:
             raise CheckpointError(f"the checkpoint just written does not verify: {problem}")
 
@@ -286,8 +288,12 @@ class Checkpointer:
         existing = self.holds_run()
         inside = False
         if resume not in ("auto", "none"):
-            target = Path(resume).resolve()
-            inside = target.parent == self.dir.resolve()
+            problem = verify(Path(resume))  # the file itself first: the most useful message
+            if problem is not None:
+                raise CheckpointError(
+                    f"resume={resume}: {problem}; pass resume=auto or resume=none"
+                )
+            inside = Path(resume).resolve().parent == self.dir.resolve()
         if existing and (resume == "none" or (resume not in ("auto", "none") and not inside)):
             what = ", ".join(existing[:4]) + (", ..." if len(existing) > 4 else "")
             if not overwrite:
@@ -313,11 +319,6 @@ class Checkpointer:
                 return plan
             plan.path = found
         else:
-            problem = verify(Path(resume))
-            if problem is not None:
-                raise CheckpointError(
-                    f"resume={resume}: {problem}; pass resume=auto or resume=none"
-                )
             plan.path = Path(resume)
         if plan.path.is_file():
             state = load_file(plan.path)
@@ -356,10 +357,12 @@ class Checkpointer:
                 plan = self._decide(cfg)
             except CheckpointError as e:
                 error = str(e)
+            except OSError as e:  # e.g. a read-only output_dir: every rank must hear of it
+                error = f"cannot use output_dir '{self.root}': {e}"
         plan, error = self.dist.broadcast_object((plan, error))
         if error is not None:
             release_run_locks()
-            raise RunFolderError(error) if "output_dir" in error else CheckpointError(error)
+            raise CheckpointError(error)
         if self.dist.is_main:
             for note in plan.notes:
                 log.warning(note)

@@ -317,7 +317,7 @@ def _train(cfg: Config, dist: DistInfo) -> EvalResult | None:
                 "resumed from %s at step %d (epoch %d)", resume_from, state.global_step, state.epoch
             )
             for line in describe_changes(changes):
-                log.warning("resume: %s", line)
+                (log.warning if changes else log.info)("resume: %s", line)
     # Everything is validated (config, data, the resume checkpoint): only now change the folder.
     ckpt.commit(plan)
     if dist.is_main:
