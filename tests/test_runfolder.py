@@ -30,7 +30,15 @@ from addernet_dist.distributed import DistInfo
 from addernet_dist.logging_utils import MetricsLogger, read_metrics
 from addernet_dist.optim import LRLambda
 from addernet_dist.runfolder import RunFolderError, RunLock
-from tests.train_helpers import DEBUG_CONFIG, FAST, REPO, env, free_port, train_cmd
+from tests.train_helpers import (
+    DEBUG_CONFIG,
+    FAST,
+    REPO,
+    env,
+    free_port,
+    run_python,
+    train_cmd,
+)
 
 # A small epoch: 96 training images, global batch 16 -> 6 steps; checkpoints at 2, 4 and 6 (the
 # epoch end, after the evaluation on 20 images).
@@ -304,6 +312,18 @@ def test_rejected_resumes_leave_the_folder_untouched_and_say_what_to_do(
             assert n in err, err[-3000:]
         assert (out / "config.yaml").read_bytes() == config_before, overrides
         assert _names(out) == names_before, overrides
+
+    # Another engine: a DDP checkpoint file cannot resume engine=deepspeed (the real engine, on
+    # CPU through gloo, in its own process).
+    proc = run_python(
+        train_cmd([f"output_dir={out}", *ONE_EPOCH, "engine=deepspeed"]), DS_ACCELERATOR="cpu"
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "a DDP checkpoint file cannot resume a DeepSpeed run: resume it with engine=ddp" in (
+        proc.stderr
+    )
+    assert (out / "config.yaml").read_bytes() == config_before
+    assert _names(out) == names_before
 
     # A DeepSpeed checkpoint folder given to the DDP engine, a converted (weights-only) file.
     ds = tmp_path / "ds" / "checkpoints" / "step_000000005.pt"
