@@ -257,7 +257,7 @@ class RunLock:
                     raise self._refuse(info, hint) from None
                 log.warning("taking over the stale lock of dead %s", _holder_text(info))
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(record).encode(), 0)
+        os.pwrite(fd, dumps_strict(record).encode(), 0)
         os.fsync(fd)
         self._fd = fd
 
@@ -266,7 +266,7 @@ class RunLock:
             return
         try:
             os.ftruncate(self._fd, 0)
-            os.pwrite(self._fd, json.dumps({"released": True}).encode(), 0)
+            os.pwrite(self._fd, dumps_strict({"released": True}).encode(), 0)
         except OSError:
             pass
         # Closing the descriptor releases the flock. The file stays: unlinking a lock file
