@@ -223,7 +223,7 @@ class StallWatchdog:
                 + ")"
             )
         msg = (
-            f"stalled run: rank {me} has waited {waited:.0f} s in step {self.step + 1} "
+            f"stalled run: rank {me} has waited {waited:.0f} s since it finished step {self.step} "
             f"({self.phase}; limit {key}={limit:g}); {cause}. Exiting with status "
             f"{EXIT_STALLED} so torchrun --max-restarts restarts the group from the last "
             "checkpoint (resume=auto)"
