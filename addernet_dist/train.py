@@ -263,8 +263,11 @@ def _restore(client: dict[str, Any], p_sched, train_loader, dist: DistInfo) -> T
 # ---------------------------------------------------------------------------------------------
 
 
-def train(cfg: Config) -> EvalResult | None:
-    """Run (or continue) the training described by ``cfg``; returns the last evaluation."""
+def train(cfg: Config, *, raise_on_preempt: bool = False) -> EvalResult | None:
+    """Run (or continue) the training described by ``cfg``; returns the last evaluation.
+
+    Preempted (SIGTERM): returns None after the checkpoint, or raises :class:`Preempted` when
+    ``raise_on_preempt`` (the CLI does, to exit with EXIT_PREEMPTED)."""
     dist = init_distributed(cfg.train.device)
     setup_console_logging(dist.rank)
     ok = False
@@ -274,7 +277,9 @@ def train(cfg: Config) -> EvalResult | None:
         return result
     except Preempted:
         ok = True  # every rank agreed on it: a clean shutdown
-        raise
+        if raise_on_preempt:
+            raise
+        return None
     finally:
         release_run_locks()  # the run folder's lock (checkpoint.Checkpointer.open)
         destroy_distributed(dist, ok)
@@ -546,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv, "addernet-train", "Train an AdderNet (see module docstring).")
     try:
         cfg = load_config(args.config, args.overrides)
-        train(cfg)
+        train(cfg, raise_on_preempt=True)
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
