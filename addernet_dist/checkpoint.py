@@ -1,25 +1,31 @@
 """Crash-safe checkpoint files and the run folder's checkpoint bookkeeping.
 
-File format: ``torch.save`` bytes followed by a 40-byte footer ``b"ADDERCKP" + sha256(body)``.
-A file is written to a temporary name in the same folder, fsynced, then ``os.replace``d onto its
-final name (and the folder fsynced), so a crash at any moment leaves either the old set of
-checkpoints or the new one, never a half-written file under a checkpoint name. The footer catches
-what atomic rename cannot: truncation or corruption after the fact (disk full on a network file
-system, a partial copy); such a file fails ``verify`` and ``resume=auto`` falls back to the
-previous one with a warning naming it.
+File format (runfolder.py): ``torch.save`` bytes followed by a 40-byte footer
+``b"ADDERCKP" + sha256(body)``, written atomically (temp file, fsync, ``os.replace``, fsync of the
+folder), so a crash at any moment leaves either the old set of checkpoints or the new one, never a
+half-written file under a checkpoint name. The footer catches what atomic rename cannot:
+truncation or corruption after the fact (disk full on a network file system, a partial copy); such
+a file fails ``verify``, ``resume=auto`` falls back to the previous one with a warning naming it,
+and the file is moved aside to ``<name>.corrupt`` (never deleted: it may be all a user has).
 
-Layout of ``<output_dir>/checkpoints/``: ``step_<global step, 9 digits>.pt`` (the last
-``keep_last`` are kept) and ``best.pt`` (a copy of the checkpoint with the best val top-1).
+Layout of ``<output_dir>/checkpoints/``: ``step_<global step, 9 digits>.pt`` and ``best.pt`` (a
+copy of the checkpoint with the best val top-1). Retention (:meth:`Checkpointer.prune`) deletes a
+step checkpoint only when this run has verified it AND ``keep_last`` newer checkpoints that verify;
+it never deletes the newest valid one, nor a file it cannot read.
+
+One run per folder (:meth:`Checkpointer.open`): rank 0 holds ``<output_dir>/.lock`` for the life of
+the run; a fresh start (``resume=none``) in a folder that holds a run is refused unless
+``overwrite=true``, which moves the old run into ``<output_dir>/old-<UTC time>/``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import logging
 import os
 import random
 import re
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,91 +33,45 @@ import numpy as np
 import torch
 
 from addernet_dist.distributed import DistInfo
+from addernet_dist.engine import ds_checkpoint
+from addernet_dist.runfolder import (  # noqa: F401  (re-exported: the checkpoint API)
+    CheckpointError,
+    RunFolderError,
+    RunLock,
+    atomic_write_bytes,
+    clean_stale_temp,
+    encode,
+    load_file,
+    read_verified,
+    remove,
+    save_file,
+    verify_file,
+)
 
 log = logging.getLogger(__name__)
 
-_MAGIC = b"ADDERCKP"
-_FOOTER = len(_MAGIC) + 32
 _STEP_RE = re.compile(r"^step_(\d{9})\.pt$")
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, truncated or corrupt."""
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems refuse fsync on directories; the rename is still atomic
-    finally:
-        os.close(fd)
+# Locks held by this process (released by train.train on any exit; the kernel releases them
+# on a crash).
+_HELD_LOCKS: list[RunLock] = []
 
 
-def atomic_write_bytes(data: bytes, path: Path) -> None:
-    """Write ``data`` to ``path`` atomically (tmp file in the same folder + fsync + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
-
-
-def encode(state: dict[str, Any]) -> bytes:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    body = buf.getvalue()
-    return body + _MAGIC + hashlib.sha256(body).digest()
-
-
-def save_file(state: dict[str, Any], path: Path) -> None:
-    atomic_write_bytes(encode(state), path)
-
-
-def _read_verified(path: Path) -> bytes:
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise CheckpointError(f"cannot read checkpoint '{path}': {e}") from e
-    if len(data) < _FOOTER or data[-_FOOTER : -_FOOTER + len(_MAGIC)] != _MAGIC:
-        raise CheckpointError(f"checkpoint '{path}' is truncated or not an addernet checkpoint")
-    body, digest = data[:-_FOOTER], data[-32:]
-    if hashlib.sha256(body).digest() != digest:
-        raise CheckpointError(f"checkpoint '{path}' is corrupt (sha256 mismatch)")
-    return body
+def release_run_locks() -> None:
+    while _HELD_LOCKS:
+        _HELD_LOCKS.pop().release()
 
 
 def verify(path: Path) -> str | None:
     """None if ``path`` is a complete, uncorrupted checkpoint, else the reason it is not."""
     if Path(path).is_dir():  # engine=deepspeed saves folders (engine/ds_checkpoint.py)
-        from addernet_dist.engine.ds_checkpoint import verify_dir
-
-        return verify_dir(path)
-    try:
-        _read_verified(path)
-    except CheckpointError as e:
-        return str(e)
-    return None
+        return ds_checkpoint.verify_dir(path)
+    return verify_file(path)
 
 
-def load_file(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    body = _read_verified(path)
-    # weights_only=False: the file also holds RNG states (numpy arrays, Python tuples) and the
-    # config; its integrity is checked above and it is only ever a file this trainer wrote.
-    return torch.load(io.BytesIO(body), map_location=map_location, weights_only=False)
+def step_of(path: Path) -> int | None:
+    m = _STEP_RE.match(Path(path).name)
+    return int(m.group(1)) if m else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,13 +103,65 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass
+class ResumePlan:
+    """What :meth:`Checkpointer.open` decided (identical on every rank)."""
+
+    path: Path | None = None
+    # resume=auto found a run in the folder but no checkpoint that verifies: the run starts from
+    # step 0 and marks the restart in metrics.jsonl.
+    from_scratch: bool = False
+    notes: list[str] = field(default_factory=list)
+    # Applied by Checkpointer.commit once the resume is validated (a rejected run moves nothing):
+    move_old_run: bool = False  # overwrite=true: the previous run goes to old-<time>/
+    supersede_after: int | None = None  # resume= an older step: newer ones go to superseded-<time>/
+
+
+def _model_identity(model_cfg: dict[str, Any]) -> dict[str, Any]:
+    return {k: model_cfg.get(k) for k in ("name", "conv", "num_classes", "kwargs")}
+
+
+def _describe_model(model_cfg: dict[str, Any]) -> str:
+    extra = f", kwargs {model_cfg['kwargs']}" if model_cfg.get("kwargs") else ""
+    classes = model_cfg.get("num_classes") or "dataset's"
+    return f"{model_cfg.get('name')} (conv={model_cfg.get('conv')}, {classes} classes{extra})"
+
+
+def check_resumable(state: dict[str, Any], path: Path, cfg: Any) -> None:
+    """Refuse, with what to do instead, a checkpoint file that cannot resume the run ``cfg``."""
+    engine = state.get("engine") if isinstance(state, dict) else None
+    client = state.get("client") if isinstance(state, dict) else None
+    if not isinstance(engine, dict) or not isinstance(client, dict):
+        raise CheckpointError(f"'{path}' is not a training checkpoint written by addernet-train")
+    if engine.get("optimizer") is None or "train_state" not in client:
+        raise CheckpointError(
+            f"'{path}' holds model weights only (e.g. converted from a DeepSpeed checkpoint by "
+            "addernet-zero-to-state-dict): it has no optimizer state, so it cannot resume a run. "
+            "Resume the DeepSpeed checkpoint folder itself with engine=deepspeed, or evaluate "
+            "the file with addernet-eval"
+        )
+    saved = client.get("config", {}).get("model")
+    if saved is not None:
+        want = cfg.model.model_dump(mode="json")
+        if _model_identity(saved) != _model_identity(want):
+            raise CheckpointError(
+                f"'{path}' holds model {_describe_model(saved)}, this run builds "
+                f"{_describe_model(want)}; set model.* to match the checkpoint to resume it, or "
+                "start the new model in another output_dir"
+            )
+
+
 class Checkpointer:
-    """Names, lists, prunes and resolves the checkpoints of one run folder."""
+    """Names, lists, verifies, prunes and resolves the checkpoints of one run folder."""
 
     def __init__(self, output_dir: str | os.PathLike, keep_last: int, dist: DistInfo) -> None:
-        self.dir = Path(output_dir) / "checkpoints"
+        self.root = Path(output_dir)
+        self.dir = self.root / "checkpoints"
         self.keep_last = keep_last
         self.dist = dist
+        # path -> stat signature of checkpoints this process verified (written or read back):
+        # a file (or DeepSpeed folder) is re-read only when it changed since.
+        self._valid: dict[Path, tuple] = {}
 
     def path_for(self, global_step: int) -> Path:
         return self.dir / f"step_{global_step:09d}.pt"
@@ -165,17 +177,199 @@ class Checkpointer:
         found = [(int(m.group(1)), p) for p in self.dir.iterdir() if (m := _STEP_RE.match(p.name))]
         return [p for _, p in sorted(found)]
 
-    def newest_valid(self) -> Path | None:
-        """The newest checkpoint that verifies; warns about each newer one that does not."""
+    # ---- validity --------------------------------------------------------------------------
+
+    @staticmethod
+    def _signature(path: Path) -> tuple:
+        if path.is_dir():  # a DeepSpeed folder: every shard's size and mtime
+            return tuple(
+                (str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
+                for p in sorted(path.rglob("*"))
+                if p.is_file()
+            )
+        st = path.stat()
+        return (st.st_size, st.st_mtime_ns)
+
+    def _check(self, path: Path) -> str | None:
+        """verify(), cached for files this process already verified unchanged."""
+        try:
+            sig = self._signature(path)
+        except OSError as e:
+            return f"cannot stat '{path}': {e}"
+        if self._valid.get(path) == sig:
+            return None
+        problem = verify(path)
+        if problem is None:
+            self._valid[path] = sig
+        return problem
+
+    def move_aside(self, path: Path, problem: str) -> Path:
+        """Rename an unreadable checkpoint to ``<name>.corrupt`` (kept for the user, out of
+        the way of listing, retention and resume)."""
+        dst = path.with_name(path.name + ".corrupt")
+        n = 1
+        while dst.exists():
+            dst = path.with_name(f"{path.name}.corrupt{n}")
+            n += 1
+        os.replace(path, dst)
+        log.warning("moved unreadable checkpoint %s aside to %s (%s)", path.name, dst.name, problem)
+        return dst
+
+    def newest_valid(self, move_aside: bool = False) -> Path | None:
+        """The newest checkpoint that verifies; warns about (and optionally moves aside) each
+        newer one that does not."""
         for path in reversed(self.list()):
-            problem = verify(path)
+            problem = self._check(path)
             if problem is None:
                 return path
             log.warning("skipping checkpoint %s: %s; trying the previous one", path.name, problem)
+            if move_aside:
+                self.move_aside(path, problem)
         return None
 
+    def verify_written(self, path: Path) -> None:
+        """Collective. Rank 0 reads back the checkpoint just written: one that does not verify
+        (a full disk on a network file system) is an error on every rank (none is left waiting
+        in the next collective), and the previous checkpoints stay."""
+        problem = None
+        if self.dist.is_main:
+            self._valid.pop(path, None)
+            problem = self._check(path)
+        problem = self.dist.broadcast_object(problem)
+        if problem is not None:
+            raise CheckpointError(f"the checkpoint just written does not verify: {problem}")
+
+    # ---- opening a run folder -----------------------------------------------------------------
+
+    def holds_run(self) -> list[str]:
+        """What in the folder belongs to a run (empty: the folder is free for a fresh start)."""
+        found = [f"checkpoints/{p.name}" for p in self.list()]
+        if self.dir.is_dir():
+            found += [
+                f"checkpoints/{p.name}"
+                for p in sorted(self.dir.iterdir())
+                if p.name == "best.pt" or ".corrupt" in p.name
+            ]
+        metrics = self.root / "metrics.jsonl"
+        if metrics.is_file() and metrics.stat().st_size > 0:
+            found.append("metrics.jsonl")
+        return found
+
+    def _move_old_run(self) -> Path:
+        dst = self.root / time.strftime("old-%Y%m%dT%H%M%SZ", time.gmtime())
+        n = 1
+        while dst.exists():
+            dst = self.root / (time.strftime("old-%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{n}")
+            n += 1
+        dst.mkdir()
+        for name in ("checkpoints", "metrics.jsonl", "config.yaml", "wandb"):
+            if (self.root / name).exists():
+                os.replace(self.root / name, dst / name)
+        return dst
+
+    def _supersede_newer(self, step: int) -> Path | None:
+        """resume= an older checkpoint of this folder: the newer ones (another future of the run)
+        move to ``checkpoints/superseded-<UTC time>/`` instead of being overwritten."""
+        newer = [p for p in self.list() if (step_of(p) or 0) > step]
+        if not newer:
+            return None
+        dst = self.dir / time.strftime("superseded-%Y%m%dT%H%M%SZ", time.gmtime())
+        dst.mkdir(exist_ok=True)
+        for p in newer:
+            os.replace(p, dst / p.name)
+        return dst
+
+    def _decide(self, cfg: Any) -> ResumePlan:
+        """Rank 0's part of :meth:`open` (raises CheckpointError with the fix)."""
+        plan = ResumePlan()
+        for p in clean_stale_temp(self.dir) + clean_stale_temp(self.root):
+            log.warning("removed %s, left by a killed writer", p)
+        resume, overwrite = cfg.resume, getattr(cfg, "overwrite", False)
+        existing = self.holds_run()
+        inside = False
+        if resume not in ("auto", "none"):
+            problem = verify(Path(resume))  # the file itself first: the most useful message
+            if problem is not None:
+                raise CheckpointError(
+                    f"resume={resume}: {problem}; pass resume=auto or resume=none"
+                )
+            inside = Path(resume).resolve().parent == self.dir.resolve()
+        if existing and (resume == "none" or (resume not in ("auto", "none") and not inside)):
+            what = ", ".join(existing[:4]) + (", ..." if len(existing) > 4 else "")
+            if not overwrite:
+                raise RunFolderError(
+                    f"output_dir '{self.root}' already holds a run ({what}); resume={resume} "
+                    "would mix two runs in one folder. Continue that run with resume=auto, "
+                    "choose another output_dir, or pass overwrite=true to move the old run "
+                    f"into '{self.root}/old-<time>/' and start fresh"
+                )
+            plan.move_old_run = True
+            existing = []
+        if resume == "none":
+            return plan
+        if resume == "auto":
+            found = self.newest_valid(move_aside=True)
+            if found is None:
+                if existing:
+                    plan.from_scratch = True
+                    plan.notes.append(
+                        f"no valid checkpoint in '{self.dir}': starting from scratch (metrics.jsonl "
+                        "marks the restart; earlier records there are superseded)"
+                    )
+                return plan
+            plan.path = found
+        else:
+            plan.path = Path(resume)
+        if plan.path.is_file():
+            state = load_file(plan.path)
+            check_resumable(state, plan.path, cfg)
+            if inside:
+                plan.supersede_after = int(state["client"]["train_state"]["global_step"])
+        return plan
+
+    def commit(self, plan: ResumePlan) -> None:
+        """Rank 0, once the resume checkpoint loaded and fits the run: move the previous run
+        (overwrite=true) or the checkpoints newer than an explicit resume point out of the way."""
+        if not self.dist.is_main:
+            return
+        if plan.move_old_run:
+            log.warning("overwrite=true: moved the previous run to %s", self._move_old_run())
+        if plan.supersede_after is not None:
+            moved = self._supersede_newer(plan.supersede_after)
+            if moved is not None:
+                log.warning("resumed from an older checkpoint: the newer ones moved to %s", moved)
+
+    def open(self, cfg: Any) -> ResumePlan:
+        """Collective. Lock the run folder (rank 0, for the life of the run), remove temp files
+        of killed writers, and decide where the run starts (``cfg.resume``, ``cfg.overwrite``).
+
+        resume: "none" -> fresh start (refused in a folder that holds a run, unless overwrite);
+        "auto" -> newest valid checkpoint of the folder (unreadable newer ones are moved aside;
+        none at all: from scratch, said); else a path that must verify and fit the run.
+        """
+        plan: ResumePlan | None = None
+        error: str | None = None
+        if self.dist.is_main:
+            lock = RunLock(self.root)
+            try:
+                lock.acquire()
+                _HELD_LOCKS.append(lock)
+                plan = self._decide(cfg)
+            except CheckpointError as e:
+                error = str(e)
+            except OSError as e:  # e.g. a read-only output_dir: every rank must hear of it
+                error = f"cannot use output_dir '{self.root}': {e}"
+        plan, error = self.dist.broadcast_object((plan, error))
+        if error is not None:
+            release_run_locks()
+            raise CheckpointError(error)
+        if self.dist.is_main:
+            for note in plan.notes:
+                log.warning(note)
+        return plan
+
     def resolve_resume(self, resume: str) -> Path | None:
-        """Collective: rank 0 decides (so every rank resumes from the same file) and broadcasts.
+        """Collective, no lock: where ``resume`` points (kept for tools and tests).
 
         resume: "none" -> None; "auto" -> newest valid in the run folder (None when there is
         none); anything else is a path that must verify.
@@ -183,12 +377,10 @@ class Checkpointer:
         choice: str | None = None
         error: str | None = None
         if self.dist.is_main:
-            if resume == "none":
-                choice = None
-            elif resume == "auto":
+            if resume == "auto":
                 found = self.newest_valid()
                 choice = str(found) if found else None
-            else:
+            elif resume != "none":
                 problem = verify(Path(resume))
                 if problem is not None:
                     error = f"resume={resume}: {problem}; pass resume=auto or resume=none"
@@ -199,19 +391,108 @@ class Checkpointer:
             raise CheckpointError(error)
         return Path(choice) if choice else None
 
+    # ---- retention --------------------------------------------------------------------------
+
     def prune(self) -> None:
-        """Delete all but the newest ``keep_last`` step checkpoints (rank 0 only)."""
+        """Retention (rank 0): walking from the newest step down, keep the first ``keep_last``
+        checkpoints that verify and delete the older ones that verify; one that does not verify
+        is moved aside (``.corrupt``), never deleted and never counted as kept."""
         if not self.dist.is_main:
             return
-        from addernet_dist.engine.ds_checkpoint import remove
-
-        for path in self.list()[: -self.keep_last]:
-            remove(path)  # a file, or an engine=deepspeed folder
+        kept = 0
+        for path in reversed(self.list()):
+            problem = self._check(path)
+            if problem is not None:
+                self.move_aside(path, problem)
+                continue
+            if kept >= self.keep_last:
+                remove(path)  # a file, or an engine=deepspeed folder
+                self._valid.pop(path, None)
+            else:
+                kept += 1
 
     def copy_to_best(self, path: Path) -> None:
-        if self.dist.is_main and Path(path).is_dir():  # engine=deepspeed folder
-            from addernet_dist.engine.ds_checkpoint import copy
+        if not self.dist.is_main:
+            return
+        if Path(path).is_dir():  # engine=deepspeed folder
+            ds_checkpoint.copy(Path(path), self.best_path)
+            return
+        data = Path(path).read_bytes()
+        problem = verify(path)
+        if problem is not None:
+            raise CheckpointError(f"not copying to best.pt: {problem}")
+        atomic_write_bytes(data, self.best_path)
 
-            copy(Path(path), self.best_path)
-        elif self.dist.is_main:
-            atomic_write_bytes(Path(path).read_bytes(), self.best_path)
+
+# ---------------------------------------------------------------------------------------------
+# Resume: load, keep this run's optimizer settings, say what changed
+# ---------------------------------------------------------------------------------------------
+
+# Optimizer hyperparameters a resumed run takes from ITS config (the checkpoint's momentum
+# buffers and schedule position are kept): the user asked for them on the command line.
+_NEW_HYPERPARAMETERS = ("momentum", "nesterov", "weight_decay", "dampening")
+
+
+def load_for_resume(engine: Any, path: Path) -> dict[str, Any]:
+    """Collective. ``engine.load(path)``, then this run's optimizer settings (optim.lr, momentum,
+    nesterov, weight_decay) replace the checkpoint's: ``optimizer.load_state_dict`` would restore
+    the saved ones and the run would silently train with them. The LR schedule keeps its
+    position: lr = new base lr x the schedule's factor at the resumed step."""
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
+    sched = engine.lr_scheduler
+    base_lrs = list(sched.base_lrs)
+    try:
+        client = engine.load(path)
+    except CheckpointError:
+        raise
+    except (RuntimeError, ValueError, KeyError, AttributeError, TypeError) as e:
+        raise CheckpointError(
+            f"cannot resume from '{path}' with this config: {e}. Resume with the checkpoint's "
+            "settings (see its config), or start the new run in another output_dir"
+        ) from e
+    sched.base_lrs = base_lrs
+    lambdas = getattr(sched, "lr_lambdas", None)
+    for i, (g, fresh) in enumerate(zip(engine.optimizer.param_groups, groups)):
+        for k in _NEW_HYPERPARAMETERS:
+            if k in fresh:
+                g[k] = fresh[k]
+        g["initial_lr"] = base_lrs[i]
+        if lambdas is not None:
+            g["lr"] = base_lrs[i] * lambdas[i](sched.last_epoch)
+    sched._last_lr = [g["lr"] for g in engine.optimizer.param_groups]
+    return client
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and k != "kwargs":
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+# Keys whose change on resume is expected and not worth a line (where the run writes/reads).
+_QUIET_KEYS = {"resume", "overwrite"}
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list[Any]]:
+    """``{"optim.lr": [0.1, 0.05], ...}``: every key whose value differs between the
+    checkpoint's config and this run's (keys only one side has count as changed)."""
+    a, b = _flatten(old), _flatten(new)
+    return {
+        k: [a.get(k), b.get(k)]
+        for k in sorted(set(a) | set(b))
+        if k not in _QUIET_KEYS and a.get(k) != b.get(k)
+    }
+
+
+def describe_changes(changes: dict[str, list[Any]]) -> list[str]:
+    if not changes:
+        return ["config unchanged since the checkpoint"]
+    lines = [
+        f"{k}: {old!r} -> {new!r} (this run's value applies)" for k, (old, new) in changes.items()
+    ]
+    return [f"{len(changes)} config key(s) differ from the checkpoint's:", *lines]

@@ -100,7 +100,24 @@ class TrainConfig(_Section):
     # many training batches per rank at the current p (metrics.recalibrate_bn: the momentum-0.1
     # statistics lag a moving p). 0: off. (best.pt only ever comes from evaluations at the final p.)
     bn_recalibration_batches: int = Field(default=0, ge=0)
+    # Retention: the newest keep_last step checkpoints that verify are kept; older ones are deleted
+    # only once verified (checkpoint.Checkpointer.prune); unreadable ones are moved to *.corrupt.
     keep_last: int = Field(default=3, ge=1)
+    # Divergence: the run stops with an error (exit 1, no checkpoint of the non-finite model) once
+    # the loss or a gradient norm has been NaN/inf for this many consecutive steps. Checked on log
+    # steps and before every checkpoint/evaluation (a host sync there anyway), so a NaN costs at
+    # most log_every steps of compute; a model with a non-finite weight is never saved.
+    max_nonfinite_steps: int = Field(default=3, ge=1)
+    # Stalled ranks (multi-process only): when a rank's training loop makes no progress for this
+    # long, it names the ranks that stopped responding (and their step) and exits 1, so torchrun
+    # --max-restarts restarts the group from the last checkpoint instead of waiting for the 30-min
+    # process-group timeout. 0: off. Steady state: a debug step takes ~0.1 s, an ImageNet
+    # ResNet-50 step ~0.5 s, so 300 s is >500 missed steps.
+    stall_timeout_s: float = Field(default=300.0, ge=0)
+    # The longer limit for the first stall_startup_steps steps (torch.compile, Triton autotuning,
+    # NCCL warm-up), evaluations and checkpoint writes (minutes on ImageNet).
+    stall_timeout_startup_s: float = Field(default=1800.0, ge=0)
+    stall_startup_steps: int = Field(default=20, ge=0)
     # tqdm bar: true / false / auto (only on an interactive terminal; plain log lines otherwise).
     # bool rather than "on"/"off": YAML reads a bare on/off as a boolean.
     progress_bar: bool | Literal["auto"] = "auto"
@@ -131,8 +148,13 @@ class Config(_Section):
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     output_dir: str = "runs/default"
-    # auto: newest valid checkpoint in output_dir if any; none: start fresh; else a path.
+    # auto: newest valid checkpoint in output_dir if any (none valid: start from scratch, said);
+    # none: start fresh (refused in a folder that already holds a run, see overwrite); else a path.
     resume: str = "auto"
+    # With resume=none (or a resume path from another folder) in an output_dir that holds a run:
+    # move that run's checkpoints/, metrics.jsonl and config.yaml into output_dir/old-<UTC time>/
+    # first. false (default): such a start is refused; two runs never share one folder.
+    overwrite: bool = False
 
     def p_decay_epochs(self) -> float:
         if self.adder.p_decay_epochs is not None:
@@ -240,13 +262,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
 
 def save_resolved(cfg: Config, output_dir: str | os.PathLike) -> Path:
     """Atomically write ``config.yaml`` into ``output_dir`` (never leaves a half-written file)."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dst = out / "config.yaml"
-    tmp = out / f".config.yaml.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(cfg.to_yaml())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, dst)
+    from addernet_dist.runfolder import atomic_write_text
+
+    dst = Path(output_dir) / "config.yaml"
+    atomic_write_text(cfg.to_yaml(), dst)
     return dst

@@ -10,10 +10,11 @@ addernet-data digits [ROOT]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from dataclasses import asdict
+
+from addernet_dist.runfolder import dumps_strict
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -42,7 +43,7 @@ def _check(args: argparse.Namespace) -> int:
         ]
         tmp = f"{args.json}.tmp"
         with open(tmp, "w") as f:
-            json.dump(out, f, indent=1)
+            f.write(dumps_strict(out, indent=1))
         os.replace(tmp, args.json)
     return 1 if any(r.corrupt for r in reports) else 0
 

@@ -12,7 +12,6 @@ apply on top either way. Prints one JSON line on rank 0:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from addernet_dist.distributed import DistInfo, destroy_distributed, init_distri
 from addernet_dist.logging_utils import setup_console_logging
 from addernet_dist.metrics import EvalResult, evaluate
 from addernet_dist.ops import dispatch
+from addernet_dist.runfolder import dumps_strict
 from addernet_dist.trained_weights import read_trained_weights
 
 
@@ -37,7 +37,15 @@ def evaluate_weights(cfg: Config, model_state: dict, dist: DistInfo) -> EvalResu
     # Only the val split: a train loader would scan the whole train tree (1.28M files on ImageNet).
     val_loader = build_split(cfg, dist, "val")
     model = build_model(cfg, val_loader.num_classes)
-    model.load_state_dict(model_state)
+    try:
+        model.load_state_dict(model_state)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise ConfigError(
+            f"the checkpoint's weights do not fit model {cfg.model.name} "
+            f"(conv={cfg.model.conv}) built from the config ({first}); evaluate it with the "
+            "config stored in the checkpoint (omit --config) or set model.* to match"
+        ) from None
     model.to(dist.device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -57,8 +65,15 @@ def main(argv: list[str] | None = None) -> int:
             weights = read_trained_weights(path)
         except checkpoint.CheckpointError as e:
             raise ConfigError(f"{e}; pass a step_*.pt or best.pt written by addernet-train") from e
+        saved = (weights.config or {}).get("model", {})
         if args.config:
             cfg = load_config(args.config, args.overrides)
+            if saved and (saved.get("name"), saved.get("conv")) != (cfg.model.name, cfg.model.conv):
+                raise ConfigError(
+                    f"'{path}' holds model {saved.get('name')} (conv={saved.get('conv')}), the "
+                    f"config builds {cfg.model.name} (conv={cfg.model.conv}); omit --config to "
+                    "use the checkpoint's own config, or set model.* to match"
+                )
         elif weights.config is None:
             raise ConfigError(f"'{path}' holds no run config; pass --config CONFIG.yaml")
         else:
@@ -75,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     if dist.is_main:
-        print(json.dumps({**result.as_dict(prefix=""), "checkpoint": str(path)}), flush=True)
+        # Strict JSON: a non-finite loss prints as null (json.dumps would write NaN).
+        print(dumps_strict({**result.as_dict(prefix=""), "checkpoint": str(path)}), flush=True)
     return 0
 
 

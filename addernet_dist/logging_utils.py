@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from addernet_dist.config import Config, WandbConfig
+from addernet_dist.runfolder import dumps_strict
 
 log = logging.getLogger("addernet_dist")
 
@@ -102,7 +103,8 @@ class MetricsLogger:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self._file.write(json.dumps(record) + "\n")
+        # Strict JSON (a NaN loss is written as null; strict parsers reject NaN tokens).
+        self._file.write(dumps_strict(record) + "\n")
         self._file.flush()
         if self._wandb is not None:
             kind = record.get("kind", "train")

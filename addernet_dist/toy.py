@@ -33,7 +33,6 @@ re-drawn) for the unit ball.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -43,6 +42,7 @@ import torch
 from torch import nn
 
 from addernet_dist.nn import AdderLinear
+from addernet_dist.runfolder import dumps_strict
 
 TASKS = ("unit_ball", "multi_ball", "linear")
 # The hidden sizes each paper figure shows.
@@ -279,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote {args.out}")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump([asdict(r) for r in results], fh, indent=1)
+            fh.write(dumps_strict([asdict(r) for r in results], indent=1))
     return 0
 
 

@@ -18,9 +18,12 @@ Launch commands (every form takes dotted overrides after the config, e.g. ``opti
 ``resume=auto`` (default) continues from the newest valid checkpoint in ``output_dir``, so a
 restarted torchrun group (``--max-restarts``) or a requeued Slurm job picks up by itself.
 SIGTERM (Slurm preemption): the ranks agree on it at the next logging step, write a checkpoint
-and exit 0 without a final evaluation; the same command continues from there.
+and exit with status 143 (EXIT_PREEMPTED, 128+SIGTERM: "not finished, run me again") without a
+final evaluation; the same command continues from there.
+Exit status: 0 finished; 1 failed (diverged, a stalled peer, a crash); 2 bad config, checkpoint
+or run folder (the message says what to do); 143 preempted.
 Fault injection for tests: ADDERNET_FAULT_STEP=s [ADDERNET_FAULT_RANK=r]
-[ADDERNET_FAULT_MARKER=file] [ADDERNET_FAULT_SIGNAL=KILL|TERM] signals the process right after
+[ADDERNET_FAULT_MARKER=file] [ADDERNET_FAULT_SIGNAL=KILL|TERM|STOP] signals the process right after
 optimizer step s (once, if a marker file is given: it is created first and disables later faults).
 """
 
@@ -39,19 +42,36 @@ from typing import Any
 import numpy as np
 import torch
 
-from addernet_dist.checkpoint import Checkpointer, CheckpointError, rng_state, set_rng_state
+from addernet_dist.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    config_changes,
+    describe_changes,
+    load_for_resume,
+    release_run_locks,
+    rng_state,
+    set_rng_state,
+)
 from addernet_dist.config import Config, ConfigError, load_config, save_resolved
 from addernet_dist.data import build_loader
 from addernet_dist.distributed import DistInfo, destroy_distributed, init_distributed
 from addernet_dist.engine.base import Engine, StepStats
+from addernet_dist.guard import DivergedError, NonFiniteGuard, StallWatchdog
 from addernet_dist.logging_utils import MetricsLogger, Progress, setup_console_logging
 from addernet_dist.metrics import EvalResult, evaluate, recalibrate_bn
 from addernet_dist.models import create_model
+from addernet_dist.models.registry import check_input_size
 from addernet_dist.nn import adder_layer_names, adder_modules, set_grad_modes, set_p
 from addernet_dist.ops import dispatch
 from addernet_dist.optim import PSchedule
 
 log = logging.getLogger("addernet_dist")
+
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: what a shell reports for a job killed by SIGTERM
+
+
+class Preempted(Exception):
+    """SIGTERM: a checkpoint was written; the run is unfinished (main exits EXIT_PREEMPTED)."""
 
 
 @dataclass
@@ -104,6 +124,15 @@ def build_data(cfg: Config, dist: DistInfo):
     train, val = build_split(cfg, dist, "train"), build_split(cfg, dist, "val")
     if len(train) == 0:
         raise ConfigError("the training split yields no batches; lower train.global_batch_size")
+    n_train = getattr(getattr(train, "sampler", None), "num_samples", None)
+    if n_train is not None and cfg.train.global_batch_size > n_train:
+        # Every step would repeat samples within its batch (docs/data.md: at most W*B-1
+        # duplicates per epoch holds, but they would all sit in one global batch).
+        raise ConfigError(
+            f"train.global_batch_size={cfg.train.global_batch_size} is larger than the training "
+            f"set ({n_train} samples): every batch would repeat samples; set "
+            f"train.global_batch_size to at most {n_train}"
+        )
     return train, val
 
 
@@ -119,6 +148,10 @@ def _recalibrate_bn(cfg: Config, dist: DistInfo, model, epoch: int, autocast_dty
 
 
 def build_model(cfg: Config, num_classes: int) -> torch.nn.Module:
+    try:
+        check_input_size(cfg.model.name, cfg.data.image_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     model = create_model(
         cfg.model.name,
         conv=cfg.model.conv,
@@ -204,9 +237,11 @@ def _restore(client: dict[str, Any], p_sched, train_loader, dist: DistInfo) -> T
     p_sched.load_state_dict(client["p_schedule"])
     same_world = client["world_size"] == dist.world_size
     loader_state = client["loader"][dist.rank if same_world else 0]
-    if same_world or loader_state.get("batches_done", 0) != 0:
+    if loader_state.get("batches_done", 0) != 0:
         train_loader.load_state_dict(loader_state)  # raises a clear error mid-epoch otherwise
     else:
+        # At an epoch boundary the position is just the epoch: another world size or batch size
+        # is fine here (the sampler's layout check is for mid-epoch positions).
         train_loader.set_epoch(state.epoch)
     if same_world:
         set_rng_state(client["rng"][dist.rank])
@@ -225,8 +260,11 @@ def _restore(client: dict[str, Any], p_sched, train_loader, dist: DistInfo) -> T
 # ---------------------------------------------------------------------------------------------
 
 
-def train(cfg: Config) -> EvalResult | None:
-    """Run (or continue) the training described by ``cfg``; returns the last evaluation."""
+def train(cfg: Config, *, raise_on_preempt: bool = False) -> EvalResult | None:
+    """Run (or continue) the training described by ``cfg``; returns the last evaluation.
+
+    Preempted (SIGTERM): returns None after the checkpoint, or raises :class:`Preempted` when
+    ``raise_on_preempt`` (the CLI does, to exit with EXIT_PREEMPTED)."""
     dist = init_distributed(cfg.train.device)
     setup_console_logging(dist.rank)
     ok = False
@@ -234,7 +272,13 @@ def train(cfg: Config) -> EvalResult | None:
         result = _train(cfg, dist)
         ok = True
         return result
+    except Preempted:
+        ok = True  # every rank agreed on it: a clean shutdown
+        if raise_on_preempt:
+            raise
+        return None
     finally:
+        release_run_locks()  # the run folder's lock (checkpoint.Checkpointer.open)
         destroy_distributed(dist, ok)
 
 
@@ -254,31 +298,54 @@ def _train(cfg: Config, dist: DistInfo) -> EvalResult | None:
         cfg.adder, decay_epochs=cfg.p_decay_epochs(), steps_per_epoch=steps_per_epoch
     )
     ckpt = Checkpointer(cfg.output_dir, cfg.train.keep_last, dist)
-    resume_from = ckpt.resolve_resume(cfg.resume)
-    # Everything is validated: only now touch output_dir.
-    if dist.is_main:
-        save_resolved(cfg, cfg.output_dir)
+    # Lock the run folder, clean temp files of killed writers, pick the resume point (or refuse).
+    plan = ckpt.open(cfg)
+    resume_from = plan.path
 
     seed_everything(cfg.train.seed + 1_000_003 * dist.rank)  # per-rank streams from here on
     state = TrainState()
     last_eval: dict[str, float] | None = None
+    changes: dict[str, list[Any]] = {}
     if resume_from is not None:
-        client = engine.load(resume_from)
-        state = _restore(client, p_sched, train_loader, dist)
+        client = load_for_resume(engine, resume_from)
+        try:
+            state = _restore(client, p_sched, train_loader, dist)
+        except ValueError as e:
+            raise CheckpointError(f"cannot resume from {resume_from}: {e}") from e
         last_eval = client.get("last_eval")
-        log.info(
-            "resumed from %s at step %d (epoch %d)", resume_from, state.global_step, state.epoch
-        )
+        changes = config_changes(client.get("config") or {}, cfg.model_dump(mode="json"))
+        if dist.is_main:
+            log.info(
+                "resumed from %s at step %d (epoch %d)", resume_from, state.global_step, state.epoch
+            )
+            for line in describe_changes(changes):
+                (log.warning if changes else log.info)("resume: %s", line)
+    # Everything is validated (config, data, the resume checkpoint): only now change the folder.
+    ckpt.commit(plan)
+    if dist.is_main:
+        save_resolved(cfg, cfg.output_dir)
 
     logger = MetricsLogger(cfg, enabled=dist.is_main, wandb_run_id=state.wandb_run_id)
     state.wandb_run_id = logger.wandb_run_id
     if resume_from is not None:
-        logger.write({"kind": "resume", "step": state.global_step, "epoch": state.epoch})
+        rec = {"kind": "resume", "step": state.global_step, "epoch": state.epoch}
+        logger.write({**rec, **({"changed": changes} if changes else {})})
+    elif plan.from_scratch:
+        # One history for readers: read_metrics drops the records of the abandoned attempt.
+        logger.write({"kind": "resume", "step": 0, "epoch": 0, "restart": "no valid checkpoint"})
     progress = Progress(
         enabled=dist.is_main,
         mode=cfg.train.progress_bar,
         total=total_steps,
         initial=state.global_step,
+    )
+    # Names a stalled peer instead of waiting for the 30-min process-group timeout (guard.py).
+    watchdog = StallWatchdog(
+        dist,
+        timeout_s=cfg.train.stall_timeout_s,
+        startup_timeout_s=cfg.train.stall_timeout_startup_s,
+        startup_steps=cfg.train.stall_startup_steps,
+        first_step=state.global_step,
     )
     try:
         result = _loop(
@@ -293,8 +360,10 @@ def _train(cfg: Config, dist: DistInfo) -> EvalResult | None:
             logger,
             progress,
             last_eval,
+            watchdog,
         )
     finally:
+        watchdog.close()
         progress.close()
         logger.close()
     if dist.is_main and result is not None:
@@ -307,7 +376,18 @@ def _train(cfg: Config, dist: DistInfo) -> EvalResult | None:
 
 
 def _loop(
-    cfg, dist, engine, state, p_sched, train_loader, val_loader, ckpt, logger, progress, last_eval
+    cfg,
+    dist,
+    engine,
+    state,
+    p_sched,
+    train_loader,
+    val_loader,
+    ckpt,
+    logger,
+    progress,
+    last_eval,
+    watchdog: StallWatchdog,
 ) -> EvalResult | None:
     model = engine.unwrap()
     adders = adder_modules(model)
@@ -316,11 +396,25 @@ def _loop(
     total_steps = cfg.train.epochs * steps_per_epoch
     stop = _Stop()
     result: EvalResult | None = None
+    guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, dist.device)
 
-    def save(last_eval):
+    def save(last_eval, best=False):
+        # Never a checkpoint (or best.pt) of a non-finite model, nor one from a non-finite step.
+        if not guard.check(dist, state.global_step, model, before="checkpoint"):
+            log.warning(
+                "not saving step %d: its loss or gradient norm is non-finite (the run stops after "
+                "train.max_nonfinite_steps=%d such steps in a row)",
+                state.global_step,
+                cfg.train.max_nonfinite_steps,
+            )
+            return None
         path = ckpt.path_for(state.global_step)
-        engine.save(path, _client_state(cfg, state, p_sched, train_loader, dist, last_eval))
-        ckpt.prune()
+        with watchdog.during("checkpoint"):
+            engine.save(path, _client_state(cfg, state, p_sched, train_loader, dist, last_eval))
+            ckpt.verify_written(path)
+            if best:
+                ckpt.copy_to_best(path)
+            ckpt.prune()  # after best.pt is copied: only ever deletes verified, superseded files
         return path
 
     engine.train()
@@ -337,7 +431,9 @@ def _loop(
                 set_p(model, p)
             loss = engine.forward_backward(images, labels)
             stats = engine.step()
+            guard.update(loss, [stats.grad_norm, stats.adder_grad_norms])
             state.global_step += 1
+            watchdog.beat(state.global_step)
             step_in_epoch += 1
             p_sched.step_count = state.global_step
             steps_last += 1
@@ -349,6 +445,7 @@ def _loop(
                 rec = _train_record(state, loss, engine, p, stats, adder_names, dist)
                 rec["images_per_s"] = steps_last * cfg.train.global_batch_size / max(dt, 1e-9)
                 logger.write(rec)
+                guard.check(dist, state.global_step)  # after the record: the log shows the NaN
                 keys = ("epoch", "loss", "lr", "p", "images_per_s")
                 progress.update(steps_last, {k: rec[k] for k in keys})
                 t_last, steps_last = time.perf_counter(), 0
@@ -359,7 +456,7 @@ def _loop(
                         path,
                         state.global_step,
                     )
-                    return None
+                    raise Preempted(str(path))
             every = cfg.train.ckpt_every_steps
             if every and state.global_step % every == 0 and not end_of_epoch:
                 save(last_eval)
@@ -367,6 +464,9 @@ def _loop(
         state.epoch += 1
         is_last = state.epoch == cfg.train.epochs
         if is_last or state.epoch % cfg.train.eval_every_epochs == 0:
+            guard.check(dist, state.global_step, model, before="evaluation")
+            eval_phase = watchdog.during("evaluation")
+            eval_phase.__enter__()  # slow collective phase (the startup limit applies)
             recal = 0
             p_now = next(iter(adders)).p if adders else 1.0
             if cfg.train.bn_recalibration_batches and p_now > 1.0:
@@ -376,6 +476,7 @@ def _loop(
                 # batch); evaluate everywhere with rank 0's, which is also what gets checkpointed.
                 dist.broadcast_buffers_(model)
             result = evaluate(model, val_loader, dist, autocast_dtype=_eval_dtype(engine))
+            eval_phase.__exit__(None, None, None)
             engine.train()
             last_eval = result.as_dict()
             rec = {"kind": "eval", "step": state.global_step, "epoch": state.epoch}
@@ -393,9 +494,7 @@ def _loop(
             is_best = final_p and result.top1 > state.best_top1
             if final_p:
                 state.best_top1 = max(state.best_top1, result.top1)
-            path = save(last_eval)
-            if is_best:
-                ckpt.copy_to_best(path)
+            save(last_eval, best=is_best)
         else:
             save(last_eval)
         t_last = time.perf_counter()  # images/s measures training only, not eval + checkpoint
@@ -449,10 +548,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv, "addernet-train", "Train an AdderNet (see module docstring).")
     try:
         cfg = load_config(args.config, args.overrides)
-        train(cfg)
+        train(cfg, raise_on_preempt=True)
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except DivergedError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except Preempted:
+        return EXIT_PREEMPTED
     return 0
 
 

@@ -374,7 +374,13 @@ def test_resume_auto_skips_a_corrupt_newest_folder_and_prune_removes_folders(tmp
     assert ckpt.resolve_resume("auto") == ckpt.path_for(8)
     assert "step_000000012.pt" in caplog.text
     ckpt.prune()
-    assert [p.name for p in ckpt.list()] == ["step_000000008.pt", "step_000000012.pt"]
+    # Retention by validity: the corrupt folder is moved aside (not deleted, not counted as kept),
+    # so the two valid folders 4 and 8 stay.
+    assert [p.name for p in ckpt.list()] == ["step_000000004.pt", "step_000000008.pt"]
+    assert (ckpt.dir / "step_000000012.pt.corrupt").is_dir()
+    ckpt.keep_last = 1
+    ckpt.prune()
+    assert [p.name for p in ckpt.list()] == ["step_000000008.pt"]
     ckpt.copy_to_best(ckpt.path_for(8))
     assert ckpt.best_path.is_dir() and ds_checkpoint.verify_dir(ckpt.best_path) is None
     # Re-publishing over an existing folder replaces it whole ...

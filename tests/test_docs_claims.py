@@ -5,6 +5,7 @@ through the loader, and a DDP resume with another world size at an epoch boundar
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import pty
 import struct
@@ -202,7 +203,10 @@ def test_ddp_resume_with_another_world_size_at_an_epoch_boundary(tmp_path):
     assert "resuming with WORLD_SIZE=1 from a checkpoint written with 2" in resumed.stderr
     assert "step_000000002.pt at step 2" in resumed.stderr
     raw = [ln for ln in (out / "metrics.jsonl").read_text().splitlines() if '"resume"' in ln]
-    assert raw == ['{"kind": "resume", "step": 2, "epoch": 1}']
+    # the resume record also says what changed in the config (issue 12)
+    assert [json.loads(ln) for ln in raw] == [
+        {"kind": "resume", "step": 2, "epoch": 1, "changed": {"train.epochs": [1, 2]}}
+    ]
     records = read_metrics(out / "metrics.jsonl")
     train = [r["step"] for r in records if r["kind"] == "train"]
     assert train == [1, 2, 3, 4]

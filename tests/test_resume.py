@@ -94,9 +94,10 @@ def test_sigterm_checkpoints_at_next_log_step_and_resumes_exactly(uninterrupted,
     full, _ = uninterrupted
     out = tmp_path / "preempted"
     run = [f"output_dir={out}", *RUN[1:], "train.log_every=3"]
-    # SIGTERM after step 7: the run goes on to the next logging step (9), saves, exits 0.
+    # SIGTERM after step 7: the run goes on to the next logging step (9), saves, exits 143
+    # (EXIT_PREEMPTED: unfinished, run it again).
     proc = run_python(train_cmd(run), ADDERNET_FAULT_STEP="7", ADDERNET_FAULT_SIGNAL="TERM")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 143, proc.stderr[-3000:]
     assert "preempted (SIGTERM): saved" in proc.stderr and "at step 9" in proc.stderr
     assert "final:" not in proc.stdout
     assert (out / "checkpoints" / "step_000000009.pt").is_file()

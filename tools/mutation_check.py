@@ -125,7 +125,7 @@ MUTATIONS = [
     Mutation(
         "checkpoint-sha256-unchecked",
         "checkpoint sha256 verification skipped",
-        "addernet_dist/checkpoint.py",
+        "addernet_dist/runfolder.py",  # the verified format (shared with ds_checkpoint.py)
         "    if hashlib.sha256(body).digest() != digest:",
         "    if False:",
         ("tests/test_resume.py::test_newest_valid_skips_corrupt_files_and_names_them",),
@@ -186,6 +186,37 @@ MUTATIONS = [
         "            residual=residual,\n            relu=self.relu,",
         "            residual=None,\n            relu=self.relu,",
         ("tests/test_triton_fused.py::test_fuse_resnet8_block_pairs",),
+    ),
+    Mutation(
+        "retention-ignores-validity",
+        "retention keeps the newest keep_last step numbers, readable or not",
+        "addernet_dist/checkpoint.py",
+        "            problem = self._check(path)\n            if problem is not None:\n"
+        "                self.move_aside(path, problem)",
+        "            problem = None\n            if problem is not None:\n"
+        "                self.move_aside(path, problem)",
+        (
+            "tests/test_runfolder.py::"
+            "test_prune_deletes_only_verified_files_older_than_keep_last_valid_ones",
+        ),
+    ),
+    Mutation(
+        "run-lock-not-taken",
+        "the run-folder lock is never taken (two runs share a folder)",
+        "addernet_dist/runfolder.py",
+        "            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)",
+        "            pass",
+        ("tests/test_runfolder.py::test_run_lock_is_exclusive_and_released",),
+    ),
+    Mutation(
+        "divergence-unchecked",
+        "the non-finite guard never stops the run",
+        "addernet_dist/guard.py",
+        "        if streak < self.limit and n_bad == 0:",
+        "        if True:",
+        (
+            "tests/test_runfolder.py::test_divergence_stops_the_run_without_saving_a_nonfinite_model",
+        ),
     ),
 ]
 

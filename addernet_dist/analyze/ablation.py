@@ -105,7 +105,8 @@ def _cmd_ablation(args) -> None:
         overrides = ablation_overrides(fp, lp, ad) + [
             f"train.epochs={args.epochs}",
             f"output_dir={run_dir}",
-            "resume=none" if args.fresh else "resume=auto",
+            # --fresh: start over; the old run in run_dir moves to run_dir/old-<time>/.
+            *(["resume=none", "overwrite=true"] if args.fresh else ["resume=auto"]),
             'train.progress_bar="off"',  # bare off is YAML for False
             *extra,
         ]

@@ -67,7 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--set", nargs="*", default=[], help="extra trainer overrides key=value")
     p.add_argument("--reuse", action="store_true", help="skip arms whose run folder has metrics")
-    p.add_argument("--fresh", action="store_true", help="resume=none (default: resume=auto)")
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="resume=none overwrite=true: start over, the old runs move to <run>/old-<time>/ "
+        "(default: resume=auto)",
+    )
     p.add_argument(
         "--recalibrate-bn",
         action="store_true",

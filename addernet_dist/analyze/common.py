@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from addernet_dist.nn import Adder2d, AdderLinear
+from addernet_dist.runfolder import dumps_strict
 
 WEIGHT_TYPES = (nn.Conv2d, nn.Linear, Adder2d, AdderLinear)
 
@@ -36,4 +37,7 @@ def _pct(v: float) -> float:
 def _dump(args, obj: Any) -> None:
     print(f"wrote {args.out}")
     if args.json:
-        Path(args.json).write_text(json.dumps(obj, indent=1, default=float))
+        # Strict JSON: non-finite values as null (default=float first turns numpy/torch scalars into floats).
+        Path(args.json).write_text(
+            dumps_strict(json.loads(json.dumps(obj, default=float)), indent=1)
+        )

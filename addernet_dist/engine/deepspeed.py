@@ -274,7 +274,8 @@ class DeepSpeedEngine(Engine):
         if not path.is_dir():
             raise CheckpointError(
                 f"'{path}' is not a DeepSpeed checkpoint folder (engine=deepspeed saves folders); "
-                "a DDP checkpoint file cannot resume a DeepSpeed run"
+                "a DDP checkpoint file cannot resume a DeepSpeed run: resume it with engine=ddp, "
+                "or start the DeepSpeed run in another output_dir"
             )
         problem = ds_checkpoint.check_compatible(
             path, zero_stage=self.cfg.deepspeed.zero_stage, world_size=self.dist.world_size

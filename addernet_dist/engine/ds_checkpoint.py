@@ -12,7 +12,9 @@ truncation or corruption later is detected and ``resume=auto`` falls back) the e
    trainer's checkpoint pattern so listing, pruning and ``resume=auto`` treat it like a file).
 
 A folder without a valid MANIFEST, or whose shards do not match it, fails :func:`verify_dir`.
-This module imports no DeepSpeed (checkpoint.py calls it for every folder-shaped checkpoint).
+This module imports no DeepSpeed (checkpoint.py calls it for every folder-shaped checkpoint); the
+file-system helpers (atomic verified files, fsync of the folder, removal) are runfolder.py's, shared
+with checkpoint.py.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import os
 import shutil
 from pathlib import Path
 from typing import Any
+
+from addernet_dist.runfolder import fsync_dir, load_file, remove, save_file, verify_file
 
 MANIFEST = "MANIFEST"
 FORMAT = "addernet-deepspeed-v1"
@@ -41,8 +45,6 @@ def tmp_name(final: Path) -> Path:
 
 def write_manifest(folder: Path, extra: dict[str, Any] | None = None) -> None:
     """Hash every file under ``folder`` into ``folder/MANIFEST`` (atomic, verified format)."""
-    from addernet_dist.checkpoint import save_file
-
     files = {}
     for p in sorted(folder.rglob("*")):
         if p.is_file() and p.name != MANIFEST:
@@ -51,17 +53,13 @@ def write_manifest(folder: Path, extra: dict[str, Any] | None = None) -> None:
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
-    from addernet_dist.checkpoint import load_file
-
     return load_file(Path(folder) / MANIFEST)
 
 
 def verify_dir(folder: Path) -> str | None:
     """None if ``folder`` is a complete DeepSpeed checkpoint, else the reason it is not."""
     folder = Path(folder)
-    from addernet_dist.checkpoint import verify
-
-    problem = verify(folder / MANIFEST)
+    problem = verify_file(folder / MANIFEST)
     if problem is not None:
         return f"DeepSpeed checkpoint folder '{folder}' has no valid {MANIFEST} ({problem})"
     manifest = read_manifest(folder)
@@ -100,19 +98,6 @@ def check_compatible(folder: Path, *, zero_stage: int, world_size: int) -> str |
     return None
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def publish(tmp: Path, final: Path) -> None:
     """Move the finished folder ``tmp`` onto ``final``, replacing an older one of that name.
 
@@ -125,17 +110,8 @@ def publish(tmp: Path, final: Path) -> None:
     if final.exists():  # a folder, or a file of the same name (e.g. from engine=ddp)
         os.replace(final, trash)
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     remove(trash)
-
-
-def remove(path: Path) -> None:
-    """Delete a checkpoint that is a file or a DeepSpeed folder."""
-    path = Path(path)
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
 
 
 def copy(src: Path, dst: Path) -> None:

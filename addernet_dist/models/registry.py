@@ -18,16 +18,20 @@ class ModelInfo:
     fn: Callable[..., nn.Module]
     input_shape: tuple[int, int, int]  # (C, H, W) the model is defined for
     num_classes: int
+    # True: only input_shape's H x W works (a classifier sized for a fixed feature map).
+    fixed_size: bool = False
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
 
 
-def register_model(name: str, input_shape: tuple[int, int, int], num_classes: int):
+def register_model(
+    name: str, input_shape: tuple[int, int, int], num_classes: int, *, fixed_size: bool = False
+):
     def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} registered twice")
-        _REGISTRY[name] = ModelInfo(fn, input_shape, num_classes)
+        _REGISTRY[name] = ModelInfo(fn, input_shape, num_classes, fixed_size)
         return fn
 
     return deco
@@ -41,6 +45,18 @@ def model_info(name: str) -> ModelInfo:
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
     return _REGISTRY[name]
+
+
+def check_input_size(name: str, image_size: int) -> None:
+    """Raise ValueError (with the fix) when model ``name`` cannot take ``image_size`` inputs."""
+    info = model_info(name)
+    _, h, w = info.input_shape
+    if info.fixed_size and (image_size, image_size) != (h, w):
+        raise ValueError(
+            f"model {name} takes {h}x{w} inputs only (its classifier is sized for the feature map "
+            f"of a {h}x{w} image), but data.image_size={image_size}; set data.image_size={h} or "
+            "choose a model with global pooling (resnet*)"
+        )
 
 
 def layer_types(conv: str, **adder_kw) -> tuple[Callable[..., nn.Module], Callable[..., nn.Module]]:

@@ -42,6 +42,6 @@ class VGGSmall(nn.Module):
         return self.classifier(self.features(x).flatten(1))
 
 
-@register_model("vgg_small", (3, 32, 32), 10)
+@register_model("vgg_small", (3, 32, 32), 10, fixed_size=True)  # classifier over 512*4*4
 def vgg_small(conv: str = "adder", num_classes: int = 10, **kw) -> VGGSmall:
     return VGGSmall(num_classes=num_classes, conv=conv, **kw)

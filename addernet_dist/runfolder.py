@@ -1,0 +1,313 @@
+"""File-system helpers of a run folder: atomic writes, verified files, the run lock, temp cleanup.
+
+One module for what checkpoint.py (single-file checkpoints, retention) and engine/ds_checkpoint.py
+(DeepSpeed checkpoint folders) both need, so neither imports the other for it:
+
+- :func:`atomic_write_bytes` / :func:`atomic_write_text`: temp file in the same folder, fsync,
+  ``os.replace``, fsync of the folder (:func:`fsync_dir`): a crash leaves the old file or the new
+  one, never a half-written file under the final name.
+- the verified file format: ``torch.save`` bytes + ``b"ADDERCKP"`` + sha256 of the bytes
+  (:func:`save_file`, :func:`load_file`, :func:`verify_file`); truncation or corruption after the
+  fact (a full disk on a network file system, a partial copy) fails verification.
+- :class:`RunLock`: one writer per run folder (``<output_dir>/.lock``).
+- :func:`clean_stale_temp`: temp files and folders a killed writer left behind.
+- :func:`strict_json`: every JSON the package writes is strict (no NaN/Infinity tokens).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_MAGIC = b"ADDERCKP"
+_FOOTER = len(_MAGIC) + 32
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, truncated, corrupt or cannot resume this run."""
+
+
+class RunFolderError(CheckpointError):
+    """The run folder cannot be used as asked (held by another run, holds another run)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic writes
+# ---------------------------------------------------------------------------------------------
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a folder so a rename inside it survives a power loss (best effort)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on directories; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def tmp_path_for(path: Path) -> Path:
+    """The temp name of a write to ``path``: ``.<name>.tmp.<pid>`` (the pid lets
+    :func:`clean_stale_temp` tell a live writer's file from a dead one's)."""
+    return path.with_name(f".{path.name}.tmp.{os.getpid()}")
+
+
+def atomic_write_bytes(data: bytes, path: Path) -> None:
+    """Write ``data`` to ``path`` atomically (tmp file in the same folder + fsync + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path_for(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    atomic_write_bytes(text.encode(), path)
+
+
+def remove(path: Path) -> None:
+    """Delete a checkpoint that is a file or a DeepSpeed folder."""
+    path = Path(path)
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The verified file format
+# ---------------------------------------------------------------------------------------------
+
+
+def encode(state: dict[str, Any]) -> bytes:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    body = buf.getvalue()
+    return body + _MAGIC + hashlib.sha256(body).digest()
+
+
+def save_file(state: dict[str, Any], path: Path) -> None:
+    atomic_write_bytes(encode(state), path)
+
+
+def read_verified(path: Path) -> bytes:
+    """The payload of a verified file; :class:`CheckpointError` saying what is wrong otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(
+            f"'{path}' is a folder, not a checkpoint file: a DeepSpeed checkpoint (engine=deepspeed "
+            "writes step_<n>.pt folders) resumes only with engine=deepspeed; convert it to a file "
+            "with `addernet-zero-to-state-dict FOLDER model.pt` to evaluate it or start from it"
+        )
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint '{path}': {e}") from e
+    if len(data) < _FOOTER or data[-_FOOTER : -_FOOTER + len(_MAGIC)] != _MAGIC:
+        raise CheckpointError(f"checkpoint '{path}' is truncated or not an addernet checkpoint")
+    body, digest = data[:-_FOOTER], data[-32:]
+    if hashlib.sha256(body).digest() != digest:
+        raise CheckpointError(f"checkpoint '{path}' is corrupt (sha256 mismatch)")
+    return body
+
+
+def verify_file(path: Path) -> str | None:
+    """None if ``path`` is a complete, uncorrupted verified file, else the reason it is not."""
+    try:
+        read_verified(path)
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
+def load_file(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    body = read_verified(path)
+    # weights_only=False: the file also holds RNG states (numpy arrays, Python tuples) and the
+    # config; its integrity is checked above and it is only ever a file this trainer wrote.
+    return torch.load(io.BytesIO(body), map_location=map_location, weights_only=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Strict JSON
+# ---------------------------------------------------------------------------------------------
+
+
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by None: ``json.dumps`` would otherwise write
+    ``NaN``/``Infinity``, which strict parsers (JavaScript, jq, Go) reject."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
+def dumps_strict(obj: Any, **kw: Any) -> str:
+    return json.dumps(strict_json(obj), allow_nan=False, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# One writer per run folder
+# ---------------------------------------------------------------------------------------------
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _holder_text(info: dict[str, Any]) -> str:
+    if not info:
+        return "holder unknown"
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(info.get("started", 0)))
+    return f"pid {info.get('pid')} on host {info.get('host')}, started {started}"
+
+
+class RunLock:
+    """Exclusive lock on a run folder for the life of the run (taken by rank 0).
+
+    ``flock`` on ``<output_dir>/.lock``: the kernel releases it when the holder exits in any way
+    (SIGKILL, OOM kill, node reboot on a local disk), so a crash never leaves a lock to clean up.
+    The file records the holder's pid, host and start time for the refusal message. Where the
+    file system has no flock (ENOLCK/EOPNOTSUPP, e.g. some NFS mounts without lockd) the record
+    itself is the lock: a record left by a dead process on the same host is stale and taken
+    over; one from another host must be removed by hand (the message says so).
+    """
+
+    def __init__(self, output_dir: str | os.PathLike) -> None:
+        self.folder = Path(output_dir)
+        self.path = self.folder / ".lock"
+        self._fd: int | None = None
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            return {}
+
+    def _refuse(self, info: dict[str, Any], extra: str = "") -> RunFolderError:
+        return RunFolderError(
+            f"output_dir '{self.folder}' is in use by another run ({_holder_text(info)}): two runs "
+            "in one folder would mix their checkpoints and metrics. Wait for it to finish, stop "
+            f"it, or choose another output_dir{extra}"
+        )
+
+    def acquire(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.time(),
+            "argv": sys.argv,
+        }
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                raise self._refuse(self._read()) from None
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                os.close(fd)
+                raise
+            # No flock here: the record is the lock.
+            info = self._read()
+            if info.get("pid") and not info.get("released"):
+                same_host = info.get("host") == socket.gethostname()
+                if not same_host or pid_alive(int(info["pid"])):
+                    os.close(fd)
+                    hint = "" if same_host else f" (if it is dead, delete '{self.path}')"
+                    raise self._refuse(info, hint) from None
+                log.warning("taking over the stale lock of dead %s", _holder_text(info))
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, dumps_strict(record).encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, dumps_strict({"released": True}).encode(), 0)
+        except OSError:
+            pass
+        # Closing the descriptor releases the flock. The file stays: unlinking a lock file
+        # while another process has it open lets two processes hold "the" lock.
+        os.close(self._fd)
+        self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Temp files of killed writers
+# ---------------------------------------------------------------------------------------------
+
+_TMP_RE = re.compile(r"^\..+\.tmp\.(\d+)$")  # atomic_write_bytes: .<name>.tmp.<pid>
+_DS_TMP_RE = re.compile(r"^\.step_\d{9}\.pt\.(tmp|old)$")  # ds_checkpoint: .<name>.tmp / .old
+_BEST_TMP_RE = re.compile(r"^\.best\.pt\.(tmp|old)$")
+
+
+def clean_stale_temp(folder: Path) -> list[Path]:
+    """Remove temp files and folders of writers that are gone; returns what was removed.
+
+    Call only while holding the folder's :class:`RunLock` (then no other trainer writes here):
+    a ``.<name>.tmp.<pid>`` file is removed unless its pid is this process or a live process on
+    this host; DeepSpeed's pid-less ``.step_<n>.pt.tmp``/``.old`` folders are removed outright
+    (only the lock holder's rank 0 would publish them, and it has not started writing yet).
+    """
+    removed: list[Path] = []
+    if not Path(folder).is_dir():
+        return removed
+    me = os.getpid()
+    for p in Path(folder).iterdir():
+        m = _TMP_RE.match(p.name)
+        if m:
+            pid = int(m.group(1))
+            if pid == me or pid_alive(pid):
+                continue
+        elif not (_DS_TMP_RE.match(p.name) or _BEST_TMP_RE.match(p.name)):
+            continue
+        remove(p)
+        removed.append(p)
+    return removed
