@@ -25,6 +25,7 @@ from torch import nn
 
 from addernet_dist.models.resnet import BasicBlock, Bottleneck
 from addernet_dist.nn import _NOT_TRACED, Adder2d
+from addernet_dist.ops import amp
 from addernet_dist.ops.reference import check_conv_args
 
 
@@ -120,12 +121,12 @@ class FusedAdderBN2d(nn.Module):
         # False = float atomics, None = follow torch.are_deterministic_algorithms_enabled().
         self.deterministic: bool | None = True
 
-    def _fast_path_ok(self, x: torch.Tensor) -> bool:
+    def _fast_path_ok(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         return (
             self.use_fast_path
             and self.adder.backend in (None, "triton")
             and (x.is_cuda or ta._interpreting())
-            and x.dtype == self.adder.weight.dtype
+            and x.dtype == weight.dtype
         )
 
     def _unfused(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
@@ -136,27 +137,36 @@ class FusedAdderBN2d(nn.Module):
 
     def _gamma_beta(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         bn = self.bn
-        if bn.affine:
-            return bn.weight, bn.bias
+        if bn.affine:  # fp32 even where DeepSpeed stores them in bf16 (the dtype policy, ops/amp.py)
+            return amp.fp32_affine(bn.weight), amp.fp32_affine(bn.bias)
         ones = torch.ones(bn.num_features, device=x.device, dtype=torch.float32)
         return ones, torch.zeros_like(ones)
 
     @_NOT_TRACED  # as Adder2d.forward: p must not become a Dynamo guard (addernet_dist/nn.py)
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if not self._fast_path_ok(x):
+        # The adder ops' dtype policy (addernet_dist/ops/amp.py): x and the filters in fp32 (fp64),
+        # the BN epilogue in fp32, an fp32 output, autocast off; identical to the unfused pair's.
+        x, weight = amp.adder_operands(x, self.adder.weight)
+        with amp.autocast_off(x.device.type):
+            return self._forward(x, weight, residual)
+
+    def _forward(
+        self, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None
+    ) -> torch.Tensor:
+        if not self._fast_path_ok(x, weight):
             return self._unfused(x, residual)
         adder, bn = self.adder, self.bn
         if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
             x = x.contiguous()  # see adder2d_triton: ∂L/∂X is written with x's (dense) strides
         stride, padding, dilation, out_hw = check_conv_args(
-            x, adder.weight, adder.stride, adder.padding, adder.dilation
+            x, weight, adder.stride, adder.padding, adder.dilation
         )
         use_batch_stats = bn.training or bn.running_mean is None
         gamma, beta = self._gamma_beta(x)
         if use_batch_stats:
             out, mean, var = _AdderBNTrainFunction.apply(
                 x,
-                adder.weight,
+                weight,
                 gamma,
                 beta,
                 (stride, padding, dilation),
@@ -172,14 +182,14 @@ class FusedAdderBN2d(nn.Module):
             if residual is not None:
                 out = out + residual
             return F.relu(out) if self.relu else out
-        if torch.is_grad_enabled() and (x.requires_grad or adder.weight.requires_grad):
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
             # Eval-mode statistics with autograd recording (e.g. fine-tuning with frozen BN): the
             # inference kernel has no backward, the unfused pair does.
             return self._unfused(x, residual)
         invstd = torch.rsqrt(bn.running_var.float() + bn.eps)
         y, _ = ta.adder2d_forward(
             x,
-            adder.weight,
+            weight,
             stride,
             padding,
             dilation,
