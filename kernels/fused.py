@@ -137,7 +137,8 @@ class FusedAdderBN2d(nn.Module):
 
     def _gamma_beta(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         bn = self.bn
-        if bn.affine:  # fp32 even where DeepSpeed stores them in bf16 (the dtype policy, ops/amp.py)
+        # fp32 even where DeepSpeed stores them in bf16 (the dtype policy, ops/amp.py)
+        if bn.affine:
             return amp.fp32_affine(bn.weight), amp.fp32_affine(bn.bias)
         ones = torch.ones(bn.num_features, device=x.device, dtype=torch.float32)
         return ones, torch.zeros_like(ones)

@@ -1044,11 +1044,9 @@ class AdderTritonFunction(torch.autograd.Function):
 
 def resolve_deterministic(deterministic: bool | None) -> bool:
     """None → follow ``torch.use_deterministic_algorithms``; float atomics are the only nondeterminism."""
-    return (
-        torch.are_deterministic_algorithms_enabled()
-        if deterministic is None
-        else bool(deterministic)
-    )
+    from addernet_dist.device_policy import deterministic_grad_weight
+
+    return deterministic_grad_weight(deterministic, torch.are_deterministic_algorithms_enabled())
 
 
 def adder2d_triton(

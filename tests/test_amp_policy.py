@@ -24,7 +24,11 @@ from addernet_dist.ops.reference import adder2d_reference
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log2")
 
 BACKENDS = ("reference", "cpu", "triton")
-_FN = {"reference": None, "cpu": "AdderCPUFunctionBackward", "triton": "AdderTritonFunctionBackward"}
+_FN = {
+    "reference": None,
+    "cpu": "AdderCPUFunctionBackward",
+    "triton": "AdderTritonFunctionBackward",
+}
 
 
 @pytest.fixture(scope="module")

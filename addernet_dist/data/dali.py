@@ -34,17 +34,11 @@ from .sampler import ResumableShardSampler, ShardPlan
 
 
 def resolve_dali_device(cfg: DataConfig, device: torch.device) -> str:
-    """ "gpu" (mixed decode, GPU ops) or "cpu" (device_id=None, no GPU touched)."""
-    if cfg.dali.device == "gpu":
-        if device.type != "cuda":
-            raise ValueError(
-                f"data.dali.device='gpu' needs a CUDA training device, got {device}; use "
-                "data.dali.device=auto or cpu on machines without a GPU"
-            )
-        return "gpu"
-    if cfg.dali.device == "cpu":
-        return "cpu"
-    return "gpu" if device.type == "cuda" else "cpu"
+    """ "gpu" (mixed decode, GPU ops) or "cpu" (device_id=None, no GPU touched); the decision is
+    ``device_policy.dali_device``."""
+    from addernet_dist import device_policy
+
+    return device_policy.dali_device(cfg.dali.device, device_policy.DeviceInfo.probe(device))
 
 
 def build_pipeline(

@@ -42,9 +42,7 @@ def compute_dtype_of(x_dtype: torch.dtype, w_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in (x_dtype, w_dtype) else torch.float32
 
 
-def adder_operands(
-    x: torch.Tensor, weight: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def adder_operands(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, weight) in the compute dtype (differentiable casts; no-ops for operands already in it)."""
     cdt = compute_dtype_of(x.dtype, weight.dtype)
     return x.to(cdt), weight.to(cdt)

@@ -166,7 +166,8 @@ class AdderRowsFunction(torch.autograd.Function):
     def backward(ctx, g_mo):
         xc, wc, dist = ctx.saved_tensors
         g = g_mo.to(xc.dtype).contiguous()
-        with autocast_off(g.device.type):  # a backward called inside autocast stays fp32 (ops/amp.py)
+        # a backward called inside an autocast region stays fp32 (ops/amp.py)
+        with autocast_off(g.device.type):
             return AdderRowsFunction._backward(ctx, xc, wc, dist, g)
 
     @staticmethod
