@@ -338,8 +338,13 @@ def keep_batchnorm_fp32(model: nn.Module) -> int:
 def _alpha_fn(scaler: AdaptiveLRScaler):
     """eq. 33 factors from the trainer's AdaptiveLRScaler settings (same eta, k, norm floor)."""
     sqrt_k = torch.tensor(scaler.sqrt_k, dtype=torch.float32)
+    on_device: dict[torch.device, torch.Tensor] = {}  # copied once, not every step
 
     def fn(norms: torch.Tensor) -> torch.Tensor:
-        return scaler.eta * sqrt_k.to(norms.device) / norms.clamp_min(_NORM_FLOOR)
+        k = on_device.get(norms.device)
+        if k is None:
+            k = on_device[norms.device] = sqrt_k.to(norms.device)
+        return scaler.eta * k / norms.clamp_min(_NORM_FLOOR)
 
+    fn.on_device = on_device  # type: ignore[attr-defined]  (tests look at the cache)
     return fn
