@@ -41,7 +41,14 @@ def resolve_dali_device(cfg: DataConfig, device: torch.device) -> str:
     return device_policy.dali_device(cfg.dali.device, device_policy.DeviceInfo.probe(device))
 
 
-def build_pipeline(
+def build_pipeline(cfg: DataConfig, files: list[str], **kw):
+    """``define_pipeline(cfg, files, **kw)``, built: ready to run."""
+    pipe = define_pipeline(cfg, files, **kw)
+    pipe.build()
+    return pipe
+
+
+def define_pipeline(
     cfg: DataConfig,
     files: list[str],
     *,
@@ -56,7 +63,10 @@ def build_pipeline(
     enable_checkpointing: bool = False,
     checkpoint: str | None = None,
 ):
-    """A built DALI pipeline yielding (images float32 NCHW|NHWC normalised, positions int32).
+    """A DALI pipeline yielding (images float32 NCHW|NHWC normalised, positions int32), defined but
+    not built. DALI checks every operator's arguments and the device placement of its inputs while
+    the graph is defined, without a GPU, so tests check the ``mixed`` (GPU) pipeline on CPU machines
+    (tests/test_dali_loader.py::test_mixed_pipeline_is_defined_and_placed_on_cpu).
 
     ``checkpoint``: a ``Pipeline.checkpoint()`` string of a pipeline built with the same arguments;
     the new pipeline continues exactly where that one was (needs ``enable_checkpointing``)."""
@@ -158,7 +168,6 @@ def build_pipeline(
             **cmn_kw,
         )
         pipe.set_outputs(images, positions)
-    pipe.build()
     return pipe
 
 
