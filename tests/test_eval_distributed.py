@@ -95,7 +95,9 @@ def test_addernet_eval_cli_matches_in_process_eval(tmp_path, capsys):
         path,
     )
     loader = build_loader(cfg.data, "val", batch_size=8, seed=0, device="cpu")
-    expected = evaluate(model, loader, DistInfo())
+    # the CLI evaluates as the trainer does: train.bf16 (default true) is bf16 autocast, on CPU too
+    assert cfg.train.bf16
+    expected = evaluate(model, loader, DistInfo(), autocast_dtype=torch.bfloat16)
     # no --config: the checkpoint's config is used; overrides still apply on top
     assert main(["--checkpoint", str(path), "train.global_batch_size=8"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
