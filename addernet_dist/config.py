@@ -69,7 +69,8 @@ class AdderConfig(_Section):
     full_precision_grad: bool = True
     grad_x: Literal["lp", "hardtanh"] = "lp"
     # Operator backend (addernet_dist.ops.dispatch): auto = triton on CUDA, cpu on CPU; the
-    # ADDERNET_BACKEND environment variable applies when this is auto.
+    # ADDERNET_BACKEND environment variable applies when this is auto. triton on a CPU device runs
+    # the kernels in Triton's interpreter and needs TRITON_INTERPRET=1 (else a config error).
     backend: Literal["auto", "reference", "cpu", "triton"] = "auto"
     # Adder2d → BatchNorm2d (→ ReLU, + residual) pairs as one FusedAdderBN2d (models/fusion.py): BN's
     # batch statistics come from the forward kernel's epilogue instead of a re-read of the output.
@@ -88,7 +89,9 @@ class TrainConfig(_Section):
     epochs: int = Field(default=1, ge=1)
     global_batch_size: int = Field(default=256, ge=1)  # split evenly over WORLD_SIZE ranks
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    bf16: bool = True  # bf16 autocast; only takes effect on CUDA
+    # bf16 autocast of every forward pass (training, evaluation, BN recalibration), on CPU too; the
+    # adder layers compute and return fp32 under it (addernet_dist/ops/amp.py). CUDA needs sm_80+.
+    bf16: bool = True
     channels_last: bool = False
     grad_clip: float | None = Field(default=None, gt=0)  # max total grad norm; None: off
     compile: bool = False

@@ -101,7 +101,9 @@ def init_distributed(device: Literal["auto", "cpu", "cuda"] = "auto") -> DistInf
 
     backend = None
     if world_size > 1:
-        backend = "nccl" if use_cuda else "gloo"
+        from addernet_dist import device_policy
+
+        backend = device_policy.dist_backend(device_policy.DeviceInfo.probe(dev))
         if not dist.is_initialized():
             # 30 min: the first ImageNet eval + checkpoint of a big model can keep rank 0 busy for
             # minutes while the others wait at a barrier; the default 10 min is too tight there.

@@ -20,6 +20,7 @@ import torch
 from addernet_dist import checkpoint
 from addernet_dist.config import Config, ConfigError, apply_overrides, config_from_dict, load_config
 from addernet_dist.distributed import DistInfo, destroy_distributed, init_distributed
+from addernet_dist.engine.base import check_adder_backend, resolve_autocast_dtype
 from addernet_dist.logging_utils import setup_console_logging
 from addernet_dist.metrics import EvalResult, evaluate
 from addernet_dist.ops import dispatch
@@ -33,6 +34,7 @@ def evaluate_weights(cfg: Config, model_state: dict, dist: DistInfo) -> EvalResu
     from addernet_dist.train import build_model, build_split, seed_everything
 
     seed_everything(cfg.train.seed)
+    check_adder_backend(cfg.adder.backend, dist.device)
     dispatch.set_default_backend(cfg.adder.backend)
     # Only the val split: a train loader would scan the whole train tree (1.28M files on ImageNet).
     val_loader = build_split(cfg, dist, "val")
@@ -49,7 +51,7 @@ def evaluate_weights(cfg: Config, model_state: dict, dist: DistInfo) -> EvalResu
     model.to(dist.device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
-    dtype = torch.bfloat16 if cfg.train.bf16 and dist.device.type == "cuda" else None
+    dtype = resolve_autocast_dtype(cfg.train.bf16, dist.device)  # what the trainer's eval uses
     return evaluate(model, val_loader, dist, autocast_dtype=dtype)
 
 

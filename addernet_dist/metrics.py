@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from addernet_dist.data import IGNORE_LABEL
+from addernet_dist.device_policy import autocast
 from addernet_dist.distributed import DistInfo
 
 
@@ -60,18 +61,14 @@ def evaluate(
 ) -> EvalResult:
     """Distributed exact evaluation of ``model`` on ``loader`` (collective: every rank calls it).
 
-    autocast_dtype: e.g. torch.bfloat16 on CUDA; None evaluates in the model's dtype.
+    autocast_dtype: e.g. torch.bfloat16 (``Engine.autocast_dtype``); None evaluates in the model's dtype.
     """
     was_training = model.training
     model.eval()
     # [loss sum, correct@1, correct@5, valid count]; float64 keeps the integer counts exact.
     sums = torch.zeros(4, dtype=torch.float64, device=dist.device)
     for images, labels in loader:
-        with torch.autocast(
-            device_type=dist.device.type,
-            dtype=autocast_dtype or torch.float32,
-            enabled=autocast_dtype is not None,
-        ):
+        with autocast(dist.device.type, autocast_dtype):
             logits = model(images)
         logits = upcast_logits(logits)
         valid = labels != IGNORE_LABEL
@@ -119,11 +116,7 @@ def recalibrate_bn(
     try:
         # islice: a DataLoader/DALI iterator is not asked for (and does not decode) a batch past N
         for images, _ in itertools.islice(batches, num_batches):
-            with torch.autocast(
-                device_type=dist.device.type,
-                dtype=autocast_dtype or torch.float32,
-                enabled=autocast_dtype is not None,
-            ):
+            with autocast(dist.device.type, autocast_dtype):
                 model(images)
             used += 1
     finally:

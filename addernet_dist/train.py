@@ -55,7 +55,7 @@ from addernet_dist.checkpoint import (
 from addernet_dist.config import Config, ConfigError, load_config, save_resolved
 from addernet_dist.data import build_loader
 from addernet_dist.distributed import DistInfo, destroy_distributed, init_distributed
-from addernet_dist.engine.base import Engine, StepStats
+from addernet_dist.engine.base import Engine, StepStats, check_adder_backend
 from addernet_dist.guard import DivergedError, NonFiniteGuard, StallWatchdog
 from addernet_dist.logging_utils import MetricsLogger, Progress, setup_console_logging
 from addernet_dist.metrics import EvalResult, evaluate, recalibrate_bn
@@ -285,13 +285,14 @@ def train(cfg: Config, *, raise_on_preempt: bool = False) -> EvalResult | None:
 def _train(cfg: Config, dist: DistInfo) -> EvalResult | None:
     # Same seed on every rank for the model init (DDP also broadcasts rank 0's weights).
     seed_everything(cfg.train.seed)
+    check_adder_backend(cfg.adder.backend, dist.device)
     dispatch.set_default_backend(cfg.adder.backend)
     train_loader, val_loader = build_data(cfg, dist)
     model = build_model(cfg, train_loader.num_classes)
     steps_per_epoch = len(train_loader)
     total_steps = cfg.train.epochs * steps_per_epoch
     engine = build_engine(cfg, model, dist, steps_per_epoch)
-    fused = getattr(engine, "fused_adder_bn", 0)
+    fused = engine.fused_adder_bn
     if fused and dist.is_main:
         log.info("fused %d Adder2d+BatchNorm2d pairs (adder.fuse_bn=%s)", fused, cfg.adder.fuse_bn)
     p_sched = PSchedule.from_config(
@@ -506,7 +507,7 @@ def _loop(
 
 
 def _eval_dtype(engine: Engine) -> torch.dtype | None:
-    return getattr(engine, "autocast_dtype", None)
+    return engine.autocast_dtype
 
 
 def _train_record(state, loss, engine, p, stats: StepStats, adder_names, dist) -> dict[str, Any]:

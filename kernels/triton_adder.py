@@ -949,6 +949,10 @@ def adder2d_grad_input(
 
 # Enough programs to fill an H100 (132 SMs × a few resident programs) before splitting the reduction.
 _DW_TARGET_PROGRAMS = 132 * 4
+# The interpreter runs programs one after another, ~0.1 s each at 64×64 tiles: 528 programs made one
+# ∂F of a 16-channel 3×3 layer take 29 s (vs 2 s). 18 still splits 3×3 layers in two and 1×1 layers
+# further, so the partial-sum path stays exercised on CPU.
+_DW_TARGET_PROGRAMS_INTERPRETER = 18
 
 
 def adder2d_grad_weight(
@@ -980,7 +984,8 @@ def adder2d_grad_weight(
     def split_for(bm: int, bn: int) -> int:
         # enough programs to fill the GPU (~_DW_TARGET_PROGRAMS), never more splits than rows
         tiles = triton.cdiv(o, bm) * triton.cdiv(c, bn)
-        return max(1, min(rows, _DW_TARGET_PROGRAMS // max(1, tiles * r * s)))
+        target = _DW_TARGET_PROGRAMS_INTERPRETER if _interpreting() else _DW_TARGET_PROGRAMS
+        return max(1, min(rows, target // max(1, tiles * r * s)))
 
     def grid(meta):
         bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
@@ -1041,11 +1046,9 @@ class AdderTritonFunction(torch.autograd.Function):
 
 def resolve_deterministic(deterministic: bool | None) -> bool:
     """None → follow ``torch.use_deterministic_algorithms``; float atomics are the only nondeterminism."""
-    return (
-        torch.are_deterministic_algorithms_enabled()
-        if deterministic is None
-        else bool(deterministic)
-    )
+    from addernet_dist.device_policy import deterministic_grad_weight
+
+    return deterministic_grad_weight(deterministic, torch.are_deterministic_algorithms_enabled())
 
 
 def adder2d_triton(

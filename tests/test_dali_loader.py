@@ -4,6 +4,7 @@ exactness and resume as the torchvision loader, pixels within a measured toleran
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -267,3 +268,56 @@ def test_gpu_mixed_pipeline_matches_cpu_pipeline(tree):
             assert (a.cpu() - b).abs().mean() < 0.03  # nvJPEG vs libjpeg-turbo: not measured yet
     train = build_loader(cfg, "train", batch_size=4, device=dev)
     assert sum(len(y) for _, y in train) == 16
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "train,augment",
+    [(True, "random_resized_crop"), (True, "pad_crop"), (False, "none")],
+)
+def test_mixed_pipeline_is_defined_and_placed_on_cpu(tree, train, augment):
+    """The GPU (``mixed``) pipeline as far as DALI goes without a GPU: the graph is defined, which makes
+    DALI check every operator's arguments and each input's device placement, and its placement is the
+    intended one: the file reader on CPU, the decoder ``mixed`` (CPU in, GPU out), everything after it
+    on the GPU, both outputs GPU-resident. Building it needs CUDA, so that part runs in the GPU tier
+    (test_gpu_mixed_pipeline_matches_cpu_pipeline)."""
+    from addernet_dist.data.dali import define_pipeline
+
+    root, _ = tree
+    cfg = _cfg(root, augment=augment)
+    files = sorted(str(p) for p in (root / "train").rglob("*.JPEG"))
+    assert files
+    placement = {}
+    for dali_device in ("gpu", "cpu"):
+        pipe = define_pipeline(
+            cfg,
+            files,
+            train=train,
+            batch_size=2,
+            shard_id=0,
+            num_shards=1,
+            seed=0,
+            dali_device=dali_device,
+            device_id=0 if dali_device == "gpu" else None,
+            channels_last=False,
+        )
+        pipe._build_graph()  # DALI's own graph checks; no device needed
+        placement[dali_device] = [
+            (op.name, tuple(o.device for o in op.outputs)) for op in pipe._ops
+        ]
+    gpu, cpu = placement["gpu"], placement["cpu"]
+    assert [n for n, _ in gpu] != [] and len(gpu) == len(cpu)
+    assert gpu[0] == ("Reader", ("cpu", "cpu"))
+    decoders = [i for i, (n, _) in enumerate(gpu) if re.fullmatch(r"__Image(RandomCrop)?_\d+", n)]
+    assert len(decoders) == 1, gpu
+    first_gpu = decoders[0]
+    # before the decoder only CPU work on the encoded bytes (the file reader)
+    assert all(devs == ("cpu",) * len(devs) for _, devs in gpu[:first_gpu])
+    # the decoder and every image op after it: GPU outputs (random draws/casts stay CPU arguments)
+    image_ops = [
+        (n, d)
+        for n, d in gpu[first_gpu:]
+        if re.fullmatch(r"__(Image|ImageRandomCrop|Resize|Slice|CropMirrorNormalize)_\d+", n)
+    ]
+    assert image_ops and all(d == ("gpu",) for _, d in image_ops), image_ops
+    assert all(d == ("cpu",) * len(d) for _, d in cpu), cpu  # the CPU twin: no GPU anywhere

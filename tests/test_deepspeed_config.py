@@ -245,6 +245,18 @@ def test_pre_hook_matches_ddp_engine_processing(max_norm, adaptive):
             assert proc.last_alphas is None
         if max_norm is not None:
             torch.testing.assert_close(proc.last_total_norm, total)
+        # no per-step host-to-device copy: the layer index and sqrt(k) are built once, then reused
+        if step == 0:
+            index = proc._layer_index[1] if proc._layer_index else None
+        else:
+            assert (proc._layer_index[1] if proc._layer_index else None) is index
+        if adaptive:  # sqrt(k) on the device: built at the first step, the same tensor after
+            sqrt_k_t = proc.alpha_fn.__self__._sqrt_k_t
+            assert sqrt_k_t is not None and sqrt_k_t.device == norms.device
+            if step == 0:
+                first_sqrt_k_t = sqrt_k_t
+            else:
+                assert sqrt_k_t is first_sqrt_k_t
     for (name, a), b in zip(ref.state_dict().items(), got.state_dict().values()):
         if torch.is_tensor(a):
             torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)

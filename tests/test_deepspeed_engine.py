@@ -43,9 +43,13 @@ TINY = [
     "adder.p_decay_epochs=1",  # p moves every step: 2 -> 1 over 8 steps
     "optim.warmup_epochs=0",
     "wandb.enabled=false",
+    # fp32: the engine comparisons below are about sharding, at fp32 tolerances (under bf16 autocast a
+    # 1e-7 reduction-order difference can flip a bf16 rounding of the next step's activations)
+    "train.bf16=false",
 ]
 TRAIN_RUN = [
     *TINY,
+    "train.bf16=true",  # the trainer runs (DeepSpeed, ZeRO-2) under bf16 autocast, on CPU too
     "train.epochs=1",
     "train.log_every=1",
     "train.ckpt_every_steps=2",
@@ -108,6 +112,7 @@ def _snapshot(model: torch.nn.Module) -> dict:
 def _worker(out: Path) -> None:
     from addernet_dist.adaptive_lr import AdaptiveLRScaler
     from addernet_dist.config import load_config
+    from addernet_dist.device_policy import autocast
     from addernet_dist.distributed import init_distributed
     from addernet_dist.metrics import evaluate
     from addernet_dist.nn import adder_modules, set_p
@@ -190,7 +195,9 @@ def _worker(out: Path) -> None:
         ]
         own = []
         for i, (x, y) in enumerate(micro):
-            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+            with autocast(dist.device.type, engine.autocast_dtype):  # train.bf16: on CPU too
+                logits = model(x)
+            loss = torch.nn.functional.cross_entropy(logits.float(), y)
             (loss / len(micro)).backward()
             if i // 2 == dist.rank:
                 own.append(float(loss))
@@ -442,6 +449,10 @@ def test_bf16_precision_trains_close_to_fp32_and_converts_to_fp32_masters(worker
     assert math.isfinite(ev["val/loss"])
     weights = _weights(got["state"])
     assert weights["layer1.0.conv1.weight"].dtype == torch.bfloat16
+    # BN statistics never in 16 bits (issue 11): fp32 buffers next to bf16 weights, and they moved
+    stats = {k: v for k, v in got["state"].items() if "running_" in k}
+    assert stats and all(v.dtype == torch.float32 for v in stats.values()), stats.keys()
+    assert not torch.equal(stats["bn1.running_mean"], torch.zeros_like(stats["bn1.running_mean"]))
     plain = load_zero_checkpoint(worker["out"] / "bf16ck" / "step_000000002.pt")["engine"]["model"]
     for k, v in weights.items():
         if torch.is_tensor(v) and v.is_floating_point():

@@ -135,9 +135,10 @@ if __name__ == "__main__":
 
 
 @pytest.mark.timeout(120)
-def test_addernet_eval_cli_matches_in_process_eval(tmp_path, capsys):
+def test_addernet_eval_cli_matches_in_process_eval(tmp_path, capsys, monkeypatch):
     from addernet_dist import checkpoint
     from addernet_dist.evaluate import main
+    from addernet_dist.ops import dispatch
 
     cfg = load_config(
         DEBUG_CONFIG, [f"data.synthetic_val_size={VAL_SIZE}", "adder.backend=reference"]
@@ -153,7 +154,13 @@ def test_addernet_eval_cli_matches_in_process_eval(tmp_path, capsys):
         path,
     )
     loader = build_loader(cfg.data, "val", batch_size=8, seed=0, device="cpu")
-    expected = evaluate(model, loader, DistInfo())
+    # the CLI evaluates as the trainer does: train.bf16 (default true) is bf16 autocast, on CPU too,
+    # with the config's backend (under autocast the bf16 classifier input turns a 1e-6 backend
+    # difference into ~1e-5 of the loss, so the same backend, not just an equivalent one)
+    assert cfg.train.bf16
+    monkeypatch.setattr(dispatch, "_default", None)
+    dispatch.set_default_backend(cfg.adder.backend)
+    expected = evaluate(model, loader, DistInfo(), autocast_dtype=torch.bfloat16)
     # no --config: the checkpoint's config is used; overrides still apply on top
     assert main(["--checkpoint", str(path), "train.global_batch_size=8"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

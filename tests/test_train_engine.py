@@ -127,3 +127,30 @@ def test_bf16_autocast_step_on_gpu():
     assert seen == [torch.bfloat16] and loss.dtype == torch.float32 and torch.isfinite(loss)
     assert model.conv1.weight.dtype == torch.float32  # fp32 master weights
     assert torch.isfinite(stats.adder_alphas).all()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("bf16", [True, False])
+def test_bf16_autocast_step_on_cpu(bf16):
+    """train.bf16 means bf16 autocast on CPU too: the classifier runs in bf16, every adder layer returns
+    fp32 (the dtype policy), BN buffers and master weights stay fp32; the Engine declares its
+    autocast dtype and how many Adder+BN pairs it fused."""
+    cfg = load_config(DEBUG_CONFIG, [*PLAIN_SGD[:-1], f"train.bf16={bf16}", "train.device=cpu"])
+    torch.manual_seed(0)
+    model = build_model(cfg, num_classes=10)
+    engine = DDPEngine(model, cfg, DistInfo(device=torch.device("cpu")), steps_per_epoch=4)
+    assert engine.autocast_dtype == (torch.bfloat16 if bf16 else None)
+    assert engine.fused_adder_bn == 0  # auto: the cpu backend has no fused kernels
+    seen = {}
+    model.fc.register_forward_hook(lambda m, i, o: seen.__setitem__("fc", o.dtype))
+    adders = adder_modules(model)
+    adders[0].register_forward_hook(lambda m, i, o: seen.__setitem__("adder_in", i[0].dtype))
+    adders[0].register_forward_hook(lambda m, i, o: seen.__setitem__("adder_out", o.dtype))
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(10, (8,))
+    loss = engine.forward_backward(x, y)
+    stats = engine.step()
+    low = torch.bfloat16 if bf16 else torch.float32
+    assert seen == {"fc": low, "adder_in": low, "adder_out": torch.float32}, seen
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert model.conv1.weight.dtype == model.bn1.running_mean.dtype == torch.float32
+    assert torch.isfinite(stats.adder_alphas).all()

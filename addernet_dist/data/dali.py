@@ -34,20 +34,21 @@ from .sampler import ResumableShardSampler, ShardPlan
 
 
 def resolve_dali_device(cfg: DataConfig, device: torch.device) -> str:
-    """ "gpu" (mixed decode, GPU ops) or "cpu" (device_id=None, no GPU touched)."""
-    if cfg.dali.device == "gpu":
-        if device.type != "cuda":
-            raise ValueError(
-                f"data.dali.device='gpu' needs a CUDA training device, got {device}; use "
-                "data.dali.device=auto or cpu on machines without a GPU"
-            )
-        return "gpu"
-    if cfg.dali.device == "cpu":
-        return "cpu"
-    return "gpu" if device.type == "cuda" else "cpu"
+    """ "gpu" (mixed decode, GPU ops) or "cpu" (device_id=None, no GPU touched); the decision is
+    ``device_policy.dali_device``."""
+    from addernet_dist import device_policy
+
+    return device_policy.dali_device(cfg.dali.device, device_policy.DeviceInfo.probe(device))
 
 
-def build_pipeline(
+def build_pipeline(cfg: DataConfig, files: list[str], **kw):
+    """``define_pipeline(cfg, files, **kw)``, built: ready to run."""
+    pipe = define_pipeline(cfg, files, **kw)
+    pipe.build()
+    return pipe
+
+
+def define_pipeline(
     cfg: DataConfig,
     files: list[str],
     *,
@@ -62,7 +63,10 @@ def build_pipeline(
     enable_checkpointing: bool = False,
     checkpoint: str | None = None,
 ):
-    """A built DALI pipeline yielding (images float32 NCHW|NHWC normalised, positions int32).
+    """A DALI pipeline yielding (images float32 NCHW|NHWC normalised, positions int32), defined but
+    not built. DALI checks every operator's arguments and the device placement of its inputs while
+    the graph is defined, without a GPU, so tests check the ``mixed`` (GPU) pipeline on CPU machines
+    (tests/test_dali_loader.py::test_mixed_pipeline_is_defined_and_placed_on_cpu).
 
     ``checkpoint``: a ``Pipeline.checkpoint()`` string of a pipeline built with the same arguments;
     the new pipeline continues exactly where that one was (needs ``enable_checkpointing``)."""
@@ -164,7 +168,6 @@ def build_pipeline(
             **cmn_kw,
         )
         pipe.set_outputs(images, positions)
-    pipe.build()
     return pipe
 
 

@@ -35,6 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from addernet_dist import device_policy
+from addernet_dist.config import ConfigError
 from addernet_dist.distributed import DistInfo
 
 
@@ -42,19 +44,36 @@ def maybe_fuse_adder_bn(model: nn.Module, fuse_bn: bool | str, device: torch.dev
     """Apply ``fuse_adder_bn`` per ``adder.fuse_bn`` (on the bare model, on its device, before the
     optimizer and the wrappers see it); returns how many pairs were fused.
 
-    "auto" fuses where the fused kernels run: CUDA with the triton backend. Parameters are shared and
-    the state_dict keeps the unfused keys, so nothing else in the engine changes.
+    "auto" fuses where the fused kernels run: the triton backend (CUDA, or CPU in Triton's
+    interpreter), see ``device_policy.fuse_adder_bn``. Parameters are shared and the state_dict keeps
+    the unfused keys, so nothing else in the engine changes.
     """
-    if fuse_bn == "auto":
-        from addernet_dist.ops import dispatch
+    from addernet_dist.ops import dispatch
 
-        fuse_bn = device.type == "cuda" and dispatch.resolve_backend(device) == "triton"
-    if not fuse_bn:
+    if not device_policy.fuse_adder_bn(fuse_bn, dispatch.resolve_backend(device)):
         return 0
     from addernet_dist.models.fusion import FusedAdderBN2d, fuse_adder_bn
 
     fuse_adder_bn(model)
     return sum(isinstance(m, FusedAdderBN2d) for m in model.modules())
+
+
+def resolve_autocast_dtype(bf16: bool, device: torch.device) -> torch.dtype | None:
+    """``train.bf16`` → the autocast dtype on ``device`` (``device_policy.autocast_dtype``)."""
+    try:
+        return device_policy.autocast_dtype(bf16, device_policy.DeviceInfo.probe(device))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def check_adder_backend(backend: str, device: torch.device) -> str:
+    """Validate ``adder.backend`` for ``device`` (``device_policy.adder_backend``): e.g. triton on a
+    CPU device without TRITON_INTERPRET=1 is a config error, never a silent fallback. Returns the
+    backend the adder layers will run."""
+    try:
+        return device_policy.adder_backend(backend, device_policy.DeviceInfo.probe(device))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 @dataclass
@@ -82,6 +101,9 @@ class Engine(ABC):
       lr_scheduler: a ``torch.optim.lr_scheduler.LRScheduler`` stepped once per iteration.
       dist: rank / world size / device of this process.
       device: the torch.device inputs must be on.
+      autocast_dtype: the autocast dtype of every forward pass of this run (training, evaluation,
+        BN recalibration), e.g. torch.bfloat16; None runs them without autocast (fp32).
+      fused_adder_bn: how many Adder2d+BatchNorm2d pairs were fused (0: none).
     """
 
     model: nn.Module
@@ -89,6 +111,8 @@ class Engine(ABC):
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     dist: DistInfo
     device: torch.device
+    autocast_dtype: torch.dtype | None
+    fused_adder_bn: int
 
     # --- training -------------------------------------------------------------------------
     @abstractmethod

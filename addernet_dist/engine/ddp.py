@@ -17,8 +17,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from addernet_dist.adaptive_lr import AdaptiveLRScaler
 from addernet_dist.config import Config
+from addernet_dist.device_policy import autocast
 from addernet_dist.distributed import DistInfo
-from addernet_dist.engine.base import Engine, StepStats, maybe_fuse_adder_bn
+from addernet_dist.engine.base import (
+    Engine,
+    StepStats,
+    maybe_fuse_adder_bn,
+    resolve_autocast_dtype,
+)
 from addernet_dist.metrics import upcast_logits
 from addernet_dist.nn import adder_modules
 from addernet_dist.optim import build_lr_scheduler, build_optimizer
@@ -35,9 +41,7 @@ class DDPEngine(Engine):
         model = model.to(device=self.device, memory_format=memory_format)
         self.fused_adder_bn = maybe_fuse_adder_bn(model, cfg.adder.fuse_bn, self.device)
         self._module = model
-        self.autocast_dtype = (
-            torch.bfloat16 if cfg.train.bf16 and self.device.type == "cuda" else None
-        )
+        self.autocast_dtype = resolve_autocast_dtype(cfg.train.bf16, self.device)
 
         # Built on the bare module BEFORE wrapping: the "local" scope registers gradient hooks
         # that must run before DDP's reducer, and the parameters are the ones DDP reduces.
@@ -67,11 +71,7 @@ class DDPEngine(Engine):
         self._params = [p for p in model.parameters() if p.requires_grad]
 
     def forward_backward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(
-            device_type=self.device.type,
-            dtype=self.autocast_dtype or torch.float32,
-            enabled=self.autocast_dtype is not None,
-        ):
+        with autocast(self.device.type, self.autocast_dtype):
             logits = self.model(images)
         # CE in (at least) fp32 whatever the autocast dtype: the log-softmax of 1000 bf16 logits
         # loses ~3 significant digits of the loss.

@@ -31,15 +31,23 @@ import torch.nn.functional as F
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from addernet_dist import device_policy
 from addernet_dist.adaptive_lr import AdaptiveLRScaler
 from addernet_dist.checkpoint import CheckpointError
 from addernet_dist.config import Config, ConfigError
+from addernet_dist.device_policy import autocast
 from addernet_dist.distributed import DistInfo
 from addernet_dist.engine import ds_checkpoint
-from addernet_dist.engine.base import Engine, StepStats, maybe_fuse_adder_bn
+from addernet_dist.engine.base import (
+    Engine,
+    StepStats,
+    maybe_fuse_adder_bn,
+    resolve_autocast_dtype,
+)
 from addernet_dist.engine.deepspeed_config import build_ds_config, resolve_batch
 from addernet_dist.engine.zero_norms import ShardedGradProcessor
 from addernet_dist.nn import adder_modules
+from addernet_dist.ops.amp import fp32_affine
 from addernet_dist.optim import build_lr_scheduler, build_optimizer
 
 # Our part of DeepSpeed's client_state (DeepSpeed adds its own keys next to it).
@@ -104,15 +112,13 @@ class DeepSpeedEngine(Engine):
         model = model.to(self.device)
         self.fused_adder_bn = maybe_fuse_adder_bn(model, cfg.adder.fuse_bn, self.device)
         self._module = model
-        # autocast: bf16 autocast on CUDA, as the DDP engine. bf16: DeepSpeed's bf16 weights on any
+        # autocast: train.bf16 autocast, as the DDP engine. bf16: DeepSpeed's bf16 weights on any
         # device; autocast then only casts the fp32 images at the first layer, and the trainer's
         # eval (which uses this attribute) feeds the bf16 model the same way.
         if ds_section.precision == "bf16":
             self.autocast_dtype: torch.dtype | None = torch.bfloat16
-        elif cfg.train.bf16 and self.device.type == "cuda":
-            self.autocast_dtype = torch.bfloat16
         else:
-            self.autocast_dtype = None
+            self.autocast_dtype = resolve_autocast_dtype(cfg.train.bf16, self.device)
         self._input_dtype = torch.bfloat16 if ds_section.precision == "bf16" else None
 
         adders = adder_modules(model)
@@ -124,6 +130,8 @@ class DeepSpeedEngine(Engine):
             else None
         )
 
+        if ds_section.precision == "bf16":
+            keep_batchnorm_fp32(model)
         optimizer = build_optimizer(model, cfg.optim)
         ds_engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config, dist_init_required=False
@@ -153,7 +161,7 @@ class DeepSpeedEngine(Engine):
         os.environ.setdefault("LOCAL_RANK", str(self.dist.local_rank))
         if not tdist.is_initialized():
             # One process without torchrun: a private in-memory store, no port to collide on.
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            backend = device_policy.dist_backend(device_policy.DeviceInfo.probe(self.device))
             tdist.init_process_group(backend, store=tdist.HashStore(), rank=0, world_size=1)
 
     # --- training -------------------------------------------------------------------------------
@@ -170,11 +178,7 @@ class DeepSpeedEngine(Engine):
         chunks = zip(images.split(self.micro_batch), labels.split(self.micro_batch), strict=True)
         for i, (x, y) in enumerate(chunks):
             self._broadcast_buffers()
-            with torch.autocast(
-                device_type=self.device.type,
-                dtype=self.autocast_dtype or torch.float32,
-                enabled=self.autocast_dtype is not None,
-            ):
+            with autocast(self.device.type, self.autocast_dtype):
                 logits = self._ds(x)
             loss = F.cross_entropy(logits.float(), y)
             # DeepSpeed divides by gradient_accumulation_steps: the accumulated gradient is the
@@ -292,6 +296,43 @@ class DeepSpeedEngine(Engine):
             raise CheckpointError(f"DeepSpeed could not load the checkpoint '{path}'")
         self.lr_scheduler.load_state_dict(client["addernet_lr_scheduler"])
         return client[_CLIENT_KEY]
+
+
+class FP32BatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` whose statistics, buffers and normalisation stay fp32 when DeepSpeed stores
+    its weight and bias in bf16 (``deepspeed.precision=bf16``): the affine parameters are upcast
+    (differentiably) for the call, so an fp32 adder output is normalised in fp32 and the running
+    statistics are updated in fp32. Same state_dict as ``nn.BatchNorm2d``."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else factor
+        use_batch = self.training or (self.running_mean is None and self.running_var is None)
+        track = not self.training or self.track_running_stats
+        return F.batch_norm(
+            input,
+            self.running_mean if track else None,
+            self.running_var if track else None,
+            fp32_affine(self.weight),
+            fp32_affine(self.bias),
+            use_batch,
+            factor,
+            self.eps,
+        )
+
+
+def keep_batchnorm_fp32(model: nn.Module) -> int:
+    """Make every plain ``nn.BatchNorm2d`` of ``model`` (the fused modules' ``bn`` included) an
+    ``FP32BatchNorm2d`` (a class swap: parameters, buffers and keys unchanged); returns how many."""
+    n = 0
+    for m in model.modules():
+        if type(m) is nn.BatchNorm2d:
+            m.__class__ = FP32BatchNorm2d
+            n += 1
+    return n
 
 
 def _alpha_fn(scaler: AdaptiveLRScaler):

@@ -246,7 +246,7 @@ def build_ds_config(
     }
     if section.precision == "bf16":
         cfg["bf16"] = {"enabled": True}
-        # DeepSpeed casts only parameters by default; BN's bf16 weight next to fp32 running
-        # stats fails on CPU ("expected scalar type BFloat16 but found Float").
-        cfg["data_types"] = {"buffer_dtype": "bf16"}
+        # DeepSpeed casts only parameters: BN running statistics stay fp32 buffers (a running mean
+        # near -4000 cannot move in steps below bf16's 16-32 there). The engine makes BN compute
+        # in fp32 with its bf16 weight and bias (engine/deepspeed.py, keep_batchnorm_fp32).
     return _merge(cfg, extra)

@@ -75,6 +75,9 @@ class ShardedGradProcessor:
         self._group: dist.ProcessGroup | None = None
         self._sharded = False
         self._handle = None
+        # (device, layer of each piece) -> that index on the device, built once: a torch.tensor(...,
+        # device=cuda) per step would be a host-to-device copy (and a sync point) every step.
+        self._layer_index: tuple[tuple, torch.Tensor] | None = None
 
     @property
     def active(self) -> bool:
@@ -138,6 +141,12 @@ class ShardedGradProcessor:
         self._sharded = True
         self._group = getattr(ds_optimizer, "real_dp_process_group", [None])[0]
 
+    def _index_on(self, dev: torch.device, layers: list[int]) -> torch.Tensor:
+        key = (dev, tuple(layers))
+        if self._layer_index is None or self._layer_index[0] != key:
+            self._layer_index = (key, torch.tensor(layers, device=dev))
+        return self._layer_index[1]
+
     def detach(self) -> None:
         if self._handle is not None:
             self._handle.remove()
@@ -168,7 +177,7 @@ class ShardedGradProcessor:
         sq = torch.zeros(num_layers + 1, dtype=torch.float32, device=dev)
         if pieces:
             piece_sq = torch.stack([v.float().square().sum() for _, v in pieces])
-            sq.index_add_(0, torch.tensor([s.layer for s, _ in pieces], device=dev), piece_sq)
+            sq.index_add_(0, self._index_on(dev, [s.layer for s, _ in pieces]), piece_sq)
         if self.max_norm is not None:
             sq[-1] = self._other_sq(grads, covered)
         if self._sharded and dist.is_initialized():

@@ -30,7 +30,7 @@ from torch import nn
 from addernet_dist.kernels import cpu_adder
 from addernet_dist.models.resnet import BasicBlock, Bottleneck
 from addernet_dist.nn import _NOT_TRACED, Adder2d
-from addernet_dist.ops import dispatch
+from addernet_dist.ops import amp, dispatch
 from addernet_dist.ops.reference import check_conv_args
 
 
@@ -55,14 +55,15 @@ _kernels = _KernelModule("addernet_dist.kernels.fused")
 
 
 def _cpu_inference(
-    m: FusedAdderBN2d, x: torch.Tensor, residual: torch.Tensor | None
+    m: FusedAdderBN2d, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None
 ) -> torch.Tensor:
-    """Eval-mode forward on CPU: BN folded into the CPU kernel's epilogue with the residual and ReLU."""
+    """Eval-mode forward on CPU: BN folded into the CPU kernel's epilogue with the residual and ReLU.
+    x and weight are the operands after the dtype policy (fp32, or fp64)."""
     adder, bn = m.adder, m.bn
     gamma, beta = m._gamma_beta(x)
-    invstd = torch.rsqrt(bn.running_var + bn.eps)
+    invstd = torch.rsqrt(bn.running_var.to(x.dtype) + bn.eps)
     return cpu_adder.adder2d_forward_cpu(
-        *(x, adder.weight, adder.stride, adder.padding, adder.dilation, adder.p),
+        *(x, weight, adder.stride, adder.padding, adder.dilation, adder.p),
         scale=invstd * gamma.to(invstd.dtype),
         shift=beta,
         center=bn.running_mean,
@@ -108,15 +109,15 @@ class FusedAdderBN2d(nn.Module):
         # False = float atomics, None = follow torch.are_deterministic_algorithms_enabled().
         self.deterministic: bool | None = True
 
-    def _fast_path_ok(self, x: torch.Tensor) -> bool:
+    def _fast_path_ok(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         return (
             self.use_fast_path
             and self.adder.backend in (None, "triton")
             and (x.is_cuda or ta._interpreting())
-            and x.dtype == self.adder.weight.dtype
+            and x.dtype == weight.dtype
         )
 
-    def _cpu_inference_ok(self, x: torch.Tensor) -> bool:
+    def _cpu_inference_ok(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         # eval-mode BN, no autograd, the CPU fast path chosen for this call: the folded-BN CPU kernel
         bn = self.bn
         return (
@@ -124,10 +125,8 @@ class FusedAdderBN2d(nn.Module):
             and x.device.type == "cpu"
             and not bn.training
             and bn.running_mean is not None
-            and x.dtype == self.adder.weight.dtype
-            and not (
-                torch.is_grad_enabled() and (x.requires_grad or self.adder.weight.requires_grad)
-            )
+            and x.dtype == weight.dtype
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             and dispatch.resolve_backend(x.device, self.adder.backend) == "cpu"
         )
 
@@ -139,29 +138,39 @@ class FusedAdderBN2d(nn.Module):
 
     def _gamma_beta(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         bn = self.bn
+        # fp32 even where DeepSpeed stores them in bf16 (the dtype policy, ops/amp.py)
         if bn.affine:
-            return bn.weight, bn.bias
+            return amp.fp32_affine(bn.weight), amp.fp32_affine(bn.bias)
         ones = torch.ones(bn.num_features, device=x.device, dtype=torch.float32)
         return ones, torch.zeros_like(ones)
 
     @_NOT_TRACED  # as Adder2d.forward: p must not become a Dynamo guard (addernet_dist/nn.py)
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if not self._fast_path_ok(x):
-            if self._cpu_inference_ok(x):
-                return _cpu_inference(self, x, residual)
+        # The adder ops' dtype policy (addernet_dist/ops/amp.py): x and the filters in fp32 (fp64),
+        # the BN epilogue in fp32, an fp32 output, autocast off; identical to the unfused pair's.
+        x, weight = amp.adder_operands(x, self.adder.weight)
+        with amp.autocast_off(x.device.type):
+            return self._forward(x, weight, residual)
+
+    def _forward(
+        self, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None
+    ) -> torch.Tensor:
+        if not self._fast_path_ok(x, weight):
+            if self._cpu_inference_ok(x, weight):
+                return _cpu_inference(self, x, weight, residual)
             return self._unfused(x, residual)
         adder, bn = self.adder, self.bn
         if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
             x = x.contiguous()  # see adder2d_triton: ∂L/∂X is written with x's (dense) strides
         stride, padding, dilation, out_hw = check_conv_args(
-            x, adder.weight, adder.stride, adder.padding, adder.dilation
+            x, weight, adder.stride, adder.padding, adder.dilation
         )
         use_batch_stats = bn.training or bn.running_mean is None
         gamma, beta = self._gamma_beta(x)
         if use_batch_stats:
             out, mean, var = _kernels.AdderBNTrainFunction.apply(
                 x,
-                adder.weight,
+                weight,
                 gamma,
                 beta,
                 (stride, padding, dilation),
@@ -177,14 +186,14 @@ class FusedAdderBN2d(nn.Module):
             if residual is not None:
                 out = out + residual
             return F.relu(out) if self.relu else out
-        if torch.is_grad_enabled() and (x.requires_grad or adder.weight.requires_grad):
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
             # Eval-mode statistics with autograd recording (e.g. fine-tuning with frozen BN): the
             # inference kernel has no backward, the unfused pair does.
             return self._unfused(x, residual)
         invstd = torch.rsqrt(bn.running_var.float() + bn.eps)
         y, _ = ta.adder2d_forward(
             x,
-            adder.weight,
+            weight,
             stride,
             padding,
             dilation,

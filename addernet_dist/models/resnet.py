@@ -60,7 +60,9 @@ class Bottleneck(nn.Module):
 
 class ResNet(nn.Module):
     """ResNet over a given layer type. ``stem="imagenet"``: 7×7/2 conv + 3×3/2 max-pool, widths
-    64·2^i; ``stem="cifar"``: 3×3 conv, widths 16·2^i, no pooling."""
+    64·2^i; ``stem="cifar"``: 3×3 conv, widths 16·2^i, no pooling. ``width`` overrides the first
+    stage's width (64 / 16), e.g. ``model.kwargs.width=4`` for the interpreter CI run, where the
+    Triton interpreter's cost grows with the channel count."""
 
     def __init__(
         self,
@@ -71,17 +73,20 @@ class ResNet(nn.Module):
         stem: str = "imagenet",
         adder_stem: bool = False,
         adder_head: bool = False,
+        width: int | None = None,
         **adder_kw,
     ) -> None:
         super().__init__()
         conv_layer, linear_layer = layer_types(conv, **adder_kw)
         stem_conv = conv_layer if adder_stem else nn.Conv2d
+        if width is not None and width < 1:
+            raise ValueError(f"width must be a positive channel count, got {width}")
         if stem == "imagenet":
-            width = 64
+            width = width or 64
             self.conv1 = stem_conv(3, width, 7, stride=2, padding=3, bias=False)
             self.maxpool: nn.Module = nn.MaxPool2d(3, stride=2, padding=1)
         elif stem == "cifar":
-            width = 16
+            width = width or 16
             self.conv1 = stem_conv(3, width, 3, stride=1, padding=1, bias=False)
             self.maxpool = nn.Identity()
         else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from addernet_dist.ops import dispatch
+from addernet_dist.ops import amp, dispatch
 from addernet_dist.ops.reference import (
     GRAD_W_MODES,
     GRAD_X_MODES,
@@ -39,9 +39,15 @@ def adder2d(
     sgn(X − F) (eq. 22); ``grad_x="lp"`` → sgn(F−X)|F−X|^(p−1) (eq. 27; sgn at p = 1), ``"hardtanh"`` →
     HardTanh(F − X). ``backend``: None picks by device (``ADDERNET_BACKEND`` overrides), or one of
     "reference", "cpu", "triton". Every backend computes what ``adder2d_reference`` computes.
+
+    dtypes (``addernet_dist.ops.amp``, the same on every backend, inside or outside autocast): the
+    operands are upcast to fp32 (fp64 if either is fp64), y is fp32 (never rounded to 16 bits),
+    ∂L/∂X and ∂L/∂F come back in the dtypes of ``input`` and ``weight``.
     """
     impl = dispatch.get_impl(dispatch.resolve_backend(input.device, backend))
-    return impl(input, weight, stride, padding, dilation, p, grad_x, grad_w)
+    x, w = amp.adder_operands(input, weight)
+    with amp.autocast_off(x.device.type):
+        return impl(x, w, stride, padding, dilation, p, grad_x, grad_w)
 
 
 def adder_linear(
@@ -54,7 +60,9 @@ def adder_linear(
 ) -> torch.Tensor:
     """Adder fully-connected layer: (M, K) × (O, K) → (M, O) = −Σ_k |x − w|^p (same gradients as adder2d)."""
     if dispatch.resolve_backend(x.device, backend) == "reference":
-        return adder_linear_reference(x, weight, p, grad_x, grad_w)
+        xc, wc = amp.adder_operands(x, weight)  # the dtype policy of adder2d (ops/amp.py)
+        with amp.autocast_off(xc.device.type):
+            return adder_linear_reference(xc, wc, p, grad_x, grad_w)
     # The same sum as a 1×1 adder conv over a 1×M "image" with K channels, so the fast backends
     # vectorise along M: LeNet-5-BN's 256×400 → 120 layer fwd+bwd takes 4 ms instead of 85 ms
     # with the reference on one CPU thread (identical values and gradients).

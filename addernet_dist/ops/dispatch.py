@@ -3,7 +3,11 @@
 Backends (every one computes what ``adder2d_reference`` computes):
   "reference"  pure PyTorch, any device — the specification.
   "cpu"        the compiled CPU fast path (``addernet_dist.kernels.cpu_adder``), CPU tensors.
-  "triton"     the Triton GPU kernels (``addernet_dist.kernels.triton_adder``), CUDA tensors.
+  "triton"     the Triton GPU kernels (``addernet_dist.kernels.triton_adder``), CUDA tensors; on CPU
+               tensors only when the process runs Triton's interpreter (``TRITON_INTERPRET=1`` set before
+               triton is imported): the same kernel code, interpreted with numpy — slow (~1000x), meant
+               for CI and for checking the GPU path of the trainer on a CPU machine. Never chosen by
+               "auto"; asked for on CPU without the interpreter it is unavailable (see below).
 
 Which one runs, first match wins:
   1. ``backend=`` passed to ``adder2d`` (per call);
@@ -33,7 +37,6 @@ ENV_VAR = "ADDERNET_BACKEND"
 _default: str | None = None
 _warned: set[tuple[str, str]] = set()
 _lock = threading.Lock()
-_triton_impl: Callable | None = None
 _triton_error: str | None = None
 
 
@@ -69,15 +72,28 @@ def auto_backend(device: torch.device) -> str:
     return {"cuda": "triton", "cpu": "cpu"}.get(torch.device(device).type, "reference")
 
 
+def _triton_module():
+    """The kernel module, or None (``_triton_error`` says why). Looked up on every call, not cached:
+    tests swap in an interpreted copy of the module (kernels/triton_testing.py)."""
+    global _triton_error
+    if _triton_error is not None:
+        return None
+    try:
+        return importlib.import_module("addernet_dist.kernels.triton_adder")
+    except Exception as e:  # ImportError, or triton failing to initialise
+        _triton_error = f"{type(e).__name__}: {e}"
+        return None
+
+
 def _load_triton() -> Callable | None:
-    global _triton_impl, _triton_error
-    if _triton_impl is None and _triton_error is None:
-        try:
-            mod = importlib.import_module("addernet_dist.kernels.triton_adder")
-            _triton_impl = mod.adder2d_triton
-        except Exception as e:  # ImportError, a missing attribute, or triton failing to initialise
-            _triton_error = f"{type(e).__name__}: {e}"
-    return _triton_impl
+    mod = _triton_module()
+    return None if mod is None else mod.adder2d_triton
+
+
+def triton_interpreting() -> bool:
+    """Whether the Triton kernels run in Triton's interpreter in this process (TRITON_INTERPRET=1)."""
+    mod = _triton_module()
+    return mod is not None and mod._interpreting()
 
 
 def unavailable_reason(name: str, device: torch.device) -> str | None:
@@ -92,9 +108,14 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
 
         return None if cpu_adder.is_available() else f"its build failed: {cpu_adder._error}"
     if name == "triton":
-        if dev != "cuda":
-            return f"it runs on CUDA tensors only (got a {dev} tensor)"
-        return None if _load_triton() is not None else f"it is not importable ({_triton_error})"
+        if _load_triton() is None:
+            return f"it is not importable ({_triton_error})"
+        if dev == "cuda" or (dev == "cpu" and triton_interpreting()):
+            return None
+        return (
+            f"it runs on CUDA tensors only (got a {dev} tensor); on CPU it runs in Triton's "
+            "interpreter when TRITON_INTERPRET=1 is set before the process starts (slow; for tests)"
+        )
     raise ValueError(f"unknown adder backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 

@@ -42,6 +42,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from addernet_dist.ops.amp import autocast_off
+
 GRAD_X_MODES = ("lp", "hardtanh")
 GRAD_W_MODES = ("full", "sign")
 
@@ -163,8 +165,14 @@ class AdderRowsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_mo):
         xc, wc, dist = ctx.saved_tensors
-        p, grad_x, grad_w, max_chunk_bytes, x_dtype, w_dtype = ctx.conf
         g = g_mo.to(xc.dtype).contiguous()
+        # a backward called inside an autocast region stays fp32 (ops/amp.py)
+        with autocast_off(g.device.type):
+            return AdderRowsFunction._backward(ctx, xc, wc, dist, g)
+
+    @staticmethod
+    def _backward(ctx, xc, wc, dist, g):
+        p, grad_x, grad_w, max_chunk_bytes, x_dtype, w_dtype = ctx.conf
         gx = gw = None
         if ctx.needs_input_grad[0]:
             if grad_x == "lp":
