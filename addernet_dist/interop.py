@@ -226,10 +226,13 @@ def _import_official(path: str | Path, model_name: str) -> tuple[nn.Module, dict
         ours[ok], names[ok] = v, k
     problem = _mismatch(model.state_dict(), ours, names)
     if problem:
-        hint = _which_model_fits(ours, model_name, num_classes, head_bias)
-        raise InteropError(
-            f"'{path}' does not fit an official-layout {model_name}:\n{problem}{hint}"
+        other = _which_model_fits(ours, model_name, num_classes, head_bias)
+        what = (
+            f"is an official {other}, not a {model_name}: pass --model {other}"
+            if other
+            else (f"does not fit an official-layout {model_name}")
         )
+        raise InteropError(f"'{path}' {what}\n{problem}")
     _check_finite(ours, path)
     _load_tensors(model, ours)
     model.eval()
@@ -237,15 +240,16 @@ def _import_official(path: str | Path, model_name: str) -> tuple[nn.Module, dict
     return model, meta
 
 
-def _which_model_fits(ours, asked: str, num_classes: int, head_bias: bool) -> str:
+def _which_model_fits(ours, asked: str, num_classes: int, head_bias: bool) -> str | None:
+    """The official-layout model (other than ``asked``) whose keys and shapes ``ours`` has."""
     for name in OFFICIAL_MODELS:
         if name == asked:
             continue
         with torch.device("meta"):
             m = create_model(name, num_classes=num_classes, head="linear_bn", head_bias=head_bias)
         if not _mismatch(m.state_dict(), ours, {}):
-            return f"\nthe file is an official {name}: pass --model {name}"
-    return ""
+            return name
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,7 +506,7 @@ def init_from_config(model: nn.Module, cfg: Config) -> tuple[list[str], list[str
             conv=cfg.model.conv,
         )
     except InteropError as e:
-        raise ConfigError(f"train.init_from={cfg.train.init_from}: {e}") from None
+        raise ConfigError(f"train.init_from: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
