@@ -557,10 +557,14 @@ def main_import(argv: Sequence[str] | None = None) -> int:
     except InteropError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    cfg = "official_resnet20_cifar10" if args.model == "resnet20" else "official_resnet50_imagenet"
-    print(f"wrote {out}\nevaluate: addernet-eval --checkpoint {out} data.root=/path/to/val-parent")
-    if args.model in ("resnet20", "resnet50"):
-        print(f"  (or --config configs/{cfg}.yaml)")
+    print(f"wrote {out}")
+    shipped = {"resnet20": "official_resnet20_cifar10", "resnet50": "official_resnet50_imagenet"}
+    if args.model in shipped:
+        split = " data.train_split=val" if args.model == "resnet20" else ""
+        print(
+            f"evaluate: addernet-eval --config configs/{shipped[args.model]}.yaml "
+            f"--checkpoint {out} data.root=/path/to/data{split}"
+        )
     return 0
 
 
