@@ -165,10 +165,10 @@ def read_official(path: str | Path) -> dict[str, torch.Tensor]:
     except Exception as e:  # pickle / zip errors, or objects weights_only refuses
         raise InteropError(
             f"'{path}' is not a state_dict torch.load(weights_only=True) can read ({e}); "
-            "expected the official ResNet20-AdderNet.pth / ResNet50-AdderNet.pth"
+            "expected the official ResNet20-AdderNet.pth / ResNet50-AdderNet.pth. A whole "
+            "pickled model (the official main.py's torch.save(net)) is never unpickled here: "
+            "load it with the official code and torch.save(net.state_dict(), path)"
         ) from e
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]  # the official main.py's training checkpoints wrap it
     if not isinstance(obj, Mapping) or not all(torch.is_tensor(v) for v in obj.values()):
         raise InteropError(f"'{path}' does not hold a state_dict (a mapping of name -> tensor)")
     keys = list(obj)
@@ -212,9 +212,13 @@ def _import_official(path: str | Path, model_name: str) -> tuple[nn.Module, dict
     if fc.dim() not in (2, 4):
         raise InteropError(f"'{path}': 'fc.weight' has shape {tuple(fc.shape)}; expected C×F×1×1")
     num_classes, head_bias = int(fc.shape[0]), "fc.bias" in official
-    model = create_model(
-        model_name, conv="adder", num_classes=num_classes, head="linear_bn", head_bias=head_bias
-    )
+    # Built on the meta device and materialised uninitialised: the key check below guarantees that
+    # every tensor is overwritten (skips ResNet-50's 25 M-weight random init, ~0.5 s).
+    with torch.device("meta"):
+        model = create_model(
+            model_name, conv="adder", num_classes=num_classes, head="linear_bn", head_bias=head_bias
+        )
+    model = model.to_empty(device="cpu")
     ours: dict[str, torch.Tensor] = {}
     names: dict[str, str] = {}  # ours -> official, for messages
     for k, v in official.items():

@@ -296,7 +296,7 @@ def test_official_layout_resnet50_legacy_file_imports_and_matches_the_official_f
     # file has them; then the file is stored in fp32 like the published one.
     sd64 = _fp64(sd)
     with torch.no_grad():
-        official_forward(sd64, torch.randn(3, 3, 17, 15, dtype=torch.float64), calibrate=True)
+        official_forward(sd64, torch.randn(2, 3, 17, 15, dtype=torch.float64), calibrate=True)
     sd = {k: (v.float() if v.is_floating_point() else v) for k, v in sd64.items()}
     path = tmp_path / "ResNet50-AdderNet.pth"
     torch.save(
