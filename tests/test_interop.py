@@ -54,7 +54,7 @@ def official_adder(x: torch.Tensor, w: torch.Tensor, stride: int, padding: int) 
     ho, wo = (h - k + 2 * padding) // stride + 1, (wd - k + 2 * padding) // stride + 1
     cols = F.unfold(x, k, padding=padding, stride=stride)  # N × C·k·k × L
     w_col = w.reshape(o, 1, -1)
-    out = torch.stack([-(w_col - c.T.unsqueeze(0)).abs().sum(2) for c in cols])  # per image: O × L
+    out = torch.stack([-(w_col - c.T.unsqueeze(0)).abs_().sum(2) for c in cols])  # per image: O × L
     return out.view(n, o, ho, wo)
 
 
@@ -570,7 +570,7 @@ def test_init_from_fine_tunes_from_weights_only(trained, tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_init_from_strict_key_check_lists_the_differences(trained, tmp_path):
+def test_init_from_strict_key_check_lists_the_differences(trained, tmp_path, capsys):
     cfg_args = ["train.init_from=" + str(trained)]
 
     def load(name: str, n: int, *extra: str, **kw):
@@ -615,6 +615,16 @@ def test_init_from_strict_key_check_lists_the_differences(trained, tmp_path):
         interop.init_from_config(
             model, load_config(REPO / "configs/debug.yaml", [*cfg_args, "model.conv=conv"])
         )
+    # through the CLI: exit code 2, a readable error, and the run folder never created
+    from addernet_dist.train import main as train_main
+
+    out = tmp_path / "never"
+    argv = ["--config", str(REPO / "configs/debug.yaml"), *cfg_args, "data.synthetic_num_classes=5"]
+    try:
+        assert train_main([*argv, f"output_dir={out}", "adder.backend=reference"]) == 2
+    finally:
+        dispatch.set_default_backend(None)
+    assert "error: train.init_from:" in capsys.readouterr().err and not out.exists()
     with pytest.raises(ConfigError, match=r"pattern\(s\) \['classifier\.\*'\] match no key"):
         load("resnet8", 10, "train.init_from_ignore=classifier.*")
     with pytest.raises(ConfigError, match="addernet-import-official first"):
