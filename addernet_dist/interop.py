@@ -30,7 +30,7 @@ imported model against a plain re-implementation of the official forward in fp64
 
 **Exported weights** (``addernet-export``): a safetensors file of the model's tensors (BN running
 statistics included), with the model config as string metadata (name, conv, p, head, head_bias,
-num_classes, kwargs, input normalisation, every adder layer's p/gradient modes), so
+num_classes, kwargs, input normalisation and size, every adder layer's p/gradient modes), so
 ``load_exported(path)`` rebuilds the model bit for bit without this package's checkpoint format
 or pickle. safetensors rather than a ``.pt``: it is read without unpickling (safe to share), and
 other frameworks read it.
@@ -382,6 +382,7 @@ def export(ckpt: str | Path, out: str | Path, overwrite: bool = False) -> Path:
         "kwargs": json.dumps(model_cfg.get("kwargs") or {}),
         "mean": json.dumps(list(data_cfg.get("mean", IMAGENET_MEAN))),
         "std": json.dumps(list(data_cfg.get("std", IMAGENET_STD))),
+        "image_size": json.dumps(data_cfg.get("image_size")),
         "adder_state": json.dumps(adder_state),
     }
     from safetensors.torch import save

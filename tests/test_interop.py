@@ -42,6 +42,13 @@ REPO = Path(__file__).resolve().parents[1]
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)  # official test.py
 
 
+@pytest.fixture(autouse=True)
+def _reset_backend():
+    # the trainer and addernet-eval set a process-wide adder backend; later tests must not inherit it
+    yield
+    dispatch.set_default_backend(None)
+
+
 # ---------------------------------------------------------------------------------------------
 # The official forward, fp64, functional (the specification of every import)
 # ---------------------------------------------------------------------------------------------
@@ -391,7 +398,6 @@ def test_import_cli_and_addernet_eval_use_the_official_pipeline(tmp_path, capsys
         # with the shipped config, and with the config stored in the checkpoint
         assert eval_main([*extra, "--checkpoint", str(dst), *common]) == 0
         results.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
-    dispatch.set_default_backend(None)
     for r in results:
         assert r["count"] == 20
         assert r["top1"] == pytest.approx(ref_top1)
@@ -435,7 +441,7 @@ SOURCE_P = 1.875  # p of the last step taken (step 1 of the 8-step decay 2 -> 1)
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """A real trainer checkpoint: ResNet-8 (debug config), 2 steps, stopped mid-way through the
-    ℓp decay (p = 1.75) so the export has to carry a p that is not the default."""
+    ℓp decay (p = 1.875) so the export has to carry a p that is not the default."""
     from addernet_dist.train import train
 
     out = tmp_path_factory.mktemp("source_run")
@@ -447,7 +453,7 @@ def trained(tmp_path_factory) -> Path:
             "train.epochs=1",
             "data.synthetic_train_size=32",
             "data.synthetic_val_size=16",
-            "adder.p_decay_epochs=4",  # 8 steps from 2 to 1; the checkpoint holds step 2's p
+            "adder.p_decay_epochs=4",  # 8 steps from 2 to 1: the checkpoint holds p = 1.875
             f"output_dir={out}",
         ],
     )
@@ -494,6 +500,7 @@ def test_export_then_load_is_bit_for_bit(trained, tmp_path, capsys):
     )
     assert json.loads(meta["p"]) == SOURCE_P
     assert json.loads(meta["mean"]) == pytest.approx([0.485, 0.456, 0.406])
+    assert json.loads(meta["image_size"]) == 8
     loaded = interop.load_exported(out)
     original = _model_of(trained).eval()
     _assert_bit_equal(loaded, original)
@@ -538,10 +545,7 @@ def _finetune(out: Path, *extra: str):
             *extra,
         ],
     )
-    try:
-        train(cfg)
-    finally:
-        dispatch.set_default_backend(None)
+    train(cfg)
     return checkpoint.load_file(out / "checkpoints" / "step_000000002.pt")
 
 
@@ -620,10 +624,7 @@ def test_init_from_strict_key_check_lists_the_differences(trained, tmp_path, cap
 
     out = tmp_path / "never"
     argv = ["--config", str(REPO / "configs/debug.yaml"), *cfg_args, "data.synthetic_num_classes=5"]
-    try:
-        assert train_main([*argv, f"output_dir={out}", "adder.backend=reference"]) == 2
-    finally:
-        dispatch.set_default_backend(None)
+    assert train_main([*argv, f"output_dir={out}", "adder.backend=reference"]) == 2
     assert "error: train.init_from:" in capsys.readouterr().err and not out.exists()
     with pytest.raises(ConfigError, match=r"pattern\(s\) \['classifier\.\*'\] match no key"):
         load("resnet8", 10, "train.init_from_ignore=classifier.*")
