@@ -416,10 +416,16 @@ def read_exported(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, 
 
 
 def _model_from_meta(meta: Mapping[str, str]) -> nn.Module:
-    kw = json.loads(meta["kwargs"])
-    if meta["head"] != "linear" or not json.loads(meta["head_bias"]):
-        kw.update(head=meta["head"], head_bias=json.loads(meta["head_bias"]))
-    return create_model(meta["name"], conv=meta["conv"], num_classes=int(meta["num_classes"]), **kw)
+    cfg = ModelConfig(
+        name=meta["name"],
+        conv=meta["conv"],
+        head=meta["head"],
+        head_bias=json.loads(meta["head_bias"]),
+        kwargs=json.loads(meta["kwargs"]),
+    )
+    return create_model(
+        cfg.name, conv=cfg.conv, num_classes=int(meta["num_classes"]), **cfg.create_kwargs()
+    )
 
 
 def load_exported(path: str | Path) -> nn.Module:
