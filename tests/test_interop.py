@@ -619,6 +619,25 @@ def test_init_from_strict_key_check_lists_the_differences(trained, tmp_path, cap
         interop.init_from_config(
             model, load_config(REPO / "configs/debug.yaml", [*cfg_args, "model.conv=conv"])
         )
+    # an imported official checkpoint with the shipped config: what fine-tuning from it loads
+    from addernet_dist.train import build_model
+
+    imported = tmp_path / "r20.pt"
+    interop.import_official(OFFICIAL_R20, imported, "resnet20")
+    cfg = load_config(
+        REPO / "configs/official_resnet20_cifar10.yaml",
+        [f"train.init_from={imported}", "model.num_classes=null", "train.init_from_ignore=[fc.*]"],
+    )
+    model = build_model(cfg, num_classes=7)  # a 7-class task
+    loaded, kept = interop.init_from_config(model, cfg)
+    assert (
+        kept == [k for k in model.state_dict() if k.startswith("fc.")]
+        and model.fc[0].out_features == 7
+    )
+    official = interop.load_official(OFFICIAL_R20, "resnet20").state_dict()
+    assert loaded and all(torch.equal(model.state_dict()[k], official[k]) for k in loaded)
+    assert len(loaded) == len([k for k in official if not k.endswith("_extra_state")]) - 6
+
     # through the CLI: exit code 2, a readable error, and the run folder never created
     from addernet_dist.train import main as train_main
 
