@@ -17,6 +17,7 @@ the official resnet50.py (``official_resnet50_state``) and saved in the same leg
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import zipfile
 from collections import OrderedDict
@@ -176,11 +177,12 @@ def test_official_resnet20_file_imports_and_matches_the_official_forward():
     # A trained network: the logits are spread, not a degenerate constant.
     assert ref.std(1).min() > 1.0
     with torch.no_grad():
+        model32 = copy.deepcopy(model)
         got64 = model.double()(x)
         torch.testing.assert_close(got64, ref, rtol=1e-9, atol=1e-9)
         # fp32, as it is evaluated: adder sums of ~576 terms at |y| ~ 1e3 carry ~1e-4 rounding
         # per layer; measured max |Δlogit| 3e-3 on logits of scale ~5
-        got32 = interop.load_official(OFFICIAL_R20, "resnet20")(x.float())
+        got32 = model32(x.float())
     torch.testing.assert_close(got32.double(), ref, rtol=0, atol=2e-2)
     assert torch.equal(got32.argmax(1), ref.argmax(1))
     assert OFFICIAL_R20.read_bytes() == raw  # reading never writes
