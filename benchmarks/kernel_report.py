@@ -11,6 +11,7 @@ MAC (``FADD d = x − w``; ``FADD acc += |d|``, the abs folded as an operand mod
     python benchmarks/kernel_report.py --cc 80 --full  # sm_80, every code path × every config
     python benchmarks/kernel_report.py --dump /tmp/sass # also write each kernel's SASS
     python benchmarks/kernel_report.py --sfu-probe      # MUFUs per result of the f32 / packed 16-bit SFU forms
+    python benchmarks/kernel_report.py --layers         # every ResNet-18/50 layer shape + modelled images/s
 """
 
 from __future__ import annotations
@@ -200,6 +201,241 @@ def sfu_probe(cc: int) -> list[dict]:
     return rows
 
 
+# ---- every ResNet-18/50 layer shape and the modelled training throughput ------------------------------
+# Stated assumptions of the model (BENCHMARKS.md repeats them):
+#  * issue-bound: a warp instruction issues per cycle per SM sub-partition (4 per SM); the hot loop's
+#    SASS per MAC (this report) sets the cost; loads hit L1/L2 (the loops reuse every loaded x across
+#    BLOCK_N channels and every filter across BLOCK_M positions);
+#  * per program, the straight-line code (the static SASS outside every innermost loop: tap setup,
+#    prologue, epilogue, BN partials) runs once; the tap loops are unrolled at compile time, so that
+#    count already holds every tap's setup;
+#  * tile waste: positions and channels padded up to the tile; the tail wave: programs spread evenly
+#    over the SMs, the last round partially idle;
+#  * the tile is the one with the lowest modelled time among the tuning list (a GPU times them);
+#  * fp32 operands (the bf16 policy stores adder outputs in fp32, issue 11); the forward carries the
+#    fused BN-statistics epilogue, ∂X the ℓp mode at p = 1 (sgn), ∂F the full-precision gradient,
+#    deterministic (DW_CONFIGS[0]);
+#  * outside the adder kernels: BN-normalise/ReLU/residual passes are memory-bound at HBM bandwidth
+#    with ELEMENTWISE_BYTES per adder-output element and step; the stem conv and the classifier run on
+#    cuDNN/cuBLAS tensor cores and are neglected (118 M of 4.1 G MACs per image, on 16-bit tensor
+#    cores); the optimizer step is neglected (25.6 M parameters, ~1 ms).
+H100_SXM = dict(
+    name="H100 SXM5",
+    sms=132,
+    clock_ghz=1.98,
+    regs_per_sm=65536,
+    threads_per_sm=2048,
+    smem_per_sm=227 * 1024,
+    hbm_tb_s=3.35,
+)
+# fp32 y written by the kernel (4) and read by BN-normalise (4), its 16-bit output written (2) and read
+# by the next layer's copy/ReLU (2); backward: g read (2), y re-read (4), g_y written (4) for ∂X/∂F:
+# 22 bytes per adder-output element and training step.
+ELEMENTWISE_BYTES = 22
+
+
+def resident_programs(regs: int, threads: int, smem: int, gpu: dict) -> int:
+    """Programs (thread blocks) one SM holds at once, from registers, threads and shared memory."""
+    by_regs = gpu["regs_per_sm"] // max(1, regs * threads)
+    by_threads = gpu["threads_per_sm"] // threads
+    by_smem = gpu["smem_per_sm"] // smem if smem else by_threads
+    return max(1, min(by_regs, by_threads, by_smem))
+
+
+def model_kernel_time(
+    kind: str, shape, batch: int, cfg_kwargs: dict, warps: int, cost: dict, gpu: dict = H100_SXM
+) -> dict:
+    """Modelled seconds of one adder kernel (fwd | dx | dw) on one layer shape (see the assumptions).
+
+    ``cost``: {"per_mac": hot-loop SASS per MAC, "other_instrs": straight-line SASS per program, "regs",
+    "smem"}.
+    """
+    cdiv = lambda a, b: -(-a // b)  # noqa: E731
+    bm, bn, bk = cfg_kwargs["BLOCK_M"], cfg_kwargs["BLOCK_N"], cfg_kwargs["BLOCK_K"]
+    taps = shape.k * shape.k
+    m_out = batch * shape.p * shape.p
+    macs = m_out * shape.o * shape.c * taps
+    if kind == "fwd":
+        programs = cdiv(m_out, bm) * cdiv(shape.o, bn)
+        padded = programs * bm * bn * cdiv(shape.c, bk) * bk * taps
+    elif kind == "dx":
+        # one stride phase per program; per phase, the taps that read it (uniform skip of the rest)
+        phases = shape.stride * shape.stride
+        m_phase = batch * cdiv(shape.h, shape.stride) ** 2
+        hits = (
+            taps / phases if shape.k > 1 else 1.0 / phases
+        )  # 1×1 stride 2: only phase (0, 0) works
+        programs = cdiv(m_phase, bm) * cdiv(shape.c, bn) * phases
+        padded = programs * bm * bn * cdiv(shape.o, bk) * bk * hits
+    else:  # dw: (O tile × C tile) per tap, the positions split to fill the GPU (the launcher's rule)
+        tiles = cdiv(shape.o, bm) * cdiv(shape.c, bn)
+        split = max(1, min(batch * shape.p, (gpu["sms"] * 4) // max(1, tiles * taps)))
+        programs = tiles * taps * split
+        per_split = cdiv(m_out, split)
+        padded = programs * bm * bn * cdiv(per_split, bk) * bk
+    threads = 32 * warps
+    instr_warp = padded * cost["per_mac"] / 32 + programs * cost["other_instrs"] * warps
+    resident = resident_programs(cost["regs"], threads, cost["smem"], gpu)
+    slots = gpu["sms"]
+    waves = cdiv(programs, slots)
+    tail_eff = programs / (waves * slots)
+    issue_per_s = gpu["sms"] * 4 * gpu["clock_ghz"] * 1e9
+    t = instr_warp / issue_per_s / tail_eff
+    return dict(
+        seconds=t,
+        macs=macs,
+        programs=programs,
+        waste=padded / macs,
+        tail_eff=tail_eff,
+        resident=resident,
+        tmacs=macs / t / 1e12,
+    )
+
+
+_LAYER_KERNELS = {
+    # kind: (kernel, tuning list, constexprs of the modelled code path, divisible-16 args)
+    "fwd": (
+        "_adder_fwd_kernel",
+        "FWD_CONFIGS",
+        dict(P_MODE=1, EPILOGUE=1, HAS_RES=False, RELU=False, FAST_MATH=True, FMA_EXP2_OK=True),
+        ("OP",),
+    ),
+    "dx": (
+        "_adder_bwd_dx_kernel",
+        "DX_CONFIGS",
+        dict(GX_MODE=1, FAST_MATH=True, FMA_EXP2_OK=True),
+        ("CP",),
+    ),
+    "dw": ("_adder_bwd_dw_kernel", "DW_CONFIGS", dict(SIGN=False, ATOMIC=False), ()),
+}
+
+
+def tile_costs(cc: int, ks: tuple[int, ...]) -> dict[tuple[str, int, int], dict]:
+    """Compile every (kernel, filter size, tile) of the modelled paths once; their SASS costs."""
+    import triton.language as tl
+    from addernet_dist.kernels import triton_adder as ta
+
+    out = {}
+    for kind, (kname, lname, consts, div16) in _LAYER_KERNELS.items():
+        configs = getattr(ta, lname)
+        for i, cfg in enumerate(configs):
+            if cfg.kwargs.get("EXP2_FMA", 0) or (kind == "dw" and i > 0):
+                continue  # general-p-only tiles; ∂F deterministic runs DW_CONFIGS[0] only
+            for k in ks:
+                kw = cfg.kwargs
+                macs = kw["BLOCK_M"] * kw["BLOCK_N"] * kw["BLOCK_K"] // (32 * cfg.num_warps)
+                spec = aot.KernelSpec(
+                    f"{kind}",
+                    getattr(ta, kname),
+                    cfg,
+                    dict(R=k, S=k, ACC_DTYPE=tl.float32, **consts),
+                    "fp32",
+                    macs,
+                    div16,
+                )
+                compiled = aot.compile_spec(spec, cc)
+                use = aot.resource_usage(compiled.asm["cubin"])
+                lines = disassemble(compiled.asm["cubin"])
+                lp = hot_loop(lines)
+                static = sum(1 for ln in lines if _INSTR.match(ln))
+                in_loops = sum(len(loop.ops) for loop in find_loops(lines))
+                out[(kind, k, i)] = dict(
+                    per_mac=len(lp.ops) / macs,
+                    other_instrs=static - in_loops,
+                    regs=use["registers"],
+                    smem=compiled.metadata.shared,
+                    spill=use["stack"],
+                )
+    return out
+
+
+def layer_report(
+    models=("resnet18", "resnet50"), cc: int = 90, batch: int = 128, gpu: dict = H100_SXM
+) -> dict:
+    """Per distinct layer shape: the modelled tile, SASS/MAC and time of fwd / ∂X / ∂F; per model the
+    modelled training images/s. One GPU, per-GPU batch ``batch``."""
+    from addernet_dist.kernels import triton_adder as ta
+
+    from addernet_dist.layer_shapes import adder_layer_shapes
+
+    shapes = {m: adder_layer_shapes(m) for m in models}
+    ks = tuple(sorted({s.k for ss in shapes.values() for s in ss}))
+    costs = tile_costs(cc, ks)
+    result = {"gpu": gpu, "cc": cc, "batch": batch, "models": {}}
+    for m, ss in shapes.items():
+        rows, total_t, out_elems = [], 0.0, 0
+        for s in ss:
+            row = dict(layer=s.label, count=s.count, mmacs=s.macs_per_image / 1e6)
+            layer_t = 0.0
+            for kind, (_, lname, _, _) in _LAYER_KERNELS.items():
+                configs = getattr(ta, lname)
+                best = None
+                for (kd, k, i), cost in costs.items():
+                    if kd != kind or k != s.k:
+                        continue
+                    cfg = configs[i]
+                    r = model_kernel_time(kind, s, batch, cfg.kwargs, cfg.num_warps, cost, gpu)
+                    if best is None or r["seconds"] < best[1]["seconds"]:
+                        best = (i, r, cost)
+                i, r, cost = best
+                kw = configs[i].kwargs
+                row[kind] = dict(
+                    tile=f"{kw['BLOCK_M']}×{kw['BLOCK_N']}×{kw['BLOCK_K']}/w{configs[i].num_warps}",
+                    per_mac=cost["per_mac"],
+                    regs=cost["regs"],
+                    spill=cost["spill"],
+                    us=r["seconds"] * 1e6,
+                    tmacs=r["tmacs"],
+                    waste=r["waste"],
+                    tail=r["tail_eff"],
+                )
+                layer_t += r["seconds"]
+            row["step_us"] = layer_t * 1e6
+            rows.append(row)
+            total_t += layer_t * s.count
+            out_elems += s.o * s.p * s.p * s.count
+        mem_t = batch * out_elems * ELEMENTWISE_BYTES / (gpu["hbm_tb_s"] * 1e12)
+        result["models"][m] = dict(
+            rows=rows,
+            adder_s=total_t,
+            elementwise_s=mem_t,
+            adder_images_s=batch / total_t,
+            images_s=batch / (total_t + mem_t),
+            adder_gmacs_per_image=sum(s.macs_per_image * s.count for s in ss) / 1e9,
+        )
+    return result
+
+
+def layers_markdown(rep: dict) -> str:
+    g = rep["gpu"]
+    out = []
+    for m, d in rep["models"].items():
+        out.append(
+            f"\n**{m}** (sm_{rep['cc']}, {g['name']} at {g['clock_ghz']} GHz, per-GPU batch {rep['batch']}, "
+            f"fp32, p = 1, fused BN statistics; modelled, not measured)\n\n"
+        )
+        out.append(
+            "| layer (Cin→Cout k×k/stride @H²) | ×model | M MAC/img | fwd tile | fwd SASS/MAC | fwd µs "
+            "| ∂X tile | ∂X SASS/MAC | ∂X µs | ∂F SASS/MAC | ∂F µs | step µs | T MAC/s (3 kernels) |\n"
+            "|---|---:|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|\n"
+        )
+        for r in d["rows"]:
+            f, x, w = r["fwd"], r["dx"], r["dw"]
+            tm = 3 * r["mmacs"] * 1e6 * rep["batch"] / (r["step_us"] * 1e-6) / 1e12
+            out.append(
+                f"| {r['layer']} | {r['count']} | {r['mmacs']:.1f} | {f['tile']} | {f['per_mac']:.2f} "
+                f"| {f['us']:.0f} | {x['tile']} | {x['per_mac']:.2f} | {x['us']:.0f} | {w['per_mac']:.2f} "
+                f"| {w['us']:.0f} | {r['step_us']:.0f} | {tm:.1f} |\n"
+            )
+        out.append(
+            f"\n{m}: {d['adder_gmacs_per_image']:.2f} G adder-MACs per image (×3 for fwd + ∂X + ∂F); adder "
+            f"kernels {1e3 * d['adder_s']:.1f} ms per step of {rep['batch']} → {d['adder_images_s']:.0f} "
+            f"images/s; with the memory-bound BN/ReLU passes ({1e3 * d['elementwise_s']:.1f} ms) "
+            f"**{d['images_s']:.0f} images/s per GPU**.\n"
+        )
+    return "".join(out)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cc", type=int, default=90, help="compute capability (80, 90)")
@@ -211,7 +447,23 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="only count MUFU instructions per result of the f32 and packed 16-bit SFU forms",
     )
+    ap.add_argument(
+        "--layers",
+        action="store_true",
+        help="every ResNet-18/50 layer shape: modelled tiles, SASS/MAC, times, training images/s (H100)",
+    )
+    ap.add_argument("--batch", type=int, default=128, help="per-GPU batch of --layers")
+    ap.add_argument("--json", default=None, help="--layers: also write the numbers here")
     args = ap.parse_args(argv)
+    if args.layers:
+        rep = layer_report(cc=args.cc, batch=args.batch)
+        if args.json:
+            import json
+
+            with open(args.json, "w") as f:
+                json.dump(rep, f, indent=1)
+        sys.stdout.write(layers_markdown(rep))
+        return
     if args.sfu_probe:
         sys.stdout.write(f"| SFU form (sm_{args.cc}) | MUFU / result | SASS |\n|---|---:|---|\n")
         for r in sfu_probe(args.cc):

@@ -33,6 +33,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from addernet_dist.kernels.tile_tuner import TileTuner
 
 from addernet_dist.ops.reference import check_args, check_conv_args, compute_dtype
 
@@ -622,42 +623,34 @@ DW_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 16}, num_warps=8, num_stages=1),
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=2, num_stages=1),
 ]
-_FWD_KEY = ["C", "O", "P", "Q", "N", "R", "S", "P_MODE", "FMA_EXP2_OK", "EPILOGUE"]
-_DX_KEY = ["C", "O", "H", "W", "N", "R", "S", "GX_MODE", "FMA_EXP2_OK"]
-_DW_KEY = ["C", "O", "H", "W", "N", "R", "S", "SIGN"]
+# Tile keys: the layer shape and code path, never the batch size N (kernels/tile_tuner.py: evaluation
+# batches and a short last batch reuse the training batch's tile instead of re-tuning every layer).
+_SHAPE_KEY = ["C", "O", "H", "W", "P", "Q", "R", "S"]
+_SHAPE_KEY += ["stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w"]
+_FWD_KEY = _SHAPE_KEY + ["P_MODE", "FMA_EXP2_OK", "EPILOGUE", "HAS_RES", "RELU"]
+_DX_KEY = _SHAPE_KEY + ["GX_MODE", "FMA_EXP2_OK"]
+_DW_KEY = _SHAPE_KEY + ["SIGN", "ATOMIC"]
 
 
 def _interpreting() -> bool:
     return bool(triton.knobs.runtime.interpret)
 
 
-def _tuned(kernel, configs, key, **kwargs):
+def _tuned(kind, kernel, configs, key, prune=None):
+    """The kernel's TileTuner, or None in the interpreter (which runs INTERPRETER_CONFIGS: timing tiles
+    there is pointless). Tests build a tuner under the interpreter themselves to exercise the mechanism."""
     if _interpreting():
-        return (
-            None  # the interpreter runs the first config; benchmarking configs there is pointless
-        )
-    return triton.autotune(configs=configs, key=key, **kwargs)(kernel)
+        return None
+    return TileTuner(kind, kernel, configs, key, prune)
 
 
-_adder_fwd_tuned = _tuned(
-    _adder_fwd_kernel,
-    FWD_CONFIGS,
-    _FWD_KEY,
-    prune_configs_by={"early_config_prune": _prune_fwd_configs},
-)
-_adder_bwd_dx_tuned = _tuned(
-    _adder_bwd_dx_kernel,
-    DX_CONFIGS,
-    _DX_KEY,
-    prune_configs_by={"early_config_prune": _prune_dx_configs},
-)
-# ∂F is autotuned only in its atomic (non-deterministic) mode, where every config adds into the same
-# buffer: reset_to_zero clears it between the autotuner's trial runs. The deterministic mode keeps
-# DW_CONFIGS[0]: the tile sets the reduction split, so a config picked by timing (which varies run to
-# run) would change the summation order and with it the bits that mode promises to reproduce.
-_adder_bwd_dw_atomic_tuned = _tuned(
-    _adder_bwd_dw_kernel, DW_CONFIGS, _DW_KEY, reset_to_zero=["dw_ptr"]
-)
+_adder_fwd_tuned = _tuned("fwd", _adder_fwd_kernel, FWD_CONFIGS, _FWD_KEY, _prune_fwd_configs)
+_adder_bwd_dx_tuned = _tuned("dx", _adder_bwd_dx_kernel, DX_CONFIGS, _DX_KEY, _prune_dx_configs)
+# ∂F is tuned only in its atomic (non-deterministic) mode, where every config adds into the same
+# buffer (zeroed between trials). The deterministic mode keeps DW_CONFIGS[0]: the tile sets the
+# reduction split, so a config picked by timing (which varies run to run) would change the summation
+# order and with it the bits that mode promises to reproduce.
+_adder_bwd_dw_atomic_tuned = _tuned("dw", _adder_bwd_dw_kernel, DW_CONFIGS, _DW_KEY)
 
 
 # The interpreter's cost is per executed block operation, so it runs big tiles by default (fewer programs:
@@ -674,16 +667,20 @@ def _default_config(kind: str, configs: list[triton.Config]) -> triton.Config:
     return INTERPRETER_CONFIGS[kind] if _interpreting() else configs[0]
 
 
-def _launch(kernel, tuned, kind, configs, grid_fn, args, consts, config):
-    """Run ``kernel`` with an explicit config, or autotuned (GPU) / the interpreter's config."""
+def _launch(kernel, tuned, kind, configs, grid_fn, args, consts, config, reset=()):
+    """Run ``kernel`` with an explicit config, the tuner's tile for this layer shape (GPU), or the
+    interpreter's config. ``reset``: accumulation targets the tuner zeroes between its trials."""
+
+    def run(cfg):
+        meta = dict(cfg.kwargs)
+        kernel[grid_fn(meta)](
+            *args, **consts, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages
+        )
+
     if config is None and tuned is not None:
-        tuned[grid_fn](*args, **consts)
-        return
-    cfg = config if config is not None else _default_config(kind, configs)
-    meta = dict(cfg.kwargs)
-    kernel[grid_fn(meta)](
-        *args, **consts, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages
-    )
+        config = tuned.choose(args, consts, run, reset)
+    # the chosen tile runs last, so grid_fn's side effects (the BN partials' BLOCK_M) describe it
+    run(config if config is not None else _default_config(kind, configs))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -993,25 +990,25 @@ def adder2d_grad_weight(
     args = (g, x, w_c)
     sizes = (n, c, h, w_, o, pp, qq, *g.stride(), *x.stride(), *stride, *padding, *dilation)
     consts = dict(R=r, S=s, SIGN=grad_w == "sign", ATOMIC=atomic, ACC_DTYPE=_acc_dtype(x.dtype))
-    if atomic and config is None and _adder_bwd_dw_atomic_tuned is not None:
+    if atomic:
         buf = torch.zeros((r * s, o, c), device=x.device, dtype=torch.float32)
-        _adder_bwd_dw_atomic_tuned[grid](*args, buf, *sizes, **consts)
+        _launch(
+            _adder_bwd_dw_kernel,
+            _adder_bwd_dw_atomic_tuned,
+            "dw",
+            DW_CONFIGS,
+            grid,
+            (*args, buf, *sizes),
+            consts,
+            config,
+            reset=(buf,),
+        )
     else:
         cfg = config if config is not None else _default_config("dw", DW_CONFIGS)
-        meta = dict(cfg.kwargs)
-        if atomic:
-            buf = torch.zeros((r * s, o, c), device=x.device, dtype=torch.float32)
-        else:
-            split = split_for(meta["BLOCK_M"], meta["BLOCK_N"])
-            buf = torch.empty((split, r * s, o, c), device=x.device, dtype=acc_dt)
-        _adder_bwd_dw_kernel[grid(meta)](
-            *args,
-            buf,
-            *sizes,
-            **consts,
-            **meta,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
+        split = split_for(cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"])
+        buf = torch.empty((split, r * s, o, c), device=x.device, dtype=acc_dt)
+        _launch(
+            _adder_bwd_dw_kernel, None, "dw", DW_CONFIGS, grid, (*args, buf, *sizes), consts, cfg
         )
     dw = buf if atomic else buf.sum(0)
     return dw.reshape(r, s, o, c).permute(2, 3, 0, 1).to(weight.dtype).contiguous()

@@ -1,0 +1,209 @@
+"""addernet-selftest: the GPU plan (pure, checked here on CPU), the driver check, the reduced CPU form
+end to end (what CI runs), and a non-zero exit when a check fails."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from addernet_dist import selftest as st
+from addernet_dist.ops import reference
+
+H100 = st.DeviceDescription(
+    "cuda", "NVIDIA H100 80GB HBM3", (9, 0), 8, 132, 1980.0, "580.82.07", "13.0"
+)
+CPU = st.DeviceDescription("cpu", "x86_64", cuda_build="13.0")
+
+
+def test_gpu_plan_runs_every_gpu_path():
+    plan = {c.name: c.params for c in st.plan_checks(H100)}
+    assert list(plan) == ["env", "kernels", "speed", "tiles", "train", "deepspeed"]
+    assert plan["tiles"] == {"nproc": 8, "mode": "compiled", "env": {}}
+    k = plan["kernels"]
+    assert (k["mode"], k["device"]) == ("compiled", "cuda")
+    cases = k["cases"]
+    # every code path: p = 1, 2, general; both ∂X and ∂F modes; deterministic and atomic ∂F; three
+    # dtypes; channels_last; every fused epilogue
+    assert {c["p"] for c in cases} == {1.0, 2.0, 1.5}
+    assert {c["grad_x"] for c in cases} == {"lp", "hardtanh"}
+    assert {c["grad_w"] for c in cases} == {"full", "sign"}
+    assert {c["deterministic"] for c in cases} == {True, False}
+    assert {c["dtype"] for c in cases} == {"float32", "bfloat16", "float16"}
+    assert any(c["channels_last"] for c in cases)
+    assert {c["epilogue"] for c in cases} == {"none", "bn_stats", "affine", "affine_res_relu"}
+    assert plan["speed"]["model"] == "resnet50"
+    t = plan["train"]
+    assert t["nproc"] == 8 and t["distributed_backend"] == "nccl"
+    assert t["overrides"] == {
+        "train.device": "cuda",
+        "train.bf16": True,
+        "train.channels_last": True,
+        "adder.backend": "triton",
+        "adder.fuse_bn": True,
+        "data.loader": "dali",
+        "data.dali.device": "gpu",
+    }
+    assert t["eval_cli"] and t["epochs"] == 2
+    assert t["env"] == {"ADDERNET_TILE_TUNING": "0"}  # no minutes of tile timing in the smoke
+    d = plan["deepspeed"]
+    assert d["overrides"]["engine"] == "deepspeed" and d["overrides"]["deepspeed.zero_stage"] == 2
+    assert d["overrides"]["adder.backend"] == "triton" and "DS_ACCELERATOR" not in d["env"]
+    # one GPU: one process; never more than 8 per node
+    one = st.DeviceDescription("cuda", "A100", (8, 0), 1, 108, 1410.0, "550.1.1", "12.4")
+    assert {c.name: c.params for c in st.plan_checks(one)}["train"]["nproc"] == 1
+
+
+def test_cpu_plan_runs_the_cpu_equivalents():
+    plan = {c.name: c.params for c in st.plan_checks(CPU)}
+    assert list(plan) == [
+        "env",
+        "kernels",
+        "tiles",
+        "train",
+        "deepspeed",
+    ]  # no cuDNN to time against
+    assert plan["tiles"]["mode"] == "interpreter"
+    assert plan["kernels"]["mode"] == "interpreter"
+    t = plan["train"]
+    assert t["distributed_backend"] == "gloo" and t["nproc"] == 2
+    assert t["overrides"]["data.dali.device"] == "cpu" and t["overrides"]["train.device"] == "cpu"
+    assert plan["deepspeed"]["env"] == {"DS_ACCELERATOR": "cpu"}
+    quick = {c.name: c.params for c in st.plan_checks(CPU, quick=True)}
+    assert list(quick) == ["env", "kernels", "train"]
+    assert 0 < len(quick["kernels"]["cases"]) < len(plan["kernels"]["cases"])
+
+
+def test_old_driver_is_named():
+    msg = st.driver_problem("535.104.05", "13.0")
+    assert "535.104.05" in msg and "13.0" in msg and "580.65.6" in msg
+    assert st.driver_problem("580.82.07", "13.0") is None
+    assert st.driver_problem("525.60.13", "12.1") is None
+    assert "470.82.01" in st.driver_problem("470.82.01", "12.4")
+    assert st.driver_problem(None, "13.0") is None  # no driver: a CPU machine
+
+
+def test_fp32_adder_roofline():
+    # H100 SXM: 132 SMs × 128 lanes × 1.98 GHz = 33.5 T FP32 instr/s = 16.7 T adder MAC/s
+    assert st.fp32_adder_roofline(132, 1980.0) == pytest.approx(16.73e12, rel=1e-3)
+
+
+@pytest.mark.timeout(300)
+def test_quick_selftest_passes_on_cpu_and_writes_both_reports(tmp_path):
+    # the reduced form CI runs: env, interpreted kernels, a 2-process DDP/gloo DALI-CPU train +
+    # checkpoint + resume + evaluation
+    proc = subprocess.run(
+        [sys.executable, "-m", "addernet_dist.selftest", "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=290,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["ok"] and [c["name"] for c in report["checks"]] == ["env", "kernels", "train"]
+    by = {c["name"]: c for c in report["checks"]}
+    assert by["env"]["details"]["torch"] and by["env"]["details"]["triton"]
+    assert all(row["ok"] for row in by["kernels"]["details"]["cases"])
+    tr = by["train"]["details"]
+    assert tr["nproc"] == 2 and tr["steps"] > tr["resumed_at"] > 0
+    md = (tmp_path / "report.md").read_text()
+    assert "PASSED" in md and "| kernels | ok |" in md
+
+
+def test_a_failing_check_fails_the_run(tmp_path, monkeypatch):
+    # a kernel that disagrees with the specification (here: the specification shifted by 1e-3 of
+    # its scale) must fail the kernels check, the report and the exit code
+    real = reference.adder2d_reference
+
+    def shifted(x, w, *a, **kw):
+        y = real(x, w, *a, **kw)
+        return y + 1e-3 * y.detach().abs().max()
+
+    monkeypatch.setattr(reference, "adder2d_reference", shifted)
+    rc = st.main(["--quick", "--only", "env,kernels", "--out", str(tmp_path)])
+    assert rc == 1
+    report = json.loads((tmp_path / "report.json").read_text())
+    by = {c["name"]: c for c in report["checks"]}
+    assert by["env"]["ok"] and not by["kernels"]["ok"]
+    assert "exceed" in by["kernels"]["error"]
+    assert "FAILED" in (tmp_path / "report.md").read_text()
+    # and a driver too old for the CUDA build fails the env check by name
+    monkeypatch.setattr(
+        st,
+        "describe_device",
+        lambda: st.DeviceDescription("cpu", "x", driver="470.1.1", cuda_build="12.4"),
+    )
+    assert st.main(["--only", "env", "--out", str(tmp_path / "b")]) == 1
+    env = json.loads((tmp_path / "b" / "report.json").read_text())["checks"][0]
+    assert not env["ok"] and "470.1.1" in env["error"]
+    assert st.main(["--only", "nope", "--out", str(tmp_path / "c")]) == 2
+    assert st.main(["--only", "speed", "--out", str(tmp_path / "c")]) == 2  # needs CUDA
+
+
+def test_markdown_report_renders_every_section():
+    # the GPU sections are rendered here from a report shaped like the GPU run's, so a rendering bug
+    # cannot lose the report at the end of a 10-minute GPU run
+    report = dict(
+        date="d",
+        device={"name": "H100"},
+        ok=False,
+        seconds=1.0,
+        checks=[
+            dict(name="env", ok=True, seconds=1.0, details={"torch": "2.x", "driver": "580"}),
+            dict(
+                name="kernels",
+                ok=True,
+                seconds=2.0,
+                details={
+                    "mode": "compiled",
+                    "cases": [dict(case="p=1 lp", ok=True, errors={"y": 1e-7, "dx": 2e-7}, s=0.1)],
+                },
+            ),
+            dict(
+                name="speed",
+                ok=True,
+                seconds=3.0,
+                details={
+                    "batch": 64,
+                    "fp32_adder_roofline_tmacs": 16.7,
+                    "rows": [
+                        dict(
+                            layer="64→64 3×3/s1 @56²",
+                            count=3,
+                            adder_ms=1.5,
+                            conv_ms=0.9,
+                            adder_tmacs=9.9,
+                            conv_over_adder=0.6,
+                            roofline_fraction=0.59,
+                        ),
+                        dict(
+                            layer="x",
+                            count=1,
+                            adder_ms=1.0,
+                            conv_ms=1.0,
+                            adder_tmacs=1.0,
+                            conv_over_adder=1.0,
+                            roofline_fraction=None,
+                        ),
+                    ],
+                },
+            ),
+            dict(name="train", ok=False, seconds=4.0, error="CheckFailed: a|b\nc"),
+        ],
+    )
+    md = st.to_markdown(report)
+    assert "FAILED" in md and "a\\|b c" in md
+    assert "| 64→64 3×3/s1 @56² | 3 | 1.500 | 0.900 | 0.60 | 9.90 | 59 % |" in md
+    assert "| x | 1 | 1.000 | 1.000 | 1.00 | 1.00 | – |" in md
+    assert "| p=1 lp | y 1.0e-07, dx 2.0e-07 |" in md and "| driver | 580 |" in md
+
+
+@pytest.mark.timeout(200)
+def test_tiles_check_agrees_across_two_gloo_ranks(tmp_path):
+    # the check the GPU form runs over NCCL, here over gloo with the interpreter: rank 0 times, rank 1
+    # receives, both launch the same tiles
+    details = st.check_tiles(CPU, {"nproc": 2, "mode": "interpreter", "env": {}}, tmp_path)
+    assert details == {"nproc": 2, "keys": 2, "timed_by_rank": [2, 0]}

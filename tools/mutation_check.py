@@ -1,0 +1,321 @@
+"""Mutation check: break one core mechanism at a time, in a copy of the tree, and run the tests
+that claim it. Every mutation must make at least one of its tests fail ("caught").
+
+    python tools/mutation_check.py                  # every mutation, one after the other
+    python tools/mutation_check.py eval-label-shift dali-train-rank0   # some of them
+    python tools/mutation_check.py --list
+    python tools/mutation_check.py --baseline ...   # also run the tests on the unmutated copy
+
+Not part of CI (minutes per mutation: several of the tests train in 2 processes). Results are
+recorded in docs/testing.md; rerun after changing a mechanism or the tests that claim it.
+
+How: ``git ls-files -co --exclude-standard`` is copied to a temporary directory (the worktree's
+files are never edited), one exact text replacement is applied (it must match exactly once: a
+mutation whose site moved fails loudly instead of testing nothing), and ``python -m pytest -x``
+runs the named tests inside the copy. The copy is imported in place of the editable install: the
+test process and every process it launches run with cwd and PYTHONPATH at the copy, and
+``addernet_dist/kernels`` is linked to the copy's ``kernels/`` (the editable install maps that
+sub-package to the worktree's kernels/, which the copy must shadow). The script checks where
+``addernet_dist`` and ``addernet_dist.kernels`` import from before running anything.
+
+Why not mutmut: its mutants are random operator swaps over whole files (thousands of runs of
+multi-process tests); the point here is a short curated list of semantic breakages, each with the
+tests that are supposed to notice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    what: str  # one line for the docs table
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+MUTATIONS = [
+    Mutation(
+        "op-forward-sign",
+        "reference operator forward at p=1 returns +Σ|X−F| instead of −Σ|X−F|",
+        "addernet_dist/ops/reference.py",
+        "return dist_mo.neg() if p == 1.0 else",
+        "return dist_mo if p == 1.0 else",
+        ("tests/test_ops_reference.py::test_matches_float64_formula",),
+    ),
+    Mutation(
+        "op-backward-filter-grad",
+        "full-precision filter gradient X−F computed as X+F",
+        "addernet_dist/ops/reference.py",
+        "return g_mo.t() @ x_mk - w_ok * g_mo.sum(0)[:, None]",
+        "return g_mo.t() @ x_mk + w_ok * g_mo.sum(0)[:, None]",
+        # (test_filter_gradient_is_full_precision_for_every_p goes through adder_linear, which
+        # dispatches to the CPU fast path on this machine: it stays green here)
+        ("tests/test_ops_reference.py::test_matches_float64_formula",),
+    ),
+    Mutation(
+        "eq33-zero-norm-local",
+        "ZeRO: eq. 33 norms not all-reduced (each rank scales by its shard's norm)",
+        "addernet_dist/engine/zero_norms.py",
+        "            dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self._group)",
+        "            pass",
+        ("tests/test_deepspeed_engine.py::test_zero_stage_matches_ddp",),
+    ),
+    Mutation(
+        "p-schedule-not-applied",
+        "trainer advances p in the log but never sets it on the model",
+        "addernet_dist/train.py",
+        "                p = step_p\n                set_p(model, p)",
+        "                p = step_p",
+        ("tests/test_train_torchrun.py::test_two_process_debug_run",),
+    ),
+    Mutation(
+        "eval-label-shift",
+        "evaluate() shifts the labels by one against the logits (labels.roll(1))",
+        "addernet_dist/metrics.py",
+        "        logits = upcast_logits(logits)\n",
+        "        logits = upcast_logits(logits)\n        labels = labels.roll(1)\n",
+        (
+            "tests/test_eval_distributed.py::test_single_process_evaluate_matches_a_plain_loop",
+            "tests/test_eval_distributed.py::test_two_ranks_equal_one_process_on_uneven_split",
+        ),
+    ),
+    Mutation(
+        "sampler-rank0-shard",
+        "sampler gives every rank rank 0's shard",
+        "addernet_dist/data/sampler.py",
+        "sl = slice(self.rank, total, w)",
+        "sl = slice(0, total, w)",
+        (
+            "tests/test_data_sharding_decoded.py::"
+            "test_each_rank_decodes_the_samplers_order_train_and_val[torchvision]",
+        ),
+    ),
+    Mutation(
+        "dali-train-rank0",
+        "DALI train file list gives every rank rank 0's order (eval untouched)",
+        "addernet_dist/data/dali.py",
+        "            idx = other.plan(epoch).indices[start_batch * s.batch_size :]",
+        "            idx = (\n"
+        "                ResumableShardSampler(s.num_samples, batch_size=s.batch_size, rank=0,\n"
+        "                    world_size=s.world_size, seed=s.seed, shuffle=s.shuffle)\n"
+        "                if s.shuffle else other\n"
+        "            ).plan(epoch).indices[start_batch * s.batch_size :]",
+        (
+            "tests/test_data_sharding_decoded.py::"
+            "test_each_rank_decodes_the_samplers_order_train_and_val[dali]",
+            "tests/test_data_sharding_decoded.py::"
+            "test_mid_epoch_resume_decodes_the_rest_of_the_ranks_order[dali]",
+        ),
+    ),
+    Mutation(
+        "checkpoint-sha256-unchecked",
+        "checkpoint sha256 verification skipped",
+        "addernet_dist/checkpoint.py",
+        "    if hashlib.sha256(body).digest() != digest:",
+        "    if False:",
+        ("tests/test_resume.py::test_newest_valid_skips_corrupt_files_and_names_them",),
+    ),
+    Mutation(
+        "resume-rng-not-restored",
+        "resume does not restore the global RNG states",
+        "addernet_dist/train.py",
+        '        set_rng_state(client["rng"][dist.rank])',
+        "        pass",
+        ("tests/test_resume_rng.py",),
+    ),
+    Mutation(
+        "resume-optimizer-not-restored",
+        "resume does not restore the optimizer state (momentum buffers)",
+        "addernet_dist/engine/ddp.py",
+        '        self.optimizer.load_state_dict(state["optimizer"])',
+        "        pass",
+        ("tests/test_resume_rng.py",),
+    ),
+    Mutation(
+        "resume-loader-position-lost",
+        "loader resume restarts the epoch at batch 0",
+        "addernet_dist/data/sampler.py",
+        "        self.batches_done = batches_done\n",
+        "        self.batches_done = 0\n",
+        (
+            "tests/test_data_sharding_decoded.py::"
+            "test_mid_epoch_resume_decodes_the_rest_of_the_ranks_order[torchvision]",
+        ),
+    ),
+    Mutation(
+        "bn-recalibration-skipped",
+        "trainer skips BN recalibration but still logs that it ran",
+        "addernet_dist/train.py",
+        "                recal = _recalibrate_bn(cfg, dist, model, state.epoch, _eval_dtype(engine))",
+        "                recal = cfg.train.bn_recalibration_batches",
+        (
+            "tests/test_bn_recalibration.py::"
+            "test_trainer_recalibrates_before_mid_decay_evaluations_and_saves_what_it_evaluated",
+        ),
+    ),
+    Mutation(
+        "fused-negated-bn-shift",
+        "fused inference epilogue adds −β instead of β (BN shift negated)",
+        "kernels/fused.py",
+        "            shift=beta.float(),",
+        "            shift=-beta.float(),",
+        (
+            "tests/test_triton_fused.py::test_fuse_resnet8_block_pairs",
+            "tests/test_triton_fused.py::test_fuse_sequential_with_relu_lenet",
+        ),
+    ),
+    Mutation(
+        "fused-residual-dropped",
+        "fused inference epilogue drops the residual add",
+        "kernels/fused.py",
+        "            residual=residual,\n            relu=self.relu,",
+        "            residual=None,\n            relu=self.relu,",
+        ("tests/test_triton_fused.py::test_fuse_resnet8_block_pairs",),
+    ),
+]
+
+
+def _copy_tree(dst: Path) -> None:
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
+    for rel in filter(None, files):
+        src = REPO / rel
+        if not src.is_file():
+            continue  # deleted but not yet committed
+        out = dst / rel
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, out)
+    # the editable install maps addernet_dist.kernels to the worktree's kernels/: shadow it
+    (dst / "addernet_dist" / "kernels").symlink_to(Path("..") / "kernels")
+
+
+def _env(root: Path) -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(root) + os.pathsep + e.get("PYTHONPATH", "")
+    e.setdefault("OMP_NUM_THREADS", "1")
+    e["PYTHONDONTWRITEBYTECODE"] = "1"
+    return e
+
+
+def _check_imports(root: Path) -> None:
+    code = (
+        "import addernet_dist, addernet_dist.kernels as k;"
+        "print(addernet_dist.__file__); print(k.__file__)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=_env(root), capture_output=True, text=True
+    )
+    paths = out.stdout.split()
+    if out.returncode or len(paths) != 2 or not all(p.startswith(str(root)) for p in paths):
+        raise SystemExit(f"the copy is not what gets imported: {out.stdout}{out.stderr}")
+
+
+def _pytest(root: Path, tests: tuple[str, ...], timeout: int) -> tuple[bool, str, float]:
+    """(passed, first failing test id or '', seconds)."""
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-rfE", *tests],
+            cwd=root,
+            env=_env(root),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return False, "TIMEOUT", time.perf_counter() - t0
+    dt = time.perf_counter() - t0
+    lines = proc.stdout.splitlines()
+    failed = [ln.split()[1] for ln in lines if ln.startswith("FAILED ")]
+    errors = [ln.split()[1] for ln in lines if ln.startswith("ERROR ")]
+    if proc.returncode not in (0, 1):  # usage or collection error: not a verdict
+        raise SystemExit(f"pytest rc={proc.returncode}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    if proc.returncode == 1 and not failed:
+        # a fixture error (e.g. a worker that timed out on a loaded machine) is not a verdict
+        return (
+            False,
+            "ERROR (inconclusive): " + (errors[0] if errors else (lines[-1] if lines else "")),
+            dt,
+        )
+    return proc.returncode == 0, (failed[0] if failed else ""), dt
+
+
+def run(mutations: list[Mutation], baseline: bool, timeout: int) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="mutation-") as tmp:
+        root = Path(tmp) / "tree"
+        _copy_tree(root)
+        _check_imports(root)
+        for m in mutations:  # every site first: a stale one fails before an hour of runs
+            count = (root / m.path).read_text().count(m.old)
+            if count != 1:
+                raise SystemExit(f"{m.name}: the site occurs {count} times in {m.path}; update it")
+        for m in mutations:
+            target = root / m.path
+            original = target.read_text()
+            if baseline:
+                ok, first, dt = _pytest(root, m.tests, timeout)
+                if not ok:
+                    raise SystemExit(f"{m.name}: tests fail WITHOUT the mutation ({first})")
+            target.write_text(original.replace(m.old, m.new))
+            try:
+                ok, first, dt = _pytest(root, m.tests, timeout)
+            finally:
+                target.write_text(original)
+            caught = not ok and not first.startswith("ERROR")
+            rows.append({"name": m.name, "caught": caught, "by": first, "seconds": round(dt)})
+            print(
+                f"{'CAUGHT' if caught else 'MISSED'}  {m.name:32s} {dt:6.0f}s  {first}", flush=True
+            )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("names", nargs="*", help="mutations to run (default: all)")
+    ap.add_argument("--list", action="store_true", help="list the mutations and their tests")
+    ap.add_argument("--baseline", action="store_true", help="first run each test set unmutated")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per pytest run")
+    args = ap.parse_args(argv)
+    by_name = {m.name: m for m in MUTATIONS}
+    unknown = [n for n in args.names if n not in by_name]
+    if unknown:
+        ap.error(f"unknown mutation(s) {unknown}; valid: {sorted(by_name)}")
+    chosen = [by_name[n] for n in args.names] or MUTATIONS
+    if args.list:
+        for m in chosen:
+            print(f"{m.name}: {m.what}\n  " + "\n  ".join(m.tests))
+        return 0
+    rows = run(chosen, args.baseline, args.timeout)
+    missed = [r["name"] for r in rows if not r["caught"]]
+    print(
+        f"{len(rows) - len(missed)}/{len(rows)} caught" + (f"; MISSED: {missed}" if missed else "")
+    )
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
