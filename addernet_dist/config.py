@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from addernet_dist.data.config import DataConfig
 from addernet_dist.engine.deepspeed_config import DeepSpeedConfig
@@ -34,8 +41,30 @@ class ModelConfig(_Section):
     conv: Literal["adder", "conv"] = "adder"
     # None: take the class count from the dataset (loader.num_classes).
     num_classes: int | None = Field(default=None, ge=1)
+    # Classifier of the ResNets: "linear" (torchvision's), or "linear_bn", the official AdderNet
+    # ResNets' linear (1x1 conv) + BatchNorm over the logits (models/resnet.py), which the imported
+    # huawei-noah checkpoints need (configs/official_*.yaml).
+    head: Literal["linear", "linear_bn"] = "linear"
+    head_bias: bool = True  # the official ResNet-20 classifier has none, ResNet-50's has one
     # Extra constructor keyword arguments for create_model (model specific).
     kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _head_on_resnets(self) -> ModelConfig:
+        if (self.head != "linear" or not self.head_bias) and not self.name.startswith("resnet"):
+            raise ValueError(
+                f"model.head / model.head_bias are options of the ResNets (resnet8/20/32/18/50); "
+                f"model {self.name!r} has its own classifier: leave them at linear / true"
+            )
+        return self
+
+    def create_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for create_model besides name/conv/num_classes. The head options are
+        passed only when not the default, so models without them (LeNet, VGG) build unchanged."""
+        kw = dict(self.kwargs)
+        if self.head != "linear" or not self.head_bias:
+            kw.update(head=self.head, head_bias=self.head_bias)
+        return kw
 
 
 class OptimConfig(_Section):
@@ -121,9 +150,23 @@ class TrainConfig(_Section):
     # NCCL warm-up), evaluations and checkpoint writes (minutes on ImageNet).
     stall_timeout_startup_s: float = Field(default=1800.0, ge=0)
     stall_startup_steps: int = Field(default=20, ge=0)
+    # Start from these weights (a checkpoint file of ours, one written by addernet-import-official,
+    # or an addernet-export .safetensors), not from a training state: no optimizer, step, LR or p
+    # schedule state is taken. Every key must match the model (interop.load_weights_into); a resume
+    # from output_dir takes precedence (the run already started from these weights).
+    init_from: str | None = None
+    # fnmatch patterns of state_dict keys kept from the fresh model instead (e.g. ["fc.*"] for a new
+    # classifier when fine-tuning to another number of classes). Each must match some key.
+    init_from_ignore: list[str] = Field(default_factory=list)
     # tqdm bar: true / false / auto (only on an interactive terminal; plain log lines otherwise).
     # bool rather than "on"/"off": YAML reads a bare on/off as a boolean.
     progress_bar: bool | Literal["auto"] = "auto"
+
+    @field_validator("init_from_ignore", mode="before")
+    @classmethod
+    def _one_pattern(cls, v: Any) -> Any:
+        # train.init_from_ignore=fc.* on the command line is one string, not a list
+        return [v] if isinstance(v, str) else v
 
 
 class WandbConfig(_Section):

@@ -7,6 +7,8 @@ Convention (per input image, found by running one forward pass with hooks):
     additions and no multiplication;
   * BatchNorm, pooling, activations and residual additions are not counted (the paper: "computational cost in
     batch normalization layer ... [is] significantly less", §5.3).
+  * the official AdderNet classifier (``head="linear_bn"``: a 1×1 conv == linear, then BN over the logits)
+    counts its linear like any other (``feat·classes`` mul); its BN is a BN (and folds into that linear).
 ``exclude_first_last=True`` additionally drops the first and the last counted layer — the paper's convention
 for its CIFAR table ("we omit these layers when counting FLOPs", §5.3), which is why its AdderNets show 0 #Mul
 although the stem convolution and classifier stay full precision.

@@ -57,6 +57,7 @@ from addernet_dist.data import build_loader
 from addernet_dist.distributed import DistInfo, destroy_distributed, init_distributed
 from addernet_dist.engine.base import Engine, StepStats, check_adder_backend
 from addernet_dist.guard import DivergedError, NonFiniteGuard, StallWatchdog
+from addernet_dist.interop import init_from_config
 from addernet_dist.logging_utils import MetricsLogger, Progress, setup_console_logging
 from addernet_dist.metrics import EvalResult, evaluate, recalibrate_bn
 from addernet_dist.models import create_model
@@ -156,7 +157,7 @@ def build_model(cfg: Config, num_classes: int) -> torch.nn.Module:
         cfg.model.name,
         conv=cfg.model.conv,
         num_classes=cfg.model.num_classes or num_classes,
-        **cfg.model.kwargs,
+        **cfg.model.create_kwargs(),
     )
     set_grad_modes(
         model,
@@ -289,6 +290,14 @@ def _train(cfg: Config, dist: DistInfo) -> EvalResult | None:
     dispatch.set_default_backend(cfg.adder.backend)
     train_loader, val_loader = build_data(cfg, dist)
     model = build_model(cfg, train_loader.num_classes)
+    if cfg.train.init_from:  # weights only, before the engine wraps (DDP broadcast, DS masters)
+        loaded, kept = init_from_config(model, cfg)
+        log.info(
+            "init_from %s: %d tensors loaded, kept fresh: %s",
+            cfg.train.init_from,
+            len(loaded),
+            kept or "none",
+        )
     steps_per_epoch = len(train_loader)
     total_steps = cfg.train.epochs * steps_per_epoch
     engine = build_engine(cfg, model, dist, steps_per_epoch)

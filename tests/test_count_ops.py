@@ -34,6 +34,29 @@ def test_resnet20_by_hand():
     assert body == {"mul": 0, "add": 2 * (total - stem - fc)}
 
 
+@pytest.mark.parametrize(
+    "name, feat, classes, bias", [("resnet20", 64, 10, False), ("resnet50", 2048, 1000, True)]
+)
+def test_official_head_is_counted(name, feat, classes, bias):
+    # The official AdderNet classifier (head="linear_bn"): the 1x1 conv / linear is a
+    # full-precision layer (feat x classes MACs); the BN over the logits is not counted, like every
+    # BN (it folds into that linear at inference).
+    shape = model_info(name).input_shape
+    with torch.device("meta"):  # shapes only: no 25 M-weight init, no arithmetic
+        official = create_model(name, head="linear_bn", head_bias=bias)
+        plain = create_model(name)
+        cnn = create_model(name, conv="conv", head="linear_bn", head_bias=bias).eval()
+    rows = layer_ops(official, shape)
+    assert rows[-1] == ("fc.0", "mul", feat * classes)
+    assert count_ops(official, shape) == count_ops(plain, shape)
+    body = count_ops(official, shape, exclude_first_last=True)
+    assert body["mul"] == 0 and rows[-2][0] != "fc.0"
+    # torch's FLOP counter agrees on the CNN twin with the same head
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        cnn(torch.zeros(1, *shape, device="meta"))
+    assert 2 * count_ops(cnn, shape)["mul"] == fc.get_total_flops()
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("name", list_models())
 def test_cnn_counts_agree_with_torch_flop_counter(name):

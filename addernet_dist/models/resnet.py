@@ -6,6 +6,12 @@ downsample), so ``conv="conv"`` has torchvision's parameter count. CIFAR ResNet-
 By default the stem convolution and the classifier stay full precision (paper §5.3, the original code);
 ``adder_stem=True`` / ``adder_head=True`` make them adder layers (an adder classifier is followed by
 BatchNorm1d: adder outputs are all negative with O(K) magnitude and are not usable as logits raw).
+
+``head="linear_bn"`` is the classifier of the official AdderNet ResNets (huawei-noah/AdderNet
+resnet20.py / resnet50.py, the published checkpoints): a 1×1 convolution on the pooled features — here
+the equivalent ``nn.Linear`` — with (ResNet-50) or without (ResNet-20) bias, followed by a BatchNorm over
+the logits. It lives in ``fc`` as ``Sequential(Linear, BatchNorm1d)`` (keys ``fc.0.*``, ``fc.1.*``;
+``addernet_dist.interop`` maps the official ``fc.weight``/``bn2.*`` onto them).
 """
 
 from __future__ import annotations
@@ -15,6 +21,9 @@ from collections.abc import Callable
 from torch import nn
 
 from addernet_dist.models.registry import layer_types, register_model
+
+# "linear": nn.Linear (torchvision's); "linear_bn": the official AdderNet classifier (module docstring).
+HEADS = ("linear", "linear_bn")
 
 
 class BasicBlock(nn.Module):
@@ -74,9 +83,17 @@ class ResNet(nn.Module):
         adder_stem: bool = False,
         adder_head: bool = False,
         width: int | None = None,
+        head: str = "linear",
+        head_bias: bool = True,
         **adder_kw,
     ) -> None:
         super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        if adder_head and head != "linear":
+            raise ValueError(
+                f"adder_head=True and head={head!r} both choose the classifier; use one of them"
+            )
         conv_layer, linear_layer = layer_types(conv, **adder_kw)
         stem_conv = conv_layer if adder_stem else nn.Conv2d
         if width is not None and width < 1:
@@ -106,8 +123,13 @@ class ResNet(nn.Module):
             self.fc: nn.Module = nn.Sequential(
                 linear_layer(feat, num_classes, bias=False), nn.BatchNorm1d(num_classes)
             )
+        elif head == "linear_bn":
+            # The official AdderNet classifier (1×1 conv == linear on the 1×1 pooled map, then BN).
+            self.fc = nn.Sequential(
+                nn.Linear(feat, num_classes, bias=head_bias), nn.BatchNorm1d(num_classes)
+            )
         else:
-            self.fc = nn.Linear(feat, num_classes)
+            self.fc = nn.Linear(feat, num_classes, bias=head_bias)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -49,8 +49,9 @@ def adder_operands(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
-    """Autocast disabled for ``device_type`` (a no-op context when it is not enabled)."""
-    if torch.is_autocast_enabled(device_type):
+    """Autocast disabled for ``device_type`` (a no-op context when it is not enabled, or when the
+    device type has none: meta tensors in count_ops' shape pass)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
 
