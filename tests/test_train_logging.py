@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import pytest
 
@@ -32,7 +33,9 @@ def test_wandb_offline_run_is_continued_with_the_stored_id(tmp_path, monkeypatch
     second.write({"kind": "eval", "step": 2, "epoch": 1, "top1": 50.0})
     second.close()
     runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(name.endswith(f"-{run_id}") for name in runs)
+    # offline-run-<time to the second>-<id>; wandb appends -1 to a second run in the same second
+    assert len(runs) == 2, runs
+    assert all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?", n) for n in runs), runs
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in lines] == ["train", "eval"]
 
