@@ -35,8 +35,8 @@ from tests.train_helpers import (
     FAST,
     REPO,
     env,
-    free_port,
     run_python,
+    start_workers,
     train_cmd,
 )
 
@@ -494,28 +494,6 @@ def test_batch_larger_than_training_set_and_wrong_input_size_are_refused(tmp_pat
 # ---- 9. a stalled rank (10, preemption: tests/test_resume.py, exit status 143) ---------------------------------------------------------------
 
 
-def _workers(args, nproc=2, **extra):
-    port = free_port()
-    return [
-        subprocess.Popen(
-            [sys.executable, *args],
-            cwd=REPO,
-            env=env(
-                RANK=str(r),
-                LOCAL_RANK=str(r),
-                WORLD_SIZE=str(nproc),
-                MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(port),
-                **extra,
-            ),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(nproc)
-    ]
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_stalled_rank_is_named_within_the_timeout_and_a_restart_resumes(tmp_path):
@@ -530,7 +508,7 @@ def test_stalled_rank_is_named_within_the_timeout_and_a_restart_resumes(tmp_path
         ]
     )
     marker = tmp_path / "fault"
-    r0, r1 = _workers(
+    r0, r1 = start_workers(
         run,
         ADDERNET_FAULT_STEP="3",
         ADDERNET_FAULT_RANK="1",
@@ -547,7 +525,7 @@ def test_stalled_rank_is_named_within_the_timeout_and_a_restart_resumes(tmp_path
     assert re.search(r"rank 1 \(last reported step [23], train\) stopped responding", err0), err0
     assert "train.stall_timeout_s=4" in err0
     # The restart (same command, as torchrun --max-restarts runs it) resumes from step 2.
-    procs = _workers(run, ADDERNET_FAULT_MARKER=str(marker))
+    procs = start_workers(run, ADDERNET_FAULT_MARKER=str(marker))
     outs = [p.communicate(timeout=180) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:]
     assert "step_000000002.pt at step 2" in outs[0][1]

@@ -80,13 +80,13 @@ def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return proc
 
 
-def launch_workers(module: str, args: list[str], nproc: int = 2, timeout: int = 240) -> None:
-    """Run ``python -m module *args`` as ``nproc`` ranks of one gloo group (no torchrun: the
-    env:// rendezvous variables are set here, which saves an agent process per test)."""
+def start_workers(argv: list[str], nproc: int = 2, **extra_env: str) -> list[subprocess.Popen]:
+    """Start ``python *argv`` as ``nproc`` ranks of one gloo group and return them running (no
+    torchrun: the env:// rendezvous variables are set here, which saves an agent process per test)."""
     port = free_port()
-    procs = [
+    return [
         subprocess.Popen(
-            [sys.executable, "-m", module, *args],
+            [sys.executable, *argv],
             cwd=REPO,
             env=env(
                 RANK=str(r),
@@ -94,6 +94,7 @@ def launch_workers(module: str, args: list[str], nproc: int = 2, timeout: int = 
                 WORLD_SIZE=str(nproc),
                 MASTER_ADDR="127.0.0.1",
                 MASTER_PORT=str(port),
+                **extra_env,
             ),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -101,6 +102,11 @@ def launch_workers(module: str, args: list[str], nproc: int = 2, timeout: int = 
         )
         for r in range(nproc)
     ]
+
+
+def launch_workers(module: str, args: list[str], nproc: int = 2, timeout: int = 240) -> None:
+    """Run ``python -m module *args`` as ``nproc`` ranks of one gloo group and check every rank exits 0."""
+    procs = start_workers(["-m", module, *args], nproc)
     outs = [p.communicate(timeout=timeout) for p in procs]
     for r, (p, (_, err)) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, f"rank {r} rc={p.returncode}\n{err[-4000:]}"
