@@ -9,8 +9,10 @@ Usage::
 The two networks (both follow the paper's Definitions 1-2: every layer is an operator followed by a
 per-unit scale a_i and shift b_i, which is what a BatchNorm layer computes at inference)::
 
-    AdderNet: x (B,2) -> AdderLinear(2, n)  -> BatchNorm1d(n) -> ReLU -> AdderLinear(n, 1) -> BatchNorm1d(1) -> logit
-    FC net:   x (B,2) -> Linear(2, n, bias=False) -> BatchNorm1d(n) -> ReLU -> Linear(n, 1, bias=False) -> BatchNorm1d(1) -> logit
+    AdderNet: x (B,2) -> AdderLinear(2, n) -> BatchNorm1d(n) -> ReLU -> AdderLinear(n, 1)
+              -> BatchNorm1d(1) -> logit
+    FC net:   x (B,2) -> Linear(2, n, bias=False) -> BatchNorm1d(n) -> ReLU
+              -> Linear(n, 1, bias=False) -> BatchNorm1d(1) -> logit
 
 so layer l of the AdderNet is L(X)_i = a_i·(-||W_i - X||_1) + b_i (eq. 3) and the FC net differs only in
 the operator (BN after a bias-free Linear is an affine map, i.e. a Linear with bias at inference). The adder

@@ -479,9 +479,8 @@ def bench_eval(args) -> None:
     ``--clock cpu``, else wall). Random weights, BN at its initial statistics (speed does not depend on
     the values).
     """
-    from addernet_dist.models.fusion import fuse_adder_bn
-
     from addernet_dist.models import create_model
+    from addernet_dist.models.fusion import fuse_adder_bn
     from addernet_dist.models.registry import model_info
 
     info = model_info(args.eval)

@@ -139,7 +139,8 @@ def to_markdown(rows: list[dict], cc: int) -> str:
                 f"| {r['loads']:.2f} | {r['other']:.2f} |\n"
             )
         else:
-            body += f"| {r['kernel']} | {r['regs']} | {r['stack']} | {r['smem']} | – | – | – | – | – | – | – |\n"
+            dashes = " – |" * 7
+            body += f"| {r['kernel']} | {r['regs']} | {r['stack']} | {r['smem']} |{dashes}\n"
     return head + body
 
 

@@ -216,7 +216,8 @@ static inline __m512 pow16(__m512 a, float q) {
   constexpr int RN = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
   const __m512 qv = _mm512_set1_ps(q);
   const __m512 hi = _mm512_mul_round_ps(qv, e, RN);
-  const __m512 lo = _mm512_fmadd_round_ps(qv, l, _mm512_fmsub_round_ps(qv, e, hi, RN), RN);  // (q·e − hi) + q·log2 m
+  // (q·e − hi) + q·log2 m
+  const __m512 lo = _mm512_fmadd_round_ps(qv, l, _mm512_fmsub_round_ps(qv, e, hi, RN), RN);
   const __m512 n = _mm512_roundscale_ps(_mm512_add_round_ps(hi, lo, RN), RN);
   const __m512 f = _mm512_add_round_ps(_mm512_sub_round_ps(hi, n, RN), lo, RN);  // hi − n is exact
   // 2^f on [−0.5, 0.5], degree 5 (relative error 1.0e-7)
@@ -577,7 +578,9 @@ static void gwk(const Geom& g, const T* P, const T* w, const T* go, T* gw, i64 r
 
 // ---- entry points: geom = (N, C, O, KH, KW, SH, SW, DH, DW, Hq, Wq, Ho, Wo) ----------------------------
 // wide: 0 = 32-byte vectors (fp32 only), 1 = 64-byte, 2 = 64-byte holding two output rows
-static Geom mk(const i64* a) { return Geom{a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12]}; }
+static Geom mk(const i64* a) {
+  return Geom{a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12]};
+}
 
 template <typename T, int BYTES, bool PAIR>
 static void fwd_entry(const Geom& g, const T* P, const T* w, T* y, i64 r0, i64 r1, T p, int mode, const i64* off,

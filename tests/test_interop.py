@@ -611,7 +611,8 @@ def test_init_from_strict_key_check_lists_the_differences(trained, tmp_path, cap
         load("resnet8", 5)
     with pytest.raises(
         ConfigError,
-        match=r"missing from the file \(7\): fc\.0\.weight, fc\.0\.bias, fc\.1\.weight[\s\S]*not in the model \(2\): fc\.weight, fc\.bias",
+        match=r"missing from the file \(7\): fc\.0\.weight, fc\.0\.bias, fc\.1\.weight[\s\S]*"
+        r"not in the model \(2\): fc\.weight, fc\.bias",
     ):
         load("resnet8", 10, "model.head=linear_bn", head="linear_bn")
     with pytest.raises(ConfigError, match="model.name='resnet8', but this run builds 'resnet20'"):

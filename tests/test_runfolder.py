@@ -491,7 +491,7 @@ def test_batch_larger_than_training_set_and_wrong_input_size_are_refused(tmp_pat
     assert build_model(cfg, 10)(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
 
-# ---- 9. a stalled rank (10, preemption: tests/test_resume.py, exit status 143) ---------------------------------------------------------------
+# ---- 9. a stalled rank (10, preemption: tests/test_resume.py, exit status 143) -----------------------------
 
 
 @pytest.mark.slow

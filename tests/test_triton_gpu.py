@@ -120,9 +120,8 @@ def test_dw_deterministic_bitwise_and_atomic_close():
 
 @pytest.mark.timeout(600)
 def test_fused_resnet18_matches_unfused():
-    from addernet_dist.models.fusion import FusedAdderBN2d, fuse_adder_bn
-
     from addernet_dist.models import create_model
+    from addernet_dist.models.fusion import FusedAdderBN2d, fuse_adder_bn
 
     model = create_model("resnet18", num_classes=10, backend="reference").to(DEV)
     x = torch.randn(4, 3, 64, 64, device=DEV)

@@ -78,8 +78,8 @@ class FusedAdderBN2d(nn.Module):
     The wrapped ``adder`` (an ``Adder2d``) and ``bn`` (a ``BatchNorm2d``) stay sub-modules, so ``set_p``,
     the adaptive learning rate and the optimizer see the same parameters as before fusing. Built directly,
     its state_dict keys carry the ``adder.`` / ``bn.`` prefixes; ``fuse_adder_bn`` maps them back to the
-    unfused model's keys. ``forward(x, residual=None)``: x (N, Cin, H, W) → (N, Cout, H', W'); the residual (same shape
-    as the output) is added after BN and before the ReLU, as in a ResNet block.
+    unfused model's keys. ``forward(x, residual=None)``: x (N, Cin, H, W) → (N, Cout, H', W');
+    the residual (same shape as the output) is added after BN and before the ReLU, as in a ResNet block.
     """
 
     # Per-layer metrics name the wrapped adder layer by this module's name (nn.adder_layer_names).
