@@ -14,7 +14,35 @@
 #if defined(__AVX__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 typedef int64_t i64;
+
+// ---- threads ---------------------------------------------------------------------------------------------
+// Every entry point takes a job list (njobs rows of ranges, e.g. images [n0, n1) or rows [r0, r1)) and runs
+// the jobs on njobs OpenMP threads. Built with GCC's -fopenmp the object needs libgomp.so.1, the SONAME
+// torch itself loads (torch/lib/libgomp.so.1), so the dynamic linker binds it to torch's copy: one OpenMP
+// runtime and one thread pool for torch's ops and these kernels. The Python thread pool this replaces
+// fought that pool: a torch op in the launcher (a zero_, a copy) woke torch's worker, which then spun on the
+// second core while the Python pool's thread wanted it (ResNet-50 two-thread speed-up 1.03-1.08x). A job's
+// result depends only on its range, never on which thread runs it, so results are deterministic for a given
+// job list. Without OpenMP (other compilers) the pragma is ignored and the launcher calls one job at a time
+// from its Python threads (adder_openmp() tells it which).
+// One job runs on the calling thread without entering OpenMP at all (a forked child's launcher passes
+// one job per call: libgomp's pool state is not valid after fork).
+// run_job is never inlined, so both paths run ONE compiled copy of the job: inlined separately into the
+// serial branch and into OpenMP's outlined region, -ffast-math reassociated the "sign" filter gradient's
+// sums differently in each (1 ulp apart in fp64).
+template <typename F> __attribute__((noinline)) static void run_job(const F& body, int j) { body(j); }
+template <typename F> static void for_jobs(int njobs, const F& body) {
+  if (njobs == 1) {
+    run_job(body, 0);
+    return;
+  }
+#pragma omp parallel for schedule(static, 1) num_threads(njobs)
+  for (int j = 0; j < njobs; ++j) run_job(body, j);
+}
 
 // V: a GCC vector of BYTES bytes (16 fp32 lanes at 64 B: one AVX-512 register, two AVX2 ones).
 template <typename T, int BYTES> struct Vec {
@@ -756,43 +784,53 @@ static void gx_flat(const Geom& g, const T* P, const T* w, const T* go, T* GP, i
 // mode 1 (p = 1): w is the centred filter bank w − cx, cx the per-tap centre (K), sw = Σ_k (w − cx) (O).
 // scale != null: the inference epilogue (above) on every block of rows right after the block is computed,
 // while its outputs (<= ~64 KiB) are still in L1/L2: one pass over y in memory, as a fused kernel.
-extern "C" void CAT(adder_fwd_, ADDER_SUF)(const i64* geom, const T* P, const T* w, T* y, i64 r0, i64 r1,
-                                          double p, int mode, int wide, const i64* off, const T* cx,
+// jobs: njobs × (r0, r1) row ranges
+extern "C" void CAT(adder_fwd_, ADDER_SUF)(const i64* geom, const T* P, const T* w, T* y, const i64* jobs,
+                                          int njobs, double p, int mode, int wide, const i64* off, const T* cx,
                                           const T* sw, const T* center, const T* scale, const T* shift,
                                           const T* res, int relu) {
   const Geom g = mk(geom);
-  if (!scale) {
-    VECTORS(fwd_entry, g, P, w, y, r0, r1, (T)p, mode, off, cx, sw);
-    return;
-  }
-  // even-sized blocks (paired rows stay paired), each <= 64 KiB of outputs
-  const i64 rows = std::max<i64>(2, ((64 << 10) / (i64)(sizeof(T) * g.O * g.Wo)) & ~(i64)1);
-  for (i64 b0 = r0; b0 < r1; b0 += rows) {
-    const i64 b1 = std::min(r1, b0 + rows);
-    VECTORS(fwd_entry, g, P, w, y, b0, b1, (T)p, mode, off, cx, sw);
-    epilogue<T>(g, y, b0, b1, center, scale, shift, res, relu);
-  }
+  for_jobs(njobs, [&](int j) {
+    const i64 r0 = jobs[2 * j], r1 = jobs[2 * j + 1];
+    if (!scale) {
+      VECTORS(fwd_entry, g, P, w, y, r0, r1, (T)p, mode, off, cx, sw);
+      return;
+    }
+    // even-sized blocks (paired rows stay paired), each <= 64 KiB of outputs
+    const i64 rows = std::max<i64>(2, ((64 << 10) / (i64)(sizeof(T) * g.O * g.Wo)) & ~(i64)1);
+    for (i64 b0 = r0; b0 < r1; b0 += rows) {
+      const i64 b1 = std::min(r1, b0 + rows);
+      VECTORS(fwd_entry, g, P, w, y, b0, b1, (T)p, mode, off, cx, sw);
+      epilogue<T>(g, y, b0, b1, center, scale, shift, res, relu);
+    }
+  });
 }
 // flat forward (see fwd_flat): images [n0, n1), filters [o0, o1); y is (N, O, Ho, Wq). 32-byte fp32 vectors
 // where AVX-512 is absent (wide = 0), else 64-byte.
-extern "C" void CAT(adder_fwd_flat_, ADDER_SUF)(const i64* geom, const T* P, const T* w, T* y, i64 n0, i64 n1,
-                                               i64 o0, i64 o1, double p, int mode, int wide, const i64* off,
+// jobs: njobs × (n0, n1, o0, o1)
+extern "C" void CAT(adder_fwd_flat_, ADDER_SUF)(const i64* geom, const T* P, const T* w, T* y, const i64* jobs,
+                                               int njobs, double p, int mode, int wide, const i64* off,
                                                const T* cx, const T* sw, const T* center, const T* scale,
                                                const T* shift, const T* res, int relu, i64 kc) {
   const Geom g = mk(geom);
-  auto run = [&](auto bytes) {
-    typedef typename Vec<T, decltype(bytes)::value>::V V;
-    if (mode == 1) fwd_flat<T, V, 1>(g, P, w, y, n0, n1, o0, o1, (T)p, off, cx, sw, kc);
-    else if (mode == 2) fwd_flat<T, V, 2>(g, P, w, y, n0, n1, o0, o1, (T)p, off, nullptr, nullptr, kc);
-    else fwd_flat<T, V, 0>(g, P, w, y, n0, n1, o0, o1, (T)p, off, nullptr, nullptr, kc);
-  };
-  if (wide || sizeof(T) == 8) run(std::integral_constant<int, 64>{});
-  else if constexpr (sizeof(T) == 4) run(std::integral_constant<int, 32>{});
-  if (scale) epilogue_flat<T>(g, y, n0, n1, o0, o1, center, scale, shift, res, relu);
+  for_jobs(njobs, [&](int j) {
+    const i64 n0 = jobs[4 * j], n1 = jobs[4 * j + 1], o0 = jobs[4 * j + 2], o1 = jobs[4 * j + 3];
+    auto run = [&](auto bytes) {
+      typedef typename Vec<T, decltype(bytes)::value>::V V;
+      if (mode == 1) fwd_flat<T, V, 1>(g, P, w, y, n0, n1, o0, o1, (T)p, off, cx, sw, kc);
+      else if (mode == 2) fwd_flat<T, V, 2>(g, P, w, y, n0, n1, o0, o1, (T)p, off, nullptr, nullptr, kc);
+      else fwd_flat<T, V, 0>(g, P, w, y, n0, n1, o0, o1, (T)p, off, nullptr, nullptr, kc);
+    };
+    if (wide || sizeof(T) == 8) run(std::integral_constant<int, 64>{});
+    else if constexpr (sizeof(T) == 4) run(std::integral_constant<int, 32>{});
+    if (scale) epilogue_flat<T>(g, y, n0, n1, o0, o1, center, scale, shift, res, relu);
+  });
 }
+// jobs: njobs × (n0, n1)
 extern "C" void CAT(adder_phase_pad_, ADDER_SUF)(const i64* geom, i64 H, i64 W, i64 PH, i64 PW, const T* x,
-                                                T* P, i64 n0, i64 n1) {
-  phase_pad<T>(mk(geom), H, W, PH, PW, x, P, n0, n1);
+                                                T* P, const i64* jobs, int njobs) {
+  const Geom g = mk(geom);
+  for_jobs(njobs, [&](int j) { phase_pad<T>(g, H, W, PH, PW, x, P, jobs[2 * j], jobs[2 * j + 1]); });
 }
 #if ADDER_OFFSETS
 extern "C" void adder_tap_offsets(const i64* geom, i64* off) { tap_offsets(mk(geom), off); }
@@ -801,6 +839,13 @@ extern "C" void adder_tap_offsets(const i64* geom, i64* off) { tap_offsets(mk(ge
 // (bitwise the same result for an image alone or in a batch)
 extern "C" int adder_fwd_ob(int bytes) {
   return bytes == 32 ? FWD_OB<Vec<float, 32>::V> : FWD_OB<Vec<float, 64>::V>;
+}
+extern "C" int adder_openmp() {  // 1: the entry points run their job lists on OpenMP threads
+#ifdef _OPENMP
+  return 1;
+#else
+  return 0;
+#endif
 }
 extern "C" int adder_vector_bytes() {  // the launcher picks 32-byte fp32 vectors where 64 would split
 #if defined(__AVX512F__)
@@ -812,33 +857,47 @@ extern "C" int adder_vector_bytes() {  // the launcher picks 32-byte fp32 vector
 #endif
 #endif
 #ifdef ADDER_GX
+// jobs: njobs × (n0, n1, c0, c1)
 extern "C" void CAT(adder_gx_, ADDER_SUF)(const i64* geom, const T* P, const T* w, const T* go, T* GP,
-                                         i64 n0, i64 n1, i64 c0, i64 c1, double p, int mode, int wide,
+                                         const i64* jobs, int njobs, double p, int mode, int wide,
                                          const i64* off) {
-  VECTORS(gx_entry, mk(geom), P, w, go, GP, n0, n1, c0, c1, (T)p, mode, off);
+  const Geom g = mk(geom);
+  for_jobs(njobs, [&](int j) {
+    const i64* a = jobs + 4 * j;
+    VECTORS(gx_entry, g, P, w, go, GP, a[0], a[1], a[2], a[3], (T)p, mode, off);
+  });
 }
 extern "C" void CAT(adder_gx_flat_, ADDER_SUF)(const i64* geom, const T* P, const T* w, const T* go, T* GP,
-                                              i64 n0, i64 n1, i64 c0, i64 c1, double p, int mode, int wide,
+                                              const i64* jobs, int njobs, double p, int mode, int wide,
                                               const i64* off) {
   const Geom g = mk(geom);
-  auto run = [&](auto bytes) {
-    typedef typename Vec<T, decltype(bytes)::value>::V V;
-    if (mode == 1) gx_flat<T, V, 1>(g, P, w, go, GP, n0, n1, c0, c1, (T)p, off);
-    else if (mode == 2) gx_flat<T, V, 2>(g, P, w, go, GP, n0, n1, c0, c1, (T)p, off);
-    else if (mode == 3) gx_flat<T, V, 3>(g, P, w, go, GP, n0, n1, c0, c1, (T)p, off);
-    else gx_flat<T, V, 0>(g, P, w, go, GP, n0, n1, c0, c1, (T)p, off);
-  };
-  if (wide || sizeof(T) == 8) run(std::integral_constant<int, 64>{});
-  else if constexpr (sizeof(T) == 4) run(std::integral_constant<int, 32>{});
+  for_jobs(njobs, [&](int j) {
+    const i64 n0 = jobs[4 * j], n1 = jobs[4 * j + 1], c0 = jobs[4 * j + 2], c1 = jobs[4 * j + 3];
+    auto run = [&](auto bytes) {
+      typedef typename Vec<T, decltype(bytes)::value>::V V;
+      if (mode == 1) gx_flat<T, V, 1>(g, P, w, go, GP, n0, n1, c0, c1, (T)p, off);
+      else if (mode == 2) gx_flat<T, V, 2>(g, P, w, go, GP, n0, n1, c0, c1, (T)p, off);
+      else if (mode == 3) gx_flat<T, V, 3>(g, P, w, go, GP, n0, n1, c0, c1, (T)p, off);
+      else gx_flat<T, V, 0>(g, P, w, go, GP, n0, n1, c0, c1, (T)p, off);
+    };
+    if (wide || sizeof(T) == 8) run(std::integral_constant<int, 64>{});
+    else if constexpr (sizeof(T) == 4) run(std::integral_constant<int, 32>{});
+  });
 }
+// jobs: njobs × (n0, n1)
 extern "C" void CAT(adder_phase_unpad_, ADDER_SUF)(const i64* geom, i64 H, i64 W, i64 PH, i64 PW,
-                                                  const T* GP, T* gx, i64 n0, i64 n1) {
-  phase_unpad<T>(mk(geom), H, W, PH, PW, GP, gx, n0, n1);
+                                                  const T* GP, T* gx, const i64* jobs, int njobs) {
+  const Geom g = mk(geom);
+  for_jobs(njobs, [&](int j) { phase_unpad<T>(g, H, W, PH, PW, GP, gx, jobs[2 * j], jobs[2 * j + 1]); });
 }
 #endif
 #ifdef ADDER_GW
+// jobs: njobs × (r0, r1); job j adds into its own O × K buffer gw + j·O·K (the launcher sums them in order)
 extern "C" void CAT(adder_gw_, ADDER_SUF)(const i64* geom, const T* P, const T* w, const T* go, T* gw,
-                                         i64 r0, i64 r1, int wide, const i64* off) {
-  WIDE_OR_NARROW(gw_entry, mk(geom), P, w, go, gw, r0, r1, off);
+                                         const i64* jobs, int njobs, int wide, const i64* off) {
+  const Geom g = mk(geom);
+  for_jobs(njobs, [&](int j) {
+    WIDE_OR_NARROW(gw_entry, g, P, w, go, gw + j * g.O * g.K(), jobs[2 * j], jobs[2 * j + 1], off);
+  });
 }
 #endif

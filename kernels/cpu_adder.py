@@ -72,6 +72,10 @@ _SOURCE_PATH = Path(__file__).with_name("cpu_adder.cpp")
 # constructor would switch the whole process to flush-denormals-to-zero.
 _COMPILE_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-ffast-math"]
 _ARCH_FLAG_CHOICES = (["-march=native"], [])  # native first; plain if the compiler rejects it
+# OpenMP threads inside the kernels (see for_jobs in cpu_adder.cpp), GCC only: its libgomp.so.1 is the
+# runtime torch loads, so both share one thread pool; clang's -fopenmp would bring a second runtime
+# (libomp) whose pool would fight torch's for the cores. Without it the launchers use Python threads.
+_OPENMP_FLAGS = ["-fopenmp"]
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -127,14 +131,15 @@ def build(force: bool = False) -> ctypes.CDLL:
             raise RuntimeError(_error) from e
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
         errors = []
-        for arch in _ARCH_FLAG_CHOICES:
+        omp_choices = ([_OPENMP_FLAGS, []] if "clang" not in version.lower() else [[]])
+        for arch, omp in [(a, o) for a in _ARCH_FLAG_CHOICES for o in omp_choices]:
             key = hashlib.sha256(
-                "\0".join([source, cxx, version, *arch, *_COMPILE_FLAGS, _cpu_signature()]).encode()
+                "\0".join([source, cxx, version, *arch, *omp, *_COMPILE_FLAGS, _cpu_signature()]).encode()
             ).hexdigest()[:16]
             out = _cache_dir() / f"cpu_adder_{key}.so"
             if not out.exists() or force:
                 try:
-                    _compile(cxx, arch, out, source)
+                    _compile(cxx, arch + omp, out, source)
                 except RuntimeError as e:
                     errors.append(str(e))
                     continue
@@ -149,7 +154,8 @@ def build(force: bool = False) -> ctypes.CDLL:
                 errors
             ):  # e.g. -march=native rejected: runs, but on the baseline ISA (several x slower)
                 warnings.warn(
-                    f"addernet CPU fast path built without {_ARCH_FLAG_CHOICES[0]} (slow): "
+                    f"addernet CPU fast path built with {arch + omp or 'no extra flags'} (slow; wanted "
+                    f"{_ARCH_FLAG_CHOICES[0] + omp_choices[0]}): "
                     + errors[0][-500:],
                     RuntimeWarning,
                     stacklevel=2,
@@ -166,7 +172,7 @@ _UNITS = [
 ]
 
 
-def _compile(cxx: str, arch: list[str], out: Path, source: str) -> None:
+def _compile(cxx: str, flags: list[str], out: Path, source: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     # Build in a private temp dir, then rename: concurrent processes (torchrun ranks) never see a
     # half-written object, and the last rename wins with identical content.
@@ -178,7 +184,7 @@ def _compile(cxx: str, arch: list[str], out: Path, source: str) -> None:
             obj = Path(tmp, f"{kind.lower()}_{suf}.o")
             defs = [f"-DADDER_{kind}", f"-DADDER_T={ctype}", f"-DADDER_SUF={suf}"]
             defs.append(f"-DADDER_OFFSETS={int(kind == 'FWD' and suf == 'f32')}")
-            cmd = [cxx, *_COMPILE_FLAGS, *arch, *defs, "-c", str(src), "-o", str(obj)]
+            cmd = [cxx, *_COMPILE_FLAGS, *flags, *defs, "-c", str(src), "-o", str(obj)]
             objs.append(obj)
             procs.append((cmd, _spawn(cmd)))
         errors = []
@@ -189,7 +195,8 @@ def _compile(cxx: str, arch: list[str], out: Path, source: str) -> None:
                 errors.append(str(e))
         if errors:
             raise RuntimeError(errors[0])
-        link = [cxx, "-shared", *map(str, objs), "-o", str(so), "-lm"]
+        # (-fopenmp in `flags` links libgomp.so.1; -march is harmless here)
+        link = [cxx, "-shared", *flags, *map(str, objs), "-o", str(so), "-lm"]
         _wait(link, _spawn(link))
         os.replace(so, out)
 
@@ -218,37 +225,29 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.adder_tap_offsets.argtypes = [vp, vp]
     lib.adder_vector_bytes.argtypes, lib.adder_vector_bytes.restype = [], cint
     lib.adder_fwd_ob.argtypes, lib.adder_fwd_ob.restype = [cint], cint
+    lib.adder_openmp.argtypes, lib.adder_openmp.restype = [], cint
+    # (jobs, njobs): a (njobs, 2 or 4) int64 array of ranges, run on njobs threads (see _launch)
     for suf in ("f32", "f64"):
         getattr(lib, f"adder_fwd_{suf}").argtypes = [
-            *(vp, vp, vp, vp, i64, i64, dbl, cint, cint, vp, vp, vp),
+            *(vp, vp, vp, vp, vp, cint, dbl, cint, cint, vp, vp, vp),
             *(vp, vp, vp, vp, cint),  # inference epilogue: center, scale, shift, residual, relu
         ]
         getattr(lib, f"adder_gx_{suf}").argtypes = [
             *(vp, vp, vp, vp, vp),
-            *(i64, i64, i64, i64),
+            *(vp, cint),
             dbl,
             cint,
             cint,
             vp,
         ]
         getattr(lib, f"adder_fwd_flat_{suf}").argtypes = [
-            *(vp, vp, vp, vp, i64, i64, i64, i64, dbl, cint, cint, vp, vp, vp),
+            *(vp, vp, vp, vp, vp, cint, dbl, cint, cint, vp, vp, vp),
             *(vp, vp, vp, vp, cint, i64),
         ]
         getattr(lib, f"adder_gx_flat_{suf}").argtypes = getattr(lib, f"adder_gx_{suf}").argtypes
-        getattr(lib, f"adder_gw_{suf}").argtypes = [vp, vp, vp, vp, vp, i64, i64, cint, vp]
+        getattr(lib, f"adder_gw_{suf}").argtypes = [vp, vp, vp, vp, vp, vp, cint, cint, vp]
         for kind in ("phase_pad", "phase_unpad"):
-            getattr(lib, f"adder_{kind}_{suf}").argtypes = [
-                vp,
-                i64,
-                i64,
-                i64,
-                i64,
-                vp,
-                vp,
-                i64,
-                i64,
-            ]
+            getattr(lib, f"adder_{kind}_{suf}").argtypes = [vp, i64, i64, i64, i64, vp, vp, vp, cint]
         for kind in ("fwd", "gx", "gw", "phase_pad", "phase_unpad", "fwd_flat", "gx_flat"):
             getattr(lib, f"adder_{kind}_{suf}").restype = None
 
@@ -269,13 +268,19 @@ def unavailable_reason() -> str | None:
 
 # ---- threads -------------------------------------------------------------------------------------------
 
+_use_openmp = True  # False: Python threads even where the object has OpenMP (forked children; tests)
 _pool: ThreadPoolExecutor | None = None
 _pool_key: tuple[int, int] | None = None
 
 
 def _reset_pool_after_fork() -> None:
-    global _pool, _pool_key
+    global _pool, _pool_key, _use_openmp
     _pool, _pool_key = None, None  # a forked child (DataLoader worker) inherits no live threads
+    # nor the parent's OpenMP workers: libgomp is not fork-safe, and a child's first parallel region
+    # after the parent ran one waits forever for them (test_forked_child_can_use_the_kernels_after_the_
+    # parent_did hung). torch avoids it by running DataLoader workers at 1 thread; the kernels use
+    # Python threads in a forked child instead.
+    _use_openmp = False
 
 
 if hasattr(os, "register_at_fork"):  # POSIX only
@@ -295,6 +300,24 @@ def _run(fn, jobs: list[tuple]) -> None:
         _pool, _pool_key = ThreadPoolExecutor(len(jobs), thread_name_prefix="adder_cpu"), key
     for f in [_pool.submit(fn, *job) for job in jobs]:
         f.result()
+
+
+
+
+def _launch(fn, jobs: list[tuple[int, ...]], args) -> None:
+    """Run the C entry ``fn`` over ``jobs`` (ranges, one per thread): ``args(jobs_ptr, njobs, first)``
+    gives its arguments, ``first`` the index of the first job passed (where a job's output buffer lies).
+
+    With OpenMP (see for_jobs in cpu_adder.cpp) one call runs every job on torch's own OpenMP pool;
+    otherwise each job is a call of its own on the Python threads of ``_run``. Either way job i computes
+    exactly the same thing, so results depend on the job list only.
+    """
+    arr = torch.tensor(jobs, dtype=torch.int64)
+    ptr, row = arr.data_ptr(), arr.stride(0) * arr.element_size()
+    if len(jobs) == 1 or (_use_openmp and _lib_or_raise().adder_openmp()):
+        fn(*args(ptr, len(jobs), 0))
+    else:
+        _run(fn, [args(ptr + i * row, 1, i) for i in range(len(jobs))])
 
 
 def _split(n: int, parts: int) -> list[tuple[int, int]]:
@@ -365,13 +388,8 @@ class _Geom:
     def _layout_call(self, kind: str, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
         fn = getattr(_lib_or_raise(), f"adder_{kind}_{_suffix(src.dtype)}")
         (ph, pw), a = self.padding, (self.arr.data_ptr(), self.h, self.w)
-        _run(
-            fn,
-            [
-                (*a, ph, pw, src.data_ptr(), dst.data_ptr(), n0, n1)
-                for n0, n1 in _split(self.n, torch.get_num_threads())
-            ],
-        )
+        jobs = _split(self.n, torch.get_num_threads())
+        _launch(fn, jobs, lambda j, nj, _: (*a, ph, pw, src.data_ptr(), dst.data_ptr(), j, nj))
         return dst
 
     def phase_pad(self, x: torch.Tensor) -> torch.Tensor:
@@ -443,11 +461,12 @@ def _forward(g: _Geom, P: torch.Tensor, w_ok: torch.Tensor, p: float, epi=None) 
         # taps per chunk: the chunk's slice of one image's P within ~_FLAT_CHUNK_BYTES (L2)
         plane = g.stride[0] * g.stride[1] * g.hq * g.wq * g.esize
         kc = max(16, (_FLAT_CHUNK_BYTES // plane) * g.kh * g.kw)
-        _run(fn, [(*a, *j, p, mode, wide, g.off.data_ptr(), *extra, kc) for j in jobs])
+        _launch(fn, jobs, lambda j, nj, _: (*a, j, nj, p, mode, wide, g.off.data_ptr(), *extra, kc))
         return yf if g.wq == g.wo else yf[..., : g.wo].contiguous()
     y = P.new_empty(g.n, g.o, g.ho, g.wo)
     a = (g.arr.data_ptr(), P.data_ptr(), w_ok.data_ptr(), y.data_ptr())
-    _run(fn, [(*a, r0, r1, p, mode, g.wide_for(mode), g.off.data_ptr(), *extra) for r0, r1 in rows])
+    wide = g.wide_for(mode)
+    _launch(fn, rows, lambda j, nj, _: (*a, j, nj, p, mode, wide, g.off.data_ptr(), *extra))
     return y
 
 
@@ -488,7 +507,8 @@ def _grad_input(g: _Geom, P, w_ok, g_out, p: float, grad_x: str) -> torch.Tensor
             gf[..., : g.wo] = g_out
             g_out = gf
     a = (g.arr.data_ptr(), P.data_ptr(), w_ok.data_ptr(), g_out.data_ptr(), gp.data_ptr())
-    _run(fn, [(*a, *j, p, mode, g.wide_for(mode), g.off.data_ptr()) for j in jobs])
+    wide = g.wide_for(mode)
+    _launch(fn, jobs, lambda j, nj, _: (*a, j, nj, p, mode, wide, g.off.data_ptr()))
     return g.phase_unpad(gp)
 
 
@@ -523,13 +543,7 @@ def _grad_weight(g: _Geom, P, w_ok, g_out, grad_w: str, x=None) -> torch.Tensor:
     rows = _split(g.n * g.ho, torch.get_num_threads())
     parts = w_ok.new_zeros(len(rows), g.o, g.k)
     a = (g.arr.data_ptr(), P.data_ptr(), w_ok.data_ptr(), g_out.data_ptr())
-    _run(
-        fn,
-        [
-            (*a, parts[i].data_ptr(), r0, r1, g.wide, g.off.data_ptr())
-            for i, (r0, r1) in enumerate(rows)
-        ],
-    )
+    _launch(fn, rows, lambda j, nj, i: (*a, parts[i].data_ptr(), j, nj, g.wide, g.off.data_ptr()))
     return parts.sum(0)
 
 

@@ -593,3 +593,61 @@ def test_flat_positions_and_tap_chunks_match_the_reference(case, chunk, monkeypa
             for name, a, b in zip(("y", "gx", "gw"), got, want):
                 err = ((a.double() - b).abs().max() / b.abs().max()).item()
                 assert err < tol, (case, dtype, p, grad_x, name, err)
+
+
+# (n, cin, cout, (h, w), k, stride, pad): row path, flat path (14/7/odd widths), batch 1 < 2 threads
+# (filter-range split of the flat forward, channel split of ∂X), strided layout calls
+OMP_CASES = [
+    (3, 5, 7, (13, 13), 3, 2, 1),
+    (1, 33, 29, (14, 14), 1, 1, 0),
+    (2, 9, 13, (7, 7), 3, 1, 1),
+    (1, 6, 5, (11, 9), 3, 1, 2),
+]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("case", OMP_CASES)
+def test_openmp_threads_give_the_python_threads_results(case, monkeypatch):
+    # for_jobs (cpu_adder.cpp) runs a launcher's job list on OpenMP threads in one call; each job must
+    # compute exactly what the same job computes as a call of its own (the Python-thread path, one call
+    # per job): forward (row and flat), ∂X, the "sign" filter gradient with its per-job buffers, the
+    # layout passes and the fused epilogue, at 2 threads, bit for bit.
+    assert cpu_adder._lib.adder_openmp() == 1  # GCC builds with -fopenmp (see _OPENMP_FLAGS)
+    n, cin, cout, hw, k, s, pd = case
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for dtype in (torch.float32, torch.float64):
+            x = torch.randn(n, cin, *hw, dtype=dtype)
+            w = torch.randn(cout, cin, k, k, dtype=dtype)
+            ho, wo = output_size(*hw, (k, k), (s, s), (pd, pd), (1, 1))
+            gy = torch.randn(n, cout, ho, wo, dtype=dtype)
+            scale, shift, center = (torch.randn(cout, dtype=dtype) for _ in range(3))
+            res = []
+            for omp in (True, False):
+                monkeypatch.setattr(cpu_adder, "_use_openmp", omp)
+                out = []
+                for p, grad_x, grad_w in ((1.0, "lp", "sign"), (2.0, "hardtanh", "full"), (1.5, "lp", "full")):
+                    c = dict(stride=s, pad=pd, dil=1, p=p, grad_x=grad_x, grad_w=grad_w)
+                    out += _run(cpu_adder.adder2d_cpu, x, w, gy, c)
+                out.append(cpu_adder.adder2d_forward_cpu(x, w, s, pd, 1, 1.0, scale=scale, shift=shift,
+                                                         center=center, residual=gy, relu=True))  # fmt: skip
+                res.append(out)
+            for a, b in zip(*res):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+            # and both are the operator (a job list that skipped a job would agree with itself)
+            want = _run(adder2d_reference, x.double(), w.double(), gy.double(),
+                        dict(stride=s, pad=pd, dil=1, p=1.0, grad_x="lp", grad_w="sign"))  # fmt: skip
+            for a, b in zip(res[0][:2], want[:2]):
+                assert ((a.double() - b).abs().max() / b.abs().max()).item() < 3e-6
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.timeout(60)
+def test_kernels_share_torchs_openmp_runtime():
+    # One OpenMP runtime in the process: the kernels' libgomp.so.1 must be the copy torch loaded (a
+    # second runtime would bring a second thread pool spinning on the same 2 cores)
+    with open("/proc/self/maps") as f:
+        gomp = {ln.split()[-1] for ln in f if "gomp" in ln or "libomp" in ln or "iomp" in ln}
+    assert len(gomp) == 1, gomp
