@@ -31,8 +31,9 @@ disjoint work (rows for the forward and the filter gradient, images or channel r
 whose scatter would race between neighbouring rows). The per-thread filter-gradient buffers are summed in a
 fixed order, so results are deterministic for a given thread count.
 
-If no C++ compiler is found or compilation fails, ``adder2d_cpu`` falls back to the reference with ONE
-warning per process (``is_available()`` reports it, so the dispatcher can route around it).
+If no C++ compiler is found or compilation fails, ``is_available()`` says so and ``unavailable_reason()`` says
+why; the dispatcher (``addernet_dist.ops.dispatch``) then routes to the reference with one warning. The
+fallback lives there only: ``adder2d_cpu`` called directly raises a RuntimeError naming the cause and the fix.
 """
 
 from __future__ import annotations
@@ -53,7 +54,6 @@ from pathlib import Path
 import torch
 
 from addernet_dist.ops.reference import (
-    adder2d_reference,
     check_args,
     check_conv_args,
     compute_dtype,
@@ -81,7 +81,6 @@ _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _arch: list[str] | None = None  # the -march flags the loaded object was built with
 _error: str | None = None
-_warned = False
 
 
 def _cache_dir() -> Path:
@@ -658,10 +657,9 @@ def adder2d_cpu(
 ) -> torch.Tensor:
     """Adder convolution on CPU: (N, C, H, W) × (O, C, kh, kw) → (N, O, H', W'), = ``adder2d_reference``.
 
-    fp32/fp64 compute in their own dtype; fp16/bf16 compute in fp32 and return the input dtype. Falls
-    back to the reference (one warning per process) when the kernels cannot be compiled.
+    fp32/fp64 compute in their own dtype; fp16/bf16 compute in fp32 and return the input dtype. Raises
+    RuntimeError when the kernels cannot be compiled (``adder2d(..., backend=None)`` falls back instead).
     """
-    global _warned
     check_args(p, grad_x, grad_w)
     stride, padding, dilation, out_hw = check_conv_args(input, weight, stride, padding, dilation)
     if input.device.type != "cpu" or weight.device.type != "cpu":
@@ -670,15 +668,11 @@ def adder2d_cpu(
             f"{weight.device}; use backend=None (auto) or 'triton' for CUDA tensors"
         )
     if not is_available():
-        if not _warned:
-            _warned = True
-            warnings.warn(
-                f"addernet CPU fast path unavailable ({_error}); using the reference operator "
-                "(slow). Install a C++ compiler (g++) to enable it.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        return adder2d_reference(input, weight, stride, padding, dilation, p, grad_x, grad_w)
+        raise RuntimeError(
+            f"the addernet CPU fast path is unavailable ({_error}). Install a C++ compiler (g++, or set "
+            "CXX), or call addernet_dist.ops.adder2d(..., backend=None), which falls back to the reference "
+            "operator with one warning"
+        )
     return AdderCPUFunction.apply(
         input, weight, stride, padding, dilation, float(p), grad_x, grad_w, out_hw
     )

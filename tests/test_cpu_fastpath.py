@@ -334,28 +334,35 @@ def _fresh_build_state(monkeypatch, tmp_path):
     """Forget the loaded library for one test (restored afterwards); builds go to an empty cache."""
     monkeypatch.setattr(cpu_adder, "_lib", None)
     monkeypatch.setattr(cpu_adder, "_error", None)
-    monkeypatch.setattr(cpu_adder, "_warned", False)
     monkeypatch.setenv("ADDERNET_CACHE_DIR", str(tmp_path))
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("cxx", ["false", "/nonexistent/c++"])
-def test_failed_build_falls_back_to_reference_with_one_warning(
+def test_failed_build_is_a_clear_error_and_the_dispatcher_falls_back(
     _fresh_build_state, monkeypatch, cxx
 ):
-    # `false` is a compiler that always fails; a missing path (with an empty PATH) means no compiler
+    # `false` is a compiler that always fails; a missing path (with an empty PATH) means no compiler.
+    # One fallback, in the dispatcher (issue 14): adder2d_cpu itself raises, naming the cause and the fix.
+    from addernet_dist.ops import adder2d, dispatch
+
+    monkeypatch.setattr(dispatch, "_warned", set())
     monkeypatch.setenv("CXX", cxx)
     if cxx.startswith("/nonexistent"):
         monkeypatch.setenv("PATH", "")
     assert not cpu_adder.is_available()
-    assert cpu_adder.unavailable_reason()
+    reason = cpu_adder.unavailable_reason()
+    assert reason
     x = torch.randn(2, 3, 6, 6, requires_grad=True)
     w = torch.randn(4, 3, 3, 3)
-    with pytest.warns(RuntimeWarning, match="CPU fast path unavailable"):
-        y = cpu_adder.adder2d_cpu(x, w, padding=1)
+    with pytest.raises(RuntimeError, match="CPU fast path is unavailable") as e:
+        cpu_adder.adder2d_cpu(x, w, padding=1)
+    assert reason in str(e.value) and "C++ compiler" in str(e.value) and "backend=None" in str(e.value)
+    with pytest.warns(RuntimeWarning, match="'cpu' is unavailable: its build failed"):
+        y = adder2d(x, w, padding=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a second call must not warn again
-        y2 = cpu_adder.adder2d_cpu(x, w, padding=1)
+        y2 = adder2d(x, w, padding=1, backend="cpu")
     want = adder2d_reference(x, w, padding=1)
     torch.testing.assert_close(y, want, rtol=0, atol=0)
     torch.testing.assert_close(y2, want, rtol=0, atol=0)
@@ -415,8 +422,8 @@ def test_failed_build_is_not_retried_on_every_call(_fresh_build_state, monkeypat
     calls = log.read_text().count("x")
     assert calls > 0
     x, w = torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3)
-    with pytest.warns(RuntimeWarning, match="unavailable"):
-        for _ in range(3):
+    for _ in range(3):
+        with pytest.raises(RuntimeError, match="unavailable"):
             cpu_adder.adder2d_cpu(x, w)
     assert not cpu_adder.is_available()
     assert log.read_text().count("x") == calls  # the compiler never ran again
