@@ -52,6 +52,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from addernet_dist.ops.reference import (
     check_args,
@@ -511,6 +512,37 @@ def _grad_input(g: _Geom, P, w_ok, g_out, p: float, grad_x: str) -> torch.Tensor
     return g.phase_unpad(gp)
 
 
+# Largest per-image column matrix (K × Ho·Wo) _gw_gemm builds; one image's at a time, so this bounds its
+# extra memory (ResNet-50's 3×3 256-channel 14×14 layer: 1.8 MiB)
+_GW_GEMM_COL_BYTES = 2 << 20
+_GW_GEMM_MIN_CHANNELS = 256
+
+
+def _gw_by_gemm(g: _Geom) -> bool:
+    # oneDNN's filter gradient is slow on ResNet-50's many-channel 3×3 and strided layers: one thread,
+    # batch 2, oneDNN / GEMM time: 3×3 512→512 7×7 1.5-1.6x, 3×3 s2 512→512 14×14 1.7x, 3×3 256→256 14×14
+    # 1.2x, 3×3 s2 256→256 28×28 1.4x, 1×1 s2 1024→2048 1.4x. It wins on few channels (ResNet-20, batch 32:
+    # GEMM 1.3-1.8x slower) and ties on 1×1 stride-1 layers (0.95-1.07x), which keep it.
+    strided_or_spatial = g.kh * g.kw > 1 or g.stride != (1, 1)
+    return g.c >= _GW_GEMM_MIN_CHANNELS and strided_or_spatial and g.k * g.ho * g.wo * g.esize <= _GW_GEMM_COL_BYTES
+
+
+def _gw_gemm(g: _Geom, P: torch.Tensor, x: torch.Tensor | None, g_out: torch.Tensor) -> torch.Tensor:
+    """Σ_m g·x (a convolution's filter gradient, O × K) as one GEMM per image, g[n] (O × L) @ cols[n]ᵀ,
+    cols[n] (K × L) a copy of an as_strided window view of the padded image; images added in order."""
+    (sh, sw), (dh, dw), (ph, pw) = g.stride, g.dilation, g.padding
+    go = g_out.reshape(g.n, g.o, g.ho * g.wo)
+    out = None
+    for i in range(g.n):
+        # stride 1: P holds the padded image (Hq × Wq covers every tap read); else pad the saved input
+        xp = P[i].view(g.c, g.hq, g.wq) if x is None else F.pad(x[i], (pw, pw, ph, ph))
+        hp, wp = xp.shape[1:]
+        view = xp.as_strided((g.c, g.kh, g.kw, g.ho, g.wo), (hp * wp, dh * wp, dw, sh * wp, sw))
+        cols = view.reshape(g.k, g.ho * g.wo)
+        out = torch.mm(go[i], cols.t()) if out is None else out.addmm_(go[i], cols.t())
+    return out
+
+
 def _grad_weight(g: _Geom, P, w_ok, g_out, grad_w: str, x=None) -> torch.Tensor:
     if grad_w == "full":
         # Σ_m g·(x − w) = (Σ_m g·x) − w·Σ_m g. The first term is exactly a convolution's filter
@@ -518,6 +550,11 @@ def _grad_weight(g: _Geom, P, w_ok, g_out, grad_w: str, x=None) -> torch.Tensor:
         # the ResNet-20 layers (one thread, e.g. stage 3: 1.1 vs 6.5 ms at batch 32), same fp32 rounding
         # size (max rel. difference 0.5-2.7e-6). Stride 1 reads the padded input P directly (a valid
         # convolution over it gives exactly Ho × Wo); strided layers pass the saved input and padding.
+        # − w·Σ g in place: two fresh O × K temporaries page-fault ~9 MiB each on a 3×3 512→512 layer,
+        # which took longer than the GEMM (27 vs 7 ms, one thread)
+        gsum = g_out.sum((0, 2, 3))[:, None]
+        if _gw_by_gemm(g):
+            return _gw_gemm(g, P, x, g_out).addcmul_(w_ok, gsum, value=-1)
         if x is None:
             xin, stride, padding = P.view(g.n, g.c, g.hq, g.wq), (1, 1), (0, 0)
         else:
@@ -536,7 +573,7 @@ def _grad_weight(g: _Geom, P, w_ok, g_out, grad_w: str, x=None) -> torch.Tensor:
                 *(stride, padding, g.dilation, False, (0, 0), 1, (False, True, False)),
             )[1]
             gxw = part if gxw is None else gxw.add_(part)
-        return gxw.reshape(g.o, g.k) - w_ok * g_out.sum((0, 2, 3))[:, None]
+        return gxw.reshape(g.o, g.k).addcmul_(w_ok, gsum, value=-1)
     lib = _lib_or_raise()
     fn = getattr(lib, f"adder_gw_{_suffix(P.dtype)}")
     rows = _split(g.n * g.ho, torch.get_num_threads())

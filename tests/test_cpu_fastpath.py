@@ -658,3 +658,35 @@ def test_kernels_share_torchs_openmp_runtime():
     with open("/proc/self/maps") as f:
         gomp = {ln.split()[-1] for ln in f if "gomp" in ln or "libomp" in ln or "iomp" in ln}
     assert len(gomp) == 1, gomp
+
+
+# (n, cin, cout, (h, w), k, stride, pad, dil): 3×3 (padding read from P), strided 1×1 and 3×3 (the saved
+# input, padded per image), dilation, odd sizes
+GEMM_GW_CASES = [
+    (2, 5, 7, (9, 11), 3, 1, 1, 1),
+    (3, 4, 6, (13, 13), 1, 2, 0, 1),
+    (2, 3, 5, (12, 10), 3, 2, 1, 1),
+    (1, 6, 4, (11, 9), 3, 1, 2, 2),
+    (2, 3, 3, (10, 13), 3, 2, 2, 2),
+]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case", GEMM_GW_CASES)
+def test_gemm_filter_gradient_matches_the_reference(case, monkeypatch):
+    # _gw_gemm: the "full" filter gradient as per-image GEMMs over an as_strided im2col (taken on
+    # ResNet-50's many-channel layers; forced here on small ones by lowering its channel threshold)
+    monkeypatch.setattr(cpu_adder, "_GW_GEMM_MIN_CHANNELS", 1)
+    n, cin, cout, hw, k, s, pd, d = case
+    for dtype in (torch.float64, torch.float32):
+        g = cpu_adder._Geom((n, cin, *hw), (cout, cin, k, k), (s, s), (pd, pd), (d, d),
+                            output_size(*hw, (k, k), (s, s), (pd, pd), (d, d)), dtype)  # fmt: skip
+        assert cpu_adder._gw_by_gemm(g) == (k > 1 or s > 1)
+        x = torch.randn(n, cin, *hw, dtype=dtype)
+        w = torch.randn(cout, cin, k, k, dtype=dtype)
+        c = dict(stride=s, pad=pd, dil=d, p=1.0, grad_x="lp", grad_w="full")
+        gy = torch.randn_like(adder2d_reference(x, w, s, pd, d))
+        got = _run(cpu_adder.adder2d_cpu, x, w, gy, c)[2]
+        want = _run(adder2d_reference, x.double(), w.double(), gy.double(), c)[2]
+        tol = 1e-12 if dtype == torch.float64 else 3e-6
+        assert ((got.double() - want).abs().max() / want.abs().max()).item() < tol, (case, dtype)
