@@ -517,12 +517,30 @@ static inline void gx_tile(const T* xp, T* gp, i64 rs, const i64* off, const T* 
   for (int b = 0; b < KB; ++b) str<V, T, TAIL, PAIR, true>(gp + off[b], rs, acc[b], cnt, two);
 }
 
+// ∂X's filters for taps [k0, k1), packed tile by tile as the tap loops below walk them (tiles of KB taps
+// from k0, then single taps): tile at k holds w[o, k + b] at wp[(k − k0)·O + o·KB + b]. Read in place, the
+// tile's o loop steps K·4 bytes per filter: 4 KiB for a 1×1 layer with K = 1024 (1 KiB at K = 256), so
+// every filter row falls in the same few L1 sets and missed (the forward's packing fixed the same thing).
+// Values and order of operations are unchanged: results are bit-identical to the unpacked loop.
+template <typename T, int KB> static const T* gx_pack(const Geom& g, const T* w, i64 k0, i64 k1) {
+  const i64 K = g.K(), O = g.O;
+  T* wp = scratch<T>(O * (k1 - k0));
+  i64 k = k0;
+  for (; k + KB <= k1; k += KB)
+    for (i64 o = 0; o < O; ++o)
+      for (int b = 0; b < KB; ++b) wp[(k - k0) * O + o * KB + b] = w[o * K + k + b];
+  for (; k < k1; ++k)
+    for (i64 o = 0; o < O; ++o) wp[(k - k0) * O + o] = w[o * K + k];
+  return wp;
+}
+
 template <typename T, typename V, int MODE, bool PAIR>
 static void gx(const Geom& g, const T* P, const T* w, const T* go, T* GP, i64 n0, i64 n1, i64 c0, i64 c1,
                T p, const i64* off) {
   constexpr int W = sizeof(V) / sizeof(T), H = PAIR ? W / 2 : W;
-  const i64 K = g.K(), L = g.L(), khw = g.KH * g.KW;
+  const i64 L = g.L(), khw = g.KH * g.KW;
   const i64 k0 = c0 * khw, k1 = c1 * khw;
+  const T* wp = gx_pack<T, GX_KB<V>>(g, w, k0, k1);
   for (i64 n = n0; n < n1; ++n) {
     for (i64 oh = 0; oh < g.Ho; oh += PAIR ? 2 : 1) {
       const bool two = PAIR && oh + 1 < g.Ho;
@@ -536,10 +554,11 @@ static void gx(const Geom& g, const T* P, const T* w, const T* go, T* GP, i64 n0
         i64 k = k0;
 #define GX_TILES(TAILV)                                                                                    \
   for (; k + GX_KB<V> <= k1; k += GX_KB<V>)                                                               \
-    gx_tile<T, V, MODE, GX_KB<V>, TAILV, PAIR>(xp, gp, g.Wq, off + k, w + k, gr, g.Wo, K, g.O, L, cnt, two, \
-                                               p);                                                         \
+    gx_tile<T, V, MODE, GX_KB<V>, TAILV, PAIR>(xp, gp, g.Wq, off + k, wp + (k - k0) * g.O, gr, g.Wo, GX_KB<V>, \
+                                               g.O, L, cnt, two, p);                                       \
   for (; k < k1; ++k)                                                                                      \
-    gx_tile<T, V, MODE, 1, TAILV, PAIR>(xp, gp, g.Wq, off + k, w + k, gr, g.Wo, K, g.O, L, cnt, two, p);
+    gx_tile<T, V, MODE, 1, TAILV, PAIR>(xp, gp, g.Wq, off + k, wp + (k - k0) * g.O, gr, g.Wo, 1, g.O, L, cnt,    \
+                                        two, p);
         if (cnt == H) { GX_TILES(false) } else { GX_TILES(true) }
 #undef GX_TILES
       }
@@ -769,20 +788,22 @@ template <typename T, typename V, int MODE>
 static void gx_flat(const Geom& g, const T* P, const T* w, const T* go, T* GP, i64 n0, i64 n1, i64 c0, i64 c1,
                     T p, const i64* off) {
   constexpr int W = sizeof(V) / sizeof(T);
-  const i64 K = g.K(), Lf = g.Ho * g.Wq, Lv = (g.Ho - 1) * g.Wq + g.Wo, khw = g.KH * g.KW;
+  const i64 Lf = g.Ho * g.Wq, Lv = (g.Ho - 1) * g.Wq + g.Wo, khw = g.KH * g.KW;
   const i64 k0 = c0 * khw, k1 = c1 * khw;
+  const T* wp = gx_pack<T, GX_KB<V>>(g, w, k0, k1);
   for (i64 n = n0; n < n1; ++n) {
     const T* xi = P + n * g.img();
     T* gi = GP + n * g.img();
     const T* gn = go + n * g.O * Lf;
     auto tiles = [&](auto kb, i64 k) {
       constexpr int KB = decltype(kb)::value;
+      const T* wk = wp + (k - k0) * g.O;
       i64 q = 0;
       for (; q + W <= Lv; q += W)
-        gx_tile<T, V, MODE, KB, false, false>(xi + q, gi + q, 0, off + k, w + k, gn + q, 0, K, g.O, Lf, W, false, p);
+        gx_tile<T, V, MODE, KB, false, false>(xi + q, gi + q, 0, off + k, wk, gn + q, 0, KB, g.O, Lf, W, false, p);
       if (q < Lv)
-        gx_tile<T, V, MODE, KB, true, false>(xi + q, gi + q, 0, off + k, w + k, gn + q, 0, K, g.O, Lf,
-                                             (int)(Lv - q), false, p);
+        gx_tile<T, V, MODE, KB, true, false>(xi + q, gi + q, 0, off + k, wk, gn + q, 0, KB, g.O, Lf, (int)(Lv - q),
+                                             false, p);
     };
     i64 k = k0;
     for (; k + GX_KB<V> <= k1; k += GX_KB<V>) tiles(std::integral_constant<int, GX_KB<V>>{}, k);
