@@ -60,7 +60,7 @@ from addernet_dist.models.registry import check_input_size
 from addernet_dist.nn import set_grad_modes
 from addernet_dist.ops import dispatch
 from addernet_dist.optim import PSchedule
-from addernet_dist.trainer import Preempted, Trainer, TrainState  # noqa: F401  (TrainState: re-exported)
+from addernet_dist.trainer import Preempted, Trainer
 
 log = logging.getLogger("addernet_dist")
 
