@@ -23,6 +23,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -109,8 +110,10 @@ class LoaderState:
             self.loader.load_state_dict(loader_state)  # raises a clear error mid-epoch otherwise
         else:
             # At an epoch boundary the position is just the epoch: another world size or batch
-            # size is fine here (the sampler's layout check is for mid-epoch positions).
-            self.loader.set_epoch(self.state.epoch)
+            # size is fine here (the sampler's layout check is for mid-epoch positions). The loader
+            # stands one epoch ahead of the train state when a preemption saved right after an
+            # epoch's last step (before its evaluation): the batches of that epoch are done.
+            self.loader.set_epoch(max(self.state.epoch, int(loader_state.get("epoch", 0))))
 
 
 class RNGState:
@@ -213,9 +216,8 @@ class Trainer:
         self.engine.train()
         self._set_p(max(state.global_step - 1, 0))  # the p of the last step taken (a resumed model's)
         while state.epoch < train.epochs:
-            self.train_loader.set_epoch(state.epoch)  # no-op when resumed mid-epoch
-            step_in_epoch = int(self.train_loader.state_dict().get("batches_done", 0))
-            for images, labels in self.train_loader:
+            step_in_epoch, batches = self._rest_of_epoch()
+            for images, labels in batches:
                 self._set_p(state.global_step)
                 loss = self.engine.forward_backward(images, labels)
                 stats = self.engine.step()
@@ -240,6 +242,13 @@ class Trainer:
             meter.restart()  # images/s measures training only, not eval + checkpoint
         # Resumed after the last evaluation (e.g. killed while saving): report it again.
         return self.result or self.evaluator.last_result()
+
+    def _rest_of_epoch(self) -> tuple[int, Iterable[tuple[torch.Tensor, torch.Tensor]]]:
+        """(batches done, the batches left) of the epoch ``state.epoch``."""
+        if int(self.train_loader.state_dict()["epoch"]) > self.state.epoch:
+            return 0, ()  # preempted after the epoch's last step: only its end (eval, save) is left
+        self.train_loader.set_epoch(self.state.epoch)  # no-op when resumed mid-epoch
+        return int(self.train_loader.state_dict().get("batches_done", 0)), self.train_loader
 
     def _set_p(self, step: int) -> None:
         p = self.p_sched.value(step)

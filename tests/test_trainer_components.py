@@ -7,6 +7,7 @@ In-process runs (world size 1) of the debug config on 32 samples: 2 steps per ep
 from __future__ import annotations
 
 import pytest
+import torch
 
 from addernet_dist import train as train_mod
 from addernet_dist import trainer as trainer_mod
@@ -120,3 +121,33 @@ def test_recalibration_loader_is_built_once_and_logged_p_is_the_schedules(tmp_pa
         model = load_file(out / "checkpoints" / f"step_{e['step']:09d}.pt")["engine"]["model"]
         layer_p = {v["p"] for k, v in model.items() if k.endswith("_extra_state")}
         assert layer_p == {p_sched.value(e["step"] - 1)}
+
+
+@pytest.mark.timeout(300)
+def test_preempted_on_an_epochs_last_step_evaluates_at_the_same_p_after_resume(tmp_path, monkeypatch):
+    # SIGTERM after the last step of epoch 1 while p still decays: the checkpoint is written before
+    # the evaluation, so the resumed run evaluates first. It must evaluate the model at the p of the
+    # last step taken, value(step - 1), as the uninterrupted run does (not value(step)).
+    # p: 2, 5/3, 4/3, 1; the recalibration logs the p it ran at (this tiny model's evaluation
+    # alone hardly depends on p: its loss is ~ln 10)
+    run = [*RUN, "train.epochs=2", "adder.p_decay_epochs=1.5", "train.bn_recalibration_batches=1"]
+    full, split = tmp_path / "full", tmp_path / "split"
+    train_mod.train(load_config(DEBUG_CONFIG, [*run, f"output_dir={full}"]))
+    monkeypatch.setenv("ADDERNET_FAULT_STEP", "2")
+    monkeypatch.setenv("ADDERNET_FAULT_SIGNAL", "TERM")
+    monkeypatch.setenv("ADDERNET_FAULT_MARKER", str(tmp_path / "fired"))
+    cfg = load_config(DEBUG_CONFIG, [*run, f"output_dir={split}"])
+    assert train_mod.train(cfg) is None  # preempted at step 2, before epoch 1's evaluation
+    train_mod.train(cfg)
+
+    def records(out):
+        return [
+            {k: v for k, v in r.items() if k != "images_per_s"}
+            for r in read_metrics(out / "metrics.jsonl")
+            if r["kind"] in ("train", "eval")
+        ]
+
+    assert [(r["step"], r.get("p")) for r in records(split) if r["kind"] == "eval"] == [(2, 5 / 3), (4, None)]
+    assert records(split) == records(full)
+    last = [load_file(d / "checkpoints" / "step_000000004.pt")["engine"]["model"] for d in (full, split)]
+    assert all(torch.equal(a, last[1][k]) for k, a in last[0].items() if isinstance(a, torch.Tensor))
