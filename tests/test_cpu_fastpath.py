@@ -690,3 +690,32 @@ def test_gemm_filter_gradient_matches_the_reference(case, monkeypatch):
         want = _run(adder2d_reference, x.double(), w.double(), gy.double(), c)[2]
         tol = 1e-12 if dtype == torch.float64 else 3e-6
         assert ((got.double() - want).abs().max() / want.abs().max()).item() < tol, (case, dtype)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("hw,s", [((13, 13), 2), ((12, 11), 3), ((7, 10), (2, 3)), ((1, 5), 2)])
+def test_strided_1x1_runs_as_a_dense_layer_on_the_subsampled_input(hw, s):
+    # _strided_1x1_as_dense: a 1×1 stride-s layer without padding is the stride-1 layer on x[::s, ::s]
+    # (odd sizes: the floor in the output size drops the last row/column); autograd scatters ∂X back
+    sh, sw = (s, s) if isinstance(s, int) else s
+    for dtype in (torch.float64, torch.float32):
+        x = torch.randn(2, 5, *hw, dtype=dtype)
+        w = torch.randn(7, 5, 1, 1, dtype=dtype)
+        out_hw = output_size(*hw, (1, 1), (sh, sw), (0, 0), (1, 1))
+        xs, st, _ = cpu_adder._strided_1x1_as_dense(x, w, (sh, sw), (0, 0), (1, 1), out_hw)
+        assert st == (1, 1) and tuple(xs.shape[-2:]) == out_hw
+        gy = torch.randn(2, 7, *out_hw, dtype=dtype)
+        for grad_x, grad_w in (("lp", "full"), ("hardtanh", "sign")):
+            c = dict(stride=(sh, sw), pad=0, dil=1, p=1.0, grad_x=grad_x, grad_w=grad_w)
+            got = _run(cpu_adder.adder2d_cpu, x, w, gy, c)
+            want = _run(adder2d_reference, x.double(), w.double(), gy.double(), c)
+            tol = 1e-12 if dtype == torch.float64 else 3e-6
+            for name, a, b in zip(("y", "gx", "gw"), got, want):
+                err = ((a.double() - b).abs().max() / b.abs().max()).item()
+                assert err < tol, (hw, s, dtype, name, err)
+        scale, shift = torch.rand(7, dtype=dtype) + 0.5, torch.randn(7, dtype=dtype)
+        # (no ReLU: adder outputs are all negative, so a ReLU'd output could be all zeros)
+        fused = cpu_adder.adder2d_forward_cpu(x, w, (sh, sw), 0, 1, 1.0, scale=scale, shift=shift)
+        ref = adder2d_reference(x.double(), w.double(), (sh, sw), 0, 1, 1.0)
+        ref = ref * scale.double()[:, None, None] + shift.double()[:, None, None]
+        assert ((fused.double() - ref).abs().max() / ref.abs().max()).item() < tol
