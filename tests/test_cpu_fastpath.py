@@ -719,3 +719,21 @@ def test_strided_1x1_runs_as_a_dense_layer_on_the_subsampled_input(hw, s):
         ref = adder2d_reference(x.double(), w.double(), (sh, sw), 0, 1, 1.0)
         ref = ref * scale.double()[:, None, None] + shift.double()[:, None, None]
         assert ((fused.double() - ref).abs().max() / ref.abs().max()).item() < tol
+
+
+@pytest.mark.timeout(120)
+def test_thread_scaling_benchmark_runs_on_cpu(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_adder_threads.py"
+    spec = importlib.util.spec_from_file_location("bench_adder_threads", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    before = torch.get_num_threads()
+    try:
+        mod.main(["--repeat", "1", "--batch", "1"])
+    finally:
+        torch.set_num_threads(before)
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert len(rows) == len(mod.SHAPES) and all(r.count("2T/1T") == 4 for r in rows)
