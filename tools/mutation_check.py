@@ -139,6 +139,27 @@ MUTATIONS = [
         ("tests/test_resume_rng.py",),
     ),
     Mutation(
+        "resume-world-size-offset",
+        "resume with another world size at an epoch boundary starts one batch into the epoch",
+        "addernet_dist/train.py",
+        '    loader_state = client["loader"][dist.rank if same_world else 0]\n',
+        '    loader_state = client["loader"][dist.rank if same_world else 0]\n'
+        "    if not same_world:\n"
+        "        loader_state = {**loader_state, 'world_size': dist.world_size, 'batches_done': 1}\n"
+        "        loader_state.pop('batch_size')\n",
+        ("tests/test_docs_claims.py::test_ddp_resume_with_another_world_size_at_an_epoch_boundary",),
+    ),
+    Mutation(
+        "resume-weights-not-loaded",
+        "resume keeps the fresh initial weights (model state not loaded)",
+        "addernet_dist/train.py",
+        "        client = load_for_resume(engine, resume_from)\n",
+        "        fresh = {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}\n"
+        "        client = load_for_resume(engine, resume_from)\n"
+        "        model.load_state_dict(fresh, strict=False)\n",
+        ("tests/test_docs_claims.py::test_ddp_resume_with_another_world_size_at_an_epoch_boundary",),
+    ),
+    Mutation(
         "resume-optimizer-not-restored",
         "resume does not restore the optimizer state (momentum buffers)",
         "addernet_dist/engine/ddp.py",
