@@ -190,6 +190,26 @@ MUTATIONS = [
         ),
     ),
     Mutation(
+        "bf16-eval-adder-rounded",
+        "under bf16 autocast, inference rounds every pre-BN adder output to bf16",
+        "addernet_dist/ops/__init__.py",
+        "    with amp.autocast_off(x.device.type):\n"
+        "        return impl(x, w, stride, padding, dilation, p, grad_x, grad_w)\n",
+        "    rnd = torch.is_autocast_enabled(x.device.type) and not torch.is_grad_enabled()\n"
+        "    with amp.autocast_off(x.device.type):\n"
+        "        y = impl(x, w, stride, padding, dilation, p, grad_x, grad_w)\n"
+        "    return y.to(torch.bfloat16).float() if rnd else y\n",
+        ("tests/test_deepspeed_engine.py::test_bf16_precision_trains_close_to_fp32_and_converts_to_fp32_masters",),
+    ),
+    Mutation(
+        "eval-ignores-autocast",
+        "evaluate() runs the model without the engine's autocast dtype",
+        "addernet_dist/metrics.py",
+        "        with autocast(dist.device.type, autocast_dtype):\n            logits = model(images)\n",
+        "        with autocast(dist.device.type, None):\n            logits = model(images)\n",
+        ("tests/test_deepspeed_engine.py::test_bf16_precision_trains_close_to_fp32_and_converts_to_fp32_masters",),
+    ),
+    Mutation(
         "fused-negated-bn-shift",
         "fused inference epilogue adds −β instead of β (BN shift negated)",
         "addernet_dist/models/fusion.py",
