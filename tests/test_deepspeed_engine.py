@@ -138,9 +138,12 @@ def _bf16_vs_fp32_eval(engine, cfg, base, val_loader, dist) -> dict:
         with autocast(dist.device.type, engine.autocast_dtype):
             logits_bf16 = model(images).float()
         logits_fp32 = twin(images)
+    try:  # the trainer's eval feeds the bf16 model through engine.autocast_dtype
+        ev = evaluate(model, val_loader, dist, autocast_dtype=engine.autocast_dtype).as_dict()
+    except RuntimeError as e:  # both ranks raise alike; recorded so that the test fails, not the worker
+        ev = {"error": f"{type(e).__name__}: {e}"}
     return {
-        # the trainer's eval feeds the bf16 model through engine.autocast_dtype
-        "eval": evaluate(model, val_loader, dist, autocast_dtype=engine.autocast_dtype).as_dict(),
+        "eval": ev,
         "eval_fp32": evaluate(twin, val_loader, dist).as_dict(),
         "logits_bf16": logits_bf16,
         "logits_fp32": logits_fp32,
@@ -472,6 +475,7 @@ def _assert_bf16_eval_close_to_fp32(got: dict) -> None:
     # > 0: the bf16 path really ran in bf16 (an evaluation in fp32 gives the twin's logits)
     assert 0 < err < 1e-2, err
     ev, ref = got["eval"], got["eval_fp32"]
+    assert "error" not in ev, ev["error"]
     assert ev["val/count"] == ref["val/count"] == 20
     # the loss moves by 0.2-4e-4 relative; top-1/top-5: a near-tie may flip one image of 20
     assert ev["val/loss"] == pytest.approx(ref["val/loss"], rel=2e-3)
