@@ -25,6 +25,7 @@ import os
 import random
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,14 +155,34 @@ def check_resumable(state: dict[str, Any], path: Path, cfg: Any) -> None:
 class Checkpointer:
     """Names, lists, verifies, prunes and resolves the checkpoints of one run folder."""
 
-    def __init__(self, output_dir: str | os.PathLike, keep_last: int, dist: DistInfo) -> None:
+    def __init__(
+        self, output_dir: str | os.PathLike, keep_last: int, dist: DistInfo, every_steps: int = 0
+    ) -> None:
         self.root = Path(output_dir)
         self.dir = self.root / "checkpoints"
         self.keep_last = keep_last
+        self.every_steps = every_steps  # train.ckpt_every_steps; 0: only at the end of each epoch
         self.dist = dist
         # path -> stat signature of checkpoints this process verified (written or read back):
         # a file (or DeepSpeed folder) is re-read only when it changed since.
         self._valid: dict[Path, tuple] = {}
+
+    # ---- when to save, and the save ---------------------------------------------------------
+
+    def due(self, global_step: int, end_of_epoch: bool) -> bool:
+        """A mid-epoch checkpoint every ``every_steps`` steps (the epoch's end saves anyway)."""
+        return bool(self.every_steps) and global_step % self.every_steps == 0 and not end_of_epoch
+
+    def save(self, global_step: int, write: Callable[[Path], None], *, best: bool = False) -> Path:
+        """Collective. ``write(path)`` the step's checkpoint (the engine's format), read it back,
+        copy it to best.pt when ``best``, then apply retention."""
+        path = self.path_for(global_step)
+        write(path)
+        self.verify_written(path)
+        if best:
+            self.copy_to_best(path)
+        self.prune()  # after best.pt is copied: only ever deletes verified, superseded files
+        return path
 
     def path_for(self, global_step: int) -> Path:
         return self.dir / f"step_{global_step:09d}.pt"

@@ -92,7 +92,10 @@ def build_lr_scheduler(
 class PSchedule:
     """The lp -> l1 schedule (§4.2, Table 6): p falls linearly from ``p_start`` at step 0 to
     ``p_end`` at ``decay_steps``, then stays at ``p_end``. ``enabled=False`` pins p to p_end
-    (the Table 4 "without lp" ablation)."""
+    (the Table 4 "without lp" ablation).
+
+    A pure function of the optimizer step: the run's position is ``TrainState.global_step`` alone
+    (the trainer asks ``value(step)``; the layers only hold the p it set)."""
 
     def __init__(
         self, p_start: float, p_end: float, decay_steps: int, enabled: bool = True
@@ -102,7 +105,6 @@ class PSchedule:
         self.p_start, self.p_end = float(p_start), float(p_end)
         self.decay_steps = int(decay_steps)
         self.enabled = enabled
-        self.step_count = 0  # updated by the trainer; saved in checkpoints
 
     @classmethod
     def from_config(cls, cfg: AdderConfig, *, decay_epochs: float, steps_per_epoch: int):
@@ -114,8 +116,8 @@ class PSchedule:
         return self.p_start + (self.p_end - self.p_start) * (step / self.decay_steps)
 
     def state_dict(self) -> dict[str, Any]:
+        """The schedule's shape, for the record (its position is the trainer's global_step)."""
         return {
-            "step": self.step_count,
             "p_start": self.p_start,
             "p_end": self.p_end,
             "decay_steps": self.decay_steps,
@@ -123,6 +125,7 @@ class PSchedule:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        # The shape of the schedule comes from the (possibly edited) config; only the position
-        # is restored, so extending train.epochs on resume changes the remaining decay as asked.
-        self.step_count = int(state["step"])
+        """Nothing to restore: the shape comes from the (possibly edited) config, so extending
+        train.epochs on resume changes the remaining decay as asked, and the position is the
+        restored global_step. Accepts every checkpoint's p_schedule state (older ones hold a
+        "step", the same number as train_state's global_step)."""

@@ -31,12 +31,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import random
-import signal
 import sys
-import time
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -49,42 +45,30 @@ from addernet_dist.checkpoint import (
     describe_changes,
     load_for_resume,
     release_run_locks,
-    rng_state,
-    set_rng_state,
 )
 from addernet_dist.config import Config, ConfigError, load_config, save_resolved
 from addernet_dist.data import build_loader
 from addernet_dist.distributed import DistInfo, destroy_distributed, init_distributed
-from addernet_dist.engine.base import Engine, StepStats, check_adder_backend
-from addernet_dist.guard import DivergedError, NonFiniteGuard, StallWatchdog
+from addernet_dist.engine.base import Engine, check_adder_backend
+from addernet_dist.evaluator import RECALIBRATION_SEED_OFFSET, BNRecalibrator, Evaluator
+from addernet_dist.guard import DivergedError, StallWatchdog
 from addernet_dist.interop import init_from_config
 from addernet_dist.logging_utils import MetricsLogger, Progress, setup_console_logging
-from addernet_dist.metrics import EvalResult, evaluate, recalibrate_bn
+from addernet_dist.metrics import EvalResult
 from addernet_dist.models import create_model
 from addernet_dist.models.registry import check_input_size
-from addernet_dist.nn import adder_layer_names, adder_modules, set_grad_modes, set_p
+from addernet_dist.nn import set_grad_modes
 from addernet_dist.ops import dispatch
 from addernet_dist.optim import PSchedule
+from addernet_dist.trainer import Preempted, Trainer
 
 log = logging.getLogger("addernet_dist")
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: what a shell reports for a job killed by SIGTERM
 
 
-class Preempted(Exception):
-    """SIGTERM: a checkpoint was written; the run is unfinished (main exits EXIT_PREEMPTED)."""
-
-
-@dataclass
-class TrainState:
-    epoch: int = 0  # epoch the loop is in (== epochs when done)
-    global_step: int = 0  # optimizer steps taken
-    best_top1: float = -1.0
-    wandb_run_id: str | None = None
-
-
 # ---------------------------------------------------------------------------------------------
-# Components
+# Building the components (trainer.py runs the loop over them)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -137,15 +121,19 @@ def build_data(cfg: Config, dist: DistInfo):
     return train, val
 
 
-def _recalibrate_bn(cfg: Config, dist: DistInfo, model, epoch: int, autocast_dtype) -> int:
-    """BN statistics at the current p from fresh training batches (train.bn_recalibration_batches).
+def build_recalibrator(cfg: Config, dist: DistInfo) -> BNRecalibrator:
+    """BN recalibration (train.bn_recalibration_batches) over a training loader of its own, shuffled
+    with a seed no training epoch uses; built on first use only."""
+    seed = cfg.train.seed + RECALIBRATION_SEED_OFFSET
+    return BNRecalibrator(
+        cfg.train.bn_recalibration_batches,
+        lambda: build_loader(cfg.data, "train", **loader_kwargs(cfg, dist, seed)),
+    )
 
-    A loader of its own (shuffled with a seed no training epoch uses), so the training loader's
-    position, and with it mid-epoch resume, is untouched."""
-    loader = build_loader(cfg.data, "train", **loader_kwargs(cfg, dist, cfg.train.seed + 7_919))
-    loader.set_epoch(epoch)
-    n = min(cfg.train.bn_recalibration_batches, len(loader))
-    return recalibrate_bn(model, loader, dist, num_batches=n, autocast_dtype=autocast_dtype)
+
+def _recalibrate_bn(cfg: Config, dist: DistInfo, model, epoch: int, autocast_dtype) -> int:
+    """One recalibration as the trainer does it at the end of ``epoch`` (tests redo it)."""
+    return build_recalibrator(cfg, dist)(model, dist, epoch, autocast_dtype)
 
 
 def build_model(cfg: Config, num_classes: int) -> torch.nn.Module:
@@ -179,85 +167,8 @@ def build_engine(cfg: Config, model: torch.nn.Module, dist: DistInfo, steps: int
     raise ConfigError(f"engine={cfg.engine!r}; use ddp or deepspeed")
 
 
-class _Stop:
-    """SIGTERM (Slurm preemption, torchrun shutdown) -> checkpoint at the next sync point."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        if hasattr(signal, "SIGTERM"):
-            signal.signal(signal.SIGTERM, self._handler)
-
-    def _handler(self, signum, frame) -> None:
-        self.requested = True
-
-    def agreed(self, dist: DistInfo) -> bool:
-        # Every rank must stop at the same step (the checkpoint is collective), but ranks get the
-        # signal at different moments: agree with one tiny all-reduce, only on log steps.
-        flag = torch.tensor([float(self.requested)], device=dist.device)
-        return bool(dist.all_reduce_sum_(flag).item() > 0)
-
-
-def _maybe_inject_fault(global_step: int, rank: int) -> None:
-    at = os.environ.get("ADDERNET_FAULT_STEP")
-    if not at or int(at) != global_step:
-        return
-    fault_rank = os.environ.get("ADDERNET_FAULT_RANK")
-    if fault_rank is not None and int(fault_rank) != rank:
-        return
-    marker = os.environ.get("ADDERNET_FAULT_MARKER")
-    if marker:
-        try:
-            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
-            return
-    name = os.environ.get("ADDERNET_FAULT_SIGNAL", "KILL").upper()
-    log.warning("fault injection: SIG%s to rank %d after step %d", name, rank, global_step)
-    os.kill(os.getpid(), getattr(signal, f"SIG{name}"))
-
-
 # ---------------------------------------------------------------------------------------------
-# Checkpoint client state
-# ---------------------------------------------------------------------------------------------
-
-
-def _client_state(cfg, state, p_sched, train_loader, dist, last_eval) -> dict[str, Any]:
-    return {
-        "train_state": asdict(state),
-        "p_schedule": p_sched.state_dict(),
-        # Per rank (identical positions today; kept per rank for loaders with rank-local state).
-        "loader": dist.all_gather_object(train_loader.state_dict()),
-        "rng": dist.all_gather_object(rng_state()),
-        "world_size": dist.world_size,
-        "config": cfg.model_dump(mode="json"),
-        "last_eval": last_eval,
-    }
-
-
-def _restore(client: dict[str, Any], p_sched, train_loader, dist: DistInfo) -> TrainState:
-    state = TrainState(**client["train_state"])
-    p_sched.load_state_dict(client["p_schedule"])
-    same_world = client["world_size"] == dist.world_size
-    loader_state = client["loader"][dist.rank if same_world else 0]
-    if loader_state.get("batches_done", 0) != 0:
-        train_loader.load_state_dict(loader_state)  # raises a clear error mid-epoch otherwise
-    else:
-        # At an epoch boundary the position is just the epoch: another world size or batch size
-        # is fine here (the sampler's layout check is for mid-epoch positions).
-        train_loader.set_epoch(state.epoch)
-    if same_world:
-        set_rng_state(client["rng"][dist.rank])
-    else:
-        log.warning(
-            "resuming with WORLD_SIZE=%d from a checkpoint written with %d: per-rank RNG states "
-            "not restored (the run continues correctly but not bit-identically)",
-            dist.world_size,
-            client["world_size"],
-        )
-    return state
-
-
-# ---------------------------------------------------------------------------------------------
-# The loop
+# The run: build, resume, fit
 # ---------------------------------------------------------------------------------------------
 
 
@@ -307,22 +218,28 @@ def _train(cfg: Config, dist: DistInfo) -> EvalResult | None:
     p_sched = PSchedule.from_config(
         cfg.adder, decay_epochs=cfg.p_decay_epochs(), steps_per_epoch=steps_per_epoch
     )
-    ckpt = Checkpointer(cfg.output_dir, cfg.train.keep_last, dist)
+    evaluator = Evaluator(
+        val_loader,
+        dist,
+        build_recalibrator(cfg, dist),
+        final_p=Trainer.final_p(engine.unwrap(), p_sched, total_steps),
+        autocast_dtype=engine.autocast_dtype,
+    )
+    ckpt = Checkpointer(cfg.output_dir, cfg.train.keep_last, dist, every_steps=cfg.train.ckpt_every_steps)
+    trainer = Trainer(cfg, dist, engine, train_loader, p_sched, evaluator, ckpt)
+    state = trainer.state
     # Lock the run folder, clean temp files of killed writers, pick the resume point (or refuse).
     plan = ckpt.open(cfg)
     resume_from = plan.path
 
     seed_everything(cfg.train.seed + 1_000_003 * dist.rank)  # per-rank streams from here on
-    state = TrainState()
-    last_eval: dict[str, float] | None = None
     changes: dict[str, list[Any]] = {}
     if resume_from is not None:
         client = load_for_resume(engine, resume_from)
         try:
-            state = _restore(client, p_sched, train_loader, dist)
+            trainer.load_state_dict(client)
         except ValueError as e:
             raise CheckpointError(f"cannot resume from {resume_from}: {e}") from e
-        last_eval = client.get("last_eval")
         changes = config_changes(client.get("config") or {}, cfg.model_dump(mode="json"))
         if dist.is_main:
             log.info(
@@ -358,20 +275,7 @@ def _train(cfg: Config, dist: DistInfo) -> EvalResult | None:
         first_step=state.global_step,
     )
     try:
-        result = _loop(
-            cfg,
-            dist,
-            engine,
-            state,
-            p_sched,
-            train_loader,
-            val_loader,
-            ckpt,
-            logger,
-            progress,
-            last_eval,
-            watchdog,
-        )
+        result = trainer.fit(logger, progress, watchdog)
     finally:
         watchdog.close()
         progress.close()
@@ -383,161 +287,6 @@ def _train(cfg: Config, dist: DistInfo) -> EvalResult | None:
             flush=True,
         )
     return result
-
-
-def _loop(
-    cfg,
-    dist,
-    engine,
-    state,
-    p_sched,
-    train_loader,
-    val_loader,
-    ckpt,
-    logger,
-    progress,
-    last_eval,
-    watchdog: StallWatchdog,
-) -> EvalResult | None:
-    model = engine.unwrap()
-    adders = adder_modules(model)
-    adder_names = adder_layer_names(model)
-    steps_per_epoch = len(train_loader)
-    total_steps = cfg.train.epochs * steps_per_epoch
-    stop = _Stop()
-    result: EvalResult | None = None
-    guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, dist.device)
-
-    def save(last_eval, best=False):
-        # Never a checkpoint (or best.pt) of a non-finite model, nor one from a non-finite step.
-        if not guard.check(dist, state.global_step, model, before="checkpoint"):
-            log.warning(
-                "not saving step %d: its loss or gradient norm is non-finite (the run stops after "
-                "train.max_nonfinite_steps=%d such steps in a row)",
-                state.global_step,
-                cfg.train.max_nonfinite_steps,
-            )
-            return None
-        path = ckpt.path_for(state.global_step)
-        with watchdog.during("checkpoint"):
-            engine.save(path, _client_state(cfg, state, p_sched, train_loader, dist, last_eval))
-            ckpt.verify_written(path)
-            if best:
-                ckpt.copy_to_best(path)
-            ckpt.prune()  # after best.pt is copied: only ever deletes verified, superseded files
-        return path
-
-    engine.train()
-    p = p_sched.value(state.global_step)
-    set_p(model, p)
-    t_last, steps_last = time.perf_counter(), 0
-    while state.epoch < cfg.train.epochs:
-        train_loader.set_epoch(state.epoch)  # no-op when resumed mid-epoch
-        step_in_epoch = int(train_loader.state_dict().get("batches_done", 0))
-        for images, labels in train_loader:
-            step_p = p_sched.value(state.global_step)
-            if step_p != p:
-                p = step_p
-                set_p(model, p)
-            loss = engine.forward_backward(images, labels)
-            stats = engine.step()
-            guard.update(loss, [stats.grad_norm, stats.adder_grad_norms])
-            state.global_step += 1
-            watchdog.beat(state.global_step)
-            step_in_epoch += 1
-            p_sched.step_count = state.global_step
-            steps_last += 1
-            _maybe_inject_fault(state.global_step, dist.rank)
-
-            end_of_epoch = step_in_epoch == steps_per_epoch
-            if state.global_step % cfg.train.log_every == 0 or end_of_epoch:
-                dt = time.perf_counter() - t_last
-                rec = _train_record(state, loss, engine, p, stats, adder_names, dist)
-                rec["images_per_s"] = steps_last * cfg.train.global_batch_size / max(dt, 1e-9)
-                logger.write(rec)
-                guard.check(dist, state.global_step)  # after the record: the log shows the NaN
-                keys = ("epoch", "loss", "lr", "p", "images_per_s")
-                progress.update(steps_last, {k: rec[k] for k in keys})
-                t_last, steps_last = time.perf_counter(), 0
-                if stop.agreed(dist):
-                    path = save(last_eval)
-                    log.warning(
-                        "preempted (SIGTERM): saved %s at step %d; the same command resumes",
-                        path,
-                        state.global_step,
-                    )
-                    raise Preempted(str(path))
-            every = cfg.train.ckpt_every_steps
-            if every and state.global_step % every == 0 and not end_of_epoch:
-                save(last_eval)
-
-        state.epoch += 1
-        is_last = state.epoch == cfg.train.epochs
-        if is_last or state.epoch % cfg.train.eval_every_epochs == 0:
-            guard.check(dist, state.global_step, model, before="evaluation")
-            eval_phase = watchdog.during("evaluation")
-            eval_phase.__enter__()  # slow collective phase (the startup limit applies)
-            recal = 0
-            p_now = next(iter(adders)).p if adders else 1.0
-            if cfg.train.bn_recalibration_batches and p_now > 1.0:
-                recal = _recalibrate_bn(cfg, dist, model, state.epoch, _eval_dtype(engine))
-            else:
-                # Ranks' BN running stats drift apart after the last forward (each saw its own
-                # batch); evaluate everywhere with rank 0's, which is also what gets checkpointed.
-                dist.broadcast_buffers_(model)
-            result = evaluate(model, val_loader, dist, autocast_dtype=_eval_dtype(engine))
-            eval_phase.__exit__(None, None, None)
-            engine.train()
-            last_eval = result.as_dict()
-            rec = {"kind": "eval", "step": state.global_step, "epoch": state.epoch}
-            if recal:
-                rec.update(bn_recalibration_batches=recal, p=p_now)
-            logger.write({**rec, **asdict(result)})
-            progress.message(
-                f"epoch {state.epoch}: val top1 {result.top1:.2f}% top5 {result.top5:.2f}% "
-                f"loss {result.loss:.4f} ({result.count} images)"
-            )
-            # best.pt holds a model at the p the run ends with (p_end, unless the run stops before
-            # the decay does): a recalibrated mid-decay evaluation can score well, but that model
-            # computes another l_p distance than the AdderNet the run produces.
-            final_p = abs(p_now - p_sched.value(total_steps - 1)) < 1e-9 if adders else True
-            is_best = final_p and result.top1 > state.best_top1
-            if final_p:
-                state.best_top1 = max(state.best_top1, result.top1)
-            save(last_eval, best=is_best)
-        else:
-            save(last_eval)
-        t_last = time.perf_counter()  # images/s measures training only, not eval + checkpoint
-
-    if result is None and last_eval is not None:
-        # Resumed after the last evaluation (e.g. killed while saving): report it again.
-        result = EvalResult(**{k.removeprefix("val/"): v for k, v in last_eval.items()})
-    return result
-
-
-def _eval_dtype(engine: Engine) -> torch.dtype | None:
-    return engine.autocast_dtype
-
-
-def _train_record(state, loss, engine, p, stats: StepStats, adder_names, dist) -> dict[str, Any]:
-    """Host-syncing summary of the last step (called on log steps only)."""
-    loss_avg = dist.all_reduce_sum_(loss.detach().float().clone()) / dist.world_size
-    rec: dict[str, Any] = {
-        "kind": "train",
-        "step": state.global_step,
-        "epoch": state.epoch,
-        "loss": float(loss_avg),
-        "lr": engine.lr,
-        "p": p,
-    }
-    if stats.grad_norm is not None:
-        rec["grad_norm"] = float(stats.grad_norm)
-    if stats.adder_grad_norms is not None and stats.adder_alphas is not None:
-        norms, alphas = stats.adder_grad_norms.tolist(), stats.adder_alphas.tolist()
-        for name, n, a in zip(adder_names, norms, alphas):
-            rec[f"adder_grad_norm/{name}"] = n
-            rec[f"adder_alpha/{name}"] = a
-    return rec
 
 
 # ---------------------------------------------------------------------------------------------

@@ -77,7 +77,8 @@ def warmup_plan(cfg, gpus: int) -> WarmupPlan:
 def warm_model(cfg, plan: WarmupPlan, num_classes: int, device: str = "cuda", log=print) -> int:
     """Run the model's kernels for every (p, batch) of the plan — a training step and an evaluation
     forward each — on ``device`` (the GPU; tests run the same steps on CPU). Returns the steps run."""
-    from addernet_dist.engine.base import maybe_fuse_adder_bn
+    from addernet_dist.device_policy import autocast
+    from addernet_dist.engine.base import maybe_fuse_adder_bn, resolve_autocast_dtype
     from addernet_dist.nn import set_p
     from addernet_dist.ops import dispatch
     from addernet_dist.train import build_model
@@ -89,7 +90,9 @@ def warm_model(cfg, plan: WarmupPlan, num_classes: int, device: str = "cuda", lo
     if plan.channels_last:
         model = model.to(memory_format=torch.channels_last)
     fmt = torch.channels_last if plan.channels_last else torch.contiguous_format
-    dtype = torch.bfloat16 if plan.bf16 else torch.float32
+    # the trainer's autocast dtype for train.bf16 on this device (the engines' decision, e.g. a
+    # ConfigError for bf16 on a pre-Ampere GPU), under the trainer's one autocast helper
+    dtype = resolve_autocast_dtype(plan.bf16, device)
     log(
         f"warm-up: {cfg.model.name}, {fused} fused Adder+BN pairs, p {plan.p_values}, batches {plan.batches}"
     )
@@ -102,12 +105,12 @@ def warm_model(cfg, plan: WarmupPlan, num_classes: int, device: str = "cuda", lo
             )
             t0 = time.perf_counter()
             model.train()
-            with torch.autocast(device.type, dtype=dtype, enabled=plan.bf16):
+            with autocast(device.type, dtype):
                 loss = model(x).float().logsumexp(1).mean()
             loss.backward()
             model.zero_grad(set_to_none=True)
             model.eval()
-            with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=plan.bf16):
+            with torch.no_grad(), autocast(device.type, dtype):
                 model(x)
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -173,7 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     if torch.cuda.is_available():
         from addernet_dist.kernels import tile_tuner
 
-        warm_model(cfg, plan, args.num_classes)
+        try:
+            warm_model(cfg, plan, args.num_classes)
+        except ConfigError as e:  # e.g. train.bf16 on a GPU older than Ampere, as the trainer says
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         if args.tile_cache:
             n = tile_tuner.save_tile_cache(args.tile_cache)
             print(

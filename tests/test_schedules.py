@@ -103,9 +103,11 @@ def test_p_schedule_off_and_custom_range():
     assert [off.value(i) for i in (0, 10, 100)] == [1.0, 1.0, 1.0]
     s = PSchedule(1.8, 1.2, decay_steps=6)
     assert [round(s.value(i), 10) for i in range(8)] == [1.8, 1.7, 1.6, 1.5, 1.4, 1.3, 1.2, 1.2]
-    s.step_count = 5
+    # no position of its own (global_step is the one): an old checkpoint's p_schedule state, which
+    # held a "step", loads without error and changes nothing; the shape comes from the config
     t = PSchedule(1.8, 1.2, decay_steps=6)
-    t.load_state_dict(s.state_dict())
-    assert t.step_count == 5
+    t.load_state_dict({"step": 5, "p_start": 2.0, "p_end": 1.0, "decay_steps": 99, "enabled": True})
+    assert [t.value(i) for i in range(8)] == [s.value(i) for i in range(8)]
+    assert t.state_dict() == {"p_start": 1.8, "p_end": 1.2, "decay_steps": 6, "enabled": True}
     # zero-length decay: l1 from the first step
     assert PSchedule(2.0, 1.0, decay_steps=0).value(0) == 1.0

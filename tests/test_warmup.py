@@ -55,3 +55,45 @@ def test_warm_model_runs_every_p_and_batch(monkeypatch):
     plan = warmup.WarmupPlan(plan.p_values, (3, 2), plan.image_size, plan.bf16, plan.channels_last)
     assert warmup.warm_model(cfg, plan, 10, device="cpu", log=lambda *_: None) == 6
     assert seen == [2.0, 1.5, 1.0]
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_warm_model_forwards_run_under_the_trainers_autocast_dtype(bf16):
+    # the warm-up must launch what the run launches: every forward (the train step's and the eval
+    # forward) inside the trainer's autocast region, with the dtype the engines decide for train.bf16
+    # (engine.base.resolve_autocast_dtype: bf16 on CPU too), seen from inside the model's stem conv
+    # and classifier; a bf16 warm-up of an fp32 run (or the reverse) compiles other kernels
+    import torch
+
+    from addernet_dist.engine.base import resolve_autocast_dtype
+
+    cfg = load_config(
+        str(CONFIGS / "debug.yaml"), ["adder.backend=reference", f"train.bf16={str(bf16).lower()}"]
+    )
+    expected = resolve_autocast_dtype(cfg.train.bf16, torch.device("cpu"))
+    assert expected == (torch.bfloat16 if bf16 else None)
+    seen = []
+
+    def record(module, inputs, output):
+        if isinstance(module, torch.nn.Conv2d | torch.nn.Linear):
+            on = torch.is_autocast_enabled("cpu")
+            seen.append(
+                (
+                    torch.is_grad_enabled(),
+                    torch.get_autocast_dtype("cpu") if on else None,
+                    output.dtype,
+                )
+            )
+
+    plan = warmup.WarmupPlan((1.0,), (2,), cfg.data.image_size, cfg.train.bf16, False)
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        assert warmup.warm_model(cfg, plan, 10, device="cpu", log=lambda *_: None) == 1
+    finally:
+        handle.remove()
+    out_dtype = expected or torch.float32
+    # the stem conv and the classifier, in the training forward (grad on) and the eval forward
+    assert sorted(set(seen), key=str) == sorted(
+        {(True, expected, out_dtype), (False, expected, out_dtype)}, key=str
+    )
+    assert sum(grad for grad, _, _ in seen) == 2 and len(seen) == 4

@@ -78,9 +78,9 @@ MUTATIONS = [
     Mutation(
         "p-schedule-not-applied",
         "trainer advances p in the log but never sets it on the model",
-        "addernet_dist/train.py",
-        "                p = step_p\n                set_p(model, p)",
-        "                p = step_p",
+        "addernet_dist/trainer.py",
+        "            self.p = p\n            set_p(self.model, p)",
+        "            self.p = p",
         ("tests/test_train_torchrun.py::test_two_process_debug_run",),
     ),
     Mutation(
@@ -133,9 +133,9 @@ MUTATIONS = [
     Mutation(
         "resume-rng-not-restored",
         "resume does not restore the global RNG states",
-        "addernet_dist/train.py",
-        '        set_rng_state(client["rng"][dist.rank])',
-        "        pass",
+        "addernet_dist/trainer.py",
+        "            set_rng_state(states[self.dist.rank])",
+        "            pass",
         ("tests/test_resume_rng.py",),
     ),
     Mutation(
@@ -181,9 +181,9 @@ MUTATIONS = [
     Mutation(
         "bn-recalibration-skipped",
         "trainer skips BN recalibration but still logs that it ran",
-        "addernet_dist/train.py",
-        "                recal = _recalibrate_bn(cfg, dist, model, state.epoch, _eval_dtype(engine))",
-        "                recal = cfg.train.bn_recalibration_batches",
+        "addernet_dist/evaluator.py",
+        "            recal = self.recalibrate(model, self.dist, epoch, self.autocast_dtype)",
+        "            recal = self.recalibrate.num_batches",
         (
             "tests/test_bn_recalibration.py::"
             "test_trainer_recalibrates_before_mid_decay_evaluations_and_saves_what_it_evaluated",

@@ -1,0 +1,57 @@
+"""The Markdown form of the selftest report (``report.md``; ``report.json`` is the same dict as JSON)."""
+
+from __future__ import annotations
+
+import json
+
+
+def to_markdown(report: dict) -> str:
+    lines = ["# addernet-selftest report", ""]
+    lines.append(
+        f"{report['date']} · {report['device']['name']} · "
+        f"{'PASSED' if report['ok'] else 'FAILED'} · {report['seconds']:.0f} s"
+    )
+    lines += ["", "| check | result | seconds |", "|---|---|---:|"]
+    for r in report["checks"]:
+        res = (
+            "ok"
+            if r["ok"]
+            else "**FAILED**: " + r["error"][:200].replace("|", "\\|").replace("\n", " ")
+        )
+        lines.append(f"| {r['name']} | {res} | {r['seconds']:.1f} |")
+    by = {r["name"]: r for r in report["checks"]}
+    if "env" in by and by["env"]["ok"]:
+        lines += ["", "## Environment", "", "| | |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in by["env"]["details"].items()]
+    if "kernels" in by and by["kernels"]["ok"]:
+        d = by["kernels"]["details"]
+        lines += [
+            "",
+            f"## Kernels vs the reference ({d['mode']})",
+            "",
+            "| code path | max error / max \\|reference\\| |",
+            "|---|---|",
+        ]
+        for row in d["cases"]:
+            errs = ", ".join(f"{k} {v:.1e}" for k, v in row["errors"].items())
+            lines.append(f"| {row['case']} | {errs} |")
+    if "speed" in by and by["speed"]["ok"]:
+        d = by["speed"]["details"]
+        lines += [
+            "",
+            f"## Forward vs cuDNN conv2d (fp32, TF32 off), batch {d['batch']}",
+            "",
+            "| layer | ×model | adder ms | conv ms | conv/adder time | adder T MAC/s | of FP32 roofline |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in d["rows"]:
+            frac = f"{100 * r['roofline_fraction']:.0f} %" if r["roofline_fraction"] else "–"
+            lines.append(
+                f"| {r['layer']} | {r['count']} | {r['adder_ms']:.3f} | {r['conv_ms']:.3f} | "
+                f"{r['conv_over_adder']:.2f} | {r['adder_tmacs']:.2f} | {frac} |"
+            )
+    for nm in ("train", "deepspeed"):
+        if nm in by and by[nm]["ok"]:
+            d = by[nm]["details"]
+            lines += ["", f"## {nm} smoke", "", "```", json.dumps(d, indent=1), "```"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,159 @@
+"""The ``train`` and ``deepspeed`` checks: a multi-process training smoke (train, checkpoint, resume,
+evaluation, ``addernet-eval`` on the checkpoint), and ``launch``, which runs a command and logs it."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from addernet_dist.selftest.plan import CheckFailed, DeviceDescription
+
+_SMOKE_CONFIG = """\
+# written by addernet-selftest
+model: {{name: resnet8, conv: adder}}
+data:
+  dataset: imagefolder
+  root: {root}
+  image_size: 32
+  num_workers: 1
+  augment: random_resized_crop
+optim: {{lr: 0.05, schedule: cosine}}
+adder: {{p_schedule: true, p_start: 2.0, p_end: 1.0, p_decay_epochs: 1, adaptive_lr: true, eta: 0.1}}
+train:
+  epochs: 1
+  global_batch_size: {batch}
+  log_every: 1
+  ckpt_every_steps: 2
+  eval_every_epochs: 1
+  keep_last: 2
+  progress_bar: false
+wandb: {{enabled: false}}
+output_dir: {out}
+resume: auto
+"""
+
+
+def launch(
+    cmd: list[str], env_extra: dict, timeout: float, log: Path
+) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ADDERNET_FAULT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
+    env.update(env_extra)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    with open(log, "a") as f:
+        f.write(f"$ {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}\nrc={proc.returncode}\n")
+    if proc.returncode != 0:
+        raise CheckFailed(
+            f"`{' '.join(cmd[-6:])}` exited {proc.returncode} (log: {log}): {proc.stderr[-1500:]}"
+        )
+    return proc
+
+
+def _metrics(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        raise CheckFailed(f"no metrics.jsonl in {out}")
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def check_train(desc: DeviceDescription, params: dict, workdir: Path, name: str = "train") -> dict:
+    """Train → checkpoint → resume (one more epoch) → evaluation, multi-process."""
+    from addernet_dist.data.jpeg_tree import make_jpeg_tree
+
+    work = workdir / name
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "jpegs"
+    if not data.exists():
+        make_jpeg_tree(data, num_classes=4, train_per_class=4 * params["nproc"], val_per_class=3)
+    out = work / "run"
+    nproc = params["nproc"]
+    batch = 4 * nproc
+    cfg_path = work / "smoke.yaml"
+    cfg_path.write_text(_SMOKE_CONFIG.format(root=data, batch=batch, out=out))
+    ov = [
+        f"{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in params["overrides"].items()
+    ]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+    ]
+    log = workdir / f"{name}.log"
+    t0 = time.perf_counter()
+    launch(
+        [*torchrun, "-m", "addernet_dist.train", "--config", str(cfg_path), *ov],
+        params["env"],
+        600,
+        log,
+    )
+    first = _metrics(out)
+    ckpts = sorted((out / "checkpoints").glob("step_*.pt"))
+    if not ckpts:
+        raise CheckFailed(f"the first run wrote no checkpoint in {out / 'checkpoints'}")
+    steps1 = max(r["step"] for r in first if r.get("kind") == "train")
+    # resume: the same folder, one more epoch
+    epochs = params["epochs"] + 1
+    launch(
+        [
+            *torchrun,
+            "-m",
+            "addernet_dist.train",
+            "--config",
+            str(cfg_path),
+            *ov,
+            f"train.epochs={epochs}",
+        ],
+        params["env"],
+        600,
+        log,
+    )
+    recs = _metrics(out)
+    resumes = [r for r in recs if r.get("kind") == "resume"]
+    if not resumes or resumes[-1]["step"] != steps1:
+        raise CheckFailed(f"the second run did not resume at step {steps1}: {resumes}")
+    train = [r for r in recs if r.get("kind") == "train"]
+    evals = [r for r in recs if r.get("kind") == "eval"]
+    if not train or not all(math.isfinite(r["loss"]) for r in train):
+        raise CheckFailed(
+            f"non-finite or missing training losses: {[r.get('loss') for r in train]}"
+        )
+    if max(r["step"] for r in train) <= steps1:
+        raise CheckFailed("the resumed run did not train past the checkpoint")
+    if len(evals) < 2 or not all(0.0 <= r["top1"] <= 100.0 for r in evals):
+        raise CheckFailed(f"expected an evaluation after each run, got {evals}")
+    result = dict(
+        nproc=nproc,
+        steps=max(r["step"] for r in train),
+        resumed_at=steps1,
+        final_loss=train[-1]["loss"],
+        eval_top1=evals[-1]["top1"],
+        overrides=params["overrides"],
+    )
+    if params.get("eval_cli"):
+        ck = sorted((out / "checkpoints").glob("step_*.pt"))[-1]
+        proc = launch(
+            [*torchrun, "-m", "addernet_dist.evaluate", "--checkpoint", str(ck)],
+            params["env"],
+            300,
+            log,
+        )
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1]
+        res = json.loads(line)
+        if abs(res["top1"] - evals[-1]["top1"]) > 1e-6:
+            raise CheckFailed(
+                f"addernet-eval top-1 {res['top1']} != the run's last eval {evals[-1]['top1']}"
+            )
+        result["eval_cli_top1"] = res["top1"]
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def check_deepspeed(desc: DeviceDescription, params: dict, workdir: Path) -> dict:
+    return check_train(desc, params, workdir, name="deepspeed")

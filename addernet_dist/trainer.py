@@ -1,0 +1,367 @@
+"""The training loop over checkpointed components (torchtitan's Trainer + CheckpointManager shape).
+
+What each component owns (``train.py`` builds them; :class:`Trainer` runs the loop over them):
+
+- ``Engine`` (engine/): the wrapped model, the optimizer, the LR schedule; saves them itself.
+- :class:`TrainState`: epoch, global_step (the ONE position of the run: the p and LR schedules are
+  functions of it), best top-1, W&B run id.
+- ``PSchedule`` (optim.py): p as a pure function of global_step.
+- the train loader: its position in the epoch (per rank); :class:`RNGState`: python/numpy/torch RNGs
+  (per rank).
+- :class:`~addernet_dist.evaluator.Evaluator`: evaluation, BN recalibration, the best-at-final-p rule,
+  the last evaluation.
+- :class:`~addernet_dist.checkpoint.Checkpointer`: when to save, the files, what to keep.
+
+A checkpoint's client state is ``{name: component.state_dict()}`` over :attr:`Trainer.components`
+(plus the run's config and world size, for the record); resuming calls each ``load_state_dict`` in
+the same order. Adding a component to the checkpoint is one line there.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from addernet_dist.checkpoint import Checkpointer, rng_state, set_rng_state
+from addernet_dist.config import Config
+from addernet_dist.data.base import Loader
+from addernet_dist.distributed import DistInfo
+from addernet_dist.engine.base import Engine, StepStats
+from addernet_dist.evaluator import Evaluator
+from addernet_dist.guard import NonFiniteGuard, StallWatchdog
+from addernet_dist.logging_utils import MetricsLogger, Progress
+from addernet_dist.metrics import EvalResult
+from addernet_dist.nn import adder_layer_names, adder_modules, set_p
+from addernet_dist.optim import PSchedule
+
+log = logging.getLogger("addernet_dist")
+
+
+class Preempted(Exception):
+    """SIGTERM: a checkpoint was written; the run is unfinished (main exits EXIT_PREEMPTED)."""
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """What the checkpoint holds of a component (torch.distributed.checkpoint's ``Stateful``)."""
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Components (each keeps the on-disk layout of its key in the checkpoint's client state)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # epoch the loop is in (== epochs when done)
+    global_step: int = 0  # optimizer steps taken
+    best_top1: float = -1.0
+    wandb_run_id: str | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        loaded = TrainState(**state)  # an unknown key is an error, as it was
+        for f in fields(self):
+            setattr(self, f.name, getattr(loaded, f.name))
+
+
+class PScheduleState:
+    """The checkpoint's ``p_schedule``: the schedule's shape and, for readers of older versions
+    (which restored it), ``step`` = global_step. Nothing reads the position back from here."""
+
+    def __init__(self, p_sched: PSchedule, state: TrainState) -> None:
+        self.p_sched, self.state = p_sched, state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.state.global_step, **self.p_sched.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.p_sched.load_state_dict(state)
+
+
+class LoaderState:
+    """The train loader's position, per rank (identical today; kept per rank for loaders with
+    rank-local state). Restored after :class:`TrainState` (it needs the epoch)."""
+
+    def __init__(self, loader: Loader, state: TrainState, dist: DistInfo) -> None:
+        self.loader, self.state, self.dist = loader, state, dist
+
+    def state_dict(self) -> list[dict[str, Any]]:
+        return self.dist.all_gather_object(self.loader.state_dict())
+
+    def load_state_dict(self, states: list[dict[str, Any]]) -> None:
+        same_world = len(states) == self.dist.world_size
+        loader_state = states[self.dist.rank if same_world else 0]
+        if loader_state.get("batches_done", 0) != 0:
+            self.loader.load_state_dict(loader_state)  # raises a clear error mid-epoch otherwise
+        else:
+            # At an epoch boundary the position is just the epoch: another world size or batch
+            # size is fine here (the sampler's layout check is for mid-epoch positions). The loader
+            # stands one epoch ahead of the train state when a preemption saved right after an
+            # epoch's last step (before its evaluation): the batches of that epoch are done.
+            self.loader.set_epoch(max(self.state.epoch, int(loader_state.get("epoch", 0))))
+
+
+class RNGState:
+    """Every rank's python, numpy and torch (and CUDA) RNG states."""
+
+    def __init__(self, dist: DistInfo) -> None:
+        self.dist = dist
+
+    def state_dict(self) -> list[dict[str, Any]]:
+        return self.dist.all_gather_object(rng_state())
+
+    def load_state_dict(self, states: list[dict[str, Any]]) -> None:
+        if len(states) == self.dist.world_size:
+            set_rng_state(states[self.dist.rank])
+        else:
+            log.warning(
+                "resuming with WORLD_SIZE=%d from a checkpoint written with %d: per-rank RNG "
+                "states not restored (the run continues correctly but not bit-identically)",
+                self.dist.world_size,
+                len(states),
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """The loop: for each batch {set p, step, maybe log, maybe save}; at epoch ends {maybe
+    evaluate, save}. Everything else is a component it calls."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        dist: DistInfo,
+        engine: Engine,
+        train_loader: Loader,
+        p_sched: PSchedule,
+        evaluator: Evaluator,
+        ckpt: Checkpointer,
+    ) -> None:
+        self.cfg, self.dist, self.engine = cfg, dist, engine
+        self.train_loader, self.p_sched, self.evaluator, self.ckpt = train_loader, p_sched, evaluator, ckpt
+        self.model = engine.unwrap()
+        self.adder_names = adder_layer_names(self.model)
+        self.steps_per_epoch = len(train_loader)
+        self.state = TrainState()
+        # The checkpoint: name -> component, restored in this order (the loader needs the epoch).
+        self.components: dict[str, Stateful] = {
+            "train_state": self.state,
+            "p_schedule": PScheduleState(p_sched, self.state),
+            "loader": LoaderState(train_loader, self.state, dist),
+            "rng": RNGState(dist),
+            "last_eval": evaluator,
+        }
+        self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, dist.device)
+        self.p: float | None = None  # the p the adder layers compute with (set from p_sched only)
+        self.result: EvalResult | None = None
+
+    @staticmethod
+    def final_p(model: torch.nn.Module, p_sched: PSchedule, total_steps: int) -> float | None:
+        """The p the run ends with (None for a model without adder layers)."""
+        return p_sched.value(total_steps - 1) if adder_modules(model) else None
+
+    # ---- checkpoint ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Collective (the per-rank components gather): the checkpoint's client state."""
+        client = {name: c.state_dict() for name, c in self.components.items()}
+        return {**client, "world_size": self.dist.world_size, "config": self.cfg.model_dump(mode="json")}
+
+    def load_state_dict(self, client: dict[str, Any]) -> None:
+        for name, component in self.components.items():
+            if name in client:
+                component.load_state_dict(client[name])
+            else:  # a checkpoint written before the component was checkpointed
+                log.warning("resume: the checkpoint holds no %r state; it starts fresh", name)
+
+    def save(self, best: bool = False) -> Path | None:
+        """Collective. Checkpoint the current step (and copy it to best.pt when ``best``)."""
+        step = self.state.global_step
+        # Never a checkpoint (or best.pt) of a non-finite model, nor one from a non-finite step.
+        if not self.guard.check(self.dist, step, self.model, before="checkpoint"):
+            log.warning(
+                "not saving step %d: its loss or gradient norm is non-finite (the run stops after "
+                "train.max_nonfinite_steps=%d such steps in a row)",
+                step,
+                self.cfg.train.max_nonfinite_steps,
+            )
+            return None
+        with self.watchdog.during("checkpoint"):
+            return self.ckpt.save(step, lambda path: self.engine.save(path, self.state_dict()), best=best)
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def fit(self, logger: MetricsLogger, progress: Progress, watchdog: StallWatchdog) -> EvalResult | None:
+        """Train to ``train.epochs``; returns the last evaluation (raises Preempted on SIGTERM)."""
+        self.logger, self.progress, self.watchdog = logger, progress, watchdog
+        state, train = self.state, self.cfg.train
+        stop, meter = _Stop(), _Throughput(train.global_batch_size)
+        self.engine.train()
+        self._set_p(max(state.global_step - 1, 0))  # the p of the last step taken (a resumed model's)
+        while state.epoch < train.epochs:
+            step_in_epoch, batches = self._rest_of_epoch()
+            for images, labels in batches:
+                self._set_p(state.global_step)
+                loss = self.engine.forward_backward(images, labels)
+                stats = self.engine.step()
+                self.guard.update(loss, [stats.grad_norm, stats.adder_grad_norms])
+                state.global_step += 1
+                step_in_epoch += 1
+                watchdog.beat(state.global_step)
+                meter.steps += 1
+                _maybe_inject_fault(state.global_step, self.dist.rank)
+                end_of_epoch = step_in_epoch == self.steps_per_epoch
+                if state.global_step % train.log_every == 0 or end_of_epoch:
+                    self._log_step(loss, stats, meter)
+                    if stop.agreed(self.dist):
+                        self._preempt()
+                if self.ckpt.due(state.global_step, end_of_epoch):
+                    self.save()
+            state.epoch += 1
+            if state.epoch == train.epochs or state.epoch % train.eval_every_epochs == 0:
+                self._evaluate()
+            else:
+                self.save()
+            meter.restart()  # images/s measures training only, not eval + checkpoint
+        # Resumed after the last evaluation (e.g. killed while saving): report it again.
+        return self.result or self.evaluator.last_result()
+
+    def _rest_of_epoch(self) -> tuple[int, Iterable[tuple[torch.Tensor, torch.Tensor]]]:
+        """(batches done, the batches left) of the epoch ``state.epoch``."""
+        if int(self.train_loader.state_dict()["epoch"]) > self.state.epoch:
+            return 0, ()  # preempted after the epoch's last step: only its end (eval, save) is left
+        self.train_loader.set_epoch(self.state.epoch)  # no-op when resumed mid-epoch
+        return int(self.train_loader.state_dict().get("batches_done", 0)), self.train_loader
+
+    def _set_p(self, step: int) -> None:
+        p = self.p_sched.value(step)
+        if p != self.p:
+            self.p = p
+            set_p(self.model, p)
+
+    def _log_step(self, loss: torch.Tensor, stats: StepStats, meter: _Throughput) -> None:
+        rec = self._train_record(loss, stats)
+        rec["images_per_s"] = meter.images_per_s()
+        self.logger.write(rec)
+        self.guard.check(self.dist, self.state.global_step)  # after the record: the log shows the NaN
+        keys = ("epoch", "loss", "lr", "p", "images_per_s")
+        self.progress.update(meter.steps, {k: rec[k] for k in keys})
+        meter.restart(steps=0)
+
+    def _preempt(self) -> None:
+        path = self.save()
+        log.warning(
+            "preempted (SIGTERM): saved %s at step %d; the same command resumes", path, self.state.global_step
+        )
+        raise Preempted(str(path))
+
+    def _evaluate(self) -> None:
+        state = self.state
+        self.guard.check(self.dist, state.global_step, self.model, before="evaluation")
+        with self.watchdog.during("evaluation"):  # slow collective phase (the startup limit applies)
+            result, extra = self.evaluator(self.model, state.epoch, self.p)
+        self.engine.train()
+        self.result = result
+        self.logger.write({"kind": "eval", "step": state.global_step, "epoch": state.epoch, **extra, **asdict(result)})
+        self.progress.message(
+            f"epoch {state.epoch}: val top1 {result.top1:.2f}% top5 {result.top5:.2f}% "
+            f"loss {result.loss:.4f} ({result.count} images)"
+        )
+        self.save(best=self.evaluator.is_new_best(result, self.p, state))
+
+    def _train_record(self, loss: torch.Tensor, stats: StepStats) -> dict[str, Any]:
+        """Host-syncing summary of the last step (called on log steps only)."""
+        dist = self.dist
+        loss_avg = dist.all_reduce_sum_(loss.detach().float().clone()) / dist.world_size
+        rec: dict[str, Any] = {
+            "kind": "train",
+            "step": self.state.global_step,
+            "epoch": self.state.epoch,
+            "loss": float(loss_avg),
+            "lr": self.engine.lr,
+            "p": self.p,  # the step's p: p_sched.value(step - 1)
+        }
+        if stats.grad_norm is not None:
+            rec["grad_norm"] = float(stats.grad_norm)
+        if stats.adder_grad_norms is not None and stats.adder_alphas is not None:
+            norms, alphas = stats.adder_grad_norms.tolist(), stats.adder_alphas.tolist()
+            for name, n, a in zip(self.adder_names, norms, alphas):
+                rec[f"adder_grad_norm/{name}"] = n
+                rec[f"adder_alpha/{name}"] = a
+        return rec
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers of the loop
+# ---------------------------------------------------------------------------------------------
+
+
+class _Throughput:
+    """Images per second over the steps since the last log (training time only)."""
+
+    def __init__(self, global_batch_size: int) -> None:
+        self.global_batch_size = global_batch_size
+        self.restart(steps=0)
+
+    def restart(self, steps: int | None = None) -> None:
+        self.t0 = time.perf_counter()
+        if steps is not None:
+            self.steps = steps
+
+    def images_per_s(self) -> float:
+        return self.steps * self.global_batch_size / max(time.perf_counter() - self.t0, 1e-9)
+
+
+class _Stop:
+    """SIGTERM (Slurm preemption, torchrun shutdown) -> checkpoint at the next sync point."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        if hasattr(signal, "SIGTERM"):
+            signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.requested = True
+
+    def agreed(self, dist: DistInfo) -> bool:
+        # Every rank must stop at the same step (the checkpoint is collective), but ranks get the
+        # signal at different moments: agree with one tiny all-reduce, only on log steps.
+        flag = torch.tensor([float(self.requested)], device=dist.device)
+        return bool(dist.all_reduce_sum_(flag).item() > 0)
+
+
+def _maybe_inject_fault(global_step: int, rank: int) -> None:
+    """ADDERNET_FAULT_STEP=s [ADDERNET_FAULT_RANK=r] [ADDERNET_FAULT_MARKER=file]
+    [ADDERNET_FAULT_SIGNAL=KILL|TERM|STOP]: signal this process right after optimizer step s (tests)."""
+    at = os.environ.get("ADDERNET_FAULT_STEP")
+    if not at or int(at) != global_step:
+        return
+    fault_rank = os.environ.get("ADDERNET_FAULT_RANK")
+    if fault_rank is not None and int(fault_rank) != rank:
+        return
+    marker = os.environ.get("ADDERNET_FAULT_MARKER")
+    if marker:
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+    name = os.environ.get("ADDERNET_FAULT_SIGNAL", "KILL").upper()
+    log.warning("fault injection: SIG%s to rank %d after step %d", name, rank, global_step)
+    os.kill(os.getpid(), getattr(signal, f"SIG{name}"))
