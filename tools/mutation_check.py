@@ -141,12 +141,12 @@ MUTATIONS = [
     Mutation(
         "resume-world-size-offset",
         "resume with another world size at an epoch boundary starts one batch into the epoch",
-        "addernet_dist/train.py",
-        '    loader_state = client["loader"][dist.rank if same_world else 0]\n',
-        '    loader_state = client["loader"][dist.rank if same_world else 0]\n'
-        "    if not same_world:\n"
-        "        loader_state = {**loader_state, 'world_size': dist.world_size, 'batches_done': 1}\n"
-        "        loader_state.pop('batch_size')\n",
+        "addernet_dist/trainer.py",
+        "        loader_state = states[self.dist.rank if same_world else 0]\n",
+        "        loader_state = states[self.dist.rank if same_world else 0]\n"
+        "        if not same_world:\n"
+        "            loader_state = {**loader_state, 'world_size': self.dist.world_size, 'batches_done': 1}\n"
+        "            loader_state.pop('batch_size')\n",
         ("tests/test_docs_claims.py::test_ddp_resume_with_another_world_size_at_an_epoch_boundary",),
     ),
     Mutation(
