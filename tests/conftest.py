@@ -17,6 +17,18 @@ def _seed_everything():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _restore_default_backend():
+    # train() in the test process sets the process-wide default adder backend from its config
+    # (e.g. "reference"); without this a later test that expects the device default (the CPU fast
+    # path) fails or passes depending on the order the tests run in.
+    from addernet_dist.ops import dispatch
+
+    saved = dispatch._default
+    yield
+    dispatch._default = saved
+
+
 def pytest_collection_modifyitems(config, items):
     # GPU-tier tests: skipped on CPU-only machines (CI); they run wherever CUDA is present.
     if torch.cuda.is_available():

@@ -81,3 +81,29 @@ def spread_model(model: nn.Module, x: torch.Tensor) -> nn.Module:
         if isinstance(fc, nn.Linear) and fc.bias is not None:
             fc.bias.mul_(0.05)
     return model
+
+
+@torch.no_grad()
+def checkpoint_val_logits(path, *, batch_size: int = 20) -> torch.Tensor:
+    """Eval-mode logits of the model saved in a trainer (or converted DeepSpeed) checkpoint on the
+    first ``batch_size`` images of its config's val split, computed with the reference operator in
+    fp32: the precondition of comparing two evaluations of that checkpoint (logged vs addernet-eval,
+    one backend vs another) is ``assert_logits_vary`` on these."""
+    from addernet_dist import checkpoint
+    from addernet_dist.config import config_from_dict
+    from addernet_dist.data import build_loader
+    from addernet_dist.ops import dispatch
+    from addernet_dist.train import build_model
+
+    state = checkpoint.load_file(path)
+    cfg = config_from_dict(state["client"]["config"])
+    saved = dispatch._default
+    dispatch.set_default_backend("reference")
+    try:
+        loader = build_loader(cfg.data, "val", batch_size=batch_size)
+        images, _ = next(iter(loader))
+        model = build_model(cfg, loader.num_classes)
+        model.load_state_dict(state["engine"]["model"])
+        return model.eval()(images)
+    finally:
+        dispatch._default = saved

@@ -15,6 +15,7 @@ from torch import nn
 from addernet_dist.checkpoint import load_file
 from addernet_dist.distributed import DistInfo, destroy_distributed, init_distributed
 from addernet_dist.metrics import recalibrate_bn
+from tests.logit_checks import assert_logits_vary, checkpoint_val_logits
 from tests.train_helpers import check, launch_workers, run_python, train_cmd
 
 
@@ -101,6 +102,10 @@ def test_trainer_recalibrates_before_mid_decay_evaluations_and_saves_what_it_eva
     out = tmp_path / "run"
     overrides = [
         f"output_dir={out}",
+        # 4 steps per epoch (global batch 16), 40 val images: a third of the debug config's
+        # fractional-p steps (~14x the CPU time of p = 1 each); still 4 batches for 3 recalibrations
+        "data.synthetic_train_size=64",
+        "data.synthetic_val_size=40",
         "adder.p_decay_epochs=1.5",
         "train.bn_recalibration_batches=3",
         "train.ckpt_every_steps=0",
@@ -142,6 +147,8 @@ def test_trainer_recalibrates_before_mid_decay_evaluations_and_saves_what_it_eva
     assert len(keys) == 2 * 9  # the stem BN and 8 adder layers' BNs
     for k in keys:
         torch.testing.assert_close(saved[k], redone[k], rtol=1e-4, atol=1e-5, msg=k)
+    # the two evaluations compared below see logits that depend on the image (tests/logit_checks.py)
+    assert_logits_vary(checkpoint_val_logits(ckpt), min_distinct_top1=1)
     proc = check(
         run_python(["-m", "addernet_dist.evaluate", "--checkpoint", str(ckpt)], timeout=120)
     )

@@ -21,7 +21,7 @@ from addernet_dist import checkpoint
 from addernet_dist.data import DataConfig, build_loader
 from addernet_dist.data.jpeg_tree import make_jpeg_tree
 from addernet_dist.logging_utils import read_metrics
-from tests.train_helpers import DEBUG_CONFIG, FAST, REPO, check, env, run_python, train_cmd
+from tests.train_helpers import DEBUG_CONFIG, FAST, REPO, env
 
 # 32 samples / global batch 16: 2 steps per epoch; p fixed (a fractional p costs ~14x CPU time).
 SHORT = [
@@ -182,11 +182,17 @@ def test_devkit_flat_val_labels_through_the_loader(tmp_path, kind, loader):
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_ddp_resume_with_another_world_size_at_an_epoch_boundary(tmp_path):
+def test_ddp_resume_with_another_world_size_at_an_epoch_boundary(tmp_path, capsys, monkeypatch):
     """Epoch 1 on 2 processes launched by launch/torchrun.sh, epoch 2 on 1 process (same global
     batch): the resumed run starts from the epoch-1 weights at step 2 / epoch 1, says that the
     world size changed, and reads epoch 1's full permutation (the sampler's, for its own world
-    size)."""
+    size). The 1-process half runs in this process (train() without a launcher is world size 1):
+    one interpreter start fewer (~5 s idle, 10-20 s on a loaded machine)."""
+    from addernet_dist import train as train_mod
+    from addernet_dist.config import load_config
+    from addernet_dist.ops import dispatch
+
+    monkeypatch.setattr(dispatch, "_default", None)  # train() sets the backend; restored after
     out = tmp_path / "run"
     base = [f"output_dir={out}", *SHORT, "train.ckpt_every_steps=1", "train.keep_last=5"]
     launched = subprocess.run(
@@ -200,9 +206,13 @@ def test_ddp_resume_with_another_world_size_at_an_epoch_boundary(tmp_path):
     assert launched.returncode == 0, launched.stderr[-4000:]
     epoch1 = checkpoint.load_file(out / "checkpoints" / "step_000000002.pt")
     assert epoch1["client"]["world_size"] == 2  # both processes joined one group
-    resumed = check(run_python(train_cmd([*base, "train.epochs=2"])))
-    assert "resuming with WORLD_SIZE=1 from a checkpoint written with 2" in resumed.stderr
-    assert "step_000000002.pt at step 2" in resumed.stderr
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "ADDERNET_BACKEND"):
+        monkeypatch.delenv(var, raising=False)
+    capsys.readouterr()
+    train_mod.train(load_config(DEBUG_CONFIG, [*FAST, *base, "train.epochs=2"]))
+    err = capsys.readouterr().err  # the trainer's console log (stderr)
+    assert "resuming with WORLD_SIZE=1 from a checkpoint written with 2" in err
+    assert "step_000000002.pt at step 2" in err
     raw = [ln for ln in (out / "metrics.jsonl").read_text().splitlines() if '"resume"' in ln]
     # the resume record also says what changed in the config (issue 12)
     assert [json.loads(ln) for ln in raw] == [
@@ -222,13 +232,9 @@ def test_ddp_resume_with_another_world_size_at_an_epoch_boundary(tmp_path):
     )
     # the 1-process run trained from the 2-process weights (not from a fresh init): step 3's loss
     # is the loss of the epoch-1 weights on epoch 1's first global batch
-    from addernet_dist.config import load_config
-    from addernet_dist.ops import dispatch
-    from addernet_dist.train import build_model
-
     cfg = load_config(DEBUG_CONFIG, [*FAST, *SHORT])
     dispatch.set_default_backend(cfg.adder.backend)
-    model = build_model(cfg, 10)
+    model = train_mod.build_model(cfg, 10)
     model.load_state_dict(epoch1["engine"]["model"])
     loader = build_loader(cfg.data, "train", batch_size=16, seed=cfg.train.seed)
     loader.set_epoch(1)

@@ -22,6 +22,7 @@ import sys
 import pytest
 
 from addernet_dist.logging_utils import read_metrics
+from tests.logit_checks import assert_logits_vary, checkpoint_val_logits
 from tests.train_helpers import REPO, check, env, torchrun_args, train_cmd
 
 TINY = [
@@ -101,8 +102,9 @@ def test_interpreted_triton_trainer_matches_cpu_backend(runs, precision):
     assert len(ev) == len(ev_ref) == 1
     assert ev[0]["bn_recalibration_batches"] == ev_ref[0]["bn_recalibration_batches"] == 1
     assert ev[0]["count"] == ev_ref[0]["count"] == 6
+    # the evaluated model's logits depend on the image, else both losses only count labels
+    assert_logits_vary(checkpoint_val_logits(out / "checkpoints" / "best.pt", batch_size=6), min_distinct_top1=1)
     assert ev[0]["loss"] == pytest.approx(ev_ref[0]["loss"], rel=RTOL[precision])
-    assert (out / "checkpoints" / "best.pt").is_file()
 
 
 @pytest.mark.slow

@@ -139,6 +139,27 @@ MUTATIONS = [
         ("tests/test_resume_rng.py",),
     ),
     Mutation(
+        "resume-world-size-offset",
+        "resume with another world size at an epoch boundary starts one batch into the epoch",
+        "addernet_dist/trainer.py",
+        "        loader_state = states[self.dist.rank if same_world else 0]\n",
+        "        loader_state = states[self.dist.rank if same_world else 0]\n"
+        "        if not same_world:\n"
+        "            loader_state = {**loader_state, 'world_size': self.dist.world_size, 'batches_done': 1}\n"
+        "            loader_state.pop('batch_size')\n",
+        ("tests/test_docs_claims.py::test_ddp_resume_with_another_world_size_at_an_epoch_boundary",),
+    ),
+    Mutation(
+        "resume-weights-not-loaded",
+        "resume keeps the fresh initial weights (model state not loaded)",
+        "addernet_dist/train.py",
+        "        client = load_for_resume(engine, resume_from)\n",
+        "        fresh = {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}\n"
+        "        client = load_for_resume(engine, resume_from)\n"
+        "        model.load_state_dict(fresh, strict=False)\n",
+        ("tests/test_docs_claims.py::test_ddp_resume_with_another_world_size_at_an_epoch_boundary",),
+    ),
+    Mutation(
         "resume-optimizer-not-restored",
         "resume does not restore the optimizer state (momentum buffers)",
         "addernet_dist/engine/ddp.py",
@@ -167,6 +188,26 @@ MUTATIONS = [
             "tests/test_bn_recalibration.py::"
             "test_trainer_recalibrates_before_mid_decay_evaluations_and_saves_what_it_evaluated",
         ),
+    ),
+    Mutation(
+        "bf16-eval-adder-rounded",
+        "under bf16 autocast, inference rounds every pre-BN adder output to bf16",
+        "addernet_dist/ops/__init__.py",
+        "    with amp.autocast_off(x.device.type):\n"
+        "        return impl(x, w, stride, padding, dilation, p, grad_x, grad_w)\n",
+        "    rnd = torch.is_autocast_enabled(x.device.type) and not torch.is_grad_enabled()\n"
+        "    with amp.autocast_off(x.device.type):\n"
+        "        y = impl(x, w, stride, padding, dilation, p, grad_x, grad_w)\n"
+        "    return y.to(torch.bfloat16).float() if rnd else y\n",
+        ("tests/test_deepspeed_engine.py::test_bf16_precision_trains_close_to_fp32_and_converts_to_fp32_masters",),
+    ),
+    Mutation(
+        "eval-ignores-autocast",
+        "evaluate() runs the model without the engine's autocast dtype",
+        "addernet_dist/metrics.py",
+        "        with autocast(dist.device.type, autocast_dtype):\n            logits = model(images)\n",
+        "        with autocast(dist.device.type, None):\n            logits = model(images)\n",
+        ("tests/test_deepspeed_engine.py::test_bf16_precision_trains_close_to_fp32_and_converts_to_fp32_masters",),
     ),
     Mutation(
         "fused-negated-bn-shift",
