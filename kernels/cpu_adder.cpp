@@ -426,6 +426,32 @@ template <typename V> static inline V vmin(V a, V b) {
   return a < b ? a : b;
 }
 
+// acc + m for the forward's p = 1 tiles, as the FMA m·1 + acc on AVX2 (no AVX-512): exactly the same
+// rounding (m·1 is exact, one rounding of the sum), but Zen 3 runs vminps and vaddps on the same two FP
+// pipes and FMAs on two others: min + add sustains 1 vector-MAC per cycle, min + FMA 2
+// (benchmarks/cpu_issue_bound.cpp: 8 vs 16 lane-MACs/cycle register-resident, this 12-filter tile's op mix
+// 7.0 vs 11.1). Only for tiles of >= 8 ymm accumulators: FMA's latency is 4 cycles to add's 3, which a
+// 4-filter tile (4 chains, ~2 cycles of work per tap) would wait on. `one` is a ymm of 1.0f.
+#if defined(__FMA__) && !defined(__AVX512F__)
+#define ADDER_FMA_ACC 1
+template <typename V> static inline V acc_add(V acc, V m, __m256 one) {
+  typedef __typeof__(acc[0] + 0) T;
+  if constexpr (sizeof(T) == 4 && sizeof(V) == 32) {
+    return (V)_mm256_fmadd_ps((__m256)m, one, (__m256)acc);
+  } else if constexpr (sizeof(T) == 4 && sizeof(V) == 64) {
+    union U { V v; __m256 h[2]; };
+    U a, b;
+    a.v = acc;
+    b.v = m;
+    a.h[0] = _mm256_fmadd_ps(b.h[0], one, a.h[0]);
+    a.h[1] = _mm256_fmadd_ps(b.h[1], one, a.h[1]);
+    return a.v;
+  } else {
+    return acc + m;
+  }
+}
+#endif
+
 // One tile: OB filters × one vector of output lanes (one row segment, or a row pair when PAIR).
 template <typename T, typename V, int MODE, int OB, bool TAIL, bool PAIR>
 static inline void fwd_tile(const T* xp, i64 rs, const i64* off, const T* w, T* y, i64 ys, i64 K, i64 L,
@@ -438,6 +464,9 @@ static inline void fwd_tile(const T* xp, i64 rs, const i64* off, const T* w, T* 
   V acc[OB];
   for (int b = 0; b < OB; ++b) acc[b] = V{};
   V sx = V{};
+#ifdef ADDER_FMA_ACC
+  const __m256 one = _mm256_set1_ps(1.0f);
+#endif
   for (i64 k = 0; k < Kn; ++k) {
     V xv = ldr<V, T, TAIL, PAIR>(xp + off[k], rs, cnt, two);
     if (MODE == 1) {
@@ -446,7 +475,12 @@ static inline void fwd_tile(const T* xp, i64 rs, const i64* off, const T* w, T* 
     }
     for (int b = 0; b < OB; ++b) {
       const V wv = V{} + w[b * K + k * wk];
+#ifdef ADDER_FMA_ACC
+      if (MODE == 1 && OB * (int)(sizeof(V) / 32) >= 8) acc[b] = acc_add(acc[b], vmin(xv, wv), one);
+      else if (MODE == 1) acc[b] += vmin(xv, wv);
+#else
       if (MODE == 1) acc[b] += vmin(xv, wv);
+#endif
       else if (MODE == 2) { V d = xv - wv; acc[b] += d * d; }
       else acc[b] += vpow<T, V>(vabs(xv - wv), p);
     }
