@@ -2,17 +2,24 @@
 //
 //   g++ -O3 -march=native -std=c++17 -o /tmp/cpu_issue_bound benchmarks/cpu_issue_bound.cpp && /tmp/cpu_issue_bound
 //
-// Register-resident loops with 12 independent accumulators (latency hidden: 12 chains >> 2 ops/cycle × 3-4 cycles):
-//   fma        acc += a·b                  vfmadd231ps, conv's inner op
-//   fma_bc     oneDNN AVX2 conv's mix      per 4 broadcast inputs × 3 filter vectors (L1): 12 vfmadd231ps m256
-//   min_add    acc += min(x, w)            vminps + vaddps, the adder forward's op pair (all registers)
-//   fwd_real   kernels/cpu_adder.cpp fwd_tile, MODE 1, OB = 12: per tap one x vector load (L1), − cx[k],
-//              Σx += x, then 12 × (vbroadcastss w from L1, vminps, vaddps)
-//   min_mem    acc += min(bcast x, w[])   the transposed tile: 8 filters per vector, w vectors as memory
-//              operands (vminps ymm, ymm, m256), 4 broadcast positions × 3 filter vectors per tap
+// Loops with 12 independent accumulators (latency hidden: 12 chains > 2 ops/cycle × 3-4 cycles), operands in
+// registers or L1:
+//   fma        acc += a·b                   vfmadd231ps, conv's inner op
+//   fma_bc     oneDNN AVX2 conv's mix       per tap 4 broadcast inputs × 3 filter vectors: 12 vfmadd231ps m256
+//   min_add    acc += min(x, w)             vminps + vaddps, the adder forward's op pair (registers only)
+//   fwd_real   kernels/cpu_adder.cpp fwd_tile before issue 15's FMA change, MODE 1, OB = 12: per tap one x
+//              vector load, − cx[k], Σx += x, then 12 × (vbroadcastss w from L1, vminps, vaddps)
+//   min_mem    acc += min(bcast x, w[])     transposed tile: w vectors as memory operands, 4 positions × 3
+//   min_only, add_only                      one op per accumulator: which pipes min and add use
+//   min_fma    acc = min(x, w)·1 + acc      the add done by an FMA (exact: the product is exact)
+//   fwd_fma    fwd_real with the FMA accumulate: the kernel's tile now
+//   fwd_fma_sx  fwd_fma with Σx also as an FMA; fwd_fma_sx2: and the centring x − cx as an FMA (x·1 − cx)
+//   mem_fma    min_mem with the FMA accumulate
+//   fwd_prebc  fwd_fma with w pre-broadcast in memory (8 copies each): vminps's w is a memory operand
 // Prints lane-MACs per ns (1 lane-MAC = one |x − w| or x·w term of one output); the fma loop runs at the
-// 2 FMA/cycle peak of Zen 3, so lane-MAC/ns ÷ (fma's / 16) is lane-MACs per cycle. Best of REPS, process CPU
-// time of this thread, the five loops interleaved in every repetition.
+// 2 FMA/cycle peak of Zen 3, so lane-MAC/ns ÷ (fma's / 16) is lane-MACs per cycle. Best of REPS (argv[1],
+// default 7), CPU time of this thread, all loops interleaved in every repetition. Built without
+// -ffast-math so every loop is compiled as written (checked in the assembly: no spills, no hoisted min).
 #include <immintrin.h>
 #include <time.h>
 
@@ -81,7 +88,7 @@ template <int KIND> static float pipe_loop(float s) {
 constexpr int TAPS = 64;
 alignas(64) static float X[TAPS * 8 + 64], Wt[TAPS * 12], CX[TAPS], WV[TAPS * 24], XB[TAPS * 4];
 
-template <bool FMA> static float fwd_real_loop(float s) {
+template <bool FMA, int SX = 0> static float fwd_real_loop(float s) {
   const __m256 one = _mm256_set1_ps(1.0f);
   __m256 acc[12];
   for (int i = 0; i < 12; ++i) acc[i] = _mm256_set1_ps(s * i);
@@ -90,12 +97,36 @@ template <bool FMA> static float fwd_real_loop(float s) {
     const float* w = Wt;
     KEEP(sx);
     for (int k = 0; k < TAPS; ++k, w += 12) {
-      __m256 xv = _mm256_sub_ps(_mm256_loadu_ps(X + 8 * k), _mm256_set1_ps(CX[k]));
-      sx = _mm256_add_ps(sx, xv);
+      __m256 xv = SX == 2 ? _mm256_fmsub_ps(_mm256_loadu_ps(X + 8 * k), one, _mm256_set1_ps(CX[k]))
+                          : _mm256_sub_ps(_mm256_loadu_ps(X + 8 * k), _mm256_set1_ps(CX[k]));
+      if (SX) sx = _mm256_fmadd_ps(xv, one, sx); else sx = _mm256_add_ps(sx, xv);
       for (int b = 0; b < 12; ++b) {
         const __m256 m = _mm256_min_ps(xv, _mm256_set1_ps(w[b]));
         acc[b] = FMA ? _mm256_fmadd_ps(m, one, acc[b]) : _mm256_add_ps(acc[b], m);  // m·1 + acc: exact m + acc
       }
+    }
+  }
+  __m256 t = sx;
+  for (int i = 0; i < 12; ++i) t = _mm256_add_ps(t, acc[i]);
+  return t[0];
+}
+
+
+// fwd_fma with the filter values pre-broadcast in memory (8 copies each): vminps takes its w as a memory
+// operand, no vbroadcastss per MAC (8x the filter bytes in L1)
+alignas(64) static float WB[TAPS * 12 * 8];
+static float fwd_prebc_loop(float s) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  __m256 acc[12];
+  for (int i = 0; i < 12; ++i) acc[i] = _mm256_set1_ps(s * i);
+  __m256 sx = _mm256_setzero_ps();
+  for (long it = 0; it < ITERS / TAPS; ++it) {
+    const float* w = WB;
+    for (int k = 0; k < TAPS; ++k, w += 96) {
+      __m256 xv = _mm256_sub_ps(_mm256_loadu_ps(X + 8 * k), _mm256_set1_ps(CX[k]));
+      sx = _mm256_add_ps(sx, xv);
+      for (int b = 0; b < 12; ++b)
+        acc[b] = _mm256_fmadd_ps(_mm256_min_ps(xv, _mm256_load_ps(w + 8 * b)), one, acc[b]);
     }
   }
   __m256 t = sx;
@@ -150,6 +181,7 @@ int main(int argc, char** argv) {
   for (int i = 0; i < TAPS * 24; ++i) WV[i] = 0.002f * (i % 83);
   for (int i = 0; i < TAPS * 4; ++i) XB[i] = 0.003f * (i % 79);
   for (int i = 0; i < TAPS; ++i) CX[i] = 0.01f;
+  for (int i = 0; i < TAPS * 96; ++i) WB[i] = Wt[i / 8];
   struct {
     const char* name;
     float (*fn)(float);
@@ -165,6 +197,9 @@ int main(int argc, char** argv) {
       {"min_fma", pipe_loop<2>, 96.0 * ITERS},
       {"fwd_fma", fwd_real_loop<true>, 96.0 * (ITERS / TAPS) * TAPS},
       {"mem_fma", min_mem_loop<true>, 96.0 * (ITERS / TAPS) * TAPS},
+      {"fwd_fma_sx", fwd_real_loop<true, 1>, 96.0 * (ITERS / TAPS) * TAPS},
+      {"fwd_fma_sx2", fwd_real_loop<true, 2>, 96.0 * (ITERS / TAPS) * TAPS},
+      {"fwd_prebc", fwd_prebc_loop, 96.0 * (ITERS / TAPS) * TAPS},
   };
   constexpr int NL = sizeof(loops) / sizeof(loops[0]);
   double best[NL];
@@ -179,10 +214,10 @@ int main(int argc, char** argv) {
     }
   const double fma_rate = loops[0].macs / best[0] * 1e-9, ghz = fma_rate / 16;  // 2 FMA × 8 lanes per cycle
   std::printf("best of %d, one thread; clock implied by fma at 16 lane-MAC/cycle: %.2f GHz\n", reps, ghz);
-  std::printf("%-9s %14s %16s %10s\n", "loop", "lane-MAC/ns", "lane-MAC/cycle", "vs fma");
+  std::printf("%-12s %14s %16s %10s\n", "loop", "lane-MAC/ns", "lane-MAC/cycle", "vs fma");
   for (int l = 0; l < NL; ++l) {
     const double rate = loops[l].macs / best[l] * 1e-9;
-    std::printf("%-9s %14.2f %16.2f %10.2f\n", loops[l].name, rate, rate / ghz, rate / fma_rate);
+    std::printf("%-12s %14.2f %16.2f %10.2f\n", loops[l].name, rate, rate / ghz, rate / fma_rate);
   }
   return sink == 12345.f;  // keeps the results live
 }

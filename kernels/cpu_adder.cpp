@@ -430,7 +430,7 @@ template <typename V> static inline V vmin(V a, V b) {
 // rounding (m·1 is exact, one rounding of the sum), but Zen 3 runs vminps and vaddps on the same two FP
 // pipes and FMAs on two others: min + add sustains 1 vector-MAC per cycle, min + FMA 2
 // (benchmarks/cpu_issue_bound.cpp: 8 vs 16 lane-MACs/cycle register-resident, this 12-filter tile's op mix
-// 7.0 vs 11.1). Only for tiles of >= 8 ymm accumulators: FMA's latency is 4 cycles to add's 3, which a
+// 7.1 vs 10.7-11.0). Only for tiles of >= 8 ymm accumulators: FMA's latency is 4 cycles to add's 3, which a
 // 4-filter tile (4 chains, ~2 cycles of work per tap) would wait on. `one` is a ymm of 1.0f.
 #if defined(__FMA__) && !defined(__AVX512F__)
 #define ADDER_FMA_ACC 1
