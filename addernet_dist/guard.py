@@ -130,6 +130,7 @@ class StallWatchdog:
         self._last = time.monotonic()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.published_step = -1  # the step in this rank's last heartbeat (the thread sets it)
         if not (dist.initialized and timeout_s > 0):
             return
         self._store = _own_store_client()
@@ -159,6 +160,17 @@ class StallWatchdog:
         finally:
             self.phase, self._last = previous, time.monotonic()
 
+    def wait_published(self, step: int, timeout_s: float = 30.0) -> bool:
+        """Block until this rank's heartbeat carries ``step`` (fault injection: a rank stopped in
+        the same heartbeat interval as its last steps is reported at an earlier step, 3 steps of
+        0.1 s inside one 0.4 s interval here). False without a thread or after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while self._thread is not None and self._thread.is_alive() and time.monotonic() < deadline:
+            if self.published_step >= step:
+                return True
+            time.sleep(0.01)
+        return False
+
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:
@@ -170,8 +182,10 @@ class StallWatchdog:
 
     def _publish(self) -> None:
         self._beat_count += 1
-        value = f"{self._beat_count} {self.step} {self.phase}"
+        step = self.step
+        value = f"{self._beat_count} {step} {self.phase}"
         self._store.set(self._key.format(self.dist.rank), value)
+        self.published_step = step
 
     def _read_all(self) -> dict[int, tuple[int, int, str]]:
         keys = [self._key.format(r) for r in range(self.dist.world_size)]

@@ -226,7 +226,7 @@ class Trainer:
                 step_in_epoch += 1
                 watchdog.beat(state.global_step)
                 meter.steps += 1
-                _maybe_inject_fault(state.global_step, self.dist.rank)
+                _maybe_inject_fault(state.global_step, self.dist.rank, watchdog)
                 end_of_epoch = step_in_epoch == self.steps_per_epoch
                 if state.global_step % train.log_every == 0 or end_of_epoch:
                     self._log_step(loss, stats, meter)
@@ -347,9 +347,11 @@ class _Stop:
         return bool(dist.all_reduce_sum_(flag).item() > 0)
 
 
-def _maybe_inject_fault(global_step: int, rank: int) -> None:
+def _maybe_inject_fault(global_step: int, rank: int, watchdog: StallWatchdog | None = None) -> None:
     """ADDERNET_FAULT_STEP=s [ADDERNET_FAULT_RANK=r] [ADDERNET_FAULT_MARKER=file]
-    [ADDERNET_FAULT_SIGNAL=KILL|TERM|STOP]: signal this process right after optimizer step s (tests)."""
+    [ADDERNET_FAULT_SIGNAL=KILL|TERM|STOP]: signal this process right after optimizer step s (tests).
+    SIGSTOP models a hung rank: it stops once its heartbeat has published step s, so the peers'
+    stall message names a known step (a stop within one heartbeat interval reports an earlier one)."""
     at = os.environ.get("ADDERNET_FAULT_STEP")
     if not at or int(at) != global_step:
         return
@@ -363,5 +365,7 @@ def _maybe_inject_fault(global_step: int, rank: int) -> None:
         except FileExistsError:
             return
     name = os.environ.get("ADDERNET_FAULT_SIGNAL", "KILL").upper()
+    if name == "STOP" and watchdog is not None:
+        watchdog.wait_published(global_step)
     log.warning("fault injection: SIG%s to rank %d after step %d", name, rank, global_step)
     os.kill(os.getpid(), getattr(signal, f"SIG{name}"))
