@@ -531,7 +531,7 @@ static void fwd(const Geom& g, const T* P, const T* w, T* y, i64 r0, i64 r1, T p
 // MODE 0: lp general p: sgn(d)|d|^(p-1); 1: lp p=1: sgn(d); 2: lp p=2: d; 3: hardtanh: clamp(d, -1, 1)
 template <typename T, typename V, int MODE, int KB, bool TAIL, bool PAIR>
 static inline void gx_tile(const T* xp, T* gp, i64 rs, const i64* off, const T* w, const T* go, i64 gs, i64 K,
-                           i64 O, i64 L, int cnt, bool two, T p) {
+                           i64 O, i64 L, int cnt, bool two, T p, int s0 = 0, int s1 = KB) {
   V xv[KB], acc[KB];
   for (int b = 0; b < KB; ++b) { xv[b] = ldr<V, T, TAIL, PAIR>(xp + off[b], rs, cnt, two); acc[b] = V{}; }
   for (i64 o = 0; o < O; ++o) {
@@ -548,7 +548,8 @@ static inline void gx_tile(const T* xp, T* gp, i64 rs, const i64* off, const T* 
     }
   }
   // sequential read-add-write: the two rows of a pair overlap in GP, which is fine within one thread
-  for (int b = 0; b < KB; ++b) str<V, T, TAIL, PAIR, true>(gp + off[b], rs, acc[b], cnt, two);
+  // (taps outside [s0, s1) belong to another job's channels: computed, not stored; see gx_flat)
+  for (int b = s0; b < s1; ++b) str<V, T, TAIL, PAIR, true>(gp + off[b], rs, acc[b], cnt, two);
 }
 
 // ∂X's filters for taps [k0, k1), packed tile by tile as the tap loops below walk them (tiles of KB taps
@@ -818,30 +819,39 @@ static void epilogue_flat(const Geom& g, T* y, i64 n0, i64 n1, i64 o0, i64 o1, c
 // ∂X over the flat range: go is (N, O, Ho, Wq) with zeros in the Wq − Wo thrown-away columns, so those
 // lanes add exactly 0 (into pixels of the same image and channel range: no race between threads).
 // Tap tile outer, positions inner: the tile's O·KB filter values stay in L1 while the image's g streams.
+// That order sums a pixel's contributions by (tile, position, tap), so the tiles must not depend on the
+// job's channel range [c0, c1) (batches smaller than the thread count split by channel): tiles lie on
+// one grid over all K taps, [t, t + KB) for t = 0, KB, ... up to K − K % KB, then single taps; a job
+// runs the grid's tiles that hold any of its taps and stores only its own. Tiles that started at k0
+// changed ∂X in the last bit between 1 and 2 threads (AVX-512, KB = 8, 3×3 layer of 5 channels).
 template <typename T, typename V, int MODE>
 static void gx_flat(const Geom& g, const T* P, const T* w, const T* go, T* GP, i64 n0, i64 n1, i64 c0, i64 c1,
                     T p, const i64* off) {
-  constexpr int W = sizeof(V) / sizeof(T);
+  constexpr int W = sizeof(V) / sizeof(T), KB = GX_KB<V>;
   const i64 Lf = g.Ho * g.Wq, Lv = (g.Ho - 1) * g.Wq + g.Wo, khw = g.KH * g.KW;
-  const i64 k0 = c0 * khw, k1 = c1 * khw;
-  const T* wp = gx_pack<T, GX_KB<V>>(g, w, k0, k1);
+  const i64 k0 = c0 * khw, k1 = c1 * khw, Kt = g.K() - g.K() % KB;  // [0, Kt): the tile grid
+  const i64 t0 = k0 < Kt ? k0 - k0 % KB : k0;                          // first grid tile (or single)
+  const i64 t1 = k1 <= Kt ? (k1 + KB - 1) / KB * KB : k1;              // end of what is packed
+  const T* wp = gx_pack<T, KB>(g, w, t0, t1);
   for (i64 n = n0; n < n1; ++n) {
     const T* xi = P + n * g.img();
     T* gi = GP + n * g.img();
     const T* gn = go + n * g.O * Lf;
-    auto tiles = [&](auto kb, i64 k) {
-      constexpr int KB = decltype(kb)::value;
-      const T* wk = wp + (k - k0) * g.O;
+    auto tiles = [&](auto kb, i64 k, int s0, int s1) {
+      constexpr int B = decltype(kb)::value;
+      const T* wk = wp + (k - t0) * g.O;
       i64 q = 0;
       for (; q + W <= Lv; q += W)
-        gx_tile<T, V, MODE, KB, false, false>(xi + q, gi + q, 0, off + k, wk, gn + q, 0, KB, g.O, Lf, W, false, p);
+        gx_tile<T, V, MODE, B, false, false>(xi + q, gi + q, 0, off + k, wk, gn + q, 0, B, g.O, Lf, W, false, p, s0,
+                                             s1);
       if (q < Lv)
-        gx_tile<T, V, MODE, KB, true, false>(xi + q, gi + q, 0, off + k, wk, gn + q, 0, KB, g.O, Lf, (int)(Lv - q),
-                                             false, p);
+        gx_tile<T, V, MODE, B, true, false>(xi + q, gi + q, 0, off + k, wk, gn + q, 0, B, g.O, Lf, (int)(Lv - q),
+                                            false, p, s0, s1);
     };
-    i64 k = k0;
-    for (; k + GX_KB<V> <= k1; k += GX_KB<V>) tiles(std::integral_constant<int, GX_KB<V>>{}, k);
-    for (; k < k1; ++k) tiles(std::integral_constant<int, 1>{}, k);
+    i64 k = t0;
+    for (; k < k1 && k < Kt; k += KB)
+      tiles(std::integral_constant<int, KB>{}, k, (int)(k0 > k ? k0 - k : 0), (int)(k1 < k + KB ? k1 - k : KB));
+    for (; k < k1; ++k) tiles(std::integral_constant<int, 1>{}, k, 0, 1);
   }
 }
 

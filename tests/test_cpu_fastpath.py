@@ -268,6 +268,35 @@ def test_thread_count_and_layout_do_not_change_results():
     torch.testing.assert_close(single[1], two[1][:1], rtol=0, atol=0)
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "c,hw,k,stride,pad",
+    [(5, 13, 3, 2, 1), (8, 13, 3, 2, 1), (5, 14, 3, 1, 1), (7, 9, 3, 1, 1), (6, 13, 1, 1, 0), (3, 28, 3, 1, 1)],
+)
+def test_input_gradient_of_a_small_batch_does_not_depend_on_the_thread_count(c, hw, k, stride, pad, dtype):
+    # A batch smaller than the thread count splits ∂X by input channel. The flat ∂X sums a pixel's
+    # contributions tile by tile, so its tap tiles must lie on one grid whatever the channel range: tiles
+    # that started at the job's first tap changed the last bit on AVX-512 (8-tap tiles; 5 channels of 9
+    # taps split at channel 2). Thread counts 2 and 3 put the split at different channels.
+    x = torch.randn(1, c, hw, hw, dtype=dtype)
+    w = torch.randn(6, c, k, k, dtype=dtype)
+    before = torch.get_num_threads()
+    grads = []
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            xg = x.clone().requires_grad_()
+            y = cpu_adder.adder2d_cpu(xg, w, stride=stride, padding=pad, p=1.0)
+            g = torch.randn(y.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
+            grads.append(torch.autograd.grad(y, xg, g)[0])
+    finally:
+        torch.set_num_threads(before)
+    assert grads[0].abs().sum() > 0
+    for other in grads[1:]:
+        torch.testing.assert_close(other, grads[0], rtol=0, atol=0)
+
+
 @pytest.mark.timeout(120)
 def test_backward_scratch_is_per_thread_and_rezeroed():
     # ∂X reuses one zeroed scratch buffer per thread (_zeroed_scratch): two threads running backward
