@@ -58,9 +58,40 @@ static inline __m256i tail_mask8(int cnt) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(cnt), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 #endif
+// With AVX-512 a masked load/store of the first cnt lanes (k-mask), both widths and both precisions: through
+// memcpy every tail cost a call, and ResNet-50's 56-wide rows end in a half vector of 16 fp32 lanes (forward
+// of the 56×56 layers 3.5-3.9x conv's time with the AVX-512 build vs 2.0-2.5x with AVX2's whole ymm rows on
+// the same Zen 4 machine).
+#if defined(__AVX512F__)
+template <typename V, typename T> static inline V ld_mask512(const T* p, int cnt) {
+  const unsigned m = (1u << cnt) - 1;
+  if constexpr (sizeof(V) == 64 && sizeof(T) == 4) return (V)_mm512_maskz_loadu_ps((__mmask16)m, p);
+  if constexpr (sizeof(V) == 64 && sizeof(T) == 8) return (V)_mm512_maskz_loadu_pd((__mmask8)m, p);
+#if defined(__AVX512VL__)
+  if constexpr (sizeof(V) == 32 && sizeof(T) == 4) return (V)_mm256_maskz_loadu_ps((__mmask8)m, p);
+  if constexpr (sizeof(V) == 32 && sizeof(T) == 8) return (V)_mm256_maskz_loadu_pd((__mmask8)m, p);
+#endif
+  V v = V{};
+  std::memcpy(&v, p, cnt * sizeof(T));
+  return v;
+}
+template <typename V, typename T> static inline void st_mask512(T* p, V v, int cnt) {
+  const unsigned m = (1u << cnt) - 1;
+  if constexpr (sizeof(V) == 64 && sizeof(T) == 4) _mm512_mask_storeu_ps(p, (__mmask16)m, (__m512)v);
+  else if constexpr (sizeof(V) == 64 && sizeof(T) == 8) _mm512_mask_storeu_pd(p, (__mmask8)m, (__m512d)v);
+#if defined(__AVX512VL__)
+  else if constexpr (sizeof(V) == 32 && sizeof(T) == 4) _mm256_mask_storeu_ps(p, (__mmask8)m, (__m256)v);
+  else if constexpr (sizeof(V) == 32 && sizeof(T) == 8) _mm256_mask_storeu_pd(p, (__mmask8)m, (__m256d)v);
+#endif
+  else std::memcpy(p, &v, cnt * sizeof(T));
+}
+#endif
 template <typename V, typename T, bool TAIL> static inline V ld(const T* p, int cnt) {
 #if defined(__AVX2__) && !defined(__AVX512F__)
   if constexpr (TAIL && sizeof(V) == 32 && sizeof(T) == 4) return (V)_mm256_maskload_ps(p, tail_mask8(cnt));
+#endif
+#if defined(__AVX512F__)
+  if constexpr (TAIL) return ld_mask512<V, T>(p, cnt);
 #endif
   V v = V{};
   std::memcpy(&v, p, TAIL ? cnt * sizeof(T) : sizeof(V));
@@ -70,6 +101,12 @@ template <typename V, typename T, bool TAIL> static inline void st(T* p, V v, in
 #if defined(__AVX2__) && !defined(__AVX512F__)
   if constexpr (TAIL && sizeof(V) == 32 && sizeof(T) == 4) {
     _mm256_maskstore_ps(p, tail_mask8(cnt), (__m256)v);
+    return;
+  }
+#endif
+#if defined(__AVX512F__)
+  if constexpr (TAIL) {
+    st_mask512<V, T>(p, v, cnt);
     return;
   }
 #endif
@@ -426,16 +463,31 @@ template <typename V> static inline V vmin(V a, V b) {
   return a < b ? a : b;
 }
 
-// acc + m for the forward's p = 1 tiles, as the FMA m·1 + acc on AVX2 (no AVX-512): exactly the same
-// rounding (m·1 is exact, one rounding of the sum), but Zen 3 runs vminps and vaddps on the same two FP
-// pipes and FMAs on two others: min + add sustains 1 vector-MAC per cycle, min + FMA 2
-// (benchmarks/cpu_issue_bound.cpp: 8 vs 16 lane-MACs/cycle register-resident, this 12-filter tile's op mix
-// 7.1 vs 10.7-11.0). Only for tiles of >= 8 ymm accumulators: FMA's latency is 4 cycles to add's 3, which a
-// 4-filter tile (4 chains, ~2 cycles of work per tap) would wait on. `one` is a ymm of 1.0f.
-#if defined(__FMA__) && !defined(__AVX512F__)
+// acc + m for the forward's p = 1 tiles, as the FMA m·1 + acc: exactly the same rounding (m·1 is exact,
+// one rounding of the sum), but Zen 3 and Zen 4 run vminps and vaddps on the same two FP pipes and FMAs on
+// two others: min + add sustains 1 vector-MAC per cycle, min + FMA 2 (benchmarks/cpu_issue_bound.cpp: 8 vs
+// 16 lane-MACs/cycle register-resident on both, this 12-filter AVX2 tile's op mix 7.1 vs 10.7-11.0 on Zen 3).
+// AVX-512 (Zen 4 splits a zmm op into two 256-bit halves on the same pipes) takes it too; on Intel's AVX-512
+// cores add and FMA share ports 0 and 5, where it changes nothing. Only for tiles of >= 8 ymm accumulators:
+// FMA's latency is 4 cycles to add's 3, which a 4-filter tile (4 chains, ~2 cycles of work per tap) would
+// wait on.
+#if defined(__FMA__) || defined(__AVX512F__)
 #define ADDER_FMA_ACC 1
-template <typename V> static inline V acc_add(V acc, V m, __m256 one) {
+#if defined(__AVX512F__)
+typedef __m512 OneVec;
+static inline OneVec one_vec() { return _mm512_set1_ps(1.0f); }
+#else
+typedef __m256 OneVec;
+static inline OneVec one_vec() { return _mm256_set1_ps(1.0f); }
+#endif
+template <typename V> static inline V acc_add(V acc, V m, OneVec one) {
   typedef __typeof__(acc[0] + 0) T;
+#if defined(__AVX512F__)
+  if constexpr (sizeof(T) == 4 && sizeof(V) == 64) return (V)_mm512_fmadd_ps((__m512)m, one, (__m512)acc);
+  if constexpr (sizeof(T) == 4 && sizeof(V) == 32)
+    return (V)_mm256_fmadd_ps((__m256)m, _mm512_castps512_ps256(one), (__m256)acc);
+  return acc + m;
+#else
   if constexpr (sizeof(T) == 4 && sizeof(V) == 32) {
     return (V)_mm256_fmadd_ps((__m256)m, one, (__m256)acc);
   } else if constexpr (sizeof(T) == 4 && sizeof(V) == 64) {
@@ -449,6 +501,7 @@ template <typename V> static inline V acc_add(V acc, V m, __m256 one) {
   } else {
     return acc + m;
   }
+#endif
 }
 #endif
 
@@ -465,7 +518,7 @@ static inline void fwd_tile(const T* xp, i64 rs, const i64* off, const T* w, T* 
   for (int b = 0; b < OB; ++b) acc[b] = V{};
   V sx = V{};
 #ifdef ADDER_FMA_ACC
-  const __m256 one = _mm256_set1_ps(1.0f);
+  const OneVec one = one_vec();
 #endif
   for (i64 k = 0; k < Kn; ++k) {
     V xv = ldr<V, T, TAIL, PAIR>(xp + off[k], rs, cnt, two);
@@ -493,19 +546,39 @@ static inline void fwd_tile(const T* xp, i64 rs, const i64* off, const T* w, T* 
   }
 }
 
+// The forward's filters packed tile by tile, tap-major, for the tiles fwd_col / fwd_flat walk over filters
+// [o0, o1) (FWD_OB<V>, then 4, then 1): tile at o holds w[o + b, k] at wp[(o − o0)·K + k·OB + b]. Read in
+// place, a tile's OB rows lie K·4 bytes apart, which for K = 1024 or 2048 (ResNet-50's 1×1 layers) puts
+// them all in the same L1 set (4 KiB aliasing) and missed on every tap: the AVX-512 row-pair forward of the
+// 7×7 layers (K = 1024-4608) ran at 4.0-4.9x conv's time before it packed, the flat one (packed) at 2.4-2.8x.
+template <typename T, typename V> static const T* fwd_pack(const Geom& g, const T* w, i64 o0, i64 o1) {
+  const i64 K = g.K();
+  T* const wp = scratch<T>((o1 - o0) * K);
+  i64 o = o0;
+  auto pack = [&](int ob) {
+    for (; o + ob <= o1; o += ob)
+      for (i64 k = 0; k < K; ++k)
+        for (int b = 0; b < ob; ++b) wp[(o - o0) * K + k * ob + b] = w[(o + b) * K + k];
+  };
+  pack(FWD_OB<V>); pack(4); pack(1);
+  return wp;
+}
+
+// wp: fwd_pack's tiles over all O filters
 template <typename T, typename V, int MODE, bool TAIL, bool PAIR>
-static inline void fwd_col(const T* xp, i64 rs, const i64* off, const T* w, T* y, i64 ys, i64 K, i64 O, i64 L,
+static inline void fwd_col(const T* xp, i64 rs, const i64* off, const T* wp, T* y, i64 ys, i64 K, i64 O, i64 L,
                            int cnt, bool two, T p, const T* cx, const T* sw) {
   i64 o = 0;
 #define FWD_TILES(OB)                                                                                      \
   for (; o + OB <= O; o += OB)                                                                             \
-    fwd_tile<T, V, MODE, OB, TAIL, PAIR>(xp, rs, off, w + o * K, y + o * L, ys, K, L, cnt, two, p, cx,     \
-                                         sw ? sw + o : nullptr);
+    fwd_tile<T, V, MODE, OB, TAIL, PAIR>(xp, rs, off, wp + o * K, y + o * L, ys, 1, L, cnt, two, p, cx,    \
+                                         sw ? sw + o : nullptr, K, false, OB);
   FWD_TILES(FWD_OB<V>) FWD_TILES(4) FWD_TILES(1)
 #undef FWD_TILES
 }
 
-// rows r0..r1 of the flattened (n, oh) output rows; PAIR: two rows of one image per vector
+// rows r0..r1 of the flattened (n, oh) output rows; PAIR: two rows of one image per vector; w: packed by
+// fwd_pack<T, V>(g, w, 0, O)
 template <typename T, typename V, int MODE, bool PAIR>
 static void fwd(const Geom& g, const T* P, const T* w, T* y, i64 r0, i64 r1, T p, const i64* off, const T* cx,
                 const T* sw) {
@@ -674,6 +747,9 @@ static Geom mk(const i64* a) {
   return Geom{a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12]};
 }
 
+template <typename T, int BYTES, bool PAIR> static void fwd_pack_entry(const Geom& g, const T* w, const T** wp) {
+  *wp = fwd_pack<T, typename Vec<T, BYTES>::V>(g, w, 0, g.O);
+}
 template <typename T, int BYTES, bool PAIR>
 static void fwd_entry(const Geom& g, const T* P, const T* w, T* y, i64 r0, i64 r1, T p, int mode, const i64* off,
                       const T* cx, const T* sw) {
@@ -776,17 +852,7 @@ static void fwd_flat(const Geom& g, const T* P, const T* w, T* y, i64 n0, i64 n1
                      const i64* off, const T* cx, const T* sw, i64 kc) {
   const i64 K = g.K(), Lf = g.Ho * g.Wq, Lv = (g.Ho - 1) * g.Wq + g.Wo;
   if (kc <= 0 || kc > K) kc = K;
-  // tiles of the same sizes, in the same order, as the loop below
-  T* const wp = scratch<T>((o1 - o0) * K);
-  {
-    i64 o = o0;
-    auto pack = [&](int ob) {
-      for (; o + ob <= o1; o += ob)
-        for (i64 k = 0; k < K; ++k)
-          for (int b = 0; b < ob; ++b) wp[(o - o0) * K + k * ob + b] = w[(o + b) * K + k];
-    };
-    pack(FWD_OB<V>); pack(4); pack(1);
-  }
+  const T* const wp = fwd_pack<T, V>(g, w, o0, o1);  // tiles of the same sizes, in the same order, as below
   for (i64 n = n0; n < n1; ++n) {
     const T* xi = P + n * g.img();
     T* yi = y + n * g.O * Lf;
@@ -867,15 +933,17 @@ extern "C" void CAT(adder_fwd_, ADDER_SUF)(const i64* geom, const T* P, const T*
   const Geom g = mk(geom);
   for_jobs(njobs, [&](int j) {
     const i64 r0 = jobs[2 * j], r1 = jobs[2 * j + 1];
+    const T* wp = nullptr;  // packed once per job (per thread: scratch), not per block of rows
+    VECTORS(fwd_pack_entry, g, w, &wp);
     if (!scale) {
-      VECTORS(fwd_entry, g, P, w, y, r0, r1, (T)p, mode, off, cx, sw);
+      VECTORS(fwd_entry, g, P, wp, y, r0, r1, (T)p, mode, off, cx, sw);
       return;
     }
     // even-sized blocks (paired rows stay paired), each <= 64 KiB of outputs
     const i64 rows = std::max<i64>(2, ((64 << 10) / (i64)(sizeof(T) * g.O * g.Wo)) & ~(i64)1);
     for (i64 b0 = r0; b0 < r1; b0 += rows) {
       const i64 b1 = std::min(r1, b0 + rows);
-      VECTORS(fwd_entry, g, P, w, y, b0, b1, (T)p, mode, off, cx, sw);
+      VECTORS(fwd_entry, g, P, wp, y, b0, b1, (T)p, mode, off, cx, sw);
       epilogue<T>(g, y, b0, b1, center, scale, shift, res, relu);
     }
   });

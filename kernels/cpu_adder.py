@@ -381,10 +381,12 @@ class _Geom:
         # in a partial vector and the flat range wastes no more lanes than those tails: ResNet-50's 28-,
         # 14- and 7-wide layers; not 8/16/32/56-wide rows (whole vectors) nor paired rows (wide = 2)
         wide = self.wide_for(mode)
-        if wide == 2 or self.ho * self.wo > 32 * 32:
-            # (large planes keep rows: flat needs an output-sized y with the extra columns plus its
-            # compacting copy and a zero-padded copy of g, +3.4 MB on the batch-8 56×56 layer of
-            # test_extra_memory_is_a_few_inputs_not_an_im2col; its rows are long enough anyway)
+        if wide == 2 or (self.ho * self.wo > 32 * 32 and self.wq != self.wo):
+            # (large planes keep rows when Wq > Wo: flat needs an output-sized y with the extra columns
+            # plus its compacting copy and a zero-padded copy of g, +3.4 MB on the batch-8 56×56 layer
+            # of test_extra_memory_is_a_few_inputs_not_an_im2col. With Wq = Wo (1×1, stride 1, no
+            # padding) y and g are used as they are: ResNet-50's 56-wide 1×1 layers go flat on AVX-512,
+            # whose rows end in half a 16-lane vector)
             return False
         lanes = (32 if wide == 0 else 64) // self.esize
         return self.wo % lanes != 0 and self.wq <= -(-self.wo // lanes) * lanes

@@ -593,12 +593,13 @@ def test_built_for_this_cpu_when_the_compiler_can(tmp_path):
     assert cpu_adder._arch == ["-march=native"]
 
 
-# (n, cin, cout, (h, w), k, stride, pad): 14-, 7- and 11→6-wide outputs take the flat position range
+# (n, cin, cout, (h, w), k, stride, pad): 14-, 7-, 11→6- and 36-wide outputs take the flat position range
 FLAT_CASES = [
     (2, 37, 19, (14, 14), 3, 1, 1),
     (1, 33, 21, (7, 7), 1, 1, 0),
     (2, 9, 13, (13, 11), 3, 2, 1),
     (3, 20, 6, (11, 13), 1, 2, 0),
+    (2, 5, 7, (36, 36), 1, 1, 0),  # a plane over 32×32 with Wq = Wo (1×1): flat, y and g used as they are
 ]
 
 
