@@ -379,9 +379,15 @@ class _Geom:
     def flat_for(self, mode: int) -> bool:
         # One flat position range per image (fwd_flat / gx_flat in cpu_adder.cpp) where rows would end
         # in a partial vector and the flat range wastes no more lanes than those tails: ResNet-50's 28-,
-        # 14- and 7-wide layers; not 8/16/32/56-wide rows (whole vectors) nor paired rows (wide = 2)
+        # 14- and 7-wide layers; not 8/16/32-wide rows (whole vectors), nor paired rows (wide = 2) where
+        # pairs need fewer vectors
         wide = self.wide_for(mode)
-        if wide == 2 or (self.ho * self.wo > 32 * 32 and self.wq != self.wo):
+        if wide == 2:
+            # row pairs (rows of <= half a 64-byte vector) vs the flat range: flat where it needs no
+            # more vectors per image (7×7: 4 either way, and flat reads P rows once per tap, not twice)
+            lv = (self.ho - 1) * self.wq + self.wo
+            return -(-lv // (64 // self.esize)) <= -(-self.ho // 2)
+        if self.ho * self.wo > 32 * 32 and self.wq != self.wo:
             # (large planes keep rows when Wq > Wo: flat needs an output-sized y with the extra columns
             # plus its compacting copy and a zero-padded copy of g, +3.4 MB on the batch-8 56×56 layer
             # of test_extra_memory_is_a_few_inputs_not_an_im2col. With Wq = Wo (1×1, stride 1, no

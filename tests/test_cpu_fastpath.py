@@ -145,8 +145,9 @@ def test_ties_follow_sign_of_zero(grad_x, grad_w):
 # row <= 8 wide alone takes 32-byte vectors, wider rows take 64-byte ones): (H, W) input at pad 1, k 3.
 NARROW = [
     (8, 8),  # ResNet-20 stage 3: full row pairs
-    (7, 7),  # ResNet-18/50 stage 4: 7 of 8 lanes per half (tail), odd row count (a lone last row)
-    (4, 4),  # rows shorter than the distance back to the pair's second row (Wq = 6 < 8)
+    (7, 7),  # ResNet-18/50 stage 4 (flat on AVX-512: 4 vectors either way; pairs with AVX2)
+    (15, 7),  # 7 of 8 lanes per half (tail), odd row count (a lone last row): pairs (8 vectors, flat 9)
+    (4, 4),  # rows shorter than the distance back to the pair's second row (Wq = 6 < 8; flat on AVX-512)
     (1, 6),  # one output row: no pair, 32-byte vectors
     (5, 11),  # 11 wide: one 64-byte vector per row, tail of 11 lanes
 ]
