@@ -321,7 +321,8 @@ template <typename V> constexpr int GX_KB = sizeof(V) <= 32 ? 5 : 2;    // 10+3 
 // std::vector of packed filters per call page-faults all of it (glibc hands large blocks back to the OS on
 // free), which on this VM costs about as much as a GEMM over the same bytes (the filter gradient's O × K
 // temporaries: 27 vs 7 ms on a 3×3 512→512 layer). Kept: the largest O·K seen (9 MiB fp32 at 3×3 512→512).
-template <typename T> static T* scratch(size_t n) {
+// TAG: independent buffers of one type (the forward's packed filters and their sums).
+template <typename T, int TAG = 0> static T* scratch(size_t n) {
   static thread_local std::vector<T> buf;
   if (buf.size() < n) buf.resize(n);
   return buf.data();
@@ -551,20 +552,40 @@ static inline void fwd_tile(const T* xp, i64 rs, const i64* off, const T* w, T* 
 // place, a tile's OB rows lie K·4 bytes apart, which for K = 1024 or 2048 (ResNet-50's 1×1 layers) puts
 // them all in the same L1 set (4 KiB aliasing) and missed on every tap: the AVX-512 row-pair forward of the
 // 7×7 layers (K = 1024-4608) ran at 4.0-4.9x conv's time before it packed, the flat one (packed) at 2.4-2.8x.
-template <typename T, typename V> static const T* fwd_pack(const Geom& g, const T* w, i64 o0, i64 o1) {
+// cx (p = 1): the packed values are the centred w − cx[k] (one rounding, as before in the launcher), and
+// *sw[o − o0] = Σ_k (w − cx) of exactly those values, summed in double: the launcher's O × K subtraction
+// and its sum cost 1.4 of the 16 ms of a batch-2 3×3 512→512 7×7 forward (a fresh 9.4 MB tensor).
+template <typename T, typename V>
+static const T* fwd_pack(const Geom& g, const T* w, i64 o0, i64 o1, const T* cx = nullptr,
+                         const T** sw = nullptr) {
   const i64 K = g.K();
   T* const wp = scratch<T>((o1 - o0) * K);
+  T* const s = cx ? scratch<T, 1>(o1 - o0) : nullptr;
   i64 o = o0;
   auto pack = [&](int ob) {
-    for (; o + ob <= o1; o += ob)
-      for (i64 k = 0; k < K; ++k)
-        for (int b = 0; b < ob; ++b) wp[(o - o0) * K + k * ob + b] = w[(o + b) * K + k];
+    for (; o + ob <= o1; o += ob) {
+      T* t = wp + (o - o0) * K;
+      if (cx) {
+        double a[32] = {};  // ob <= FWD_OB <= 16: ob independent sums, not one latency-bound chain each
+        for (i64 k = 0; k < K; ++k)
+          for (int b = 0; b < ob; ++b) {
+            const T v = w[(o + b) * K + k] - cx[k];
+            t[k * ob + b] = v;
+            a[b] += (double)v;
+          }
+        for (int b = 0; b < ob; ++b) s[o - o0 + b] = (T)a[b];
+      } else {
+        for (i64 k = 0; k < K; ++k)
+          for (int b = 0; b < ob; ++b) t[k * ob + b] = w[(o + b) * K + k];
+      }
+    }
   };
   pack(FWD_OB<V>); pack(4); pack(1);
+  if (sw) *sw = s;
   return wp;
 }
 
-// wp: fwd_pack's tiles over all O filters
+// wp: fwd_pack's tiles over all O filters, sw its sums
 template <typename T, typename V, int MODE, bool TAIL, bool PAIR>
 static inline void fwd_col(const T* xp, i64 rs, const i64* off, const T* wp, T* y, i64 ys, i64 K, i64 O, i64 L,
                            int cnt, bool two, T p, const T* cx, const T* sw) {
@@ -577,8 +598,8 @@ static inline void fwd_col(const T* xp, i64 rs, const i64* off, const T* wp, T* 
 #undef FWD_TILES
 }
 
-// rows r0..r1 of the flattened (n, oh) output rows; PAIR: two rows of one image per vector; w: packed by
-// fwd_pack<T, V>(g, w, 0, O)
+// rows r0..r1 of the flattened (n, oh) output rows; PAIR: two rows of one image per vector; w, sw: packed by
+// fwd_pack<T, V>(g, w, 0, O, cx, &sw)
 template <typename T, typename V, int MODE, bool PAIR>
 static void fwd(const Geom& g, const T* P, const T* w, T* y, i64 r0, i64 r1, T p, const i64* off, const T* cx,
                 const T* sw) {
@@ -747,8 +768,9 @@ static Geom mk(const i64* a) {
   return Geom{a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12]};
 }
 
-template <typename T, int BYTES, bool PAIR> static void fwd_pack_entry(const Geom& g, const T* w, const T** wp) {
-  *wp = fwd_pack<T, typename Vec<T, BYTES>::V>(g, w, 0, g.O);
+template <typename T, int BYTES, bool PAIR>
+static void fwd_pack_entry(const Geom& g, const T* w, const T* cx, const T** wp, const T** sw) {
+  *wp = fwd_pack<T, typename Vec<T, BYTES>::V>(g, w, 0, g.O, cx, sw);
 }
 template <typename T, int BYTES, bool PAIR>
 static void fwd_entry(const Geom& g, const T* P, const T* w, T* y, i64 r0, i64 r1, T p, int mode, const i64* off,
@@ -849,10 +871,11 @@ static inline void fwd_flat_otile(const T* xi, const i64* off, const T* wp, T* y
 // 12 in the same L1 set (4 KiB aliasing) and missed on every tap.
 template <typename T, typename V, int MODE>
 static void fwd_flat(const Geom& g, const T* P, const T* w, T* y, i64 n0, i64 n1, i64 o0, i64 o1, T p,
-                     const i64* off, const T* cx, const T* sw, i64 kc) {
+                     const i64* off, const T* cx, i64 kc) {
   const i64 K = g.K(), Lf = g.Ho * g.Wq, Lv = (g.Ho - 1) * g.Wq + g.Wo;
   if (kc <= 0 || kc > K) kc = K;
-  const T* const wp = fwd_pack<T, V>(g, w, o0, o1);  // tiles of the same sizes, in the same order, as below
+  const T* sw = nullptr;  // tiles of the same sizes, in the same order, as below
+  const T* const wp = fwd_pack<T, V>(g, w, o0, o1, MODE == 1 ? cx : nullptr, &sw);
   for (i64 n = n0; n < n1; ++n) {
     const T* xi = P + n * g.img();
     T* yi = y + n * g.O * Lf;
@@ -864,7 +887,7 @@ static void fwd_flat(const Geom& g, const T* P, const T* w, T* y, i64 n0, i64 n1
 #define FLAT_TILES(OB)                                                                                     \
   for (; o + OB <= o1; o += OB)                                                                            \
     fwd_flat_otile<T, V, MODE, OB>(xi, off + k0, wp + (o - o0) * K + k0 * OB, yi + o * Lf, Kn, add,        \
-                                   Lf, Lv, p, cxk, sw && !add ? sw + o : nullptr);
+                                   Lf, Lv, p, cxk, sw && !add ? sw + (o - o0) : nullptr);
       FLAT_TILES(FWD_OB<V>) FLAT_TILES(4) FLAT_TILES(1)
 #undef FLAT_TILES
     }
@@ -922,19 +945,20 @@ static void gx_flat(const Geom& g, const T* P, const T* w, const T* go, T* GP, i
 }
 
 #ifdef ADDER_FWD
-// mode 1 (p = 1): w is the centred filter bank w − cx, cx the per-tap centre (K), sw = Σ_k (w − cx) (O).
+// mode 1 (p = 1): cx is the per-tap centre (K); the kernel centres the filters as it packs them (fwd_pack).
 // scale != null: the inference epilogue (above) on every block of rows right after the block is computed,
 // while its outputs (<= ~64 KiB) are still in L1/L2: one pass over y in memory, as a fused kernel.
 // jobs: njobs × (r0, r1) row ranges
 extern "C" void CAT(adder_fwd_, ADDER_SUF)(const i64* geom, const T* P, const T* w, T* y, const i64* jobs,
                                           int njobs, double p, int mode, int wide, const i64* off, const T* cx,
-                                          const T* sw, const T* center, const T* scale, const T* shift,
-                                          const T* res, int relu) {
+                                          const T* center, const T* scale, const T* shift, const T* res,
+                                          int relu) {
   const Geom g = mk(geom);
   for_jobs(njobs, [&](int j) {
     const i64 r0 = jobs[2 * j], r1 = jobs[2 * j + 1];
-    const T* wp = nullptr;  // packed once per job (per thread: scratch), not per block of rows
-    VECTORS(fwd_pack_entry, g, w, &wp);
+    // packed (and for p = 1 centred) once per job, per thread (scratch), not per block of rows
+    const T *wp = nullptr, *sw = nullptr;
+    VECTORS(fwd_pack_entry, g, w, mode == 1 ? cx : nullptr, &wp, &sw);
     if (!scale) {
       VECTORS(fwd_entry, g, P, wp, y, r0, r1, (T)p, mode, off, cx, sw);
       return;
@@ -953,16 +977,16 @@ extern "C" void CAT(adder_fwd_, ADDER_SUF)(const i64* geom, const T* P, const T*
 // jobs: njobs × (n0, n1, o0, o1)
 extern "C" void CAT(adder_fwd_flat_, ADDER_SUF)(const i64* geom, const T* P, const T* w, T* y, const i64* jobs,
                                                int njobs, double p, int mode, int wide, const i64* off,
-                                               const T* cx, const T* sw, const T* center, const T* scale,
-                                               const T* shift, const T* res, int relu, i64 kc) {
+                                               const T* cx, const T* center, const T* scale, const T* shift,
+                                               const T* res, int relu, i64 kc) {
   const Geom g = mk(geom);
   for_jobs(njobs, [&](int j) {
     const i64 n0 = jobs[4 * j], n1 = jobs[4 * j + 1], o0 = jobs[4 * j + 2], o1 = jobs[4 * j + 3];
     auto run = [&](auto bytes) {
       typedef typename Vec<T, decltype(bytes)::value>::V V;
-      if (mode == 1) fwd_flat<T, V, 1>(g, P, w, y, n0, n1, o0, o1, (T)p, off, cx, sw, kc);
-      else if (mode == 2) fwd_flat<T, V, 2>(g, P, w, y, n0, n1, o0, o1, (T)p, off, nullptr, nullptr, kc);
-      else fwd_flat<T, V, 0>(g, P, w, y, n0, n1, o0, o1, (T)p, off, nullptr, nullptr, kc);
+      if (mode == 1) fwd_flat<T, V, 1>(g, P, w, y, n0, n1, o0, o1, (T)p, off, cx, kc);
+      else if (mode == 2) fwd_flat<T, V, 2>(g, P, w, y, n0, n1, o0, o1, (T)p, off, nullptr, kc);
+      else fwd_flat<T, V, 0>(g, P, w, y, n0, n1, o0, o1, (T)p, off, nullptr, kc);
     };
     if (wide || sizeof(T) == 8) run(std::integral_constant<int, 64>{});
     else if constexpr (sizeof(T) == 4) run(std::integral_constant<int, 32>{});

@@ -233,7 +233,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     # (jobs, njobs): a (njobs, 2 or 4) int64 array of ranges, run on njobs threads (see _launch)
     for suf in ("f32", "f64"):
         getattr(lib, f"adder_fwd_{suf}").argtypes = [
-            *(vp, vp, vp, vp, vp, cint, dbl, cint, cint, vp, vp, vp),
+            *(vp, vp, vp, vp, vp, cint, dbl, cint, cint, vp, vp),
             *(vp, vp, vp, vp, cint),  # inference epilogue: center, scale, shift, residual, relu
         ]
         getattr(lib, f"adder_gx_{suf}").argtypes = [
@@ -245,7 +245,7 @@ def _declare(lib: ctypes.CDLL) -> None:
             vp,
         ]
         getattr(lib, f"adder_fwd_flat_{suf}").argtypes = [
-            *(vp, vp, vp, vp, vp, cint, dbl, cint, cint, vp, vp, vp),
+            *(vp, vp, vp, vp, vp, cint, dbl, cint, cint, vp, vp),
             *(vp, vp, vp, vp, cint, i64),
         ]
         getattr(lib, f"adder_gx_flat_{suf}").argtypes = getattr(lib, f"adder_gx_{suf}").argtypes
@@ -433,7 +433,7 @@ def _forward(g: _Geom, P: torch.Tensor, w_ok: torch.Tensor, p: float, epi=None) 
     fn = getattr(lib, f"adder_fwd_{_suffix(P.dtype)}")
     mode = _MODE_FWD.get(p, 0)
     rows = _split(g.n * g.ho, torch.get_num_threads())
-    cx = sw = None
+    cx = None
     if mode == 1:
         # the min form of p = 1 (see fwd_tile): centre each input channel by its filters' mean
         # (in P's dtype: the fp64 copies and fp64-accumulating reductions this used to do took 31 of
@@ -444,10 +444,9 @@ def _forward(g: _Geom, P: torch.Tensor, w_ok: torch.Tensor, p: float, epi=None) 
         # integer or other coarse data (then every sum is exact, as the direct one is)
         mant, expo = torch.frexp(c)
         c = torch.ldexp(torch.round(mant * 256) / 256, expo)
+        # the kernel packs w − cx and sums it per filter (fwd_pack in cpu_adder.cpp)
         cx = c.to(P.dtype).repeat_interleave(g.kh * g.kw)
-        w_ok = (w_ok - cx).contiguous()
-        sw = w_ok.sum(1)  # Σ of the centred values the kernel uses
-    extra = (cx.data_ptr(), sw.data_ptr()) if mode == 1 else (None, None)
+    extra = (cx.data_ptr() if mode == 1 else None,)
     if epi is None:
         extra += (None, None, None, None, 0)
     else:
