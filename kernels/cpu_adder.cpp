@@ -555,34 +555,59 @@ static inline void fwd_tile(const T* xp, i64 rs, const i64* off, const T* w, T* 
 // cx (p = 1): the packed values are the centred w − cx[k] (one rounding, as before in the launcher), and
 // *sw[o − o0] = Σ_k (w − cx) of exactly those values, summed in double: the launcher's O × K subtraction
 // and its sum cost 1.4 of the 16 ms of a batch-2 3×3 512→512 7×7 forward (a fresh 9.4 MB tensor).
+// Part j of njobs of that packing into wp / s (indexed from o0): the tiles that start in the j-th share of
+// the 16-filter tiles (the last share also takes the 4- and 1-filter tiles), so several threads pack one
+// shared copy. Each thread packing its own copy of all O filters did not shrink with a second thread
+// (ResNet-50 two-thread speed-up 1.65-1.70x against conv's 1.80-1.87x).
 template <typename T, typename V>
-static const T* fwd_pack(const Geom& g, const T* w, i64 o0, i64 o1, const T* cx = nullptr,
-                         const T** sw = nullptr) {
+static void fwd_pack_part(const Geom& g, const T* w, T* wp, T* s, i64 o0, i64 o1, const T* cx, int j, int njobs) {
   const i64 K = g.K();
-  T* const wp = scratch<T>((o1 - o0) * K);
-  T* const s = cx ? scratch<T, 1>(o1 - o0) : nullptr;
+  constexpr int OB = FWD_OB<V>;
+  const i64 units = (o1 - o0) / OB;
+  const i64 a = o0 + units * j / njobs * OB, b = j == njobs - 1 ? o1 : o0 + units * (j + 1) / njobs * OB;
   i64 o = o0;
   auto pack = [&](int ob) {
     for (; o + ob <= o1; o += ob) {
+      if (o < a || o >= b) continue;
       T* t = wp + (o - o0) * K;
       if (cx) {
-        double a[32] = {};  // ob <= FWD_OB <= 16: ob independent sums, not one latency-bound chain each
+        double acc[32] = {};  // ob <= FWD_OB <= 16: ob independent sums, not one latency-bound chain each
         for (i64 k = 0; k < K; ++k)
-          for (int b = 0; b < ob; ++b) {
-            const T v = w[(o + b) * K + k] - cx[k];
-            t[k * ob + b] = v;
-            a[b] += (double)v;
+          for (int c = 0; c < ob; ++c) {
+            const T v = w[(o + c) * K + k] - cx[k];
+            t[k * ob + c] = v;
+            acc[c] += (double)v;
           }
-        for (int b = 0; b < ob; ++b) s[o - o0 + b] = (T)a[b];
+        for (int c = 0; c < ob; ++c) s[o - o0 + c] = (T)acc[c];
       } else {
         for (i64 k = 0; k < K; ++k)
-          for (int b = 0; b < ob; ++b) t[k * ob + b] = w[(o + b) * K + k];
+          for (int c = 0; c < ob; ++c) t[k * ob + c] = w[(o + c) * K + k];
       }
     }
   };
-  pack(FWD_OB<V>); pack(4); pack(1);
+  pack(OB); pack(4); pack(1);
+}
+
+// The whole packing, into this thread's buffers; *sw = the sums (null without cx).
+template <typename T, typename V>
+static const T* fwd_pack(const Geom& g, const T* w, i64 o0, i64 o1, const T* cx = nullptr,
+                         const T** sw = nullptr) {
+  T* const wp = scratch<T>((o1 - o0) * g.K());
+  T* const s = cx ? scratch<T, 1>(o1 - o0) : nullptr;
+  fwd_pack_part<T, V>(g, w, wp, s, o0, o1, cx, 0, 1);
   if (sw) *sw = s;
   return wp;
+}
+
+// All O filters packed once, shared by every job, each of the njobs threads packing a part (the
+// calling thread's buffers: they live until its next forward call).
+template <typename T, int BYTES, bool PAIR = false>
+static void fwd_pack_shared(const Geom& g, const T* w, const T* cx, int njobs, const T** wp, const T** sw) {
+  T* const p = scratch<T, 2>(g.O * g.K());
+  T* const s = cx ? scratch<T, 3>(g.O) : nullptr;
+  for_jobs(njobs, [&](int j) { fwd_pack_part<T, typename Vec<T, BYTES>::V>(g, w, p, s, 0, g.O, cx, j, njobs); });
+  *wp = p;
+  *sw = s;
 }
 
 // wp: fwd_pack's tiles over all O filters, sw its sums
@@ -769,10 +794,6 @@ static Geom mk(const i64* a) {
 }
 
 template <typename T, int BYTES, bool PAIR>
-static void fwd_pack_entry(const Geom& g, const T* w, const T* cx, const T** wp, const T** sw) {
-  *wp = fwd_pack<T, typename Vec<T, BYTES>::V>(g, w, 0, g.O, cx, sw);
-}
-template <typename T, int BYTES, bool PAIR>
 static void fwd_entry(const Geom& g, const T* P, const T* w, T* y, i64 r0, i64 r1, T p, int mode, const i64* off,
                       const T* cx, const T* sw) {
   typedef typename Vec<T, BYTES>::V V;
@@ -870,12 +891,13 @@ static inline void fwd_flat_otile(const T* xi, const i64* off, const T* wp, T* y
 // OB rows of a tile lie K·4 bytes apart, which for K = 1024 or 2048 (ResNet-50's 1×1 layers) puts all
 // 12 in the same L1 set (4 KiB aliasing) and missed on every tap.
 template <typename T, typename V, int MODE>
+// wp, sw: fwd_pack_shared's packing of all O filters, or null to pack [o0, o1) here
 static void fwd_flat(const Geom& g, const T* P, const T* w, T* y, i64 n0, i64 n1, i64 o0, i64 o1, T p,
-                     const i64* off, const T* cx, i64 kc) {
+                     const i64* off, const T* cx, i64 kc, const T* wp = nullptr, const T* sw = nullptr) {
   const i64 K = g.K(), Lf = g.Ho * g.Wq, Lv = (g.Ho - 1) * g.Wq + g.Wo;
   if (kc <= 0 || kc > K) kc = K;
-  const T* sw = nullptr;  // tiles of the same sizes, in the same order, as below
-  const T* const wp = fwd_pack<T, V>(g, w, o0, o1, MODE == 1 ? cx : nullptr, &sw);
+  if (!wp) wp = fwd_pack<T, V>(g, w, o0, o1, MODE == 1 ? cx : nullptr, &sw);  // the loop's tile order
+  else wp += o0 * K, sw = sw ? sw + o0 : nullptr;
   for (i64 n = n0; n < n1; ++n) {
     const T* xi = P + n * g.img();
     T* yi = y + n * g.O * Lf;
@@ -954,11 +976,10 @@ extern "C" void CAT(adder_fwd_, ADDER_SUF)(const i64* geom, const T* P, const T*
                                           const T* center, const T* scale, const T* shift, const T* res,
                                           int relu) {
   const Geom g = mk(geom);
+  const T *wp = nullptr, *sw = nullptr;  // packed (and for p = 1 centred) once, shared by the jobs
+  VECTORS(fwd_pack_shared, g, w, mode == 1 ? cx : nullptr, njobs, &wp, &sw);
   for_jobs(njobs, [&](int j) {
     const i64 r0 = jobs[2 * j], r1 = jobs[2 * j + 1];
-    // packed (and for p = 1 centred) once per job, per thread (scratch), not per block of rows
-    const T *wp = nullptr, *sw = nullptr;
-    VECTORS(fwd_pack_entry, g, w, mode == 1 ? cx : nullptr, &wp, &sw);
     if (!scale) {
       VECTORS(fwd_entry, g, P, wp, y, r0, r1, (T)p, mode, off, cx, sw);
       return;
@@ -980,13 +1001,19 @@ extern "C" void CAT(adder_fwd_flat_, ADDER_SUF)(const i64* geom, const T* P, con
                                                const T* cx, const T* center, const T* scale, const T* shift,
                                                const T* res, int relu, i64 kc) {
   const Geom g = mk(geom);
+  // jobs over images (every job all O filters): one shared packing, each thread packing a part; jobs over
+  // filter ranges pack their own range
+  bool all_filters = true;
+  for (int j = 0; j < njobs; ++j) all_filters = all_filters && jobs[4 * j + 2] == 0 && jobs[4 * j + 3] == g.O;
+  const T *wp = nullptr, *sw = nullptr;
+  if (all_filters) WIDE_OR_NARROW(fwd_pack_shared, g, w, mode == 1 ? cx : nullptr, njobs, &wp, &sw);
   for_jobs(njobs, [&](int j) {
     const i64 n0 = jobs[4 * j], n1 = jobs[4 * j + 1], o0 = jobs[4 * j + 2], o1 = jobs[4 * j + 3];
     auto run = [&](auto bytes) {
       typedef typename Vec<T, decltype(bytes)::value>::V V;
-      if (mode == 1) fwd_flat<T, V, 1>(g, P, w, y, n0, n1, o0, o1, (T)p, off, cx, kc);
-      else if (mode == 2) fwd_flat<T, V, 2>(g, P, w, y, n0, n1, o0, o1, (T)p, off, nullptr, kc);
-      else fwd_flat<T, V, 0>(g, P, w, y, n0, n1, o0, o1, (T)p, off, nullptr, kc);
+      if (mode == 1) fwd_flat<T, V, 1>(g, P, w, y, n0, n1, o0, o1, (T)p, off, cx, kc, wp, sw);
+      else if (mode == 2) fwd_flat<T, V, 2>(g, P, w, y, n0, n1, o0, o1, (T)p, off, nullptr, kc, wp, sw);
+      else fwd_flat<T, V, 0>(g, P, w, y, n0, n1, o0, o1, (T)p, off, nullptr, kc, wp, sw);
     };
     if (wide || sizeof(T) == 8) run(std::integral_constant<int, 64>{});
     else if constexpr (sizeof(T) == 4) run(std::integral_constant<int, 32>{});
