@@ -553,8 +553,9 @@ static inline void fwd_tile(const T* xp, i64 rs, const i64* off, const T* w, T* 
 // them all in the same L1 set (4 KiB aliasing) and missed on every tap: the AVX-512 row-pair forward of the
 // 7×7 layers (K = 1024-4608) ran at 4.0-4.9x conv's time before it packed, the flat one (packed) at 2.4-2.8x.
 // cx (p = 1): the packed values are the centred w − cx[k] (one rounding, as before in the launcher), and
-// *sw[o − o0] = Σ_k (w − cx) of exactly those values, summed in double: the launcher's O × K subtraction
+// s[o − o0] = Σ_k (w − cx) of exactly those values, summed in double: the launcher's O × K subtraction
 // and its sum cost 1.4 of the 16 ms of a batch-2 3×3 512→512 7×7 forward (a fresh 9.4 MB tensor).
+//
 // Part j of njobs of that packing into wp / s (indexed from o0): the tiles that start in the j-th share of
 // the 16-filter tiles (the last share also takes the 4- and 1-filter tiles), so several threads pack one
 // shared copy. Each thread packing its own copy of all O filters did not shrink with a second thread
@@ -890,8 +891,8 @@ static inline void fwd_flat_otile(const T* xi, const i64* off, const T* wp, T* y
 // for every filter tile. Filters are packed tile by tile, tap-major (wp[k·OB + b]): read in place, the
 // OB rows of a tile lie K·4 bytes apart, which for K = 1024 or 2048 (ResNet-50's 1×1 layers) puts all
 // 12 in the same L1 set (4 KiB aliasing) and missed on every tap.
+// wp, sw: fwd_pack_shared's packing of all O filters, or null to pack [o0, o1) here.
 template <typename T, typename V, int MODE>
-// wp, sw: fwd_pack_shared's packing of all O filters, or null to pack [o0, o1) here
 static void fwd_flat(const Geom& g, const T* P, const T* w, T* y, i64 n0, i64 n1, i64 o0, i64 o1, T p,
                      const i64* off, const T* cx, i64 kc, const T* wp = nullptr, const T* sw = nullptr) {
   const i64 K = g.K(), Lf = g.Ho * g.Wq, Lv = (g.Ho - 1) * g.Wq + g.Wo;
