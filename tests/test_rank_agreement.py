@@ -92,9 +92,7 @@ def _worker(out: str) -> None:
             cfg.data, "val", batch_size=PER_RANK_BATCH, rank=dist.rank,
             world_size=dist.world_size, seed=0, device="cpu",
         )  # fmt: skip
-        evaluator = Evaluator(
-            val, dist, BNRecalibrator(3, no_loader), final_p=1.0, autocast_dtype=None
-        )
+        evaluator = Evaluator(val, dist, BNRecalibrator(3, no_loader), final_p=1.0, autocast_dtype=None)
         result, extra = evaluator(model, epoch=1, p=1.0)
         buffers = {k: v.tolist() for k, v in model.state_dict().items() if "running" in k}
         res["eval"] = {"result": result.__dict__, "extra": extra, "buffers": buffers}
