@@ -206,6 +206,31 @@ def test_mid_epoch_resume_is_bit_identical(tree):
 
 
 @pytest.mark.timeout(60)
+def test_augmentation_draws_change_with_the_epoch_at_a_fixed_position(tmp_path):
+    """Every training file holds the same image, so what a position decodes depends only on its
+    augmentation draws (the epoch's shuffle changes which file, not what is in it): the crops and
+    flips at a position differ from one epoch to the next, and repeat within an epoch."""
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    for c in range(2):
+        for k in range(4):
+            path = tmp_path / "train" / f"n{c:08d}" / f"img_{k}.JPEG"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(path, format="JPEG", quality=95)
+    cfg = _cfg(tmp_path, image_size=16)
+
+    def epoch(e: int) -> torch.Tensor:
+        loader = build_loader(cfg, "train", batch_size=4, seed=5)
+        loader.set_epoch(e)
+        return torch.cat([x for x, _ in loader])
+
+    e0, e1 = epoch(0), epoch(1)
+    assert e0.shape == (8, 3, 16, 16)
+    assert torch.equal(epoch(0), e0)  # a function of (seed, epoch, position)
+    for pos in range(8):
+        assert not torch.equal(e0[pos], e1[pos]), f"position {pos}: same crop in epochs 0 and 1"
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("keep", [200, 0.7])
 def test_corrupt_file_is_reported_by_path(tmp_path, keep):
     """A stub and a file cut at 70% (PIL would decode its top rows) both raise with the path."""

@@ -54,14 +54,24 @@ def test_torchrun_sh_names_a_missing_rendezvous():
 # ---- DeepSpeed hostfile --------------------------------------------------------------------
 
 
+# The variables launch/deepspeed.sh reads: the caller's (e.g. DS_ACCELERATOR=cpu exported for the
+# DeepSpeed tests, which makes the script demand NPROC) must not decide what a test sees.
+DEEPSPEED_SH_VARS = ("HOSTFILE", "NPROC", "DS_ACCELERATOR", "MASTER_ADDR", "MASTER_PORT", "DRY_RUN")
+
+
+def _deepspeed_sh_env(**extra: str) -> dict[str, str]:
+    e = {k: v for k, v in env().items() if k not in DEEPSPEED_SH_VARS}
+    e.update(extra)
+    return e
+
+
 @pytest.mark.timeout(60)
 def test_deepspeed_sh_passes_the_hostfile_and_its_first_host(tmp_path):
     script = str(REPO / "launch" / "deepspeed.sh")
     config = str(REPO / "configs" / "debug.yaml")
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# cluster\n\n  nodeA slots=8\nnodeB slots=8\n")
-    e = env(HOSTFILE=str(hostfile), DRY_RUN="1")
-    e.pop("MASTER_ADDR", None)
+    e = _deepspeed_sh_env(HOSTFILE=str(hostfile), DRY_RUN="1")
     proc = subprocess.run(
         [script, config, "deepspeed.zero_stage=1"], cwd=REPO, env=e, capture_output=True, text=True
     )
@@ -75,16 +85,27 @@ def test_deepspeed_sh_passes_the_hostfile_and_its_first_host(tmp_path):
     from deepspeed.launcher.runner import fetch_hostfile
 
     assert dict(fetch_hostfile(str(hostfile))) == {"nodeA": 8, "nodeB": 8}
+    assert "--num_gpus" not in cmd  # every visible GPU
     missing = subprocess.run(
         [script, config],
         cwd=REPO,
-        env=env(HOSTFILE=str(tmp_path / "nope")),
+        env=_deepspeed_sh_env(HOSTFILE=str(tmp_path / "nope")),
         capture_output=True,
         text=True,
     )
     assert (
         missing.returncode == 2 and "HOSTFILE" in missing.stderr and "not found" in missing.stderr
     )
+    # A CPU run needs NPROC (no GPUs to count): refused without it, passed on with it.
+    cpu = _deepspeed_sh_env(DS_ACCELERATOR="cpu", DRY_RUN="1")
+    no_nproc = subprocess.run([script, config], cwd=REPO, env=cpu, capture_output=True, text=True)
+    assert no_nproc.returncode == 2 and "set NPROC" in no_nproc.stderr, no_nproc
+    two = subprocess.run(
+        [script, config], cwd=REPO, env={**cpu, "NPROC": "2"}, capture_output=True, text=True
+    )
+    assert two.returncode == 0, two.stderr
+    cmd = two.stdout.split()
+    assert cmd[cmd.index("--num_gpus") + 1] == "2" and "--hostfile" not in cmd
 
 
 # ---- progress bar on a terminal --------------------------------------------------------------

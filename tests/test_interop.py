@@ -488,6 +488,23 @@ def _assert_bit_equal(a: torch.nn.Module, b: torch.nn.Module) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_export_carries_the_runs_normalisation(trained, tmp_path):
+    """mean and std in the export metadata are the run's data.mean / data.std, not ImageNet's
+    defaults: a run whose config holds other values (here Fashion-MNIST-like, per channel
+    distinct) exports them as they are."""
+    state = checkpoint.load_file(trained)
+    mean, std = [0.286, 0.311, 0.297], [0.353, 0.332, 0.371]
+    state["client"]["config"]["data"].update(mean=mean, std=std)
+    src = tmp_path / "other_norm.pt"
+    checkpoint.save_file(state, src)
+    out = tmp_path / "other_norm.safetensors"
+    interop.export(src, out)
+    _, meta = interop.read_exported(out)
+    assert json.loads(meta["mean"]) == mean
+    assert json.loads(meta["std"]) == std
+
+
+@pytest.mark.timeout(60)
 def test_export_then_load_is_bit_for_bit(trained, tmp_path, capsys):
     from safetensors import safe_open
 
@@ -503,6 +520,7 @@ def test_export_then_load_is_bit_for_bit(trained, tmp_path, capsys):
     )
     assert json.loads(meta["p"]) == SOURCE_P
     assert json.loads(meta["mean"]) == pytest.approx([0.485, 0.456, 0.406])
+    assert json.loads(meta["std"]) == pytest.approx([0.229, 0.224, 0.225])
     assert json.loads(meta["image_size"]) == 8
     loaded = interop.load_exported(out)
     original = _model_of(trained).eval()
