@@ -46,6 +46,9 @@ class Mutation:
     old: str
     new: str
     tests: tuple[str, ...]
+    # extra environment for the test run (mutated and --baseline): a caller's setting the tests
+    # must not depend on
+    env: tuple[tuple[str, str], ...] = ()
 
 
 MUTATIONS = [
@@ -259,6 +262,78 @@ MUTATIONS = [
             "tests/test_runfolder.py::test_divergence_stops_the_run_without_saving_a_nonfinite_model",
         ),
     ),
+    Mutation(
+        "eval-bn-buffers-not-broadcast",
+        "an evaluation without BN recalibration skips the broadcast of rank 0's BN buffers",
+        "addernet_dist/evaluator.py",
+        "            self.dist.broadcast_buffers_(model)",
+        "            pass",
+        (
+            "tests/test_rank_agreement.py::"
+            "test_evaluation_without_recalibration_uses_rank0_bn_buffers_everywhere",
+        ),
+    ),
+    Mutation(
+        "guard-allreduce-min",
+        "the non-finite guard all-reduces its streak and bad-tensor count with MIN instead of MAX",
+        "addernet_dist/guard.py",
+        "tdist.all_reduce(t, op=tdist.ReduceOp.MAX)",
+        "tdist.all_reduce(t, op=tdist.ReduceOp.MIN)",
+        (
+            "tests/test_rank_agreement.py::test_one_ranks_nonfinite_loss_stops_every_rank",
+            "tests/test_rank_agreement.py::test_one_ranks_nonfinite_bn_buffer_stops_every_rank",
+        ),
+    ),
+    Mutation(
+        "guard-params-only",
+        "the non-finite model check looks at the parameters only, not the buffers",
+        "addernet_dist/guard.py",
+        "        ts = [t.detach() for t in model.parameters()] + [\n"
+        "            b for b in model.buffers() if b.is_floating_point()\n"
+        "        ]\n",
+        "        ts = [t.detach() for t in model.parameters()]\n",
+        (
+            "tests/test_saved_models.py::test_a_nan_bn_running_var_is_never_saved",
+            "tests/test_rank_agreement.py::test_one_ranks_nonfinite_bn_buffer_stops_every_rank",
+        ),
+    ),
+    Mutation(
+        "export-std-imagenet",
+        "the export metadata's std is ImageNet's instead of the run's data.std",
+        "addernet_dist/interop.py",
+        '"std": json.dumps(list(data_cfg.get("std", IMAGENET_STD))),',
+        '"std": json.dumps(list(IMAGENET_STD)),',
+        ("tests/test_interop.py::test_export_carries_the_runs_normalisation",),
+    ),
+    Mutation(
+        "best-top1-latest",
+        "the recorded best top-1 is the latest candidate's, not the maximum",
+        "addernet_dist/evaluator.py",
+        "state.best_top1 = max(state.best_top1, result.top1)",
+        "state.best_top1 = result.top1",
+        ("tests/test_saved_models.py::test_best_pt_is_the_maximum_of_the_final_p_evaluations",),
+    ),
+    Mutation(
+        "augment-rng-ignores-epoch",
+        "the per-sample augmentation RNG is seeded without the epoch (same crops every epoch)",
+        "addernet_dist/data/folder.py",
+        "return random.Random((seed << 80) ^ (epoch << 40) ^ position)",
+        "return random.Random((seed << 80) ^ position)",
+        (
+            "tests/test_data_folder.py::"
+            "test_augmentation_draws_change_with_the_epoch_at_a_fixed_position",
+        ),
+    ),
+    Mutation(
+        "deepspeed-sh-cpu-nproc-unchecked",
+        "launch/deepspeed.sh no longer demands NPROC for a CPU run (tests run with the caller's "
+        "DS_ACCELERATOR=cpu set)",
+        "launch/deepspeed.sh",
+        'elif [[ "${DS_ACCELERATOR:-}" == cpu ]]; then',
+        "elif false; then",
+        ("tests/test_docs_claims.py::test_deepspeed_sh_passes_the_hostfile_and_its_first_host",),
+        env=(("DS_ACCELERATOR", "cpu"),),
+    ),
 ]
 
 
@@ -284,8 +359,9 @@ def _copy_tree(dst: Path) -> None:
     (dst / "addernet_dist" / "kernels").symlink_to(Path("..") / "kernels")
 
 
-def _env(root: Path) -> dict[str, str]:
+def _env(root: Path, extra: tuple[tuple[str, str], ...] = ()) -> dict[str, str]:
     e = dict(os.environ)
+    e.update(extra)
     e["PYTHONPATH"] = str(root) + os.pathsep + e.get("PYTHONPATH", "")
     e.setdefault("OMP_NUM_THREADS", "1")
     e["PYTHONDONTWRITEBYTECODE"] = "1"
@@ -305,14 +381,16 @@ def _check_imports(root: Path) -> None:
         raise SystemExit(f"the copy is not what gets imported: {out.stdout}{out.stderr}")
 
 
-def _pytest(root: Path, tests: tuple[str, ...], timeout: int) -> tuple[bool, str, float]:
+def _pytest(
+    root: Path, tests: tuple[str, ...], timeout: int, extra_env: tuple[tuple[str, str], ...] = ()
+) -> tuple[bool, str, float]:
     """(passed, first failing test id or '', seconds)."""
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-rfE", *tests],
             cwd=root,
-            env=_env(root),
+            env=_env(root, extra_env),
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -349,12 +427,12 @@ def run(mutations: list[Mutation], baseline: bool, timeout: int) -> list[dict]:
             target = root / m.path
             original = target.read_text()
             if baseline:
-                ok, first, dt = _pytest(root, m.tests, timeout)
+                ok, first, dt = _pytest(root, m.tests, timeout, m.env)
                 if not ok:
                     raise SystemExit(f"{m.name}: tests fail WITHOUT the mutation ({first})")
             target.write_text(original.replace(m.old, m.new))
             try:
-                ok, first, dt = _pytest(root, m.tests, timeout)
+                ok, first, dt = _pytest(root, m.tests, timeout, m.env)
             finally:
                 target.write_text(original)
             caught = not ok and not first.startswith("ERROR")
@@ -379,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [by_name[n] for n in args.names] or MUTATIONS
     if args.list:
         for m in chosen:
-            print(f"{m.name}: {m.what}\n  " + "\n  ".join(m.tests))
+            env = "".join(f"\n  with {k}={v}" for k, v in m.env)
+            print(f"{m.name}: {m.what}\n  " + "\n  ".join(m.tests) + env)
         return 0
     rows = run(chosen, args.baseline, args.timeout)
     missed = [r["name"] for r in rows if not r["caught"]]
