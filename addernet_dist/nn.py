@@ -164,7 +164,8 @@ class AdderLinear(_AdderMixin, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         y = adder_linear(
-            x.reshape(-1, self.in_features), self.weight, self.p, self.grad_x, self.grad_w
+            x.reshape(-1, self.in_features), self.weight, self.p, self.grad_x, self.grad_w,
+            backend=self.backend,
         )
         y = y.reshape(*lead, self.out_features)
         if self.bias is not None:

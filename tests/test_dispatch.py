@@ -67,6 +67,26 @@ def test_adder2d_routes_to_the_resolved_backend(monkeypatch):
 
 
 @pytest.mark.timeout(120)
+def test_adder_linear_module_passes_its_backend(monkeypatch):
+    # AdderLinear stored backend= but never handed it to adder_linear (issue 23): backend="reference"
+    # ran the CPU fast path anyway. Record what each forward asks the dispatcher for.
+    from addernet_dist.nn import AdderLinear
+
+    asked = []
+    resolve = dispatch.resolve_backend
+    monkeypatch.setattr(dispatch, "resolve_backend", lambda dev, req=None: asked.append(req) or resolve(dev, req))
+    x = torch.randn(5, 7)
+    fast, ref = AdderLinear(7, 3, backend="cpu"), AdderLinear(7, 3, backend="reference")
+    ref.load_state_dict(fast.state_dict())
+    y_fast = fast(x)
+    assert asked and set(asked) == {"cpu"}
+    asked.clear()
+    y_ref = ref(x)
+    assert asked == ["reference"]
+    torch.testing.assert_close(y_fast, y_ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("where", ["argument", "env", "set_default_backend"])
 def test_unknown_backend_names_the_choices(monkeypatch, where):
     with pytest.raises(
