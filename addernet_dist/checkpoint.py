@@ -81,9 +81,19 @@ def step_of(path: Path) -> int | None:
 
 
 def rng_state() -> dict[str, Any]:
+    """Plain types and tensors only (a checkpoint may hold nothing else, runfolder.safe_torch_load):
+    numpy's legacy tuple becomes a dict with its 624 uint32 words as an int64 tensor."""
+    key, words, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    numpy_state = {
+        "key": str(key),
+        "words": torch.from_numpy(words.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached),
+    }
     state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": random.getstate(),  # (version, tuple of 625 ints, None)
+        "numpy": numpy_state,
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -93,7 +103,11 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    ns = state["numpy"]
+    if isinstance(ns, dict):
+        words = ns["words"].numpy().astype(np.uint32)
+        ns = (ns["key"], words, ns["pos"], ns["has_gauss"], ns["cached_gaussian"])
+    np.random.set_state(ns)  # a dict, or the tuple checkpoints before the safe-loading rule hold
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])

@@ -12,6 +12,9 @@ One module for what checkpoint.py (single-file checkpoints, retention) and engin
 - :class:`RunLock`: one writer per run folder (``<output_dir>/.lock``).
 - :func:`clean_stale_temp`: temp files and folders a killed writer left behind.
 - :func:`strict_json`: every JSON the package writes is strict (no NaN/Infinity tokens).
+- :func:`safe_torch_load`: the one way the package reads a ``torch.save`` file: ``weights_only=True``
+  (tensors, numbers, strings, lists, tuples, dicts), never unpickling code. The sha256 footer
+  checks integrity, not trust: a stranger's file with a valid footer is still a stranger's file.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 import shutil
 import socket
@@ -148,11 +152,48 @@ def verify_file(path: Path) -> str | None:
     return None
 
 
+def _legacy_numpy_globals() -> list[Any]:
+    """What checkpoints written before the safe-loading rule hold besides plain types: numpy's RNG
+    state (a uint32 array). Rebuilding such an array calls no code of the file's choosing."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def safe_torch_load(
+    src: Path | io.BytesIO,
+    path: Path,
+    map_location: str | torch.device = "cpu",
+    extra_globals: list[Any] | tuple[Any, ...] = (),
+) -> Any:
+    """``torch.load(src, weights_only=True)``: tensors, numbers, strings, None and containers of
+    them (plus the legacy numpy RNG array and ``extra_globals``); any other object in the pickle,
+    a ``__reduce__`` that would run a command included, is refused with a :class:`CheckpointError`
+    naming ``path`` and the refused object, before anything of it runs."""
+    try:
+        with torch.serialization.safe_globals([*_legacy_numpy_globals(), *extra_globals]):
+            return torch.load(src, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, ValueError, TypeError, AttributeError, EOFError) as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        # torch's message is a page long; keep the line that names the refused object
+        keys = ("GLOBAL", "Can only build", "WeightsUnpickler")
+        why = next((ln for ln in lines if any(k in ln for k in keys)), lines[0])
+        why = why[why.find("WeightsUnpickler error") :] if "WeightsUnpickler" in why else why
+        why = why.split(". Please use")[0]
+        raise CheckpointError(
+            f"'{path}' holds something a checkpoint may not contain, or is not a torch.save file "
+            f"({why}): addernet-dist reads "
+            "checkpoints with torch.load(weights_only=True) only (tensors, numbers, strings, "
+            "lists, dicts) and never unpickles other objects, whoever wrote the file. Save a "
+            "state_dict of tensors instead (docs/training.md, 'What a checkpoint may contain')"
+        ) from None
+
+
 def load_file(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A verified file, read with :func:`safe_torch_load` (never unpickled)."""
     body = read_verified(path)
-    # weights_only=False: the file also holds RNG states (numpy arrays, Python tuples) and the
-    # config; its integrity is checked above and it is only ever a file this trainer wrote.
-    return torch.load(io.BytesIO(body), map_location=map_location, weights_only=False)
+    return safe_torch_load(io.BytesIO(body), Path(path), map_location)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -286,6 +286,10 @@ class DeepSpeedEngine(Engine):
         )
         if problem is not None:
             raise CheckpointError(problem)
+        # DeepSpeed unpickles its shards (torch.load(weights_only=False)): read them all safely
+        # first (a planted folder is refused naming the file), and make its loader a safe one too.
+        ds_checkpoint.check_loadable(path)
+        self._ds.checkpoint_engine.load = ds_checkpoint.load_shard
         load_path, client = self._ds.load_checkpoint(
             str(path.parent),
             tag=path.name,

@@ -12,7 +12,11 @@ truncation or corruption later is detected and ``resume=auto`` falls back) the e
    trainer's checkpoint pattern so listing, pruning and ``resume=auto`` treat it like a file).
 
 A folder without a valid MANIFEST, or whose shards do not match it, fails :func:`verify_dir`.
-This module imports no DeepSpeed (checkpoint.py calls it for every folder-shaped checkpoint); the
+
+DeepSpeed's own loaders unpickle (``torch.load(weights_only=False)``): the engine hands DeepSpeed
+:func:`load_shard` as its checkpoint engine's ``load`` and, like ``addernet-zero-to-state-dict``,
+first reads every shard with :func:`check_loadable`, so a planted folder cannot run code.
+This module imports no DeepSpeed at import time (checkpoint.py calls it for every folder-shaped checkpoint); the
 file-system helpers (atomic verified files, fsync of the folder, removal) are runfolder.py's, shared
 with checkpoint.py.
 """
@@ -25,7 +29,15 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from addernet_dist.runfolder import fsync_dir, load_file, remove, save_file, verify_file
+from addernet_dist.runfolder import (
+    CheckpointError,
+    fsync_dir,
+    load_file,
+    remove,
+    safe_torch_load,
+    save_file,
+    verify_file,
+)
 
 MANIFEST = "MANIFEST"
 FORMAT = "addernet-deepspeed-v1"
@@ -74,6 +86,33 @@ def verify_dir(folder: Path) -> str | None:
         if _sha256(p) != meta["sha256"]:
             return f"DeepSpeed checkpoint shard '{p}' is corrupt (sha256 mismatch)"
     return None
+
+
+def deepspeed_safe_globals() -> list[Any]:
+    """The non-plain types DeepSpeed's ZeRO-1/2 optimizer shards hold (DeepSpeed 0.19: the stage
+    enum, a (start, numel) dataclass, the loss scaler's attribute bag). None of them runs code when
+    rebuilt; without DeepSpeed installed there are none, and such a shard is refused."""
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils import fragment_address
+    except ImportError:
+        return []
+    return [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
+
+
+def load_shard(path: str | Path, map_location: Any = None) -> Any:
+    """A DeepSpeed shard read with ``weights_only=True`` (runfolder.safe_torch_load); the signature
+    of DeepSpeed's ``CheckpointEngine.load``."""
+    return safe_torch_load(Path(path), Path(path), map_location or "cpu", deepspeed_safe_globals())
+
+
+def check_loadable(folder: Path) -> None:
+    """Read every ``*.pt`` file under ``folder`` with :func:`load_shard` (CheckpointError naming the
+    file otherwise): run before anything that lets DeepSpeed unpickle them."""
+    for p in sorted(Path(folder).rglob("*.pt")):
+        if p.is_file():
+            load_shard(p, "cpu")
 
 
 def check_compatible(folder: Path, *, zero_stage: int, world_size: int) -> str | None:
