@@ -51,6 +51,46 @@ class RunFolderError(CheckpointError):
     """The run folder cannot be used as asked (held by another run, holds another run)."""
 
 
+class CheckpointWriteError(CheckpointError):
+    """A file of the run folder could not be written: disk full, quota, file-size limit."""
+
+
+# errnos that mean "no room for this file": disk full, quota exceeded, file-size limit (ulimit -f)
+NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def no_room_error(path: Path, size: int, e: OSError) -> CheckpointWriteError:
+    """The message for a write of ``size`` bytes to ``path`` that failed with ``e`` (one of
+    ``NO_ROOM``): which file, how much room it needs, that nothing earlier was touched."""
+    path = Path(path)
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = -1
+    mib = 1 << 20
+    if e.errno == errno.EFBIG:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        limit = "unlimited" if soft == resource.RLIM_INFINITY else f"{soft} bytes"
+        need = (
+            f"the file needs {size} bytes ({size / mib:.1f} MiB), over this process's file-size "
+            f"limit ({limit}, `ulimit -f`); raise the limit (`ulimit -f unlimited`)"
+        )
+    else:
+        need = (
+            f"the file needs {size} bytes ({size / mib:.1f} MiB), {free} bytes "
+            f"({free / mib:.1f} MiB) are free on its file system; free at least "
+            f"{max(size - free, 0) / mib:.1f} MiB more (or lower train.keep_last)"
+        )
+    return CheckpointWriteError(
+        f"cannot write '{path}': {e.strerror or e} ({need}). Nothing was replaced: the previous "
+        f"'{path.name}', if any, and every earlier checkpoint of the run are intact (the write "
+        "went to a temporary file, now removed); once there is room, the same command resumes "
+        "from the newest checkpoint (resume=auto)"
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Atomic writes
 # ---------------------------------------------------------------------------------------------
@@ -87,6 +127,11 @@ def atomic_write_bytes(data: bytes, path: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno in NO_ROOM:
+            tmp.unlink(missing_ok=True)  # before measuring the free space
+            raise no_room_error(path, len(data), e) from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -194,6 +239,21 @@ def load_file(path: Path, map_location: str | torch.device = "cpu") -> dict[str,
     """A verified file, read with :func:`safe_torch_load` (never unpickled)."""
     body = read_verified(path)
     return safe_torch_load(io.BytesIO(body), Path(path), map_location)
+
+
+def same_checkpoint(a: Path, b: Path) -> bool:
+    """Whether ``b`` is a copy of ``a`` (both verified): the same sha256 footer, or for DeepSpeed
+    folders the same MANIFEST (which holds every shard's sha256)."""
+    a, b = Path(a), Path(b)
+    if a.is_dir() and b.is_dir():
+        manifest = "MANIFEST"  # engine/ds_checkpoint.MANIFEST (which imports this module)
+        return (a / manifest).read_bytes() == (b / manifest).read_bytes()
+    if a.is_file() and b.is_file() and a.stat().st_size == b.stat().st_size:
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            fa.seek(-32, os.SEEK_END)
+            fb.seek(-32, os.SEEK_END)
+            return fa.read() == fb.read()
+    return False
 
 
 # ---------------------------------------------------------------------------------------------

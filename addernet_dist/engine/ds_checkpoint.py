@@ -30,9 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from addernet_dist.runfolder import (
-    CheckpointError,
+    NO_ROOM,
     fsync_dir,
     load_file,
+    no_room_error,
     remove,
     safe_torch_load,
     save_file,
@@ -157,5 +158,17 @@ def copy(src: Path, dst: Path) -> None:
     """Copy the checkpoint folder ``src`` to ``dst`` (e.g. best.pt) with the same crash safety."""
     tmp = tmp_name(dst)
     remove(tmp)
-    shutil.copytree(src, tmp)
+    try:  # file by file: copytree folds the errno of a failed copy into shutil.Error
+        for p in sorted(src.rglob("*")):
+            if p.is_dir():
+                (tmp / p.relative_to(src)).mkdir(parents=True, exist_ok=True)
+            else:
+                (tmp / p.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(p, tmp / p.relative_to(src))
+    except OSError as e:
+        remove(tmp)
+        if e.errno in NO_ROOM:
+            size = sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
+            raise no_room_error(dst, size, e) from None
+        raise
     publish(tmp, dst)
