@@ -13,6 +13,7 @@ Every case is a real debug-config run (1 epoch, 6 steps, checkpoints at steps 2,
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import re
@@ -21,6 +22,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from addernet_dist import checkpoint, runfolder
 from addernet_dist.metrics import EvalResult
@@ -57,6 +59,15 @@ def finished(tmp_path_factory) -> Path:
     ck = out / "checkpoints"
     assert (ck / "step_000000006.pt").read_bytes() == (ck / "best.pt").read_bytes()
     return out
+
+
+def test_a_written_checkpoint_holds_only_tensors_and_plain_types(finished):
+    """What the trainer writes loads with the strictest torch.load: no allowlisted type needed
+    (docs/training.md, 'What a checkpoint may contain')."""
+    body = runfolder.read_verified(finished / "checkpoints" / "step_000000006.pt")
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(body)) == []
+    state = torch.load(io.BytesIO(body), weights_only=True)
+    assert state["client"]["train_state"]["best_step"] == 6
 
 
 # ---- 1. no valid step checkpoint left, best.pt valid ------------------------------------------------
