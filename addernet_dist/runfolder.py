@@ -59,35 +59,40 @@ class CheckpointWriteError(CheckpointError):
 NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
-def no_room_error(path: Path, size: int, e: OSError) -> CheckpointWriteError:
+def no_room_error(path: Path, size: int, e: OSError, appending: bool = False) -> CheckpointWriteError:
     """The message for a write of ``size`` bytes to ``path`` that failed with ``e`` (one of
-    ``NO_ROOM``): which file, how much room it needs, that nothing earlier was touched."""
+    ``NO_ROOM``): which file, how much room it needs, that nothing earlier was touched.
+    ``appending``: a log appended in place (metrics.jsonl), not an atomic write."""
     path = Path(path)
     try:
         free = shutil.disk_usage(path.parent).free
     except OSError:
         free = -1
-    mib = 1 << 20
+    mib, what = 1 << 20, "record" if appending else "file"
     if e.errno == errno.EFBIG:
         import resource
 
         soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
         limit = "unlimited" if soft == resource.RLIM_INFINITY else f"{soft} bytes"
         need = (
-            f"the file needs {size} bytes ({size / mib:.1f} MiB), over this process's file-size "
+            f"the {what} needs {size} bytes ({size / mib:.1f} MiB), over this process's file-size "
             f"limit ({limit}, `ulimit -f`); raise the limit (`ulimit -f unlimited`)"
         )
     else:
         need = (
-            f"the file needs {size} bytes ({size / mib:.1f} MiB), {free} bytes "
-            f"({free / mib:.1f} MiB) are free on its file system; free at least "
-            f"{max(size - free, 0) / mib:.1f} MiB more (or lower train.keep_last)"
+            f"the {what} needs {size} bytes ({size / mib:.1f} MiB), {free} bytes "
+            f"({free / mib:.1f} MiB) are free on its file system now; make room for it: delete "
+            "files there, or lower train.keep_last"
         )
+    kept = (
+        "Every checkpoint of the run is intact (a torn last line of this log is dropped on resume)"
+        if appending
+        else f"Nothing was replaced: the previous '{path.name}', if any, and every earlier checkpoint "
+        "of the run are intact (the write went to a temporary file, now removed)"
+    )
     return CheckpointWriteError(
-        f"cannot write '{path}': {e.strerror or e} ({need}). Nothing was replaced: the previous "
-        f"'{path.name}', if any, and every earlier checkpoint of the run are intact (the write "
-        "went to a temporary file, now removed); once there is room, the same command resumes "
-        "from the newest checkpoint (resume=auto)"
+        f"cannot write '{path}': {e.strerror or e} ({need}). {kept}; once there is room, the same "
+        "command resumes from the newest checkpoint (resume=auto)"
     )
 
 

@@ -294,3 +294,35 @@ def test_an_evaluation_whose_checkpoint_is_not_saved_does_not_become_the_best():
         got = (t.state.best_top1, t.state.best_step)
         assert got == ((20.0, 4) if outcome is None else (30.0, 8))
     assert saved == [True, True]
+
+
+@pytest.mark.timeout(200)
+def test_disk_full_while_appending_metrics_names_the_log(tmp_path, capsys, monkeypatch):
+    from addernet_dist import logging_utils
+
+    real_open = open
+
+    class Full:
+        def __init__(self, f):
+            self.f, self.lines = f, 0
+
+        def write(self, text):
+            self.lines += 1
+            if self.lines == 3:  # the third record: disk full
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(text)
+
+        def __getattr__(self, k):
+            return getattr(self.f, k)
+
+    def fake_open(path, mode="r", *a, **kw):
+        f = real_open(path, mode, *a, **kw)
+        return Full(f) if str(path).endswith("metrics.jsonl") and "a" in mode else f
+
+    monkeypatch.setattr(logging_utils, "open", fake_open, raising=False)
+    out = tmp_path / "run"
+    rc, err = _main(capsys, out)
+    assert rc == 2, err[-3000:]
+    assert "Traceback" not in err and f"cannot write '{out / 'metrics.jsonl'}'" in err, err[-3000:]
+    assert "Every checkpoint of the run is intact" in err
+    assert checkpoint.verify(out / "checkpoints" / "step_000000002.pt") is None
