@@ -326,3 +326,59 @@ def test_disk_full_while_appending_metrics_names_the_log(tmp_path, capsys, monke
     assert "Traceback" not in err and f"cannot write '{out / 'metrics.jsonl'}'" in err, err[-3000:]
     assert "Every checkpoint of the run is intact" in err
     assert checkpoint.verify(out / "checkpoints" / "step_000000002.pt") is None
+
+
+# ---- 5. the same for engine=deepspeed checkpoint folders ---------------------------------------
+
+
+def _ds_folder(folder: Path, fill: int) -> Path:
+    from addernet_dist.engine import ds_checkpoint
+
+    folder.mkdir(parents=True)
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        (folder / name).write_bytes(bytes([fill]) * 5000)
+    ds_checkpoint.write_manifest(folder, {"zero_stage": 2, "world_size": 1})
+    return folder
+
+
+def test_deepspeed_best_copy_on_a_full_disk_keeps_the_old_best(tmp_path, monkeypatch):
+    from addernet_dist.engine import ds_checkpoint
+
+    old = _ds_folder(tmp_path / "best.pt", 1)
+    new = _ds_folder(tmp_path / "step_000000008.pt", 2)
+    assert not checkpoint.same_checkpoint(new, old)
+    real_copy2, calls = shutil.copy2, []
+
+    def copy2(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the second shard: disk full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_copy2(src, dst)
+
+    monkeypatch.setattr(ds_checkpoint.shutil, "copy2", copy2)
+    with pytest.raises(runfolder.CheckpointWriteError, match="cannot write '.*best.pt'.*are intact"):
+        ds_checkpoint.copy(new, old)
+    assert len(calls) == 2 and not (tmp_path / ".best.pt.tmp").exists()
+    assert checkpoint.verify(old) is None and (old / "mp_rank_00_model_states.pt").read_bytes()[0] == 1
+    monkeypatch.undo()
+    ds_checkpoint.copy(new, old)
+    assert checkpoint.same_checkpoint(new, old) and checkpoint.verify(old) is None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE/SIGXFSZ semantics are Linux's")
+def test_deepspeed_checkpoint_over_the_file_size_limit_names_the_folder(tmp_path):
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "run"
+    args = ["--config", str(DEBUG_CONFIG), *FAST, "data.image_size=8", "data.synthetic_train_size=16"]
+    args += ["data.synthetic_val_size=20", "train.global_batch_size=8", "train.epochs=1"]
+    args += ["engine=deepspeed", "deepspeed.zero_stage=2", "deepspeed.micro_batch_size=4"]
+    args += [f"output_dir={out}", "wandb.enabled=false"]
+    # 100 kB: above DeepSpeed's zero_to_fp32.py copy (~35 kB), below each shard (>= 190 kB)
+    proc = run_python(["-c", _FILE_SIZE_LIMIT, "100000", *args], timeout=360, DS_ACCELERATOR="cpu")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    target = out / "checkpoints" / "step_000000002.pt"
+    assert f"cannot write DeepSpeed checkpoint '{target}'" in proc.stderr, proc.stderr[-3000:]
+    assert "file-size limit: 100000 bytes" in proc.stderr and "Traceback" not in proc.stderr
+    assert not target.exists()

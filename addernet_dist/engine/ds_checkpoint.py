@@ -31,6 +31,7 @@ from typing import Any
 
 from addernet_dist.runfolder import (
     NO_ROOM,
+    CheckpointWriteError,
     fsync_dir,
     load_file,
     no_room_error,
@@ -152,6 +153,33 @@ def publish(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
     fsync_dir(final.parent)
     remove(trash)
+
+
+def write_failed(final: Path, e: BaseException) -> CheckpointWriteError:
+    """DeepSpeed's ``save_checkpoint`` of ``final`` failed (its torch.save writer turns a full disk
+    or the file-size limit into a RuntimeError without errno): the room it needs (the newest
+    complete checkpoint folder's size), the room there is, and that nothing earlier was touched."""
+    import resource
+
+    mib = 1 << 20
+    final = Path(final)
+    done = sorted(p for p in final.parent.glob("step_*.pt") if p.is_dir() and p != final)
+    need = sum(f.stat().st_size for f in done[-1].rglob("*") if f.is_file()) if done else None
+    try:
+        free = shutil.disk_usage(final.parent).free
+    except OSError:
+        free = -1
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    limit = "none" if soft == resource.RLIM_INFINITY else f"{soft} bytes (`ulimit -f`)"
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    size = f"about {need / mib:.1f} MiB (the previous checkpoint's size)" if need else "unknown"
+    return CheckpointWriteError(
+        f"cannot write DeepSpeed checkpoint '{final}' ({first}): it needs {size}; "
+        f"{free / mib:.1f} MiB are free on its file system; file-size limit: {limit}. Nothing was "
+        "replaced: every earlier checkpoint of the run is intact (DeepSpeed wrote into the temp "
+        f"folder '{tmp_name(final).name}', removed at the next start). Make room (delete files, "
+        "lower train.keep_last, raise `ulimit -f`), then run the same command (resume=auto)"
+    )
 
 
 def copy(src: Path, dst: Path) -> None:
