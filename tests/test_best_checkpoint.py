@@ -382,3 +382,35 @@ def test_deepspeed_checkpoint_over_the_file_size_limit_names_the_folder(tmp_path
     assert f"cannot write DeepSpeed checkpoint '{target}'" in proc.stderr, proc.stderr[-3000:]
     assert "file-size limit: 100000 bytes" in proc.stderr and "Traceback" not in proc.stderr
     assert not target.exists()
+
+
+def test_restore_best_copies_the_named_step_only_when_best_is_missing_or_stale(tmp_path):
+    """Checkpointer.restore_best over every case: the resumed step is the best (stale best.pt:
+    copied again; an unreadable one moved aside first), an older best step (copied only when
+    best.pt is missing), and both gone (reported, so the run forgets the best)."""
+    from addernet_dist.checkpoint import Checkpointer
+    from addernet_dist.distributed import DistInfo
+
+    ck = Checkpointer(tmp_path, keep_last=3, dist=DistInfo())
+    for step in (4, 8):
+        runfolder.save_file({"step": torch.tensor(step)}, ck.path_for(step))
+    s4, s8, best = ck.path_for(4), ck.path_for(8), ck.best_path
+    ck.copy_to_best(s4)
+    inode = best.stat().st_ino
+    # best.pt is the copy of step 4 = best_step: untouched, whichever step resumes
+    assert ck.restore_best(s8, 4) is False and best.stat().st_ino == inode
+    # resumed step 8 is the best one, best.pt still holds step 4's: copied again
+    assert ck.restore_best(s8, 8) is False and best.read_bytes() == s8.read_bytes()
+    # unreadable best.pt: kept aside as best.pt.corrupt, then replaced
+    best.write_bytes(best.read_bytes()[:-5])
+    torn = best.read_bytes()
+    assert ck.restore_best(s8, 8) is False and best.read_bytes() == s8.read_bytes()
+    assert (ck.dir / "best.pt.corrupt").read_bytes() == torn
+    # best.pt missing, the best step (4) older than the resumed one: copied from step 4's file
+    best.unlink()
+    assert ck.restore_best(s8, 4) is False and best.read_bytes() == s4.read_bytes()
+    # best.pt and step 4 both gone: reported (the caller resets best_top1)
+    best.unlink()
+    s4.unlink()
+    assert ck.restore_best(s8, 4) is True and not best.exists()
+    assert ck.restore_best(s8, None) is False  # a checkpoint from before best_step existed
