@@ -45,6 +45,7 @@ from addernet_dist.runfolder import (  # noqa: F401  (re-exported: the checkpoin
     load_file,
     read_verified,
     remove,
+    same_checkpoint,
     save_file,
     verify_file,
 )
@@ -81,9 +82,19 @@ def step_of(path: Path) -> int | None:
 
 
 def rng_state() -> dict[str, Any]:
+    """Plain types and tensors only (a checkpoint may hold nothing else, runfolder.safe_torch_load):
+    numpy's legacy tuple becomes a dict with its 624 uint32 words as an int64 tensor."""
+    key, words, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    numpy_state = {
+        "key": str(key),
+        "words": torch.from_numpy(words.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached),
+    }
     state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": random.getstate(),  # (version, tuple of 625 ints, None)
+        "numpy": numpy_state,
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -93,7 +104,11 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    ns = state["numpy"]
+    if isinstance(ns, dict):
+        words = ns["words"].numpy().astype(np.uint32)
+        ns = (ns["key"], words, ns["pos"], ns["has_gauss"], ns["cached_gaussian"])
+    np.random.set_state(ns)  # a dict, or the tuple checkpoints before the safe-loading rule hold
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -329,7 +344,12 @@ class Checkpointer:
         if resume == "none":
             return plan
         if resume == "auto":
-            found = self.newest_valid(move_aside=True)
+            found = self.newest_valid(move_aside=True) or self._valid_best()
+            if found == self.best_path:
+                plan.notes.append(
+                    f"no valid step checkpoint in '{self.dir}': resuming from best.pt (a complete "
+                    "checkpoint of the best evaluation) instead of starting from scratch over it"
+                )
             if found is None:
                 if existing:
                     plan.from_scratch = True
@@ -347,6 +367,48 @@ class Checkpointer:
             if inside:
                 plan.supersede_after = int(state["client"]["train_state"]["global_step"])
         return plan
+
+    def _valid_best(self) -> Path | None:
+        """best.pt when it verifies; an unreadable one is moved aside (a fresh start would
+        otherwise overwrite it: never delete what may be all a user has)."""
+        if not self.best_path.exists():
+            return None
+        problem = self._check(self.best_path)
+        if problem is None:
+            return self.best_path
+        self.move_aside(self.best_path, problem)
+        return None
+
+    def restore_best(self, resumed: Path, best_step: int | None) -> bool:
+        """Collective, after a resume. The train state names the step whose checkpoint is best.pt
+        (``best_step``, recorded with best_top1 before the copy): a run killed (or out of disk)
+        while copying it left best.pt missing or holding the previous best, so copy it again.
+        Returns True when neither best.pt nor the step's checkpoint is left (the caller then
+        forgets the best so the next evaluation at the final p makes a best.pt again)."""
+        lost = False
+        if self.dist.is_main and best_step is not None and Path(resumed) != self.best_path:
+            problem = self._check(self.best_path) if self.best_path.exists() else "missing"
+            best_ok = problem is None
+            if self.best_path.exists() and not best_ok:
+                self.move_aside(self.best_path, problem)  # replaced below: keep it for the user
+            # the resumed checkpoint is the best one (killed while copying it): best.pt must be it;
+            # else only a missing or unreadable best.pt is replaced, from the best step's file
+            src = Path(resumed) if step_of(resumed) == best_step else self.path_for(best_step)
+            if src == Path(resumed) and best_ok and same_checkpoint(src, self.best_path):
+                pass
+            elif src == Path(resumed) or (not best_ok and src.exists() and self._check(src) is None):
+                log.warning(
+                    "best.pt is not the checkpoint of step %d, the best evaluation (the run stopped "
+                    "while copying it): copying %s to best.pt again", best_step, src.name
+                )
+                self.copy_to_best(src)
+            elif not best_ok:
+                log.warning(
+                    "best.pt (step %d) is missing or unreadable and that step's checkpoint is gone: "
+                    "the next evaluation at the final p becomes best.pt", best_step
+                )
+                lost = True
+        return bool(self.dist.broadcast_object(lost))
 
     def commit(self, plan: ResumePlan) -> None:
         """Rank 0, once the resume checkpoint loaded and fits the run: move the previous run

@@ -114,10 +114,11 @@ class Evaluator:
         return self.final_p is None or abs(p - self.final_p) < 1e-9
 
     def is_new_best(self, result: EvalResult, p: float | None, state: Any) -> bool:
-        """Whether ``result`` becomes best.pt; records its top-1 in ``state.best_top1`` (the
-        checkpoint keeps the best top-1 in the train state) when it is a candidate."""
-        if not self.best_candidate(p):
+        """Whether ``result`` becomes best.pt. A new best is recorded in the train state
+        (``best_top1``: the maximum over the candidates; ``best_step``: the step whose checkpoint
+        becomes best.pt) before the checkpoint that carries it is written: a run stopped while
+        copying it to best.pt copies it again on resume (Checkpointer.restore_best)."""
+        if not self.best_candidate(p) or not result.top1 > state.best_top1:
             return False
-        is_best = result.top1 > state.best_top1
-        state.best_top1 = max(state.best_top1, result.top1)
-        return is_best
+        state.best_top1, state.best_step = result.top1, state.global_step
+        return True

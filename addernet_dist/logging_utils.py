@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from addernet_dist.config import Config, WandbConfig
-from addernet_dist.runfolder import dumps_strict
+from addernet_dist.runfolder import NO_ROOM, dumps_strict, no_room_error
 
 log = logging.getLogger("addernet_dist")
 
@@ -104,8 +104,14 @@ class MetricsLogger:
         if not self.enabled:
             return
         # Strict JSON (a NaN loss is written as null; strict parsers reject NaN tokens).
-        self._file.write(dumps_strict(record) + "\n")
-        self._file.flush()
+        line = dumps_strict(record) + "\n"
+        try:
+            self._file.write(line)
+            self._file.flush()
+        except OSError as e:
+            if e.errno in NO_ROOM:  # disk full / file-size limit: say so, not a traceback
+                raise no_room_error(self.path, len(line.encode()), e, appending=True) from None
+            raise
         if self._wandb is not None:
             kind = record.get("kind", "train")
             if kind == "resume":

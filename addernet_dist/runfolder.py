@@ -12,6 +12,9 @@ One module for what checkpoint.py (single-file checkpoints, retention) and engin
 - :class:`RunLock`: one writer per run folder (``<output_dir>/.lock``).
 - :func:`clean_stale_temp`: temp files and folders a killed writer left behind.
 - :func:`strict_json`: every JSON the package writes is strict (no NaN/Infinity tokens).
+- :func:`safe_torch_load`: the one way the package reads a ``torch.save`` file: ``weights_only=True``
+  (tensors, numbers, strings, lists, tuples, dicts), never unpickling code. The sha256 footer
+  checks integrity, not trust: a stranger's file with a valid footer is still a stranger's file.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 import shutil
 import socket
@@ -45,6 +49,51 @@ class CheckpointError(RuntimeError):
 
 class RunFolderError(CheckpointError):
     """The run folder cannot be used as asked (held by another run, holds another run)."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A file of the run folder could not be written: disk full, quota, file-size limit."""
+
+
+# errnos that mean "no room for this file": disk full, quota exceeded, file-size limit (ulimit -f)
+NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def no_room_error(path: Path, size: int, e: OSError, appending: bool = False) -> CheckpointWriteError:
+    """The message for a write of ``size`` bytes to ``path`` that failed with ``e`` (one of
+    ``NO_ROOM``): which file, how much room it needs, that nothing earlier was touched.
+    ``appending``: a log appended in place (metrics.jsonl), not an atomic write."""
+    path = Path(path)
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = -1
+    mib, what = 1 << 20, "record" if appending else "file"
+    if e.errno == errno.EFBIG:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        limit = "unlimited" if soft == resource.RLIM_INFINITY else f"{soft} bytes"
+        need = (
+            f"the {what} needs {size} bytes ({size / mib:.1f} MiB), over this process's file-size "
+            f"limit ({limit}, `ulimit -f`); raise the limit (`ulimit -f unlimited`)"
+        )
+    else:
+        need = (
+            f"the {what} needs {size} bytes ({size / mib:.1f} MiB), {free} bytes "
+            f"({free / mib:.1f} MiB) are free on its file system now; make room for it: delete "
+            "files there, or lower train.keep_last"
+        )
+    kept = (
+        "Every checkpoint of the run is intact (a torn last line of this log is dropped on resume)"
+        if appending
+        else f"Nothing was replaced: the previous '{path.name}', if any, and every earlier checkpoint "
+        "of the run are intact (the write went to a temporary file, now removed)"
+    )
+    return CheckpointWriteError(
+        f"cannot write '{path}': {e.strerror or e} ({need}). {kept}; once there is room, the same "
+        "command resumes from the newest checkpoint (resume=auto)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,6 +132,11 @@ def atomic_write_bytes(data: bytes, path: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno in NO_ROOM:
+            tmp.unlink(missing_ok=True)  # before measuring the free space
+            raise no_room_error(path, len(data), e) from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -148,11 +202,63 @@ def verify_file(path: Path) -> str | None:
     return None
 
 
+def _legacy_numpy_globals() -> list[Any]:
+    """What checkpoints written before the safe-loading rule hold besides plain types: numpy's RNG
+    state (a uint32 array). Rebuilding such an array calls no code of the file's choosing."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def safe_torch_load(
+    src: Path | io.BytesIO,
+    path: Path,
+    map_location: str | torch.device = "cpu",
+    extra_globals: list[Any] | tuple[Any, ...] = (),
+) -> Any:
+    """``torch.load(src, weights_only=True)``: tensors, numbers, strings, None and containers of
+    them (plus the legacy numpy RNG array and ``extra_globals``); any other object in the pickle,
+    a ``__reduce__`` that would run a command included, is refused with a :class:`CheckpointError`
+    naming ``path`` and the refused object, before anything of it runs."""
+    try:
+        with torch.serialization.safe_globals([*_legacy_numpy_globals(), *extra_globals]):
+            return torch.load(src, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, ValueError, TypeError, AttributeError, EOFError) as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        # torch's message is a page long; keep the line that names the refused object
+        keys = ("GLOBAL", "Can only build", "WeightsUnpickler")
+        why = next((ln for ln in lines if any(k in ln for k in keys)), lines[0])
+        why = why[why.find("WeightsUnpickler error") :] if "WeightsUnpickler" in why else why
+        why = why.split(". Please use")[0]
+        raise CheckpointError(
+            f"'{path}' holds something a checkpoint may not contain, or is not a torch.save file "
+            f"({why}): addernet-dist reads "
+            "checkpoints with torch.load(weights_only=True) only (tensors, numbers, strings, "
+            "lists, dicts) and never unpickles other objects, whoever wrote the file. Save a "
+            "state_dict of tensors instead (docs/training.md, 'What a checkpoint may contain')"
+        ) from None
+
+
 def load_file(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A verified file, read with :func:`safe_torch_load` (never unpickled)."""
     body = read_verified(path)
-    # weights_only=False: the file also holds RNG states (numpy arrays, Python tuples) and the
-    # config; its integrity is checked above and it is only ever a file this trainer wrote.
-    return torch.load(io.BytesIO(body), map_location=map_location, weights_only=False)
+    return safe_torch_load(io.BytesIO(body), Path(path), map_location)
+
+
+def same_checkpoint(a: Path, b: Path) -> bool:
+    """Whether ``b`` is a copy of ``a`` (both verified): the same sha256 footer, or for DeepSpeed
+    folders the same MANIFEST (which holds every shard's sha256)."""
+    a, b = Path(a), Path(b)
+    if a.is_dir() and b.is_dir():
+        manifest = "MANIFEST"  # engine/ds_checkpoint.MANIFEST (which imports this module)
+        return (a / manifest).read_bytes() == (b / manifest).read_bytes()
+    if a.is_file() and b.is_file() and a.stat().st_size == b.stat().st_size:
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            fa.seek(-32, os.SEEK_END)
+            fb.seek(-32, os.SEEK_END)
+            return fa.read() == fb.read()
+    return False
 
 
 # ---------------------------------------------------------------------------------------------

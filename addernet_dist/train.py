@@ -249,6 +249,8 @@ def _train(cfg: Config, dist: DistInfo) -> EvalResult | None:
                 (log.warning if changes else log.info)("resume: %s", line)
     # Everything is validated (config, data, the resume checkpoint): only now change the folder.
     ckpt.commit(plan)
+    if resume_from is not None and ckpt.restore_best(resume_from, state.best_step):
+        state.best_top1, state.best_step = -1.0, None  # best.pt is gone: the next one makes it
     if dist.is_main:
         save_resolved(cfg, cfg.output_dir)
 

@@ -10,6 +10,7 @@ checkpoint file (checkpoint.py: ``torch.save`` + sha256 footer) holds::
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 
-from addernet_dist import checkpoint
+from addernet_dist import checkpoint, runfolder
 
 
 @dataclass(frozen=True)
@@ -42,11 +43,13 @@ def read_trained_weights(
     """
     path = Path(path)
     try:
-        state = checkpoint.load_file(path)
+        body = checkpoint.read_verified(path)
     except checkpoint.CheckpointError:
         if not allow_state_dict:
             raise
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = runfolder.safe_torch_load(path, path)  # a bare state_dict: never unpickled either
+    else:
+        state = runfolder.safe_torch_load(io.BytesIO(body), path)
     if not isinstance(state, dict):
         raise ValueError(f"'{path}' is not a checkpoint or state_dict file")
     engine, client = state.get("engine", {}), state.get("client", {})

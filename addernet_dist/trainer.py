@@ -67,7 +67,8 @@ class Stateful(Protocol):
 class TrainState:
     epoch: int = 0  # epoch the loop is in (== epochs when done)
     global_step: int = 0  # optimizer steps taken
-    best_top1: float = -1.0
+    best_top1: float = -1.0  # the maximum top-1 over the evaluations at the final p
+    best_step: int | None = None  # the step whose checkpoint is best.pt (Checkpointer.restore_best)
     wandb_run_id: str | None = None
 
     def state_dict(self) -> dict[str, Any]:
@@ -284,7 +285,10 @@ class Trainer:
             f"epoch {state.epoch}: val top1 {result.top1:.2f}% top5 {result.top5:.2f}% "
             f"loss {result.loss:.4f} ({result.count} images)"
         )
-        self.save(best=self.evaluator.is_new_best(result, self.p, state))
+        before = (state.best_top1, state.best_step)
+        best = self.evaluator.is_new_best(result, self.p, state)  # recorded in the checkpoint
+        if self.save(best=best) is None:  # not saved (non-finite): best.pt still holds the old best
+            state.best_top1, state.best_step = before
 
     def _train_record(self, loss: torch.Tensor, stats: StepStats) -> dict[str, Any]:
         """Host-syncing summary of the last step (called on log steps only)."""

@@ -41,7 +41,9 @@ def load_zero_checkpoint(folder: str | Path) -> dict[str, Any]:
     problem = ds_checkpoint.verify_dir(folder)
     if problem is not None:
         raise CheckpointError(problem)
-    states = torch.load(folder / _MODEL_FILE, map_location="cpu", weights_only=False)
+    # every shard, not only the model file: DeepSpeed's zero_to_fp32 below unpickles the others
+    ds_checkpoint.check_loadable(folder)
+    states = ds_checkpoint.load_shard(folder / _MODEL_FILE, "cpu")
     model = dict(states["module"])
     lowp = [k for k, v in model.items() if torch.is_tensor(v) and v.dtype == torch.bfloat16]
     if lowp:

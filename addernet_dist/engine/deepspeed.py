@@ -260,9 +260,12 @@ class DeepSpeedEngine(Engine):
             # The converter needs the map.
             "addernet_state_keys": _state_keys(self._module),
         }
-        self._ds.save_checkpoint(
-            str(tmp.parent), tag=tmp.name, client_state=state, save_latest=False
-        )
+        try:
+            self._ds.save_checkpoint(
+                str(tmp.parent), tag=tmp.name, client_state=state, save_latest=False
+            )
+        except (OSError, RuntimeError) as e:  # torch's writer reports ENOSPC/EFBIG as RuntimeError
+            raise ds_checkpoint.write_failed(path, e) from None
         self.dist.barrier()  # every rank's shard is on disk
         if self.dist.is_main:
             ds_checkpoint.write_manifest(
@@ -286,6 +289,10 @@ class DeepSpeedEngine(Engine):
         )
         if problem is not None:
             raise CheckpointError(problem)
+        # DeepSpeed unpickles its shards (torch.load(weights_only=False)): read them all safely
+        # first (a planted folder is refused naming the file), and make its loader a safe one too.
+        ds_checkpoint.check_loadable(path)
+        self._ds.checkpoint_engine.load = ds_checkpoint.load_shard
         load_path, client = self._ds.load_checkpoint(
             str(path.parent),
             tag=path.name,

@@ -12,7 +12,11 @@ truncation or corruption later is detected and ``resume=auto`` falls back) the e
    trainer's checkpoint pattern so listing, pruning and ``resume=auto`` treat it like a file).
 
 A folder without a valid MANIFEST, or whose shards do not match it, fails :func:`verify_dir`.
-This module imports no DeepSpeed (checkpoint.py calls it for every folder-shaped checkpoint); the
+
+DeepSpeed's own loaders unpickle (``torch.load(weights_only=False)``): the engine hands DeepSpeed
+:func:`load_shard` as its checkpoint engine's ``load`` and, like ``addernet-zero-to-state-dict``,
+first reads every shard with :func:`check_loadable`, so a planted folder cannot run code.
+This module imports no DeepSpeed at import time (checkpoint.py calls it for every folder-shaped checkpoint); the
 file-system helpers (atomic verified files, fsync of the folder, removal) are runfolder.py's, shared
 with checkpoint.py.
 """
@@ -25,7 +29,17 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from addernet_dist.runfolder import fsync_dir, load_file, remove, save_file, verify_file
+from addernet_dist.runfolder import (
+    NO_ROOM,
+    CheckpointWriteError,
+    fsync_dir,
+    load_file,
+    no_room_error,
+    remove,
+    safe_torch_load,
+    save_file,
+    verify_file,
+)
 
 MANIFEST = "MANIFEST"
 FORMAT = "addernet-deepspeed-v1"
@@ -76,6 +90,33 @@ def verify_dir(folder: Path) -> str | None:
     return None
 
 
+def deepspeed_safe_globals() -> list[Any]:
+    """The non-plain types DeepSpeed's ZeRO-1/2 optimizer shards hold (DeepSpeed 0.19: the stage
+    enum, a (start, numel) dataclass, the loss scaler's attribute bag). None of them runs code when
+    rebuilt; without DeepSpeed installed there are none, and such a shard is refused."""
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils import fragment_address
+    except ImportError:
+        return []
+    return [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
+
+
+def load_shard(path: str | Path, map_location: Any = None) -> Any:
+    """A DeepSpeed shard read with ``weights_only=True`` (runfolder.safe_torch_load); the signature
+    of DeepSpeed's ``CheckpointEngine.load``."""
+    return safe_torch_load(Path(path), Path(path), map_location or "cpu", deepspeed_safe_globals())
+
+
+def check_loadable(folder: Path) -> None:
+    """Read every ``*.pt`` file under ``folder`` with :func:`load_shard` (CheckpointError naming the
+    file otherwise): run before anything that lets DeepSpeed unpickle them."""
+    for p in sorted(Path(folder).rglob("*.pt")):
+        if p.is_file():
+            load_shard(p, "cpu")
+
+
 def check_compatible(folder: Path, *, zero_stage: int, world_size: int) -> str | None:
     """None if this run can load ``folder``, else why not (and what to do instead).
 
@@ -114,9 +155,48 @@ def publish(tmp: Path, final: Path) -> None:
     remove(trash)
 
 
+def write_failed(final: Path, e: BaseException) -> CheckpointWriteError:
+    """DeepSpeed's ``save_checkpoint`` of ``final`` failed (its torch.save writer turns a full disk
+    or the file-size limit into a RuntimeError without errno): the room it needs (the newest
+    complete checkpoint folder's size), the room there is, and that nothing earlier was touched."""
+    import resource
+
+    mib = 1 << 20
+    final = Path(final)
+    done = sorted(p for p in final.parent.glob("step_*.pt") if p.is_dir() and p != final)
+    need = sum(f.stat().st_size for f in done[-1].rglob("*") if f.is_file()) if done else None
+    try:
+        free = shutil.disk_usage(final.parent).free
+    except OSError:
+        free = -1
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    limit = "none" if soft == resource.RLIM_INFINITY else f"{soft} bytes (`ulimit -f`)"
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    size = f"about {need / mib:.1f} MiB (the previous checkpoint's size)" if need else "unknown"
+    return CheckpointWriteError(
+        f"cannot write DeepSpeed checkpoint '{final}' ({first}): it needs {size}; "
+        f"{free / mib:.1f} MiB are free on its file system; file-size limit: {limit}. Nothing was "
+        "replaced: every earlier checkpoint of the run is intact (DeepSpeed wrote into the temp "
+        f"folder '{tmp_name(final).name}', removed at the next start). Make room (delete files, "
+        "lower train.keep_last, raise `ulimit -f`), then run the same command (resume=auto)"
+    )
+
+
 def copy(src: Path, dst: Path) -> None:
     """Copy the checkpoint folder ``src`` to ``dst`` (e.g. best.pt) with the same crash safety."""
     tmp = tmp_name(dst)
     remove(tmp)
-    shutil.copytree(src, tmp)
+    try:  # file by file: copytree folds the errno of a failed copy into shutil.Error
+        for p in sorted(src.rglob("*")):
+            if p.is_dir():
+                (tmp / p.relative_to(src)).mkdir(parents=True, exist_ok=True)
+            else:
+                (tmp / p.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(p, tmp / p.relative_to(src))
+    except OSError as e:
+        remove(tmp)
+        if e.errno in NO_ROOM:
+            size = sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
+            raise no_room_error(dst, size, e) from None
+        raise
     publish(tmp, dst)
