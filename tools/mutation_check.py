@@ -309,8 +309,8 @@ MUTATIONS = [
         "best-top1-latest",
         "the recorded best top-1 is the latest candidate's, not the maximum",
         "addernet_dist/evaluator.py",
-        "state.best_top1 = max(state.best_top1, result.top1)",
-        "state.best_top1 = result.top1",
+        "if not self.best_candidate(p) or not result.top1 > state.best_top1:",
+        "if not self.best_candidate(p):",
         ("tests/test_saved_models.py::test_best_pt_is_the_maximum_of_the_final_p_evaluations",),
     ),
     Mutation(
