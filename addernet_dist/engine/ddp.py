@@ -11,13 +11,11 @@ import copy
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from addernet_dist.adaptive_lr import AdaptiveLRScaler
 from addernet_dist.config import Config
-from addernet_dist.device_policy import autocast
 from addernet_dist.distributed import DistInfo
 from addernet_dist.engine.base import (
     Engine,
@@ -25,14 +23,20 @@ from addernet_dist.engine.base import (
     maybe_fuse_adder_bn,
     resolve_autocast_dtype,
 )
-from addernet_dist.metrics import upcast_logits
+from addernet_dist.loss import Criterion
 from addernet_dist.nn import adder_modules
 from addernet_dist.optim import build_lr_scheduler, build_optimizer
 
 
 class DDPEngine(Engine):
     def __init__(
-        self, model: nn.Module, cfg: Config, dist: DistInfo, *, steps_per_epoch: int
+        self,
+        model: nn.Module,
+        cfg: Config,
+        dist: DistInfo,
+        *,
+        steps_per_epoch: int,
+        teacher: nn.Module | None = None,
     ) -> None:
         self.dist = dist
         self.device = dist.device
@@ -42,6 +46,9 @@ class DDPEngine(Engine):
         self.fused_adder_bn = maybe_fuse_adder_bn(model, cfg.adder.fuse_bn, self.device)
         self._module = model
         self.autocast_dtype = resolve_autocast_dtype(cfg.train.bf16, self.device)
+        # The loss of both engines (loss.py); the teacher stays outside DDP and the optimizer.
+        self.criterion = Criterion.from_config(cfg, self.autocast_dtype, teacher)
+        self.loss_parts: dict[str, torch.Tensor] = {}
 
         # Built on the bare module BEFORE wrapping: the "local" scope registers gradient hooks
         # that must run before DDP's reducer, and the parameters are the ones DDP reduces.
@@ -71,11 +78,7 @@ class DDPEngine(Engine):
         self._params = [p for p in model.parameters() if p.requires_grad]
 
     def forward_backward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        with autocast(self.device.type, self.autocast_dtype):
-            logits = self.model(images)
-        # CE in (at least) fp32 whatever the autocast dtype: the log-softmax of 1000 bf16 logits
-        # loses ~3 significant digits of the loss.
-        loss = F.cross_entropy(upcast_logits(logits), labels)
+        loss, self.loss_parts = self.criterion(self.model, images, labels)
         loss.backward()  # DDP all-reduces (averages) the grads during backward
         return loss.detach()
 
