@@ -269,3 +269,34 @@ def test_teacher_file_is_never_unpickled(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"weights_only=True"):
         load_teacher("resnet8", path, 7)
     assert "unpickled!" not in capsys.readouterr().out
+
+
+# ---- the trainer: mixing of each batch, the CE and KD terms logged ---------------------------------
+
+
+def _first_record(tmp_path, name: str, extra: list[str]) -> dict:
+    import json
+
+    from tests.train_helpers import run_python, train_cmd
+
+    out = tmp_path / name
+    args = ["train.epochs=1", "data.synthetic_train_size=32", "train.log_every=1", "train.bf16=false",
+            f"output_dir={out}", *extra]
+    proc = run_python(train_cmd(args))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return next(r for r in recs if r.get("kind") == "train")
+
+
+@pytest.mark.timeout(300)
+def test_trainer_mixes_batches_and_logs_ce_and_kd_terms(tmp_path):
+    teacher = _ours(tmp_path / "teacher.pt", _teacher(10))
+    kd = [f"distill.teacher_checkpoint={teacher}", "distill.teacher=resnet8", "distill.weight=0.25"]
+    plain = _first_record(tmp_path, "plain", kd)
+    mixed = _first_record(tmp_path, "mixed", [*kd, "train.mixup_alpha=0.4", "train.cutmix_alpha=1.0"])
+    for rec in (plain, mixed):  # the step's loss is the logged terms' mix
+        assert rec["loss"] == pytest.approx(0.75 * rec["loss_ce"] + 0.25 * rec["loss_kd"], rel=1e-5)
+        assert rec["loss_kd"] > 0
+    # same init, same first batch: only the mixing differs (the trainer applies it)
+    assert abs(mixed["loss_ce"] - plain["loss_ce"]) > 1e-3
+    assert "loss_ce" not in _first_record(tmp_path, "nokd", [])
