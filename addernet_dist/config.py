@@ -192,13 +192,21 @@ class DistillConfig(_Section):
     teacher_kwargs: dict[str, Any] = Field(default_factory=dict)
     weight: float = Field(default=0.5, ge=0, le=1)
     temperature: float = Field(default=4.0, gt=0)
+    # PKKD's progressive setting: the CNN teacher is trained jointly, in the same step, on the labels
+    # (its own CE, SGD with this run's optim section) while the student distils from its current
+    # logits; teacher_checkpoint is then optional (initial weights). The teacher's model, optimizer
+    # and LR schedule are part of the checkpoint. engine=ddp only.
+    co_train: bool = False
 
     @model_validator(mode="after")
     def _teacher_and_weights(self) -> DistillConfig:
-        if (self.teacher is None) != (self.teacher_checkpoint is None):
+        if self.co_train and self.teacher is None:
+            raise ValueError("distill.co_train=true needs distill.teacher (a model name, e.g. resnet8)")
+        if not self.co_train and (self.teacher is None) != (self.teacher_checkpoint is None):
             raise ValueError(
                 "distill.teacher and distill.teacher_checkpoint go together: set both (a teacher "
-                "model name and its trained weights) or neither (no distillation)"
+                "model name and its trained weights) or neither (no distillation); "
+                "distill.co_train=true trains the teacher from scratch instead"
             )
         return self
 

@@ -128,10 +128,64 @@ def load_teacher(
 
 
 def build_teacher(cfg: Config, num_classes: int, device: torch.device) -> nn.Module | None:
-    """The run's frozen teacher on ``device`` (None without ``distill.teacher``)."""
+    """The run's teacher on ``device`` (None without ``distill.teacher``): frozen, or with
+    ``distill.co_train`` trainable and in train mode (initial weights from teacher_checkpoint, if
+    given; else a fresh model from the current RNG, the same on every rank)."""
     d = cfg.distill
-    if d.teacher is None or d.teacher_checkpoint is None:
+    if d.teacher is None:
         return None
-    teacher = load_teacher(d.teacher, d.teacher_checkpoint, num_classes, d.teacher_kwargs)
+    if d.teacher_checkpoint is not None:
+        teacher = load_teacher(d.teacher, d.teacher_checkpoint, num_classes, d.teacher_kwargs)
+    else:
+        teacher = create_model(d.teacher, conv="conv", num_classes=num_classes, **d.teacher_kwargs)
+    if d.co_train:
+        teacher.requires_grad_(True).train()
     memory_format = torch.channels_last if cfg.train.channels_last else torch.preserve_format
     return teacher.to(device=device, memory_format=memory_format)
+
+
+class CoTrainedTeacher:
+    """``distill.co_train``: the CNN teacher, trained in the student's step on its own CE.
+
+    Its gradient comes from ``loss.Criterion`` (teacher CE; the KD term sees detached teacher logits,
+    so the student never pushes the teacher), is all-reduced by its own DDP wrapper on several ranks,
+    optionally clipped (``train.grad_clip``, on its own norm), and applied by SGD-NAG with this run's
+    ``optim`` section and LR schedule. No adaptive LR (a CNN has no adder layers). Checkpointed by the
+    engine as ``state["teacher"] = {"model", "optimizer", "lr_scheduler"}``.
+    """
+
+    def __init__(self, module: nn.Module, cfg: Config, dist: Any, *, steps_per_epoch: int) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        from addernet_dist.optim import build_lr_scheduler, build_optimizer
+
+        self.module = module
+        self.wrapped: nn.Module = module
+        if dist.world_size > 1:
+            ids = [dist.device.index] if dist.device.type == "cuda" else None
+            self.wrapped = DistributedDataParallel(module, device_ids=ids)
+        self.optimizer = build_optimizer(module, cfg.optim)
+        self.lr_scheduler = build_lr_scheduler(
+            self.optimizer, cfg.optim, steps_per_epoch=steps_per_epoch, epochs=cfg.train.epochs
+        )
+        self.grad_clip = cfg.train.grad_clip
+        self._params = [p for p in module.parameters() if p.requires_grad]
+
+    def step(self) -> None:
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip, foreach=True)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])

@@ -9,6 +9,7 @@ The loss (``training_loss``, pure, on logits)::
     KD   = T^2 * KL(softmax(teacher / T) || softmax(student / T))           (batch mean)
     loss = CE                                     without a teacher
          = (1 - distill.weight) * CE + distill.weight * KD                   with one
+         + CE(teacher, targets)                        distill.co_train (the teacher learns too)
 
 ``targets`` are class indices (B,) int64 or, after mixup/cutmix (:class:`BatchMixer`), soft targets
 (B, C) float rows summing to 1; label smoothing applies to both the same way (torch's
@@ -83,8 +84,10 @@ class Criterion:
         teacher: nn.Module | None = None,
         kd_weight: float = 0.0,
         temperature: float = 1.0,
+        co_train: bool = False,
     ) -> None:
         self.autocast_dtype = autocast_dtype
+        self.co_train = co_train
         self.label_smoothing = label_smoothing
         self.teacher = teacher
         self.kd_weight = kd_weight
@@ -100,6 +103,7 @@ class Criterion:
             teacher=teacher,
             kd_weight=cfg.distill.weight,
             temperature=cfg.distill.temperature,
+            co_train=cfg.distill.co_train,
         )
 
     def __call__(
@@ -108,13 +112,15 @@ class Criterion:
         teacher_logits = None
         with autocast(images.device.type, self.autocast_dtype):
             logits = model(images)
-            if self.teacher is not None:
+            if self.teacher is not None and self.co_train:
+                teacher_logits = self.teacher(images.float())
+            elif self.teacher is not None:
                 if self.teacher.training:  # engine.train() only ever touches the student
-                    raise RuntimeError("the distillation teacher must stay in eval mode")
+                    raise RuntimeError("the frozen distillation teacher must stay in eval mode")
                 with torch.no_grad():
                     # fp32 teacher: DeepSpeed's bf16 precision hands the student bf16 images
                     teacher_logits = self.teacher(images.float())
-        return training_loss(
+        loss, parts = training_loss(
             logits,
             targets,
             teacher_logits,
@@ -122,6 +128,15 @@ class Criterion:
             kd_weight=self.kd_weight,
             temperature=self.temperature,
         )
+        if self.co_train and teacher_logits is not None:
+            # The teacher learns on the labels; kd_loss detached its logits, so the two gradients
+            # stay apart and one backward of the sum trains both (PKKD's progressive setting).
+            teacher_ce = F.cross_entropy(
+                upcast_logits(teacher_logits), targets, label_smoothing=self.label_smoothing
+            )
+            loss = loss + teacher_ce
+            parts["teacher_ce"] = teacher_ce.detach()
+        return loss, parts
 
 
 # ---------------------------------------------------------------------------------------------

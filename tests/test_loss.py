@@ -300,3 +300,93 @@ def test_trainer_mixes_batches_and_logs_ce_and_kd_terms(tmp_path):
     # same init, same first batch: only the mixing differs (the trainer applies it)
     assert abs(mixed["loss_ce"] - plain["loss_ce"]) > 1e-3
     assert "loss_ce" not in _first_record(tmp_path, "nokd", [])
+
+
+# ---- distill.co_train: the teacher learns on the labels in the student's step ----------------------
+
+CO = [*PLAIN, "distill.teacher=resnet8", "distill.co_train=true", "distill.weight=0.5",
+      "train.label_smoothing=0.1"]
+
+
+def _co_engine(seed: int):
+    from addernet_dist.distill import build_teacher
+
+    cfg = load_config(DEBUG_CONFIG, CO)
+    torch.manual_seed(seed)
+    model = build_model(cfg, num_classes=10)
+    teacher = build_teacher(cfg, 10, torch.device("cpu"))
+    return DDPEngine(model, cfg, DistInfo(), steps_per_epoch=4, teacher=teacher), model, teacher
+
+
+def _batches(n: int):
+    g = torch.Generator().manual_seed(11)
+    return [(torch.randn(8, 3, 8, 8, generator=g), torch.randint(10, (8,), generator=g)) for _ in range(n)]
+
+
+def test_co_trained_teacher_learns_on_its_own_cross_entropy_only():
+    import copy
+
+    engine, model, teacher = _co_engine(0)
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())
+    optimized = {id(p) for g in engine.optimizer.param_groups for p in g["params"]}
+    assert not optimized & {id(p) for p in teacher.parameters()}  # its own optimizer
+    assert {id(p) for g in engine.co_teacher.optimizer.param_groups for p in g["params"]} == {
+        id(p) for p in teacher.parameters()
+    }
+    x, y = _batches(1)[0]
+    ref = copy.deepcopy(teacher)
+    ref_ce = torch.nn.functional.cross_entropy(ref(x), y, label_smoothing=0.1)
+    ref_ce.backward()
+    loss = engine.forward_backward(x, y)
+    # the teacher's gradient is exactly its own CE's: the KD term does not reach it
+    for (name, p), q in zip(teacher.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+    parts = engine.loss_parts
+    assert float(parts["teacher_ce"]) == pytest.approx(float(ref_ce.detach()), rel=1e-5)
+    assert float(loss) == pytest.approx(0.5 * float(parts["ce"]) + 0.5 * float(parts["kd"])
+                                        + float(parts["teacher_ce"]), rel=1e-5)
+    before = [p.detach().clone() for p in teacher.parameters()]
+    engine.step()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert any(not torch.equal(a, p) for a, p in zip(before, teacher.parameters(), strict=True))
+
+
+def test_co_train_resume_is_exact():
+    import copy
+
+    batches = _batches(4)
+    engine, model, teacher = _co_engine(0)
+    for x, y in batches[:2]:
+        engine.forward_backward(x, y)
+        engine.step()
+    saved = copy.deepcopy(engine.state_dict())
+    assert set(saved) == {"model", "optimizer", "lr_scheduler", "teacher"}
+    want = []
+    for x, y in batches[2:]:
+        want.append(float(engine.forward_backward(x, y)))
+        engine.step()
+    engine2, model2, teacher2 = _co_engine(1)  # other initial weights, student and teacher
+    engine2.load_state_dict(saved)
+    got = []
+    for x, y in batches[2:]:
+        got.append(float(engine2.forward_backward(x, y)))
+        engine2.step()
+    assert got == want
+    for a, b in ((model, model2), (teacher, teacher2)):
+        sa, sb = a.state_dict(), b.state_dict()
+        for k in sa:
+            if torch.is_tensor(sa[k]):
+                assert torch.equal(sa[k], sb[k]), k
+    # a checkpoint without the teacher cannot resume a co-training run
+    with pytest.raises(ValueError, match="no co-trained teacher"):
+        engine2.load_state_dict({k: v for k, v in saved.items() if k != "teacher"})
+
+
+def test_co_train_config_rules():
+    with pytest.raises(ConfigError, match="co_train=true needs distill.teacher"):
+        load_config(DEBUG_CONFIG, ["distill.co_train=true"])
+    from addernet_dist.engine.deepspeed import DeepSpeedEngine
+
+    cfg = load_config(DEBUG_CONFIG, [*CO, "engine=deepspeed"])
+    with pytest.raises(ConfigError, match="engine=ddp only"):
+        DeepSpeedEngine(build_model(cfg, 10), cfg, DistInfo(), steps_per_epoch=4)

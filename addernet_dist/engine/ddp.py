@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from addernet_dist.adaptive_lr import AdaptiveLRScaler
 from addernet_dist.config import Config
+from addernet_dist.distill import CoTrainedTeacher
 from addernet_dist.distributed import DistInfo
 from addernet_dist.engine.base import (
     Engine,
@@ -46,8 +47,15 @@ class DDPEngine(Engine):
         self.fused_adder_bn = maybe_fuse_adder_bn(model, cfg.adder.fuse_bn, self.device)
         self._module = model
         self.autocast_dtype = resolve_autocast_dtype(cfg.train.bf16, self.device)
-        # The loss of both engines (loss.py); the teacher stays outside DDP and the optimizer.
-        self.criterion = Criterion.from_config(cfg, self.autocast_dtype, teacher)
+        # The loss of both engines (loss.py); a frozen teacher stays outside DDP and the optimizer,
+        # a co-trained one (distill.co_train) has its own DDP wrapper, optimizer and LR schedule.
+        self.co_teacher = (
+            CoTrainedTeacher(teacher, cfg, dist, steps_per_epoch=steps_per_epoch)
+            if teacher is not None and cfg.distill.co_train
+            else None
+        )
+        criterion_teacher = self.co_teacher.wrapped if self.co_teacher is not None else teacher
+        self.criterion = Criterion.from_config(cfg, self.autocast_dtype, criterion_teacher)
         self.loss_parts: dict[str, torch.Tensor] = {}
 
         # Built on the bare module BEFORE wrapping: the "local" scope registers gradient hooks
@@ -93,19 +101,36 @@ class DDPEngine(Engine):
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.co_teacher is not None:
+            self.co_teacher.step()
         return stats
+
+    def train(self) -> None:
+        self.model.train()
+        if self.co_teacher is not None:
+            self.co_teacher.module.train()
 
     def unwrap(self) -> nn.Module:
         return self._module
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "model": self._module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
         }
+        if self.co_teacher is not None:
+            state["teacher"] = self.co_teacher.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.co_teacher is not None:
+            if "teacher" not in state:
+                raise ValueError(
+                    "the checkpoint holds no co-trained teacher (it was written without "
+                    "distill.co_train=true); resume it with distill.co_train=false"
+                )
+            self.co_teacher.load_state_dict(state["teacher"])
         self._module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         # Position from the checkpoint, schedule shape (total steps, warmup) from this run's config,

@@ -93,6 +93,11 @@ class DeepSpeedEngine(Engine):
             raise ConfigError(
                 "train.compile=true is not supported with engine=deepspeed; set train.compile=false"
             )
+        if cfg.distill.co_train:
+            raise ConfigError(
+                "distill.co_train=true is implemented for engine=ddp only; use engine=ddp, or distil "
+                "from a trained teacher (distill.co_train=false, distill.teacher_checkpoint=...)"
+            )
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.dist = dist
