@@ -390,3 +390,15 @@ def test_co_train_config_rules():
     cfg = load_config(DEBUG_CONFIG, [*CO, "engine=deepspeed"])
     with pytest.raises(ConfigError, match="engine=ddp only"):
         DeepSpeedEngine(build_model(cfg, 10), cfg, DistInfo(), steps_per_epoch=4)
+
+
+def test_frozen_teacher_runs_under_the_students_autocast():
+    cfg = load_config(DEBUG_CONFIG, [*PLAIN[:1], "train.bf16=true", "distill.weight=0.5"])
+    torch.manual_seed(0)
+    teacher = _teacher()
+    seen = []
+    teacher.fc.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    engine = DDPEngine(build_model(cfg, num_classes=10), cfg, DistInfo(), steps_per_epoch=4, teacher=teacher)
+    loss = engine.forward_backward(torch.randn(8, 3, 8, 8), torch.randint(10, (8,)))
+    assert seen == [torch.bfloat16] and engine.autocast_dtype == torch.bfloat16
+    assert loss.dtype == torch.float32 and engine.loss_parts["kd"].dtype == torch.float32
