@@ -402,3 +402,37 @@ def test_frozen_teacher_runs_under_the_students_autocast():
     loss = engine.forward_backward(torch.randn(8, 3, 8, 8), torch.randint(10, (8,)))
     assert seen == [torch.bfloat16] and engine.autocast_dtype == torch.bfloat16
     assert loss.dtype == torch.float32 and engine.loss_parts["kd"].dtype == torch.float32
+
+
+@pytest.mark.timeout(300)
+def test_preempted_mixup_co_train_run_resumes_exactly(tmp_path, monkeypatch):
+    """The real trainer, preempted after step 1 of 2 and resumed: mixup/cutmix draw the same lambdas
+    and partners (the RNG state), and the co-trained teacher continues from the checkpoint (its
+    weights, momentum and LR schedule), so step 2's loss and both final models are bit-identical."""
+    from addernet_dist import train as train_mod
+    from addernet_dist.checkpoint import load_file
+    from addernet_dist.logging_utils import read_metrics
+    from tests.test_resume_rng import RUN
+    from tests.train_helpers import assert_same_state
+
+    run = [*RUN, "train.mixup_alpha=0.4", "train.cutmix_alpha=1.0", "train.label_smoothing=0.1",
+           "distill.teacher=resnet8", "distill.co_train=true"]
+    full, split = tmp_path / "full", tmp_path / "split"
+    train_mod.train(load_config(DEBUG_CONFIG, [*run, f"output_dir={full}"]))
+    monkeypatch.setenv("ADDERNET_FAULT_STEP", "1")
+    monkeypatch.setenv("ADDERNET_FAULT_SIGNAL", "TERM")
+    monkeypatch.setenv("ADDERNET_FAULT_MARKER", str(tmp_path / "fired"))
+    cfg = load_config(DEBUG_CONFIG, [*run, f"output_dir={split}"])
+    assert train_mod.train(cfg) is None  # preempted after step 1
+    train_mod.train(cfg)
+
+    def records(out):
+        return {r["step"]: r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"}
+
+    a, b = records(full), records(split)
+    assert sorted(a) == [1, 2]
+    for key in ("loss", "loss_ce", "loss_kd", "loss_teacher_ce"):
+        assert [a[s][key] for s in (1, 2)] == [b[s][key] for s in (1, 2)], key
+    final = [load_file(d / "checkpoints" / "step_000000002.pt")["engine"] for d in (full, split)]
+    assert_same_state(final[0]["model"], final[1]["model"])
+    assert_same_state(final[0]["teacher"]["model"], final[1]["teacher"]["model"])
