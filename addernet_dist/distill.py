@@ -33,6 +33,7 @@ from torch import nn
 
 from addernet_dist.checkpoint import CheckpointError
 from addernet_dist.config import Config, ConfigError
+from addernet_dist.distributed import DistInfo
 from addernet_dist.interop import InteropError, _check_finite, _mismatch, _tensor_keys, read_exported
 from addernet_dist.models import create_model
 from addernet_dist.runfolder import read_verified
@@ -154,7 +155,7 @@ class CoTrainedTeacher:
     engine as ``state["teacher"] = {"model", "optimizer", "lr_scheduler"}``.
     """
 
-    def __init__(self, module: nn.Module, cfg: Config, dist: Any, *, steps_per_epoch: int) -> None:
+    def __init__(self, module: nn.Module, cfg: Config, dist: DistInfo, *, steps_per_epoch: int) -> None:
         from torch.nn.parallel import DistributedDataParallel
 
         from addernet_dist.optim import build_lr_scheduler, build_optimizer

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,9 @@ from torch import nn
 
 from addernet_dist.device_policy import autocast
 from addernet_dist.metrics import upcast_logits
+
+if TYPE_CHECKING:
+    from addernet_dist.config import Config, TrainConfig
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -95,7 +98,7 @@ class Criterion:
 
     @classmethod
     def from_config(
-        cls, cfg: Any, autocast_dtype: torch.dtype | None, teacher: nn.Module | None = None
+        cls, cfg: Config, autocast_dtype: torch.dtype | None, teacher: nn.Module | None = None
     ) -> Criterion:
         return cls(
             autocast_dtype,
@@ -207,7 +210,7 @@ class BatchMixer:
         self.prob, self.switch_prob = prob, switch_prob
 
     @classmethod
-    def from_config(cls, train_cfg: Any, num_classes: int) -> BatchMixer:
+    def from_config(cls, train_cfg: TrainConfig, num_classes: int) -> BatchMixer:
         return cls(
             num_classes,
             train_cfg.mixup_alpha,
