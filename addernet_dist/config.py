@@ -161,12 +161,54 @@ class TrainConfig(_Section):
     # tqdm bar: true / false / auto (only on an interactive terminal; plain log lines otherwise).
     # bool rather than "on"/"off": YAML reads a bare on/off as a boolean.
     progress_bar: bool | Literal["auto"] = "auto"
+    # Cross-entropy label smoothing eps (target (1 - eps) * y + eps / C; also in the CE term of
+    # distillation, addernet_dist/loss.py). 0.1 is the usual ImageNet value (Szegedy et al. 2016).
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    # Batch-level mixup / cutmix on the device after loading (any loader, DALI included; loss.py
+    # BatchMixer, timm's Mixup semantics): lambda ~ Beta(alpha, alpha); 0 turns each off.
+    mixup_alpha: float = Field(default=0.0, ge=0)
+    cutmix_alpha: float = Field(default=0.0, ge=0)
+    mixup_prob: float = Field(default=1.0, ge=0, le=1)  # probability that a batch is mixed at all
+    # With both alphas > 0: probability of cutmix (else mixup) for a mixed batch (timm: 0.5).
+    mixup_switch_prob: float = Field(default=0.5, ge=0, le=1)
 
     @field_validator("init_from_ignore", mode="before")
     @classmethod
     def _one_pattern(cls, v: Any) -> Any:
         # train.init_from_ignore=fc.* on the command line is one string, not a list
         return [v] if isinstance(v, str) else v
+
+
+class DistillConfig(_Section):
+    # Knowledge distillation from a frozen CNN teacher (addernet_dist/distill.py, loss.py):
+    # loss = (1 - weight) * CE(student, y) + weight * T^2 * KL(softmax(t/T) || softmax(s/T)).
+    # teacher: a model name of our zoo, built with model.conv=conv (None: no distillation).
+    teacher: str | None = None
+    # Its weights: a checkpoint of ours (step_*.pt / best.pt), an addernet-export .safetensors
+    # file, or a plain state dict file such as torchvision's resnet50 weights (read with
+    # weights_only=True). Every key and shape must match the teacher model.
+    teacher_checkpoint: str | None = None
+    # Extra create_model keyword arguments of the teacher (as model.kwargs).
+    teacher_kwargs: dict[str, Any] = Field(default_factory=dict)
+    weight: float = Field(default=0.5, ge=0, le=1)
+    temperature: float = Field(default=4.0, gt=0)
+    # PKKD's progressive setting: the CNN teacher is trained jointly, in the same step, on the labels
+    # (its own CE, SGD with this run's optim section) while the student distils from its current
+    # logits; teacher_checkpoint is then optional (initial weights). The teacher's model, optimizer
+    # and LR schedule are part of the checkpoint. engine=ddp only.
+    co_train: bool = False
+
+    @model_validator(mode="after")
+    def _teacher_and_weights(self) -> DistillConfig:
+        if self.co_train and self.teacher is None:
+            raise ValueError("distill.co_train=true needs distill.teacher (a model name, e.g. resnet8)")
+        if not self.co_train and (self.teacher is None) != (self.teacher_checkpoint is None):
+            raise ValueError(
+                "distill.teacher and distill.teacher_checkpoint go together: set both (a teacher "
+                "model name and its trained weights) or neither (no distillation); "
+                "distill.co_train=true trains the teacher from scratch instead"
+            )
+        return self
 
 
 class WandbConfig(_Section):
@@ -193,6 +235,7 @@ class Config(_Section):
     engine: Literal["ddp", "deepspeed"] = "ddp"
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     output_dir: str = "runs/default"
     # auto: newest valid checkpoint in output_dir if any (none valid: start from scratch, said);
     # none: start fresh (refused in a folder that already holds a run, see overwrite); else a path.

@@ -48,6 +48,7 @@ from addernet_dist.checkpoint import (
 )
 from addernet_dist.config import Config, ConfigError, load_config, save_resolved
 from addernet_dist.data import build_loader
+from addernet_dist.distill import build_teacher
 from addernet_dist.distributed import DistInfo, destroy_distributed, init_distributed
 from addernet_dist.engine.base import Engine, check_adder_backend
 from addernet_dist.evaluator import RECALIBRATION_SEED_OFFSET, BNRecalibrator, Evaluator
@@ -155,15 +156,21 @@ def build_model(cfg: Config, num_classes: int) -> torch.nn.Module:
     return model
 
 
-def build_engine(cfg: Config, model: torch.nn.Module, dist: DistInfo, steps: int) -> Engine:
+def build_engine(
+    cfg: Config,
+    model: torch.nn.Module,
+    dist: DistInfo,
+    steps: int,
+    teacher: torch.nn.Module | None = None,
+) -> Engine:
     if cfg.engine == "ddp":
         from addernet_dist.engine.ddp import DDPEngine
 
-        return DDPEngine(model, cfg, dist, steps_per_epoch=steps)
+        return DDPEngine(model, cfg, dist, steps_per_epoch=steps, teacher=teacher)
     if cfg.engine == "deepspeed":
         from addernet_dist.engine.deepspeed import DeepSpeedEngine
 
-        return DeepSpeedEngine(model, cfg, dist, steps_per_epoch=steps)
+        return DeepSpeedEngine(model, cfg, dist, steps_per_epoch=steps, teacher=teacher)
     raise ConfigError(f"engine={cfg.engine!r}; use ddp or deepspeed")
 
 
@@ -211,7 +218,9 @@ def _train(cfg: Config, dist: DistInfo) -> EvalResult | None:
         )
     steps_per_epoch = len(train_loader)
     total_steps = cfg.train.epochs * steps_per_epoch
-    engine = build_engine(cfg, model, dist, steps_per_epoch)
+    # The frozen distillation teacher (distill.py), None without distill.teacher.
+    teacher = build_teacher(cfg, cfg.model.num_classes or train_loader.num_classes, dist.device)
+    engine = build_engine(cfg, model, dist, steps_per_epoch, teacher)
     fused = engine.fused_adder_bn
     if fused and dist.is_main:
         log.info("fused %d Adder2d+BatchNorm2d pairs (adder.fuse_bn=%s)", fused, cfg.adder.fuse_bn)

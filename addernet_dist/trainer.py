@@ -38,6 +38,7 @@ from addernet_dist.engine.base import Engine, StepStats
 from addernet_dist.evaluator import Evaluator
 from addernet_dist.guard import NonFiniteGuard, StallWatchdog
 from addernet_dist.logging_utils import MetricsLogger, Progress
+from addernet_dist.loss import BatchMixer
 from addernet_dist.metrics import EvalResult
 from addernet_dist.nn import adder_layer_names, adder_modules, set_p
 from addernet_dist.optim import PSchedule
@@ -171,6 +172,8 @@ class Trainer:
             "rng": RNGState(dist),
             "last_eval": evaluator,
         }
+        # mixup / cutmix of each per-rank batch on the device (loss.py; a no-op when both are off)
+        self.mixer = BatchMixer.from_config(cfg.train, train_loader.num_classes)
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, dist.device)
         self.p: float | None = None  # the p the adder layers compute with (set from p_sched only)
         self.result: EvalResult | None = None
@@ -220,7 +223,7 @@ class Trainer:
             step_in_epoch, batches = self._rest_of_epoch()
             for images, labels in batches:
                 self._set_p(state.global_step)
-                loss = self.engine.forward_backward(images, labels)
+                loss = self.engine.forward_backward(*self.mixer(images, labels))
                 stats = self.engine.step()
                 self.guard.update(loss, [stats.grad_norm, stats.adder_grad_norms])
                 state.global_step += 1
@@ -302,6 +305,8 @@ class Trainer:
             "lr": self.engine.lr,
             "p": self.p,  # the step's p: p_sched.value(step - 1)
         }
+        for name, part in self.engine.loss_parts.items():  # loss_ce, loss_kd when distilling
+            rec[f"loss_{name}"] = float(dist.all_reduce_sum_(part.float().clone()) / dist.world_size)
         if stats.grad_norm is not None:
             rec["grad_norm"] = float(stats.grad_norm)
         if stats.adder_grad_norms is not None and stats.adder_alphas is not None:

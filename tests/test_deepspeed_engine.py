@@ -178,15 +178,16 @@ def _worker(out: Path) -> None:
         seed_everything(cfg.train.seed + seed_shift)
         return build_model(cfg, loader.num_classes)
 
-    def run(engine, first: int, last: int) -> dict:
-        rec: dict = {"loss": [], "norms": [], "alphas": [], "grad_norm": [], "p": []}
+    def run(engine, first: int, last: int, data=None) -> dict:
+        rec: dict = {"loss": [], "norms": [], "alphas": [], "grad_norm": [], "p": [], "parts": []}
         for step in range(first, last):
             p = p_sched.value(step)
             set_p(engine.unwrap(), p)
-            images, labels = batches[step]
+            images, labels = (data or batches)[step]
             loss = engine.forward_backward(images, labels)
             stats = engine.step()
             rec["loss"].append(float(loss))
+            rec["parts"].append({k: float(v) for k, v in engine.loss_parts.items()})
             rec["norms"].append(stats.adder_grad_norms.tolist())
             rec["alphas"].append(stats.adder_alphas.tolist())
             rec["grad_norm"].append(float(stats.grad_norm))
@@ -207,6 +208,22 @@ def _worker(out: Path) -> None:
         cfg = cfg_for(*extra)
         engine = build_engine(cfg, fresh_model(cfg), dist, steps_per_epoch)
         results[name] = run(engine, 0, STEPS)
+
+    # The one loss (loss.py) with every term on: label smoothing, mixed (soft) targets, a frozen KD
+    # teacher (never handed to DDP/DeepSpeed) -> the same losses, terms and weights under both engines.
+    from addernet_dist.loss import BatchMixer
+    from addernet_dist.models import create_model as _create
+
+    torch.manual_seed(100 + dist.rank)
+    mixer = BatchMixer(loader.num_classes, mixup_alpha=0.4, cutmix_alpha=1.0)
+    mixed = [mixer(x, y) for x, y in batches]
+    seed_everything(123)
+    teacher = _create("resnet8", conv="conv", num_classes=loader.num_classes).eval().requires_grad_(False)
+    for name, extra in [("ddp_kd", ["engine=ddp"]), ("z2_kd", ["engine=deepspeed", "deepspeed.zero_stage=2"])]:
+        cfg = cfg_for(*extra, "train.label_smoothing=0.1", "distill.weight=0.7", "distill.temperature=3.0")
+        engine = build_engine(cfg, fresh_model(cfg), dist, steps_per_epoch, teacher)
+        results[name] = run(engine, 0, STEPS, mixed)
+    results["teacher_grads"] = [p.grad is None for p in teacher.parameters()]
 
     # Gradient accumulation: ZeRO-2, micro 2 x 2 accumulation steps per rank.
     cfg = cfg_for("engine=deepspeed", "deepspeed.zero_stage=2", "deepspeed.micro_batch_size=2")
@@ -335,6 +352,26 @@ def test_zero_stage_matches_ddp(worker, stage):
     )
     # The ranks saw different batches, so losses differ: the comparison above is not vacuous.
     assert worker["rank0"][stage]["loss"] != worker["rank1"][stage]["loss"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_distillation_smoothing_soft_targets_match_ddp(worker):
+    """The shared loss (loss.Criterion) under both engines: KD from a frozen teacher, label smoothing
+    0.1, mixup/cutmix soft targets -> same loss, CE and KD terms, weights; the teacher gets no grad."""
+    for rank in ("rank0", "rank1"):
+        ref, got = worker[rank]["ddp_kd"], worker[rank]["z2_kd"]
+        torch.testing.assert_close(got["loss"], ref["loss"], rtol=1e-5, atol=1e-6)
+        for a, b in zip(got["parts"], ref["parts"], strict=True):
+            assert a.keys() == {"ce", "kd"}
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+            assert a["kd"] > 0
+        # loss = (1 - w) CE + w KD with distill.weight=0.7
+        for loss, parts in zip(ref["loss"], ref["parts"], strict=True):
+            assert loss == pytest.approx(0.3 * parts["ce"] + 0.7 * parts["kd"], rel=1e-5)
+        _assert_states_close(got["state"], ref["state"])
+        assert all(worker[rank]["teacher_grads"])
+    assert worker["rank0"]["z2_kd"]["loss"] != worker["rank0"]["z2"]["loss"]  # the terms acted
 
 
 @pytest.mark.slow

@@ -113,13 +113,18 @@ class Engine(ABC):
     device: torch.device
     autocast_dtype: torch.dtype | None
     fused_adder_bn: int
+    # The loss terms of the last forward_backward (loss.training_loss: {"ce", "kd"} with a
+    # distillation teacher, {} without), detached device tensors, mean over the micro-batches.
+    loss_parts: dict[str, torch.Tensor]
 
     # --- training -------------------------------------------------------------------------
     @abstractmethod
     def forward_backward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Forward under the engine's autocast policy, cross-entropy loss, backward.
+        """Forward under the engine's autocast policy, the loss (loss.Criterion: CE with label
+        smoothing, plus the distillation term with a teacher), backward.
 
-        images: (B, C, H, W) float on ``self.device``; labels: (B,) int64. Returns the detached
+        images: (B, C, H, W) float on ``self.device``; labels: (B,) int64 class indices, or (B, C)
+        float soft targets (mixup/cutmix, loss.BatchMixer). Returns the detached
         scalar loss of THIS rank's batch (fp32, device tensor, no host sync). Where the global
         gradient lives afterwards is engine-specific (``.grad`` for DDP, ZeRO partitions for DeepSpeed).
         """

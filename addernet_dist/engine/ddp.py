@@ -11,13 +11,12 @@ import copy
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from addernet_dist.adaptive_lr import AdaptiveLRScaler
 from addernet_dist.config import Config
-from addernet_dist.device_policy import autocast
+from addernet_dist.distill import CoTrainedTeacher
 from addernet_dist.distributed import DistInfo
 from addernet_dist.engine.base import (
     Engine,
@@ -25,14 +24,20 @@ from addernet_dist.engine.base import (
     maybe_fuse_adder_bn,
     resolve_autocast_dtype,
 )
-from addernet_dist.metrics import upcast_logits
+from addernet_dist.loss import Criterion
 from addernet_dist.nn import adder_modules
 from addernet_dist.optim import build_lr_scheduler, build_optimizer
 
 
 class DDPEngine(Engine):
     def __init__(
-        self, model: nn.Module, cfg: Config, dist: DistInfo, *, steps_per_epoch: int
+        self,
+        model: nn.Module,
+        cfg: Config,
+        dist: DistInfo,
+        *,
+        steps_per_epoch: int,
+        teacher: nn.Module | None = None,
     ) -> None:
         self.dist = dist
         self.device = dist.device
@@ -42,6 +47,16 @@ class DDPEngine(Engine):
         self.fused_adder_bn = maybe_fuse_adder_bn(model, cfg.adder.fuse_bn, self.device)
         self._module = model
         self.autocast_dtype = resolve_autocast_dtype(cfg.train.bf16, self.device)
+        # The loss of both engines (loss.py); a frozen teacher stays outside DDP and the optimizer,
+        # a co-trained one (distill.co_train) has its own DDP wrapper, optimizer and LR schedule.
+        self.co_teacher = (
+            CoTrainedTeacher(teacher, cfg, dist, steps_per_epoch=steps_per_epoch)
+            if teacher is not None and cfg.distill.co_train
+            else None
+        )
+        criterion_teacher = self.co_teacher.wrapped if self.co_teacher is not None else teacher
+        self.criterion = Criterion.from_config(cfg, self.autocast_dtype, criterion_teacher)
+        self.loss_parts: dict[str, torch.Tensor] = {}
 
         # Built on the bare module BEFORE wrapping: the "local" scope registers gradient hooks
         # that must run before DDP's reducer, and the parameters are the ones DDP reduces.
@@ -71,11 +86,7 @@ class DDPEngine(Engine):
         self._params = [p for p in model.parameters() if p.requires_grad]
 
     def forward_backward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        with autocast(self.device.type, self.autocast_dtype):
-            logits = self.model(images)
-        # CE in (at least) fp32 whatever the autocast dtype: the log-softmax of 1000 bf16 logits
-        # loses ~3 significant digits of the loss.
-        loss = F.cross_entropy(upcast_logits(logits), labels)
+        loss, self.loss_parts = self.criterion(self.model, images, labels)
         loss.backward()  # DDP all-reduces (averages) the grads during backward
         return loss.detach()
 
@@ -90,19 +101,36 @@ class DDPEngine(Engine):
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.co_teacher is not None:
+            self.co_teacher.step()
         return stats
+
+    def train(self) -> None:
+        self.model.train()
+        if self.co_teacher is not None:
+            self.co_teacher.module.train()
 
     def unwrap(self) -> nn.Module:
         return self._module
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "model": self._module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
         }
+        if self.co_teacher is not None:
+            state["teacher"] = self.co_teacher.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.co_teacher is not None:
+            if "teacher" not in state:
+                raise ValueError(
+                    "the checkpoint holds no co-trained teacher (it was written without "
+                    "distill.co_train=true); resume it with distill.co_train=false"
+                )
+            self.co_teacher.load_state_dict(state["teacher"])
         self._module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         # Position from the checkpoint, schedule shape (total steps, warmup) from this run's config,

@@ -35,7 +35,6 @@ from addernet_dist import device_policy
 from addernet_dist.adaptive_lr import AdaptiveLRScaler
 from addernet_dist.checkpoint import CheckpointError
 from addernet_dist.config import Config, ConfigError
-from addernet_dist.device_policy import autocast
 from addernet_dist.distributed import DistInfo
 from addernet_dist.engine import ds_checkpoint
 from addernet_dist.engine.base import (
@@ -46,6 +45,7 @@ from addernet_dist.engine.base import (
 )
 from addernet_dist.engine.deepspeed_config import build_ds_config, resolve_batch
 from addernet_dist.engine.zero_norms import ShardedGradProcessor
+from addernet_dist.loss import Criterion
 from addernet_dist.nn import adder_modules
 from addernet_dist.ops.amp import fp32_affine
 from addernet_dist.optim import build_lr_scheduler, build_optimizer
@@ -81,11 +81,22 @@ def _state_keys(model: nn.Module) -> dict[str, str]:
 
 class DeepSpeedEngine(Engine):
     def __init__(
-        self, model: nn.Module, cfg: Config, dist: DistInfo, *, steps_per_epoch: int
+        self,
+        model: nn.Module,
+        cfg: Config,
+        dist: DistInfo,
+        *,
+        steps_per_epoch: int,
+        teacher: nn.Module | None = None,
     ) -> None:
         if cfg.train.compile:
             raise ConfigError(
                 "train.compile=true is not supported with engine=deepspeed; set train.compile=false"
+            )
+        if cfg.distill.co_train:
+            raise ConfigError(
+                "distill.co_train=true is implemented for engine=ddp only; use engine=ddp, or distil "
+                "from a trained teacher (distill.co_train=false, distill.teacher_checkpoint=...)"
             )
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -120,6 +131,9 @@ class DeepSpeedEngine(Engine):
         else:
             self.autocast_dtype = resolve_autocast_dtype(cfg.train.bf16, self.device)
         self._input_dtype = torch.bfloat16 if ds_section.precision == "bf16" else None
+        # The loss of both engines (loss.py); the teacher is never handed to DeepSpeed.
+        self.criterion = Criterion.from_config(cfg, self.autocast_dtype, teacher)
+        self.loss_parts: dict[str, torch.Tensor] = {}
 
         adders = adder_modules(model)
         # The scaler's "local" scope registers per-rank gradient hooks on the adder weights; tensor
@@ -175,18 +189,20 @@ class DeepSpeedEngine(Engine):
         if self._input_dtype is not None:
             images = images.to(self._input_dtype)
         total = torch.zeros((), dtype=torch.float32, device=self.device)
+        parts: dict[str, torch.Tensor] = {}
         chunks = zip(images.split(self.micro_batch), labels.split(self.micro_batch), strict=True)
         for i, (x, y) in enumerate(chunks):
             self._broadcast_buffers()
-            with autocast(self.device.type, self.autocast_dtype):
-                logits = self._ds(x)
-            loss = F.cross_entropy(logits.float(), y)
+            loss, micro_parts = self.criterion(self._ds, x, y)
+            for k, v in micro_parts.items():
+                parts[k] = parts.get(k, 0) + v / self.accum_steps
             # DeepSpeed divides by gradient_accumulation_steps: the accumulated gradient is the
             # mean over the whole per-rank batch, like one DDP backward on it.
             self._ds.backward(loss)
             if i < self.accum_steps - 1:
                 self._ds.step()  # not a boundary: only advances DeepSpeed's micro-step counter
             total += loss.detach()
+        self.loss_parts = parts
         return total / self.accum_steps
 
     @torch.no_grad()
