@@ -35,8 +35,8 @@ def _norm_dtype(grad: torch.Tensor) -> torch.dtype:
 def grad_norms(grads: list[torch.Tensor]) -> torch.Tensor:
     """(L,) ``||g||_2`` of each tensor, in fp32 at least: the one reduction eq. 33's norms use, in both
     engines (here and engine/zero_norms.py). Two reductions of the same gradient (``_foreach_norm`` vs
-    ``square().sum().sqrt()``) differ in the last bit for 2 of 4 ResNet-8 layer shapes; under bf16
-    autocast that one ulp in alpha_l grows to 1e-4 in the loss within 5 steps (issue 21.8)."""
+    ``square().sum().sqrt()``) differ in the last bit for 2 of 4 random ResNet-8-shaped tensors; under bf16
+    autocast that one ulp in alpha_l grew to 5e-4 in the loss by step 5 (issue 21.8)."""
     dtype = _norm_dtype(grads[0])
     return torch.stack([n.to(dtype) for n in torch._foreach_norm(grads)])
 

@@ -239,7 +239,7 @@ def test_pre_hook_matches_ddp_engine_processing(max_norm, adaptive):
         _grads(got, step)
         opt_got.step()
         # Bit for bit, not just close: under bf16 autocast a last-bit difference in alpha_l grows to
-        # 1e-4 in the loss within 5 steps (issue 21.8, tests/test_engine_bf16_agreement.py).
+        # 5e-4 in the loss by step 5 (issue 21.8, tests/test_engine_bf16_agreement.py).
         assert torch.equal(proc.last_norms, norms)
         if adaptive:
             assert torch.equal(proc.last_alphas, alphas)
