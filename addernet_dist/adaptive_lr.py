@@ -32,6 +32,15 @@ def _norm_dtype(grad: torch.Tensor) -> torch.dtype:
     return torch.promote_types(grad.dtype, torch.float32)
 
 
+def grad_norms(grads: list[torch.Tensor]) -> torch.Tensor:
+    """(L,) ``||g||_2`` of each tensor, in fp32 at least: the one reduction eq. 33's norms use, in both
+    engines (here and engine/zero_norms.py). Two reductions of the same gradient (``_foreach_norm`` vs
+    ``square().sum().sqrt()``) differ in the last bit for 2 of 4 random ResNet-8-shaped tensors; under bf16
+    autocast that one ulp in alpha_l grew to 5e-4 in the loss by step 5 (issue 21.8)."""
+    dtype = _norm_dtype(grads[0])
+    return torch.stack([n.to(dtype) for n in torch._foreach_norm(grads)])
+
+
 def adaptive_alpha(
     eta: float, sqrt_k: float | torch.Tensor, norms: torch.Tensor
 ) -> torch.Tensor:
@@ -113,8 +122,7 @@ class AdaptiveLRScaler:
                 f"adder layers {missing} have no gradient at step time; call backward first "
                 "(or the layers are unused in forward, which eq. 33 cannot scale)"
             )
-        dtype = _norm_dtype(grads[0])
-        norms = torch.stack([n.to(dtype) for n in torch._foreach_norm(grads)])
+        norms = grad_norms(grads)
         alphas = self.alphas(norms)
         # One fused multiply over all layers; unbind gives 0-d tensor scalars (no host sync).
         torch._foreach_mul_(grads, [a.to(g.dtype) for a, g in zip(alphas.unbind(), grads)])

@@ -162,3 +162,13 @@ def test_cli_process_exit_code(existing_run):
     assert "data.root '/nonexistent/imagenet' does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert _snapshot(existing_run) == before
+
+
+def test_adder_configs_keep_nchw_for_the_adder_kernels():
+    """Issue 21.3: the Triton adder hot loops stream NCHW, so a channels_last AdderNet pays an fp32 copy of x
+    and of dY per adder layer (ResNet-50, batch 128: 21.3 GB = ~4 % of the modelled step; ResNet-18 3.8 GB)
+    for a gain on the stem conv alone (<= 0.9 GB). benchmarks/layout_copy_model.py has the numbers."""
+    adder = [p for p in ALL_CONFIGS if load_config(str(p), []).model.conv == "adder"]
+    assert len(adder) >= 8  # the glob found the shipped configs
+    offenders = [p.name for p in adder if load_config(str(p), []).train.channels_last]
+    assert offenders == [], f"adder configs with train.channels_last=true: {offenders}"

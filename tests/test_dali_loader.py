@@ -302,6 +302,8 @@ def test_mixed_pipeline_is_defined_and_placed_on_cpu(tree, train, augment):
             channels_last=False,
         )
         pipe._build_graph()  # DALI's own graph checks; no device needed
+        if dali_device == "gpu":
+            pipe_args = [dict(op._op._init_args) for op in pipe._ops]
         placement[dali_device] = [
             (op.name, tuple(o.device for o in op.outputs)) for op in pipe._ops
         ]
@@ -320,4 +322,67 @@ def test_mixed_pipeline_is_defined_and_placed_on_cpu(tree, train, augment):
         if re.fullmatch(r"__(Image|ImageRandomCrop|Resize|Slice|CropMirrorNormalize)_\d+", n)
     ]
     assert image_ops and all(d == ("gpu",) for _, d in image_ops), image_ops
+    # nvJPEG's buffers are padded and the HW decoder preallocated (issue 21.6), as data.dali says
+    decoder_args = pipe_args[first_gpu]
+    d = cfg.dali
+    assert d.device_memory_padding > 0 and d.preallocate_width_hint > 0
+    for key in ("device_memory_padding", "host_memory_padding", "preallocate_width_hint",
+                "preallocate_height_hint", "hw_decoder_load"):
+        assert decoder_args[key] == getattr(d, key), key
     assert all(d == ("cpu",) * len(d) for _, d in cpu), cpu  # the CPU twin: no GPU anywhere
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("depth", [2, 3])
+def test_eval_pipeline_is_built_once_and_reads_the_same_pixels(tree, monkeypatch, depth):
+    """Issue 21.6: evaluations reuse the eval pipeline (its reader sticks to this rank's shard) instead of
+    building it (and its decoder) every time; every evaluation gives the pixels and labels of a freshly
+    built pipeline. Kept only after a complete evaluation: one cut short, or one shorter than the
+    prefetch queue (depth 3 > 2 batches: the first schedule_run reads past the end), rebuilds."""
+    from addernet_dist.data import dali
+
+    builds = []
+    build = dali.build_pipeline
+
+    def counting_build(*args, **kw):
+        builds.append(kw["train"])
+        return build(*args, **kw)
+
+    monkeypatch.setattr(dali, "build_pipeline", counting_build)
+    root, _ = tree
+    cfg = _cfg(root, dali={"prefetch_queue_depth": depth})
+    for rank in range(2):  # 12 val images, 2 ranks: 2 batches of 4 per rank (the last one padded)
+        kw = dict(batch_size=4, rank=rank, world_size=2)
+        fresh = [list(build_loader(cfg, "val", **kw)) for _ in range(2)]  # one loader, one build each
+        builds.clear()
+        loader = build_loader(cfg, "val", **kw)
+        runs = [list(loader) for _ in range(3)]
+        for got in [*runs, fresh[1]]:
+            assert len(got) == len(fresh[0]) == 2
+            for (x, y), (fx, fy) in zip(got, fresh[0]):
+                assert torch.equal(x, fx) and torch.equal(y, fy)
+        assert builds == [False] * (1 if depth <= 2 else 3)
+        builds.clear()
+        next(iter(loader))  # an evaluation cut short (reuses the pipeline, drops it after one batch) ...
+        again = list(loader)  # ... so the next one builds one and reads from the start
+        assert builds == [False] * (1 if depth <= 2 else 2)
+        assert all(torch.equal(x, fx) for (x, _), (fx, _) in zip(again, fresh[0], strict=True))
+
+
+@pytest.mark.timeout(90)
+def test_train_epochs_and_evaluations_keep_their_pixels_with_the_eval_pipeline_reused(tree):
+    """Two epochs with an evaluation after each, through loaders that live for the whole run (as the
+    trainer's do): the train batches equal those of loaders that never evaluated, and both evaluations
+    equal a fresh val loader's."""
+    root, _ = tree
+    cfg = _cfg(root, augment="random_resized_crop")
+    train, val = build_loader(cfg, "train", batch_size=4, seed=5), build_loader(cfg, "val", batch_size=4)
+    ref_train = build_loader(cfg, "train", batch_size=4, seed=5)
+    ref_val = list(build_loader(cfg, "val", batch_size=4))
+    for epoch in range(2):
+        train.set_epoch(epoch)
+        ref_train.set_epoch(epoch)
+        for (x, y), (rx, ry) in zip(train, ref_train, strict=True):
+            assert torch.equal(x, rx) and torch.equal(y, ry)
+        for (x, y), (rx, ry) in zip(val, ref_val, strict=True):
+            assert torch.equal(x, rx) and torch.equal(y, ry)

@@ -238,13 +238,15 @@ def test_pre_hook_matches_ddp_engine_processing(max_norm, adaptive):
         opt_ref.step()
         _grads(got, step)
         opt_got.step()
-        torch.testing.assert_close(proc.last_norms, norms)
+        # Bit for bit, not just close: under bf16 autocast a last-bit difference in alpha_l grows to
+        # 5e-4 in the loss by step 5 (issue 21.8, tests/test_engine_bf16_agreement.py).
+        assert torch.equal(proc.last_norms, norms)
         if adaptive:
-            torch.testing.assert_close(proc.last_alphas, alphas)
+            assert torch.equal(proc.last_alphas, alphas)
         else:
             assert proc.last_alphas is None
         if max_norm is not None:
-            torch.testing.assert_close(proc.last_total_norm, total)
+            assert torch.equal(proc.last_total_norm, total)
         # no per-step host-to-device copy: the layer index and sqrt(k) are built once, then reused
         if step == 0:
             index = proc._layer_index[1] if proc._layer_index else None
@@ -259,7 +261,7 @@ def test_pre_hook_matches_ddp_engine_processing(max_norm, adaptive):
                 assert sqrt_k_t is first_sqrt_k_t
     for (name, a), b in zip(ref.state_dict().items(), got.state_dict().values()):
         if torch.is_tensor(a):
-            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)
+            assert torch.equal(b, a), name
     if max_norm == 0.5:
         assert float(total) > 0.5  # clipping acted
 

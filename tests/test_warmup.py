@@ -18,7 +18,7 @@ def test_plan_covers_every_p_code_path_and_both_batch_specialisations():
     plan = warmup.warmup_plan(cfg, gpus=8)
     assert plan.p_values == (2.0, 1.5, 1.0)  # p = 2, general p, p = 1: three kernels each
     assert plan.batches == (32, 31)  # 256 / 8, and a batch not divisible by 16 (the short last one)
-    assert plan.bf16 and plan.channels_last and plan.image_size == 224
+    assert plan.bf16 and not plan.channels_last and plan.image_size == 224  # NCHW: issue 21.3
     no_sched = load_config(str(CONFIGS / "imagenet_resnet50.yaml"), ["adder.p_schedule=false"])
     assert warmup.warmup_plan(no_sched, gpus=8).p_values == (2.0,)
     odd = warmup.warmup_plan(cfg, gpus=64)  # 4 per GPU → also a batch of 16

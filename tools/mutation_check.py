@@ -334,6 +334,41 @@ MUTATIONS = [
         ("tests/test_docs_claims.py::test_deepspeed_sh_passes_the_hostfile_and_its_first_host",),
         env=(("DS_ACCELERATOR", "cpu"),),
     ),
+    Mutation(
+        "zero0-norm-other-reduction",
+        "DeepSpeed eq. 33 norms by square().sum() instead of the DDP engine's reduction (issue 21.8)",
+        "addernet_dist/engine/zero_norms.py",
+        "            piece_sq = grad_norms([v for _, v in pieces]).float().square()",
+        "            piece_sq = torch.stack([v.float().square().sum() for _, v in pieces])",
+        (
+            "tests/test_deepspeed_config.py::test_pre_hook_matches_ddp_engine_processing",
+            "tests/test_engine_bf16_agreement.py",
+        ),
+    ),
+    Mutation(
+        "imagenet-config-channels-last",
+        "configs/imagenet_resnet50.yaml trains channels_last again (issue 21.3)",
+        "configs/imagenet_resnet50.yaml",
+        "  channels_last: false",
+        "  channels_last: true",
+        ("tests/test_config.py::test_adder_configs_keep_nchw_for_the_adder_kernels",),
+    ),
+    Mutation(
+        "dali-eval-pipeline-rebuilt",
+        "DALI builds the eval pipeline at every evaluation again (issue 21.6)",
+        "addernet_dist/data/dali.py",
+        "        reused = not self.train and cached is not None and cached[0] == key",
+        "        reused = False",
+        ("tests/test_dali_loader.py::test_eval_pipeline_is_built_once_and_reads_the_same_pixels",),
+    ),
+    Mutation(
+        "dali-decoder-padding-dropped",
+        "the mixed decoder gets no nvJPEG device memory padding (issue 21.6)",
+        "addernet_dist/data/dali.py",
+        '        "device_memory_padding": d.device_memory_padding,',
+        "",
+        ("tests/test_dali_loader.py::test_mixed_pipeline_is_defined_and_placed_on_cpu",),
+    ),
 ]
 
 

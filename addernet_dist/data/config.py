@@ -46,6 +46,14 @@ class DaliConfig(BaseModel):
     # pipeline (DALI CPU / torchvision: 1.30x with it, 1.59x without, BENCHMARKS.md), and the crop
     # is a random augmentation anyway. Val always resizes antialiased, matching torchvision.
     train_antialias: bool = False
+    # Mixed decode only: nvJPEG's device / host buffer padding (bytes) and the HW decoder's preallocation
+    # (largest image, pixels), so the decoder allocates once instead of growing its buffers (a cudaMalloc
+    # and sync each time) on every larger image. NVIDIA DeepLearningExamples' ResNet-50 values: 211 MB /
+    # 140 MB padding, 5980 x 6430 = the largest ImageNet train image. 0 turns a hint off.
+    device_memory_padding: int = Field(default=211_025_920, ge=0)
+    host_memory_padding: int = Field(default=140_544_512, ge=0)
+    preallocate_width_hint: int = Field(default=5980, ge=0)
+    preallocate_height_hint: int = Field(default=6430, ge=0)
 
 
 class DataConfig(BaseModel):
@@ -55,7 +63,7 @@ class DataConfig(BaseModel):
 
     dataset: Literal["synthetic", "imagefolder", "digits", "fashion_mnist"] = "synthetic"
     # "auto": torchvision for every dataset (DALI only when asked: it needs JPEG files on disk
-    # and pays a pipeline build per epoch, which only large datasets amortise).
+    # and pays a train pipeline build per epoch, which only large datasets amortise).
     loader: Literal["auto", "torchvision", "dali"] = "auto"
     # imagefolder: the ImageNet root holding train/ and val/. digits: where the generated JPEG
     # tree lives (None = ~/.cache/addernet_dist/digits). fashion_mnist: the folder of IDX files

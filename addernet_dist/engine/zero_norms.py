@@ -19,6 +19,12 @@ reduction and before SGD's weight decay / momentum (which keep torch SGD semanti
    from the reduced vector as ``sqrt(sum_l (alpha_l n_l)^2 + other^2)``, then every local gradient
    is multiplied by ``min(1, max_norm / (total + 1e-6))`` (torch ``clip_grad_norm_``'s formula).
 
+The norms use the DDP engine's reductions wherever a rank holds the whole tensor (``grad_norms`` per
+piece; at ZeRO-0 also torch's ``get_total_norm`` for clipping), so ZeRO-0 steps exactly as DDP does, bit
+for bit: under bf16 autocast a last-bit difference in alpha_l flipped bf16 roundings of the stem and
+classifier and grew to 5e-4 in the loss by step 5 (issue 21.8, tests/test_engine_bf16_agreement.py).
+Under ZeRO-1/2 a layer split over two ranks still sums two pieces' squares (last-bit differences remain).
+
 Where the pieces are: DeepSpeed links every model parameter to its slice of the flat partition
 (``param._hp_mapping``, ``None`` on ranks that own no piece of it); ``hp_fragment_address.start`` is
 the offset inside the partition and ``.numel`` the length. That link exists for ZeRO-1/2 and for
@@ -34,6 +40,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from addernet_dist.adaptive_lr import grad_norms
 
 # Maps the (L,) global adder grad norms to the (L,) eq. 33 factors alpha_l.
 AlphaFn = Callable[[torch.Tensor], torch.Tensor]
@@ -176,9 +184,12 @@ class ShardedGradProcessor:
         num_layers = len(self.adder_weights)
         sq = torch.zeros(num_layers + 1, dtype=torch.float32, device=dev)
         if pieces:
-            piece_sq = torch.stack([v.float().square().sum() for _, v in pieces])
+            # The DDP engine's reduction (adaptive_lr.grad_norms), squared: a layer held whole by one
+            # rank (every layer at ZeRO-0) gets its norm back bit for bit (sqrt(fl(n^2)) == n in binary
+            # floating point while n^2 is normal: n > 1e-19, far below the 1e-12 floor of eq. 33).
+            piece_sq = grad_norms([v for _, v in pieces]).float().square()
             sq.index_add_(0, self._index_on(dev, [s.layer for s, _ in pieces]), piece_sq)
-        if self.max_norm is not None:
+        if self.max_norm is not None and self._sharded:
             sq[-1] = self._other_sq(grads, covered)
         if self._sharded and dist.is_initialized():
             # The one collective per step: L+1 floats.
@@ -194,7 +205,12 @@ class ShardedGradProcessor:
                 v.mul_(alphas[s.layer].to(v.dtype))
             scaled_sq = (alphas * norms).square()
         if self.max_norm is not None:
-            total = (scaled_sq.sum() + sq[-1]).sqrt()
+            if self._sharded:
+                total = (scaled_sq.sum() + sq[-1]).sqrt()
+            else:
+                # ZeRO-0: full replicated gradients, so the DDP engine's clip_grad_norm_ reduction itself
+                # (the formula above differs from it in the last bit; see adaptive_lr.grad_norms).
+                total = torch.nn.utils.get_total_norm(grads, foreach=True)
             self.last_total_norm = total
             coef = torch.clamp(self.max_norm / (total + 1e-6), max=1.0)
             torch._foreach_mul_(grads, coef)
