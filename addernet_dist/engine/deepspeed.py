@@ -119,7 +119,7 @@ class DeepSpeedEngine(Engine):
             self.autocast_dtype: torch.dtype | None = torch.bfloat16
         else:
             self.autocast_dtype = resolve_autocast_dtype(cfg.train.bf16, self.device)
-        self._input_dtype = torch.bfloat16 if ds_section.precision == "bf16" else None
+        self.input_dtype = torch.bfloat16 if ds_section.precision == "bf16" else None
 
         adders = adder_modules(model)
         # The scaler's "local" scope registers per-rank gradient hooks on the adder weights; tensor
@@ -172,8 +172,8 @@ class DeepSpeedEngine(Engine):
                 f"{self.micro_batch} x {self.accum_steps} micro-batches (train.global_batch_size "
                 f"/ world size)"
             )
-        if self._input_dtype is not None:
-            images = images.to(self._input_dtype)
+        if self.input_dtype is not None:
+            images = images.to(self.input_dtype)
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         chunks = zip(images.split(self.micro_batch), labels.split(self.micro_batch), strict=True)
         for i, (x, y) in enumerate(chunks):
