@@ -61,10 +61,7 @@ def tuners_active() -> bool:
         ta = importlib.import_module("addernet_dist.kernels.triton_adder")
     except ImportError:
         return False
-    return any(
-        t is not None
-        for t in (ta._adder_fwd_tuned, ta._adder_bwd_dx_tuned, ta._adder_bwd_dw_atomic_tuned)
-    )
+    return any(t is not None for t in (ta._adder_fwd_tuned, ta._adder_bwd_dx_tuned, ta._adder_bwd_dw_atomic_tuned))
 
 
 def _in_channels(model: nn.Module) -> int:
