@@ -147,7 +147,7 @@ def test_run_tunes_all_p_paths_at_start_and_resume_reuses_the_checkpoints_tiles(
     tuners = _install_tuners(ta, first_wins)
     train_mod.train(load_config(DEBUG_CONFIG, [*TINY, "train.epochs=1", f"output_dir={out}"]))
     metrics = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    assert {r["p"] for r in metrics if r.get("kind") == "train"} == {2.0}  # the run never met p < 2
+    assert min(r["p"] for r in metrics if r.get("kind") == "train") > 1.99  # p = 1 far beyond the run
     client = load_file(out / "checkpoints" / "step_000000002.pt")["client"]
     saved = client["tiles"]["entries"]
     fwd = [k for k in saved if k.startswith("fwd|")]
