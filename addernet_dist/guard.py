@@ -268,7 +268,9 @@ class StallWatchdog:
         os._exit(EXIT_STALLED)
 
 
-def _peer_tuned(first: dict[int, tuple[int, int, str]], now: dict[int, tuple[int, int, str]], me: int) -> bool:
+def _peer_tuned(
+    first: dict[int, tuple[int, int, str]], now: dict[int, tuple[int, int, str]], me: int
+) -> bool:
     """Another rank's heartbeat shows tiles timed since ``first`` (``tuning:<trials>`` advanced)."""
     return any(
         r != me and now[r][2].startswith("tuning:") and now[r][2] != first[r][2] for r in now

@@ -61,7 +61,10 @@ def tuners_active() -> bool:
         ta = importlib.import_module("addernet_dist.kernels.triton_adder")
     except ImportError:
         return False
-    return any(t is not None for t in (ta._adder_fwd_tuned, ta._adder_bwd_dx_tuned, ta._adder_bwd_dw_atomic_tuned))
+    return any(
+        t is not None
+        for t in (ta._adder_fwd_tuned, ta._adder_bwd_dx_tuned, ta._adder_bwd_dw_atomic_tuned)
+    )
 
 
 def _in_channels(model: nn.Module) -> int:
@@ -69,7 +72,9 @@ def _in_channels(model: nn.Module) -> int:
         w = getattr(m, "weight", None)
         if isinstance(w, torch.Tensor) and w.dim() == 4:
             return int(w.shape[1])
-    raise ValueError("the model has no 4-d (convolution / adder) weight to take the input channels from")
+    raise ValueError(
+        "the model has no 4-d (convolution / adder) weight to take the input channels from"
+    )
 
 
 def tune_tiles(

@@ -52,11 +52,21 @@ print("RESULT " + json.dumps(out))
 def test_deepspeed_bf16_must_keep_bn_buffers_fp32(tmp_path):
     script = tmp_path / "ds_cast.py"
     script.write_text(_SCRIPT)
-    e = env(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), ADDERNET_BACKEND="reference")
+    e = env(
+        DS_ACCELERATOR="cpu",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        ADDERNET_BACKEND="reference",
+    )
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         e.pop(k, None)
     proc = subprocess.run(
-        [sys.executable, str(script), str(DEBUG_CONFIG)], cwd=REPO, env=e, capture_output=True, text=True, timeout=280
+        [sys.executable, str(script), str(DEBUG_CONFIG)],
+        cwd=REPO,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=280,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]

@@ -35,6 +35,14 @@ def test_gpu_plan_runs_every_gpu_path():
     assert any(c["channels_last"] for c in cases)
     assert {c["epilogue"] for c in cases} == {"none", "bn_stats", "affine", "affine_res_relu"}
     assert plan["speed"]["model"] == "resnet50"
+    # ∂F: the default tile and the low-register candidate, both timed (issue 21 item 5)
+    from addernet_dist.kernels import triton_adder
+
+    assert plan["speed"]["dw_candidates"] == [0, 4] == list(triton_adder.DW_SELFTEST_CONFIGS)
+    assert (
+        triton_adder.DW_CONFIGS[4].num_warps == 8
+        and triton_adder.DW_CONFIGS[4].kwargs["BLOCK_K"] == 16
+    )
     t = plan["train"]
     assert t["nproc"] == 8 and t["distributed_backend"] == "nccl"
     assert t["overrides"] == {
@@ -206,4 +214,66 @@ def test_tiles_check_agrees_across_two_gloo_ranks(tmp_path):
     # the check the GPU form runs over NCCL, here over gloo with the interpreter: rank 0 times, rank 1
     # receives, both launch the same tiles
     details = st.check_tiles(CPU, {"nproc": 2, "mode": "interpreter", "env": {}}, tmp_path)
-    assert details == {"nproc": 2, "keys": 2, "timed_by_rank": [2, 0]}
+    # ... under the stall watchdog with tuning as its phase, and after the checkpoint round trip of the
+    # choices (torch.load(weights_only=True)) the same launches time nothing
+    assert details == {
+        "nproc": 2,
+        "keys": 2,
+        "timed_by_rank": [2, 0],
+        "retimed_after_restore": [0, 0],
+    }
+
+
+def test_speed_check_times_both_dw_candidates_and_reports_them():
+    # the GPU speed check's ∂F part, on CPU: the interpreter runs each candidate tile (deterministic ∂F,
+    # checked against autograd of the reference) and an injected timer stands in for do_bench
+    import torch
+
+    from addernet_dist.kernels.triton_testing import interpreted_modules
+    from addernet_dist.layer_shapes import LayerShape
+    from addernet_dist.selftest.speed import time_dw_candidates
+
+    launched = []
+
+    def bench(fn):
+        dw = fn()
+        launched.append(dw)
+        return {0: 2e-3, 1: 1e-3}[len(launched) - 1]  # the second candidate is faster
+
+    shape = LayerShape(3, 4, 3, 1, 1, 5, 1)
+    with interpreted_modules("addernet_dist.kernels.triton_adder") as (ta,):
+        torch.manual_seed(0)
+        rows = time_dw_candidates(ta, [shape], 2, "cpu", [0, 4], bench=bench)
+    assert len(launched) == 2
+    torch.testing.assert_close(launched[0], launched[1], rtol=1e-5, atol=1e-5)
+    assert rows == [
+        {
+            "layer": shape.label,
+            "count": 1,
+            "dw_ms[32x64x32/w4]": 2.0,
+            "dw_ms[32x64x16/w8]": 1.0,
+            "dw_fastest": "32x64x16/w8",
+        }
+    ]
+    report = {
+        "date": "d",
+        "device": {"name": "H100"},
+        "ok": True,
+        "seconds": 1.0,
+        "checks": [
+            {
+                "name": "speed",
+                "ok": True,
+                "seconds": 1.0,
+                "details": {
+                    "batch": 2,
+                    "fp32_adder_roofline_tmacs": None,
+                    "rows": [],
+                    "dw_rows": rows,
+                },
+            }
+        ],
+    }
+    md = st.to_markdown(report)
+    assert "| 32x64x32/w4 ms | 32x64x16/w8 ms | fastest |" in md
+    assert f"| {shape.label} | 1 | 2.000 | 1.000 | 32x64x16/w8 |" in md

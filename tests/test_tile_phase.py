@@ -38,7 +38,9 @@ def _big_tiles(ta, kind):
 
 def _install_tuners(ta, bench):
     tuners = {
-        "fwd": tile_tuner.TileTuner("fwd", ta._adder_fwd_kernel, _big_tiles(ta, "fwd"), ta._FWD_KEY),
+        "fwd": tile_tuner.TileTuner(
+            "fwd", ta._adder_fwd_kernel, _big_tiles(ta, "fwd"), ta._FWD_KEY
+        ),
         "dx": tile_tuner.TileTuner("dx", ta._adder_bwd_dx_kernel, _big_tiles(ta, "dx"), ta._DX_KEY),
     }
     for t in tuners.values():
@@ -88,7 +90,9 @@ def test_tune_tiles_tunes_every_p_path_and_leaves_the_model_alone(ta):
     buffers = {k: b.clone() for k, b in model.named_buffers()}
     model.eval()
     rng = torch.get_rng_state()
-    runs = tune_tiles(model, (2.0, 1.5, 1.0), (2,), 6, device=torch.device("cpu"), autocast_dtype=None)
+    runs = tune_tiles(
+        model, (2.0, 1.5, 1.0), (2,), 6, device=torch.device("cpu"), autocast_dtype=None
+    )
     assert runs == 3
     keys = tile_tuner.choices()
     fwd = [k for k in keys if k.startswith("fwd|")]
@@ -96,7 +100,9 @@ def test_tune_tiles_tunes_every_p_path_and_leaves_the_model_alone(ta):
     # 2 layers × 3 p code paths forward; ∂X only for the second layer (the images need no gradient)
     assert _modes(fwd, "P_MODE") == {ta.P_TWO, ta.P_GENERAL, ta.P_ONE} and len(fwd) == 6
     assert len(_modes(dx, "GX_MODE")) == 3 and len(dx) == 3
-    assert all(v == tile_tuner.config_dict(tuners["fwd"].configs[1]) for k, v in keys.items() if k in fwd)
+    assert all(
+        v == tile_tuner.config_dict(tuners["fwd"].configs[1]) for k, v in keys.items() if k in fwd
+    )
     # the model is as it was: BN statistics, p, mode, no gradients, and the RNG stream
     for k, b in model.named_buffers():
         torch.testing.assert_close(b, buffers[k], rtol=0, atol=0)
@@ -147,13 +153,18 @@ def test_run_tunes_all_p_paths_at_start_and_resume_reuses_the_checkpoints_tiles(
     tuners = _install_tuners(ta, first_wins)
     train_mod.train(load_config(DEBUG_CONFIG, [*TINY, "train.epochs=1", f"output_dir={out}"]))
     metrics = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    assert min(r["p"] for r in metrics if r.get("kind") == "train") > 1.99  # p = 1 far beyond the run
+    assert (
+        min(r["p"] for r in metrics if r.get("kind") == "train") > 1.99
+    )  # p = 1 far beyond the run
     client = load_file(out / "checkpoints" / "step_000000002.pt")["client"]
     saved = client["tiles"]["entries"]
     fwd = [k for k in saved if k.startswith("fwd|")]
     # tuned before the first step: every p code path of the schedule, not only p = 2
     assert _modes(fwd, "P_MODE") == {ta.P_TWO, ta.P_GENERAL, ta.P_ONE}
-    assert _modes([k for k in saved if k.startswith("dx|")], "GX_MODE") and saved == tile_tuner.choices()
+    assert (
+        _modes([k for k in saved if k.startswith("dx|")], "GX_MODE")
+        and saved == tile_tuner.choices()
+    )
     assert all(isinstance(v, int) for e in saved.values() for v in e.values())  # plain types
     first = tile_tuner.config_dict(tuners["fwd"].configs[0])
     assert all(saved[k] == first for k in fwd)
@@ -250,7 +261,13 @@ def _two_ranks(tmp_path, scenario):
         subprocess.Popen(
             [sys.executable, str(script), str(tmp_path), scenario],
             cwd=REPO,
-            env=env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
+            env=env(
+                RANK=str(r),
+                LOCAL_RANK=str(r),
+                WORLD_SIZE="2",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+            ),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

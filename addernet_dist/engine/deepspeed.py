@@ -337,7 +337,9 @@ def check_buffers_fp32(model: nn.Module, ds_version: str) -> None:
     older than the pin in an existing environment, a ``buffer_dtype`` in a hand-written DeepSpeed
     config or a change of DeepSpeed's casting rule would otherwise round the statistics of adder
     outputs (-4000 ± 37) to 16 bits without a word."""
-    bad = [n for n, b in model.named_buffers() if b.is_floating_point() and b.dtype != torch.float32]
+    bad = [
+        n for n, b in model.named_buffers() if b.is_floating_point() and b.dtype != torch.float32
+    ]
     if bad:
         dtype = dict(model.named_buffers())[bad[0]].dtype
         raise ConfigError(

@@ -203,7 +203,20 @@ def plan_checks(desc: DeviceDescription, quick: bool = False) -> list[Check]:
         )
     )
     if cuda:
-        checks.append(Check("speed", dict(model="resnet50", batch=64, shapes="representative")))
+        from addernet_dist.kernels.triton_adder import DW_SELFTEST_CONFIGS
+
+        # the forward vs cuDNN, and ∂F's default tile vs its low-register candidate (occupancy)
+        checks.append(
+            Check(
+                "speed",
+                dict(
+                    model="resnet50",
+                    batch=64,
+                    shapes="representative",
+                    dw_candidates=list(DW_SELFTEST_CONFIGS),
+                ),
+            )
+        )
     if not quick:
         # the tile tuner's rank agreement over the real process group (NCCL on a GPU node)
         checks.append(
