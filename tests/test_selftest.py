@@ -277,3 +277,68 @@ def test_speed_check_times_both_dw_candidates_and_reports_them():
     md = st.to_markdown(report)
     assert "| 32x64x32/w4 ms | 32x64x16/w8 ms | fastest |" in md
     assert f"| {shape.label} | 1 | 2.000 | 1.000 | 32x64x16/w8 |" in md
+
+
+def test_compare_logits_allows_a_bf16_near_tie_and_catches_a_wrong_fusion():
+    # 12 images, one near-tie that a bf16 rounding flips: top-1 moves by 8.3 %, the logits by 0.4 % of
+    # their scale -> passes (the old rule, top-1 equality, failed here)
+    ok = dict(
+        images=12, fused_pairs=8, max_abs_diff=0.02, scale=5.0, relative_spread=0.3, top1_agree=11
+    )
+    assert st.compare_logits(ok) == ok
+    with pytest.raises(st.CheckFailed, match="differ by 4.*more than 0.02 × their scale 5"):
+        st.compare_logits({**ok, "max_abs_diff": 4.0, "top1_agree": 12})  # e.g. a negated BN shift
+    with pytest.raises(st.CheckFailed, match="constant across the 12 images"):
+        st.compare_logits({**ok, "relative_spread": 1e-7})
+
+
+@pytest.mark.timeout(600)
+def test_logits_worker_compares_fused_and_unfused_logits_of_a_checkpoint(tmp_path, monkeypatch):
+    # the train check's comparison on a real checkpoint (debug ResNet-8, bf16 autocast on CPU): the fused
+    # model's logits against addernet-eval's unfused model, to LOGIT_RTOL of their scale
+    from addernet_dist import train as train_mod
+    from addernet_dist.config import load_config
+    from tests.train_helpers import DEBUG_CONFIG
+
+    out = tmp_path / "run"
+    overrides = [
+        "train.epochs=1",
+        "train.bf16=true",
+        "train.progress_bar=false",
+        "train.ckpt_every_steps=0",
+    ]
+    overrides += ["data.synthetic_val_size=12", f"output_dir={out}", "adder.backend=reference"]
+    # p still above 1 at the evaluation: BN is recalibrated and the logits vary across images (with the
+    # running statistics of a few momentum-0.1 steps every logit is fc.bias: compare_logits refuses)
+    overrides += [
+        "data.synthetic_train_size=64",
+        "adder.p_decay_epochs=4",
+        "train.bn_recalibration_batches=2",
+    ]
+    train_mod.train(load_config(DEBUG_CONFIG, overrides))
+    ck = sorted((out / "checkpoints").glob("step_*.pt"))[-1]
+    st.logits_worker(str(ck), str(tmp_path / "logits.json"))
+    d = json.loads((tmp_path / "logits.json").read_text())
+    assert d["images"] == 12 and d["fused_pairs"] == 8
+    assert st.compare_logits(d) == d
+    assert d["max_abs_diff"] <= st.smoke.LOGIT_RTOL * d["scale"] and d["top1_agree"] == 12, d
+    # a fusion that computes another model (its BN scale negated) is caught
+    import torch
+
+    from addernet_dist.engine import base
+    from addernet_dist.models.fusion import FusedAdderBN2d
+
+    real = base.maybe_fuse_adder_bn
+
+    def wrong_fusion(model, fuse_bn, device):
+        n = real(model, fuse_bn, device)
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, FusedAdderBN2d):
+                    m.bn.weight.neg_()
+        return n
+
+    monkeypatch.setattr(base, "maybe_fuse_adder_bn", wrong_fusion)
+    st.logits_worker(str(ck), str(tmp_path / "wrong.json"))
+    with pytest.raises(st.CheckFailed, match="fused and unfused logits differ"):
+        st.compare_logits(json.loads((tmp_path / "wrong.json").read_text()))
