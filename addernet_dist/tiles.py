@@ -20,12 +20,53 @@ from __future__ import annotations
 import importlib
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from addernet_dist.config import ConfigError
+
 log = logging.getLogger("addernet_dist")
+
+
+@dataclass(frozen=True)
+class WarmupPlan:
+    p_values: tuple[float, ...]  # one per code path the ℓp schedule reaches (p = 2, general, 1)
+    batches: tuple[int, ...]  # per-GPU training batch and a short one (another specialisation)
+    image_size: int
+    bf16: bool
+    channels_last: bool
+
+
+def warmup_plan(cfg, gpus: int) -> WarmupPlan:
+    """What the warm-up launches for a config (pure)."""
+    a = cfg.adder
+    if a.p_schedule and a.p_start != a.p_end:
+        ps = (a.p_start, (a.p_start + a.p_end) / 2, a.p_end)
+    else:
+        ps = (a.p_end if a.p_schedule else a.p_start,)
+    # p = 1 and p = 2 are their own code paths; any other value is the general path
+    paths = {1.0: 1.0, 2.0: 2.0}
+    seen, p_values = set(), []
+    for p in ps:
+        key = paths.get(float(p), "general")
+        if key not in seen:
+            seen.add(key)
+            p_values.append(float(p))
+    if cfg.train.global_batch_size % gpus:
+        raise ConfigError(
+            f"train.global_batch_size={cfg.train.global_batch_size} does not split over --gpus {gpus}"
+        )
+    per_gpu = cfg.train.global_batch_size // gpus
+    # Triton specialises an integer argument by divisibility by 16 (and == 1): the per-GPU batch and a
+    # batch of another class (the last, short batch of an epoch or of the evaluation set)
+    short = per_gpu - 1 if per_gpu % 16 == 0 else per_gpu + (16 - per_gpu % 16)
+    batches = (per_gpu, max(2, short)) if per_gpu > 2 else (per_gpu,)
+    return WarmupPlan(
+        tuple(p_values), batches, cfg.data.image_size, cfg.train.bf16, cfg.train.channels_last
+    )
 
 
 def _tile_tuner():
@@ -100,7 +141,7 @@ def tune_tiles(
     adders = adder_modules(model)
     if not adders:
         return 0
-    saved_p = adders[0].p
+    saved_p = [m.p for m in adders]
     was_training = model.training
     buffers = {k: b.detach().clone() for k, b in model.named_buffers()}
     params = [q for q in model.parameters() if q.requires_grad]
@@ -131,6 +172,7 @@ def tune_tiles(
             with torch.no_grad():
                 for k, b in model.named_buffers():
                     b.copy_(buffers[k])
-            set_p(model, saved_p)
+            for m, p in zip(adders, saved_p):
+                m.p = p
             model.train(was_training)
     return runs

@@ -43,7 +43,7 @@ from addernet_dist.logging_utils import MetricsLogger, Progress
 from addernet_dist.metrics import EvalResult
 from addernet_dist.nn import adder_layer_names, adder_modules, set_p
 from addernet_dist.optim import PSchedule
-from addernet_dist.tiles import TileChoices, tune_tiles, tuners_active
+from addernet_dist.tiles import TileChoices, tune_tiles, tuners_active, warmup_plan
 
 log = logging.getLogger("addernet_dist")
 
@@ -230,8 +230,6 @@ class Trainer:
         path, with ADDERNET_TILE_TUNING=0, or for keys a tile cache / the checkpoint already holds."""
         if not tuners_active() or not adder_modules(self.model):
             return
-        from addernet_dist.warmup import warmup_plan
-
         plan = warmup_plan(self.cfg, self.dist.world_size)
         with self.watchdog.during("tuning"):
             t0 = time.perf_counter()
