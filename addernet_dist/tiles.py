@@ -45,8 +45,8 @@ def warmup_plan(cfg, gpus: int) -> WarmupPlan:
     a = cfg.adder
     if a.p_schedule and a.p_start != a.p_end:
         ps = (a.p_start, (a.p_start + a.p_end) / 2, a.p_end)
-    else:
-        ps = (a.p_end if a.p_schedule else a.p_start,)
+    else:  # no schedule: p = p_end throughout (optim.PSchedule), whatever p_start says
+        ps = (a.p_end,)
     # p = 1 and p = 2 are their own code paths; any other value is the general path
     paths = {1.0: 1.0, 2.0: 2.0}
     seen, p_values = set(), []

@@ -471,7 +471,9 @@ def schedule_time(
     steps_per_epoch = -(-images // cfg.train.global_batch_size)
     total = cfg.train.epochs * steps_per_epoch
     a = cfg.adder
-    sched = PSchedule.from_config(a, decay_epochs=a.p_decay_epochs, steps_per_epoch=steps_per_epoch)
+    sched = PSchedule.from_config(
+        a, decay_epochs=cfg.p_decay_epochs(), steps_per_epoch=steps_per_epoch
+    )
     # p is linear from p_start at step 0 to p_end at decay_steps: exact values only at the two ends
     if not sched.enabled or sched.p_start == sched.p_end:
         exact = total if sched.p_end in (1.0, 2.0) else 0
@@ -488,7 +490,7 @@ def schedule_time(
         p1_only_hours=total * per_step["p1"] / 3600,
         gpus=gpus,
         epochs=cfg.train.epochs,
-        decay_epochs=a.p_decay_epochs,
+        decay_epochs=cfg.p_decay_epochs(),
     )
 
 
