@@ -223,7 +223,9 @@ def plan_checks(desc: DeviceDescription, quick: bool = False) -> list[Check]:
             Check(
                 "tiles",
                 dict(
-                    nproc=max(2, min(desc.count, 8)) if cuda else 2,
+                    # one GPU: one rank (NCCL needs a device per rank); the watchdog phase and the
+                    # checkpoint round trip of the tiles are still checked
+                    nproc=max(1, min(desc.count, 8)) if cuda else 2,
                     mode="compiled" if cuda else "interpreter",
                     env={},
                 ),

@@ -108,8 +108,6 @@ def check_tiles(desc: DeviceDescription, params: dict, workdir: Path) -> dict:
     out = workdir / "tiles"
     out.mkdir(parents=True, exist_ok=True)
     nproc = params["nproc"]
-    if desc.kind == "cuda" and desc.count < 2:
-        return {"skipped": "one GPU: nothing to agree on"}
     cmd = [
         sys.executable,
         "-m",
