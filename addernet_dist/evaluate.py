@@ -31,6 +31,14 @@ from addernet_dist.trained_weights import read_trained_weights
 def evaluate_weights(cfg: Config, model_state: dict, dist: DistInfo) -> EvalResult:
     """Build the val loader and model of ``cfg``, load ``model_state`` into it, evaluate
     (collective)."""
+    model, val_loader, dtype = build_eval_model(cfg, model_state, dist)
+    return evaluate(model, val_loader, dist, autocast_dtype=dtype)
+
+
+def build_eval_model(cfg: Config, model_state: dict, dist: DistInfo):
+    """(model with ``model_state`` on the device, the val loader, the autocast dtype) as addernet-eval
+    evaluates them: the unfused model of ``cfg`` (addernet-selftest compares its logits with the fused
+    model's)."""
     from addernet_dist.train import build_model, build_split, seed_everything
 
     seed_everything(cfg.train.seed)
@@ -52,7 +60,7 @@ def evaluate_weights(cfg: Config, model_state: dict, dist: DistInfo) -> EvalResu
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
     dtype = resolve_autocast_dtype(cfg.train.bf16, dist.device)  # what the trainer's eval uses
-    return evaluate(model, val_loader, dist, autocast_dtype=dtype)
+    return model, val_loader, dtype
 
 
 def main(argv: list[str] | None = None) -> int:

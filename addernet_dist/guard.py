@@ -8,11 +8,17 @@ parameters and buffers, and raises :class:`DivergedError`. So a non-finite model
 :class:`StallWatchdog` (multi-process runs): a daemon thread per rank publishes a heartbeat
 (counter, step, phase) in the process group's store every few seconds. When its own training
 loop has made no progress for ``stall_timeout_s`` (``stall_timeout_startup_s`` during the first
-steps, evaluations and checkpoint writes) it reads every rank's heartbeat twice, names the ranks
+steps, evaluations, checkpoint writes and kernel-tile tuning) it reads every rank's heartbeat twice, names the ranks
 whose heartbeat stopped (a SIGSTOPped or dead process, a hung host) or that are behind, logs
 that, and exits the process with status 1 so ``torchrun --max-restarts`` restarts the group from
 the last checkpoint: a collective would otherwise wait for the 30-minute process-group timeout
 without a word.
+
+Tile tuning (``during("tuning")``, installed as kernels/tile_tuner.py's phase hooks) can take longer
+than any fixed limit (ResNet-50: 22 shapes × 3 p code paths × 5–8 tiles × 2–6 s of ptxas) while the
+other ranks wait for rank 0's choice. Rank 0 calls :meth:`StallWatchdog.progress` after every timed
+tile, which its heartbeat carries (``tuning:<trials>``); a rank waiting in the tuning phase counts a
+peer's tuning progress as its own, so only a tuner stuck for the startup limit on one tile fires.
 """
 
 from __future__ import annotations
@@ -128,6 +134,7 @@ class StallWatchdog:
         self.step = first_step
         self.phase = "startup" if startup_steps > 0 else "train"
         self._last = time.monotonic()
+        self._trials = 0  # tiles timed by this rank (heartbeat of the "tuning" phase)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.published_step = -1  # the step in this rank's last heartbeat (the thread sets it)
@@ -160,6 +167,11 @@ class StallWatchdog:
         finally:
             self.phase, self._last = previous, time.monotonic()
 
+    def progress(self) -> None:
+        """Rank 0 timed one more tile (tile_tuner's progress hook): the tuning phase is alive."""
+        self._trials += 1
+        self._last = time.monotonic()
+
     def wait_published(self, step: int, timeout_s: float = 30.0) -> bool:
         """Block until this rank's heartbeat carries ``step`` (fault injection: a rank stopped in
         the same heartbeat interval as its last steps is reported at an earlier step, 3 steps of
@@ -183,7 +195,8 @@ class StallWatchdog:
     def _publish(self) -> None:
         self._beat_count += 1
         step = self.step
-        value = f"{self._beat_count} {step} {self.phase}"
+        phase = f"tuning:{self._trials}" if self.phase == "tuning" else self.phase
+        value = f"{self._beat_count} {step} {phase}"
         self._store.set(self._key.format(self.dist.rank), value)
         self.published_step = step
 
@@ -210,7 +223,11 @@ class StallWatchdog:
                     first = self._read_all()  # halfway: remember everyone's heartbeat
                     continue
                 if waited >= limit:
-                    self._fire(first, self._read_all(), waited, limit)
+                    now = self._read_all()
+                    if self.phase == "tuning" and _peer_tuned(first, now, self.dist.rank):
+                        self._last, first = time.monotonic(), None  # rank 0 is still tuning
+                        continue
+                    self._fire(first, now, waited, limit)
             except Exception as e:  # the store went away (shutdown): nothing left to watch
                 if not self._stop.is_set():
                     log.debug("stall watchdog stopped: %s", e)
@@ -249,3 +266,12 @@ class StallWatchdog:
         # The main thread is blocked inside a C++ collective and cannot be interrupted; the
         # run folder lock (flock) and the metrics file (flushed per line) survive _exit.
         os._exit(EXIT_STALLED)
+
+
+def _peer_tuned(
+    first: dict[int, tuple[int, int, str]], now: dict[int, tuple[int, int, str]], me: int
+) -> bool:
+    """Another rank's heartbeat shows tiles timed since ``first`` (``tuning:<trials>`` advanced)."""
+    return any(
+        r != me and now[r][2].startswith("tuning:") and now[r][2] != first[r][2] for r in now
+    )

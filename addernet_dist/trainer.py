@@ -11,6 +11,8 @@ What each component owns (``train.py`` builds them; :class:`Trainer` runs the lo
 - :class:`~addernet_dist.evaluator.Evaluator`: evaluation, BN recalibration, the best-at-final-p rule,
   the last evaluation.
 - :class:`~addernet_dist.checkpoint.Checkpointer`: when to save, the files, what to keep.
+- :class:`~addernet_dist.tiles.TileChoices`: the Triton kernel tiles chosen (a resumed run keeps them:
+  they change result bits); every p code path is tuned before the first step (``tiles.tune_tiles``).
 
 A checkpoint's client state is ``{name: component.state_dict()}`` over :attr:`Trainer.components`
 (plus the run's config and world size, for the record); resuming calls each ``load_state_dict`` in
@@ -42,6 +44,7 @@ from addernet_dist.loss import BatchMixer
 from addernet_dist.metrics import EvalResult
 from addernet_dist.nn import adder_layer_names, adder_modules, set_p
 from addernet_dist.optim import PSchedule
+from addernet_dist.tiles import TileChoices, tune_tiles, tuners_active, warmup_plan
 
 log = logging.getLogger("addernet_dist")
 
@@ -171,6 +174,7 @@ class Trainer:
             "loader": LoaderState(train_loader, self.state, dist),
             "rng": RNGState(dist),
             "last_eval": evaluator,
+            "tiles": TileChoices(),
         }
         # mixup / cutmix of each per-rank batch on the device (loss.py; a no-op when both are off)
         self.mixer = BatchMixer.from_config(cfg.train, train_loader.num_classes)
@@ -215,6 +219,38 @@ class Trainer:
     def fit(self, logger: MetricsLogger, progress: Progress, watchdog: StallWatchdog) -> EvalResult | None:
         """Train to ``train.epochs``; returns the last evaluation (raises Preempted on SIGTERM)."""
         self.logger, self.progress, self.watchdog = logger, progress, watchdog
+        tile_tuner = _tile_hooks(watchdog)
+        try:
+            self._tune_tiles()
+            return self._fit()
+        finally:
+            if tile_tuner is not None:
+                tile_tuner.set_phase_hooks(None, None)
+
+    def _tune_tiles(self) -> None:
+        """Tune every kernel tile of every p code path now, in the watchdog's "tuning" phase: the
+        first step at p = 1 comes ~1.1 M steps into ImageNet ResNet-50, where minutes of tuning on
+        rank 0 would stop every rank (stall_timeout_s=300). Nothing to do off the compiled Triton
+        path, with ADDERNET_TILE_TUNING=0, or for keys a tile cache / the checkpoint already holds."""
+        if not tuners_active() or not adder_modules(self.model):
+            return
+        plan = warmup_plan(self.cfg, self.dist.world_size)
+        with self.watchdog.during("tuning"):
+            t0 = time.perf_counter()
+            tune_tiles(
+                self.model,
+                plan.p_values,
+                plan.batches[:1],  # the tile key has no batch size
+                plan.image_size,
+                device=self.dist.device,
+                autocast_dtype=self.engine.autocast_dtype,
+                input_dtype=self.engine.input_dtype,
+                channels_last=plan.channels_last,
+            )
+            log.info("kernel tiles of p %s ready in %.0f s", plan.p_values, time.perf_counter() - t0)
+
+    def _fit(self) -> EvalResult | None:
+        watchdog = self.watchdog
         state, train = self.state, self.cfg.train
         stop, meter = _Stop(), _Throughput(train.global_batch_size)
         self.engine.train()
@@ -354,6 +390,17 @@ class _Stop:
         # signal at different moments: agree with one tiny all-reduce, only on log steps.
         flag = torch.tensor([float(self.requested)], device=dist.device)
         return bool(dist.all_reduce_sum_(flag).item() > 0)
+
+
+def _tile_hooks(watchdog: StallWatchdog):
+    """Make kernel-tile tuning a phase of ``watchdog`` (kernels/tile_tuner.py); returns the tuner
+    module (None without Triton)."""
+    try:
+        from addernet_dist.kernels import tile_tuner
+    except ImportError:
+        return None
+    tile_tuner.set_phase_hooks(watchdog.during, watchdog.progress)
+    return tile_tuner
 
 
 def _maybe_inject_fault(global_step: int, rank: int, watchdog: StallWatchdog | None = None) -> None:

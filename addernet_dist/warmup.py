@@ -29,57 +29,19 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
 
 import torch
 
 from addernet_dist.config import ConfigError, load_config
+from addernet_dist.tiles import WarmupPlan, tune_tiles, warmup_plan  # shared with the trainer
 
-
-@dataclass(frozen=True)
-class WarmupPlan:
-    p_values: tuple[float, ...]  # one per code path the ℓp schedule reaches (p = 2, general, 1)
-    batches: tuple[int, ...]  # per-GPU training batch and a short one (another specialisation)
-    image_size: int
-    bf16: bool
-    channels_last: bool
-
-
-def warmup_plan(cfg, gpus: int) -> WarmupPlan:
-    """What the warm-up launches for a config (pure)."""
-    a = cfg.adder
-    if a.p_schedule and a.p_start != a.p_end:
-        ps = (a.p_start, (a.p_start + a.p_end) / 2, a.p_end)
-    else:
-        ps = (a.p_end if a.p_schedule else a.p_start,)
-    # p = 1 and p = 2 are their own code paths; any other value is the general path
-    paths = {1.0: 1.0, 2.0: 2.0}
-    seen, p_values = set(), []
-    for p in ps:
-        key = paths.get(float(p), "general")
-        if key not in seen:
-            seen.add(key)
-            p_values.append(float(p))
-    if cfg.train.global_batch_size % gpus:
-        raise ConfigError(
-            f"train.global_batch_size={cfg.train.global_batch_size} does not split over --gpus {gpus}"
-        )
-    per_gpu = cfg.train.global_batch_size // gpus
-    # Triton specialises an integer argument by divisibility by 16 (and == 1): the per-GPU batch and a
-    # batch of another class (the last, short batch of an epoch or of the evaluation set)
-    short = per_gpu - 1 if per_gpu % 16 == 0 else per_gpu + (16 - per_gpu % 16)
-    batches = (per_gpu, max(2, short)) if per_gpu > 2 else (per_gpu,)
-    return WarmupPlan(
-        tuple(p_values), batches, cfg.data.image_size, cfg.train.bf16, cfg.train.channels_last
-    )
+__all__ = ["WarmupPlan", "aot_compile", "main", "warm_model", "warmup_plan"]
 
 
 def warm_model(cfg, plan: WarmupPlan, num_classes: int, device: str = "cuda", log=print) -> int:
     """Run the model's kernels for every (p, batch) of the plan — a training step and an evaluation
     forward each — on ``device`` (the GPU; tests run the same steps on CPU). Returns the steps run."""
-    from addernet_dist.device_policy import autocast
     from addernet_dist.engine.base import maybe_fuse_adder_bn, resolve_autocast_dtype
-    from addernet_dist.nn import set_p
     from addernet_dist.ops import dispatch
     from addernet_dist.train import build_model
 
@@ -89,34 +51,23 @@ def warm_model(cfg, plan: WarmupPlan, num_classes: int, device: str = "cuda", lo
     fused = maybe_fuse_adder_bn(model, cfg.adder.fuse_bn, device)
     if plan.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    fmt = torch.channels_last if plan.channels_last else torch.contiguous_format
     # the trainer's autocast dtype for train.bf16 on this device (the engines' decision, e.g. a
     # ConfigError for bf16 on a pre-Ampere GPU), under the trainer's one autocast helper
     dtype = resolve_autocast_dtype(plan.bf16, device)
     log(
         f"warm-up: {cfg.model.name}, {fused} fused Adder+BN pairs, p {plan.p_values}, batches {plan.batches}"
     )
-    runs = 0
-    for p in plan.p_values:
-        set_p(model, p)
-        for n in plan.batches:
-            x = torch.randn(n, 3, plan.image_size, plan.image_size, device=device).to(
-                memory_format=fmt
-            )
-            t0 = time.perf_counter()
-            model.train()
-            with autocast(device.type, dtype):
-                loss = model(x).float().logsumexp(1).mean()
-            loss.backward()
-            model.zero_grad(set_to_none=True)
-            model.eval()
-            with torch.no_grad(), autocast(device.type, dtype):
-                model(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            runs += 1
-            log(f"  p={p:g} batch {n}: {time.perf_counter() - t0:.1f} s")
-    return runs
+    # the trainer's own startup tuning steps (tiles.tune_tiles), at every batch of the plan
+    return tune_tiles(
+        model,
+        plan.p_values,
+        plan.batches,
+        plan.image_size,
+        device=device,
+        autocast_dtype=dtype,
+        channels_last=plan.channels_last,
+        log_fn=log,
+    )
 
 
 def aot_compile(model_name: str, ccs: list[int], limit: int | None = None, log=print) -> list[dict]:

@@ -233,6 +233,9 @@ H100_SXM = dict(
 # by the next layer's copy/ReLU (2); backward: g read (2), y re-read (4), g_y written (4) for ∂X/∂F:
 # 22 bytes per adder-output element and training step.
 ELEMENTWISE_BYTES = 22
+# 16 MUFU (SFU) lanes per SM and clock = 4 per quadrant: a warp instruction takes 8 of the quadrant's
+# issue cycles on that pipe (docs/kernels.md, "General p").
+MUFU_ISSUE_SLOTS = 8
 
 
 def resident_programs(regs: int, threads: int, smem: int, gpu: dict) -> int:
@@ -275,7 +278,10 @@ def model_kernel_time(
         per_split = cdiv(m_out, split)
         padded = programs * bm * bn * cdiv(per_split, bk) * bk
     threads = 32 * warps
-    instr_warp = padded * cost["per_mac"] / 32 + programs * cost["other_instrs"] * warps
+    # Issue slots per MAC: the SASS, or the MUFU pipe where it binds (general p: 16 MUFU lanes per SM
+    # and clock, i.e. a warp's MUFU instruction holds its quadrant's pipe MUFU_ISSUE_SLOTS = 8 cycles).
+    slots_per_mac = max(cost["per_mac"], MUFU_ISSUE_SLOTS * cost.get("mufu", 0.0))
+    instr_warp = padded * slots_per_mac / 32 + programs * cost["other_instrs"] * warps
     resident = resident_programs(cost["regs"], threads, cost["smem"], gpu)
     slots = gpu["sms"]
     waves = cdiv(programs, slots)
@@ -293,118 +299,199 @@ def model_kernel_time(
     )
 
 
+# The ℓp schedule's code paths: p = 1 (exact: |d|, sgn), general 1 < p < 2 (|d|^p via MUFU lg2/ex2; ∂X
+# |d|^(p-1)); p = 2 (exact, squares) is met at step 0 only and costs as p = 1 (2.56 vs 2.52 SASS/MAC,
+# table above), so it is modelled with the p = 1 kernels. ∂F (full precision X - F) does not depend on p.
+_PATH_CONSTS = {
+    "p1": {"fwd": dict(P_MODE=1), "dx": dict(GX_MODE=1)},  # P_ONE, GX_SIGN (ℓp mode at p = 1)
+    "general": {"fwd": dict(P_MODE=0), "dx": dict(GX_MODE=3)},  # P_GENERAL, GX_POW
+}
 _LAYER_KERNELS = {
-    # kind: (kernel, tuning list, constexprs of the modelled code path, divisible-16 args)
+    # kind: (kernel, tuning list, constexprs of the modelled code path but the p mode, divisible-16 args)
     "fwd": (
         "_adder_fwd_kernel",
         "FWD_CONFIGS",
-        dict(P_MODE=1, EPILOGUE=1, HAS_RES=False, RELU=False, FAST_MATH=True, FMA_EXP2_OK=True),
+        dict(EPILOGUE=1, HAS_RES=False, RELU=False, FAST_MATH=True, FMA_EXP2_OK=True),
         ("OP",),
     ),
     "dx": (
         "_adder_bwd_dx_kernel",
         "DX_CONFIGS",
-        dict(GX_MODE=1, FAST_MATH=True, FMA_EXP2_OK=True),
+        dict(FAST_MATH=True, FMA_EXP2_OK=True),
         ("CP",),
     ),
     "dw": ("_adder_bwd_dw_kernel", "DW_CONFIGS", dict(SIGN=False, ATOMIC=False), ()),
 }
 
 
-def tile_costs(cc: int, ks: tuple[int, ...]) -> dict[tuple[str, int, int], dict]:
-    """Compile every (kernel, filter size, tile) of the modelled paths once; their SASS costs."""
+def tile_costs(cc: int, ks: tuple[int, ...], paths=("p1",)) -> dict[tuple, dict]:
+    """Compile every (path, kernel, filter size, tile) of the modelled paths once; their SASS costs.
+    Keys (path, kind, k, tile index); ∂F once, under "p1" (the same kernel at every p)."""
     import triton.language as tl
+
     from addernet_dist.kernels import triton_adder as ta
 
     out = {}
-    for kind, (kname, lname, consts, div16) in _LAYER_KERNELS.items():
-        configs = getattr(ta, lname)
-        for i, cfg in enumerate(configs):
-            if cfg.kwargs.get("EXP2_FMA", 0) or (kind == "dw" and i > 0):
-                continue  # general-p-only tiles; ∂F deterministic runs DW_CONFIGS[0] only
-            for k in ks:
-                kw = cfg.kwargs
-                macs = kw["BLOCK_M"] * kw["BLOCK_N"] * kw["BLOCK_K"] // (32 * cfg.num_warps)
-                spec = aot.KernelSpec(
-                    f"{kind}",
-                    getattr(ta, kname),
-                    cfg,
-                    dict(R=k, S=k, ACC_DTYPE=tl.float32, **consts),
-                    "fp32",
-                    macs,
-                    div16,
-                )
-                compiled = aot.compile_spec(spec, cc)
-                use = aot.resource_usage(compiled.asm["cubin"])
-                lines = disassemble(compiled.asm["cubin"])
-                lp = hot_loop(lines)
-                static = sum(1 for ln in lines if _INSTR.match(ln))
-                in_loops = sum(len(loop.ops) for loop in find_loops(lines))
-                out[(kind, k, i)] = dict(
-                    per_mac=len(lp.ops) / macs,
-                    other_instrs=static - in_loops,
-                    regs=use["registers"],
-                    smem=compiled.metadata.shared,
-                    spill=use["stack"],
-                )
+    for path in paths:
+        for kind, (kname, lname, consts, div16) in _LAYER_KERNELS.items():
+            if kind == "dw" and path != "p1":
+                continue
+            configs = getattr(ta, lname)
+            for i, cfg in enumerate(configs):
+                if kind == "dw" and i > 0:
+                    continue  # ∂F deterministic (the default) runs DW_CONFIGS[0] only
+                if cfg.kwargs.get("EXP2_FMA", 0) and path != "general":
+                    continue  # the EXP2_FMA tiles exist for general p only (pruned elsewhere)
+                for k in ks:
+                    out[(path, kind, k, i)] = _compiled_cost(
+                        cc,
+                        kind,
+                        getattr(ta, kname),
+                        cfg,
+                        k,
+                        {**consts, **_PATH_CONSTS[path].get(kind, {})},
+                        div16,
+                        tl.float32,
+                    )
     return out
 
 
-def layer_report(
-    models=("resnet18", "resnet50"), cc: int = 90, batch: int = 128, gpu: dict = H100_SXM
-) -> dict:
-    """Per distinct layer shape: the modelled tile, SASS/MAC and time of fwd / ∂X / ∂F; per model the
-    modelled training images/s. One GPU, per-GPU batch ``batch``."""
-    from addernet_dist.kernels import triton_adder as ta
+def _compiled_cost(cc, kind, kernel, cfg, k, consts, div16, acc_dtype) -> dict:
+    kw = cfg.kwargs
+    macs = kw["BLOCK_M"] * kw["BLOCK_N"] * kw["BLOCK_K"] // (32 * cfg.num_warps)
+    spec = aot.KernelSpec(
+        kind, kernel, cfg, dict(R=k, S=k, ACC_DTYPE=acc_dtype, **consts), "fp32", macs, div16
+    )
+    compiled = aot.compile_spec(spec, cc)
+    use = aot.resource_usage(compiled.asm["cubin"])
+    lines = disassemble(compiled.asm["cubin"])
+    lp = hot_loop(lines)
+    static = sum(1 for ln in lines if _INSTR.match(ln))
+    in_loops = sum(len(loop.ops) for loop in find_loops(lines))
+    return dict(
+        per_mac=len(lp.ops) / macs,
+        mufu=lp.count("MUFU") / macs,
+        other_instrs=static - in_loops,
+        regs=use["registers"],
+        smem=compiled.metadata.shared,
+        spill=use["stack"],
+    )
 
+
+def _best_tiles(s, path: str, costs: dict, batch: int, gpu: dict, ta) -> tuple[dict, float]:
+    """{kind: the modelled-fastest tile's numbers} and the step's seconds of one layer shape at ``path``."""
+    kinds, layer_t = {}, 0.0
+    for kind, (_, lname, _, _) in _LAYER_KERNELS.items():
+        configs = getattr(ta, lname)
+        cost_path = "p1" if kind == "dw" else path
+        best = None
+        for (pa, kd, k, i), cost in costs.items():
+            if pa != cost_path or kd != kind or k != s.k:
+                continue
+            cfg = configs[i]
+            r = model_kernel_time(kind, s, batch, cfg.kwargs, cfg.num_warps, cost, gpu)
+            if best is None or r["seconds"] < best[1]["seconds"]:
+                best = (i, r, cost)
+        i, r, cost = best
+        kw = configs[i].kwargs
+        fma = f",E{kw['EXP2_FMA']}" if kw.get("EXP2_FMA") else ""
+        kinds[kind] = dict(
+            tile=f"{kw['BLOCK_M']}×{kw['BLOCK_N']}×{kw['BLOCK_K']}{fma}/w{configs[i].num_warps}",
+            per_mac=cost["per_mac"],
+            mufu=cost["mufu"],
+            regs=cost["regs"],
+            spill=cost["spill"],
+            us=r["seconds"] * 1e6,
+            tmacs=r["tmacs"],
+            waste=r["waste"],
+            tail=r["tail_eff"],
+        )
+        layer_t += r["seconds"]
+    return kinds, layer_t
+
+
+def layer_report(
+    models=("resnet18", "resnet50"),
+    cc: int = 90,
+    batch: int = 128,
+    gpu: dict = H100_SXM,
+    paths: tuple[str, ...] = ("p1", "general"),
+) -> dict:
+    """Per distinct layer shape: the modelled tile, SASS/MAC and time of fwd / ∂X / ∂F at p = 1 (and the
+    step at general p); per model and p code path the modelled training images/s. One GPU, per-GPU
+    batch ``batch``."""
+    from addernet_dist.kernels import triton_adder as ta
     from addernet_dist.layer_shapes import adder_layer_shapes
 
     shapes = {m: adder_layer_shapes(m) for m in models}
     ks = tuple(sorted({s.k for ss in shapes.values() for s in ss}))
-    costs = tile_costs(cc, ks)
+    costs = tile_costs(cc, ks, paths)
     result = {"gpu": gpu, "cc": cc, "batch": batch, "models": {}}
     for m, ss in shapes.items():
-        rows, total_t, out_elems = [], 0.0, 0
+        rows, total = [], dict.fromkeys(paths, 0.0)
+        out_elems = sum(s.o * s.p * s.p * s.count for s in ss)
+        mem_t = batch * out_elems * ELEMENTWISE_BYTES / (gpu["hbm_tb_s"] * 1e12)
         for s in ss:
             row = dict(layer=s.label, count=s.count, mmacs=s.macs_per_image / 1e6)
-            layer_t = 0.0
-            for kind, (_, lname, _, _) in _LAYER_KERNELS.items():
-                configs = getattr(ta, lname)
-                best = None
-                for (kd, k, i), cost in costs.items():
-                    if kd != kind or k != s.k:
-                        continue
-                    cfg = configs[i]
-                    r = model_kernel_time(kind, s, batch, cfg.kwargs, cfg.num_warps, cost, gpu)
-                    if best is None or r["seconds"] < best[1]["seconds"]:
-                        best = (i, r, cost)
-                i, r, cost = best
-                kw = configs[i].kwargs
-                row[kind] = dict(
-                    tile=f"{kw['BLOCK_M']}×{kw['BLOCK_N']}×{kw['BLOCK_K']}/w{configs[i].num_warps}",
-                    per_mac=cost["per_mac"],
-                    regs=cost["regs"],
-                    spill=cost["spill"],
-                    us=r["seconds"] * 1e6,
-                    tmacs=r["tmacs"],
-                    waste=r["waste"],
-                    tail=r["tail_eff"],
-                )
-                layer_t += r["seconds"]
-            row["step_us"] = layer_t * 1e6
+            for path in paths:
+                kinds, layer_t = _best_tiles(s, path, costs, batch, gpu, ta)
+                if path == "p1":
+                    row.update(kinds, step_us=layer_t * 1e6)
+                else:
+                    row[f"{path}_step_us"] = layer_t * 1e6
+                    row[f"{path}_tiles"] = {k: v["tile"] for k, v in kinds.items()}
+                total[path] += layer_t * s.count
             rows.append(row)
-            total_t += layer_t * s.count
-            out_elems += s.o * s.p * s.p * s.count
-        mem_t = batch * out_elems * ELEMENTWISE_BYTES / (gpu["hbm_tb_s"] * 1e12)
+        by_path = {
+            path: dict(adder_s=t, images_s=batch / (t + mem_t), adder_images_s=batch / t)
+            for path, t in total.items()
+        }
         result["models"][m] = dict(
             rows=rows,
-            adder_s=total_t,
+            adder_s=total["p1"],
             elementwise_s=mem_t,
-            adder_images_s=batch / total_t,
-            images_s=batch / (total_t + mem_t),
+            adder_images_s=batch / total["p1"],
+            images_s=by_path["p1"]["images_s"],
+            paths=by_path,
             adder_gmacs_per_image=sum(s.macs_per_image * s.count for s in ss) / 1e9,
         )
     return result
+
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+def schedule_time(
+    cfg, images_s_by_path: dict[str, float], gpus: int = 8, images: int = IMAGENET_TRAIN_IMAGES
+) -> dict:
+    """Modelled node-hours of a whole run of ``cfg`` (its epochs and ℓp schedule): every step is costed
+    at its p code path (p = 1 for p ∈ {1, 2}, "general" otherwise), ``images_s_by_path`` per GPU."""
+    from addernet_dist.optim import PSchedule
+
+    steps_per_epoch = -(-images // cfg.train.global_batch_size)
+    total = cfg.train.epochs * steps_per_epoch
+    a = cfg.adder
+    sched = PSchedule.from_config(
+        a, decay_epochs=cfg.p_decay_epochs(), steps_per_epoch=steps_per_epoch
+    )
+    # p is linear from p_start at step 0 to p_end at decay_steps: exact values only at the two ends
+    if not sched.enabled or sched.p_start == sched.p_end:
+        exact = total if sched.p_end in (1.0, 2.0) else 0
+    else:
+        first_end = min(total, sched.decay_steps)
+        exact = (total - first_end) * (sched.p_end in (1.0, 2.0)) + (sched.p_start in (1.0, 2.0))
+    steps = {"p1": exact, "general": total - exact}
+    per_step = {k: cfg.train.global_batch_size / (gpus * images_s_by_path[k]) for k in steps}
+    hours = {k: steps[k] * per_step[k] / 3600 for k in steps}
+    return dict(
+        steps=steps,
+        hours=hours,
+        total_hours=sum(hours.values()),
+        p1_only_hours=total * per_step["p1"] / 3600,
+        gpus=gpus,
+        epochs=cfg.train.epochs,
+        decay_epochs=cfg.p_decay_epochs(),
+    )
 
 
 def layers_markdown(rep: dict) -> str:
@@ -434,6 +521,21 @@ def layers_markdown(rep: dict) -> str:
             f"images/s; with the memory-bound BN/ReLU passes ({1e3 * d['elementwise_s']:.1f} ms) "
             f"**{d['images_s']:.0f} images/s per GPU**.\n"
         )
+        for path, v in d.get("paths", {}).items():
+            if path != "p1":
+                out.append(
+                    f"At {path} p (the ℓp schedule's decay phase; ∂F unchanged): adder kernels "
+                    f"{1e3 * v['adder_s']:.1f} ms per step ({v['adder_s'] / d['adder_s']:.2f}× p = 1) → "
+                    f"**{v['images_s']:.0f} images/s per GPU**.\n"
+                )
+        if "schedule" in d:
+            sc = d["schedule"]
+            out.append(
+                f"Whole schedule ({sc['config']}: {sc['epochs']} epochs, p decaying over {sc['decay_epochs']:g}, "
+                f"{sc['gpus']} GPUs): {sc['steps']['general']} steps at general p "
+                f"({sc['hours']['general']:.1f} h) + {sc['steps']['p1']} at p ∈ {{1, 2}} ({sc['hours']['p1']:.1f} h) "
+                f"= **{sc['total_hours']:.1f} node-hours** (all at p = 1: {sc['p1_only_hours']:.1f}).\n"
+            )
     return "".join(out)
 
 
@@ -455,9 +557,23 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--batch", type=int, default=128, help="per-GPU batch of --layers")
     ap.add_argument("--json", default=None, help="--layers: also write the numbers here")
+    ap.add_argument(
+        "--schedule",
+        default="configs/imagenet_resnet50.yaml",
+        help="--layers: model the whole run of this config (epochs, ℓp schedule) on --gpus GPUs",
+    )
+    ap.add_argument("--gpus", type=int, default=8, help="--layers --schedule: GPUs of the node")
     args = ap.parse_args(argv)
     if args.layers:
         rep = layer_report(cc=args.cc, batch=args.batch)
+        if args.schedule:
+            from addernet_dist.config import load_config
+
+            cfg = load_config(args.schedule, [])
+            m = rep["models"].get(cfg.model.name)
+            if m is not None:
+                by_path = {k: v["images_s"] for k, v in m["paths"].items()}
+                m["schedule"] = {**schedule_time(cfg, by_path, args.gpus), "config": args.schedule}
         if args.json:
             import json
 

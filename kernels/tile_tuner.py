@@ -15,7 +15,14 @@ so ranks could disagree in the last bits of BN statistics and weights. ``TileTun
   lines up; a tile cache (below) removes even that collective;
 * reads a **tile cache** (JSON) named by ``ADDERNET_TILE_CACHE``, written by ``addernet-warmup`` before
   the run: a key found there is never timed and never broadcast, so a run started from a warm cache
-  has no tuning at all and every rank uses the file's tiles.
+  has no tuning at all and every rank uses the file's tiles;
+* tuning is a phase of the stall watchdog (``set_phase_hooks``): timing 5–8 tiles × 2–6 s of ptxas per
+  key keeps rank 0 busy for minutes while the other ranks wait in the broadcast, which the training
+  limit (``train.stall_timeout_s=300``) would take for a stall. Rank 0 reports progress after every
+  trial; a failure on rank 0 is broadcast and raised on every rank as that error (``TileTuningError``),
+  instead of leaving the others in the broadcast until the watchdog fires;
+* its choices are part of the training checkpoint (``choices()`` / ``restore_choices``, plain ints
+  and strings): after a restart rank 0 could time other winners, and the tile changes result bits.
 
 The timing function is ``TileTuner.bench`` (module-level ``bench``), replaceable in tests to make two
 ranks prefer different tiles.
@@ -30,6 +37,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -45,6 +53,26 @@ TUNING_ENABLED = os.environ.get("ADDERNET_TILE_TUNING", "1") != "0"
 # starts with the tuner's kind).
 _choices: dict[str, dict[str, Any]] = {}
 _loaded_path: str | None = None
+
+
+class TileTuningError(RuntimeError):
+    """Tuning failed on rank 0 (raised there and, with rank 0's message, on every other rank)."""
+
+
+# The stall watchdog's hooks (guard.StallWatchdog.during / .progress; the trainer installs them):
+# ``phase(name)`` wraps every tuning (rank 0's timing and the other ranks' wait for its choice),
+# ``progress()`` is called by rank 0 after each timed tile.
+_phase: Callable[[str], AbstractContextManager] = lambda name: nullcontext()  # noqa: E731
+_progress: Callable[[], None] = lambda: None  # noqa: E731
+
+
+def set_phase_hooks(
+    phase: Callable[[str], AbstractContextManager] | None, progress: Callable[[], None] | None
+) -> None:
+    """Install (or with None, remove) the watchdog hooks tuning reports to."""
+    global _phase, _progress
+    _phase = phase or (lambda name: nullcontext())
+    _progress = progress or (lambda: None)
 
 
 def config_dict(cfg: triton.Config) -> dict[str, Any]:
@@ -155,15 +183,33 @@ class TileTuner:
         if not TUNING_ENABLED:
             return cands[0]
         rank, world = _world()
-        idx = None
-        if rank == 0 or world == 1:
-            idx = self._time(cands, run, list(reset))
-        if world > 1:
-            # The tile changes result bits: every rank must launch rank 0's choice.
-            idx = _broadcast_from_rank0(idx)
+        with _phase("tuning"):
+            idx, error = self._time_on_rank0(cands, run, list(reset), rank, world)
+        if error is not None:
+            if rank == 0 or world == 1:
+                raise error
+            raise TileTuningError(f"rank 0 failed to tune the tiles of {key}: {error}")
         cfg = cands[idx]
         _choices[key] = config_dict(cfg)
         return cfg
+
+    def _time_on_rank0(self, cands, run, reset, rank: int, world: int):
+        """(index of rank 0's choice, None) or (None, rank 0's exception), the same on every rank."""
+        idx, error = None, None
+        if rank == 0 or world == 1:
+            try:
+                idx = self._time(cands, run, reset)
+            except Exception as e:
+                error = e
+        if world > 1:
+            # The tile changes result bits: every rank must launch rank 0's choice. A failure is
+            # sent too (its message), so the other ranks raise it instead of waiting for a tile.
+            sent = _broadcast_from_rank0(
+                idx if error is None else f"{type(error).__name__}: {error}"
+            )
+            if rank != 0:
+                idx, error = (sent, None) if isinstance(sent, int) else (None, sent)
+        return idx, error
 
     def _time(self, cands, run, reset) -> int:
         self.tunings += 1
@@ -182,11 +228,12 @@ class TileTuner:
                     f"{self.kind} tile {config_dict(cfg)} failed: {e}", RuntimeWarning, stacklevel=3
                 )
                 times.append(float("inf"))
+            _progress()  # a trial done: rank 0 is alive and tuning (the watchdog's clock)
         for t in reset:
             t.zero_()
         best = min(range(len(cands)), key=lambda i: times[i])
         if times[best] == float("inf"):
-            raise RuntimeError(f"no {self.kind} tile config could run")
+            raise TileTuningError(f"no {self.kind} tile config could run")
         return best
 
 
@@ -227,9 +274,48 @@ def load_tile_cache(path: str) -> int:
             RuntimeWarning,
             stacklevel=2,
         )
-    _choices.update(data["entries"])
+    _merge(_checked_entries(data["entries"], path), path)
     _loaded_path = path
     return len(data["entries"])
+
+
+def _checked_entries(entries: Any, where: str) -> dict[str, dict[str, int | str]]:
+    """``entries`` if it is a tile map (key string → {name: int or str}); a clear error otherwise."""
+    ok = isinstance(entries, dict) and all(
+        isinstance(k, str)
+        and isinstance(v, dict)
+        and all(isinstance(n, str) and isinstance(x, (int, str)) for n, x in v.items())
+        for k, v in entries.items()
+    )
+    if not ok:
+        raise ValueError(
+            f"{where}: the tile choices are not a map of key strings to {{name: int}} tiles; "
+            "re-run addernet-warmup (a tile cache) or resume from another checkpoint"
+        )
+    return entries
+
+
+def _merge(entries: dict[str, dict[str, Any]], source: str) -> None:
+    """Add ``entries``; a key this process already has keeps its tile (a run resumed from a
+    checkpoint keeps the tiles its first part ran with, whatever a newer tile cache says)."""
+    differ = [k for k, v in entries.items() if k in _choices and _choices[k] != v]
+    if differ:
+        warnings.warn(
+            f"{source}: {len(differ)} tile choices differ from the ones this run already uses "
+            f"(e.g. {differ[0]}); keeping the run's (its results depend on them)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    for k, v in entries.items():
+        _choices.setdefault(k, dict(v))
+
+
+def restore_choices(entries: Any, source: str = "checkpoint") -> int:
+    """Take the tile choices a checkpoint saved (``choices()``); returns how many. They replace any
+    choice of this process (e.g. from ``ADDERNET_TILE_CACHE``): the run's bits so far came from them."""
+    for k, v in _checked_entries(entries, source).items():
+        _choices[k] = dict(v)
+    return len(entries)
 
 
 def save_tile_cache(path: str) -> int:
@@ -250,8 +336,8 @@ def save_tile_cache(path: str) -> int:
 
 
 def choices() -> dict[str, dict[str, Any]]:
-    """A copy of the current key → tile map."""
-    return dict(_choices)
+    """A copy of the current key → tile map (plain strings and ints: a checkpoint holds it)."""
+    return {k: dict(v) for k, v in _choices.items()}
 
 
 def clear() -> None:

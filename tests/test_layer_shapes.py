@@ -92,3 +92,33 @@ def test_throughput_model_on_hand_checkable_cases():
     assert (
         kr.resident_programs(255, 256, 0, gpu) == 1 and kr.resident_programs(64, 128, 0, gpu) == 8
     )
+
+
+def test_throughput_model_costs_the_whole_p_schedule():
+    # issue 21 item 4: 225 of ImageNet ResNet-50's 300 epochs run at a general p, where the MUFU pipe
+    # (8 issue slots per warp MUFU instruction) binds, not the SASS count
+    kr = _report()
+    from addernet_dist.config import load_config
+    from addernet_dist.layer_shapes import LayerShape
+
+    gpu = {**kr.H100_SXM, "sms": 33}
+    s = LayerShape(64, 64, 1, 1, 0, 16, 16)
+    cfg = dict(BLOCK_M=256, BLOCK_N=64, BLOCK_K=4)
+    p1 = dict(per_mac=2.0, other_instrs=0, regs=64, smem=0, mufu=0.0)
+    gen = dict(per_mac=5.37, other_instrs=0, regs=64, smem=0, mufu=2.0)  # SFU-only general p tile
+    t1, tg = (kr.model_kernel_time("fwd", s, 33, cfg, 4, c, gpu)["seconds"] for c in (p1, gen))
+    assert tg / t1 == pytest.approx(16 / 2)  # max(5.37, 8 × 2) = 16 slots per MAC vs 2
+    # the schedule of configs/imagenet_resnet50.yaml: 5005 steps per epoch (1 281 167 images, batch
+    # 256), p linear from 2 at step 0 to 1 at step 225 × 5005 = 1 126 125, then 1 to step 1 501 500
+    root = Path(__file__).resolve().parents[1]
+    rn50 = load_config(root / "configs" / "imagenet_resnet50.yaml", [])
+    sc = kr.schedule_time(rn50, {"p1": 800.0, "general": 800.0 / 3}, gpus=8)
+    assert sc["steps"] == {"p1": 375_375 + 1, "general": 1_126_124}
+    # 256 images per step on 8 GPUs: 0.04 s per step at p = 1, 0.12 s at general p
+    assert sc["hours"]["p1"] == pytest.approx(375_376 * 0.04 / 3600)
+    assert sc["hours"]["general"] == pytest.approx(1_126_124 * 0.12 / 3600)
+    assert sc["total_hours"] == pytest.approx(41.71, abs=0.01)
+    assert sc["p1_only_hours"] == pytest.approx(1_501_500 * 0.04 / 3600)  # the old headline's 16.7
+    # no schedule (p fixed at 1): every step at p = 1
+    fixed = load_config(root / "configs" / "imagenet_resnet50.yaml", ["adder.p_schedule=false"])
+    assert kr.schedule_time(fixed, {"p1": 800.0, "general": 1.0})["steps"]["general"] == 0

@@ -35,6 +35,14 @@ def test_gpu_plan_runs_every_gpu_path():
     assert any(c["channels_last"] for c in cases)
     assert {c["epilogue"] for c in cases} == {"none", "bn_stats", "affine", "affine_res_relu"}
     assert plan["speed"]["model"] == "resnet50"
+    # ∂F: the default tile and the low-register candidate, both timed (issue 21 item 5)
+    from addernet_dist.kernels import triton_adder
+
+    assert plan["speed"]["dw_candidates"] == [0, 4] == list(triton_adder.DW_SELFTEST_CONFIGS)
+    assert (
+        triton_adder.DW_CONFIGS[4].num_warps == 8
+        and triton_adder.DW_CONFIGS[4].kwargs["BLOCK_K"] == 16
+    )
     t = plan["train"]
     assert t["nproc"] == 8 and t["distributed_backend"] == "nccl"
     assert t["overrides"] == {
@@ -53,7 +61,10 @@ def test_gpu_plan_runs_every_gpu_path():
     assert d["overrides"]["adder.backend"] == "triton" and "DS_ACCELERATOR" not in d["env"]
     # one GPU: one process; never more than 8 per node
     one = st.DeviceDescription("cuda", "A100", (8, 0), 1, 108, 1410.0, "550.1.1", "12.4")
-    assert {c.name: c.params for c in st.plan_checks(one)}["train"]["nproc"] == 1
+    one_plan = {c.name: c.params for c in st.plan_checks(one)}
+    assert one_plan["train"]["nproc"] == 1
+    # the tiles check still runs (tuning as a watchdog phase, the tiles' checkpoint round trip)
+    assert one_plan["tiles"]["nproc"] == 1
 
 
 def test_cpu_plan_runs_the_cpu_equivalents():
@@ -206,4 +217,131 @@ def test_tiles_check_agrees_across_two_gloo_ranks(tmp_path):
     # the check the GPU form runs over NCCL, here over gloo with the interpreter: rank 0 times, rank 1
     # receives, both launch the same tiles
     details = st.check_tiles(CPU, {"nproc": 2, "mode": "interpreter", "env": {}}, tmp_path)
-    assert details == {"nproc": 2, "keys": 2, "timed_by_rank": [2, 0]}
+    # ... under the stall watchdog with tuning as its phase, and after the checkpoint round trip of the
+    # choices (torch.load(weights_only=True)) the same launches time nothing
+    assert details == {
+        "nproc": 2,
+        "keys": 2,
+        "timed_by_rank": [2, 0],
+        "retimed_after_restore": [0, 0],
+    }
+
+
+def test_speed_check_times_both_dw_candidates_and_reports_them():
+    # the GPU speed check's ∂F part, on CPU: the interpreter runs each candidate tile (deterministic ∂F,
+    # checked against autograd of the reference) and an injected timer stands in for do_bench
+    import torch
+
+    from addernet_dist.kernels.triton_testing import interpreted_modules
+    from addernet_dist.layer_shapes import LayerShape
+    from addernet_dist.selftest.speed import time_dw_candidates
+
+    launched = []
+
+    def bench(fn):
+        dw = fn()
+        launched.append(dw)
+        return {0: 2e-3, 1: 1e-3}[len(launched) - 1]  # the second candidate is faster
+
+    shape = LayerShape(3, 4, 3, 1, 1, 5, 1)
+    with interpreted_modules("addernet_dist.kernels.triton_adder") as (ta,):
+        torch.manual_seed(0)
+        rows = time_dw_candidates(ta, [shape], 2, "cpu", [0, 4], bench=bench)
+    assert len(launched) == 2
+    torch.testing.assert_close(launched[0], launched[1], rtol=1e-5, atol=1e-5)
+    assert rows == [
+        {
+            "layer": shape.label,
+            "count": 1,
+            "dw_ms[32x64x32/w4]": 2.0,
+            "dw_ms[32x64x16/w8]": 1.0,
+            "dw_fastest": "32x64x16/w8",
+        }
+    ]
+    report = {
+        "date": "d",
+        "device": {"name": "H100"},
+        "ok": True,
+        "seconds": 1.0,
+        "checks": [
+            {
+                "name": "speed",
+                "ok": True,
+                "seconds": 1.0,
+                "details": {
+                    "batch": 2,
+                    "fp32_adder_roofline_tmacs": None,
+                    "rows": [],
+                    "dw_rows": rows,
+                },
+            }
+        ],
+    }
+    md = st.to_markdown(report)
+    assert "| 32x64x32/w4 ms | 32x64x16/w8 ms | fastest |" in md
+    assert f"| {shape.label} | 1 | 2.000 | 1.000 | 32x64x16/w8 |" in md
+
+
+def test_compare_logits_allows_a_bf16_near_tie_and_catches_a_wrong_fusion():
+    # 12 images, one near-tie that a bf16 rounding flips: top-1 moves by 8.3 %, the logits by 0.4 % of
+    # their scale -> passes (the old rule, top-1 equality, failed here)
+    ok = dict(
+        images=12, fused_pairs=8, max_abs_diff=0.02, scale=5.0, relative_spread=0.3, top1_agree=11
+    )
+    assert st.compare_logits(ok) == ok
+    with pytest.raises(st.CheckFailed, match="differ by 4.*more than 0.02 × their scale 5"):
+        st.compare_logits({**ok, "max_abs_diff": 4.0, "top1_agree": 12})  # e.g. a negated BN shift
+    with pytest.raises(st.CheckFailed, match="constant across the 12 images"):
+        st.compare_logits({**ok, "relative_spread": 1e-7})
+
+
+@pytest.mark.timeout(600)
+def test_logits_worker_compares_fused_and_unfused_logits_of_a_checkpoint(tmp_path, monkeypatch):
+    # the train check's comparison on a real checkpoint (debug ResNet-8, bf16 autocast on CPU): the fused
+    # model's logits against addernet-eval's unfused model, to LOGIT_RTOL of their scale
+    from addernet_dist import train as train_mod
+    from addernet_dist.config import load_config
+    from tests.train_helpers import DEBUG_CONFIG
+
+    out = tmp_path / "run"
+    overrides = [
+        "train.epochs=1",
+        "train.bf16=true",
+        "train.progress_bar=false",
+        "train.ckpt_every_steps=0",
+    ]
+    overrides += ["data.synthetic_val_size=12", f"output_dir={out}", "adder.backend=reference"]
+    # p still above 1 at the evaluation: BN is recalibrated and the logits vary across images (with the
+    # running statistics of a few momentum-0.1 steps every logit is fc.bias: compare_logits refuses)
+    overrides += [
+        "data.synthetic_train_size=64",
+        "adder.p_decay_epochs=4",
+        "train.bn_recalibration_batches=2",
+    ]
+    train_mod.train(load_config(DEBUG_CONFIG, overrides))
+    ck = sorted((out / "checkpoints").glob("step_*.pt"))[-1]
+    st.logits_worker(str(ck), str(tmp_path / "logits.json"))
+    d = json.loads((tmp_path / "logits.json").read_text())
+    assert d["images"] == 12 and d["fused_pairs"] == 8
+    assert st.compare_logits(d) == d
+    assert d["max_abs_diff"] <= st.smoke.LOGIT_RTOL * d["scale"] and d["top1_agree"] == 12, d
+    # a fusion that computes another model (its BN scale negated) is caught
+    import torch
+
+    from addernet_dist.engine import base
+    from addernet_dist.models.fusion import FusedAdderBN2d
+
+    real = base.maybe_fuse_adder_bn
+
+    def wrong_fusion(model, fuse_bn, device):
+        n = real(model, fuse_bn, device)
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, FusedAdderBN2d):
+                    m.bn.weight.neg_()
+        return n
+
+    monkeypatch.setattr(base, "maybe_fuse_adder_bn", wrong_fusion)
+    st.logits_worker(str(ck), str(tmp_path / "wrong.json"))
+    with pytest.raises(st.CheckFailed, match="fused and unfused logits differ"):
+        st.compare_logits(json.loads((tmp_path / "wrong.json").read_text()))

@@ -26,7 +26,16 @@ RUN = [
     "train.ckpt_every_steps=0",
     "train.bf16=false",
 ]
-CLIENT_KEYS = {"train_state", "p_schedule", "loader", "rng", "last_eval", "world_size", "config"}
+CLIENT_KEYS = {
+    "train_state",
+    "p_schedule",
+    "loader",
+    "rng",
+    "last_eval",
+    "tiles",
+    "world_size",
+    "config",
+}
 
 
 class Toy:

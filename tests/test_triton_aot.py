@@ -115,3 +115,36 @@ def test_exp2_fma_tiles_are_tuned_only_where_they_differ():
     ):
         plain, general = (tuned.candidates((), {mode_key: m, "FMA_EXP2_OK": True}) for m in modes)
         assert split(plain) == {False} and split(general) == {False, True}
+
+
+@pytest.mark.timeout(300)
+def test_low_register_dw_candidate_doubles_resident_warps_on_sm90():
+    # issue 21 item 5: ∂F's default tile holds 247 registers × 128 threads on sm_90 (3×3, full,
+    # deterministic) → 2 programs = 8 warps per SM, too few to hide its div/mod gathers' latency; the
+    # candidate the self-test times against it keeps the output tile (32×64, the same split) at half
+    # the registers.
+    import triton.language as tl
+
+    kr = _kernel_report()
+    gpu = kr.H100_SXM
+    default, cand = (ta.DW_CONFIGS[i] for i in ta.DW_SELFTEST_CONFIGS)
+    assert (default.kwargs["BLOCK_M"], default.kwargs["BLOCK_N"]) == (
+        cand.kwargs["BLOCK_M"],
+        cand.kwargs["BLOCK_N"],
+    )
+    warps, regs = [], []
+    for cfg in (default, cand):
+        consts = dict(R=3, S=3, ACC_DTYPE=tl.float32, SIGN=False, ATOMIC=False)
+        spec = aot.KernelSpec(
+            "dw[full,deterministic]", ta._adder_bwd_dw_kernel, cfg, consts, "fp32", 1
+        )
+        k = aot.compile_spec(spec, 90)
+        use = aot.resource_usage(k.asm["cubin"])
+        assert use["local"] == 0 and use["stack"] == 0
+        # registers are allocated per warp in units of 256 (8 per thread)
+        alloc = -(-use["registers"] // 8) * 8
+        threads = 32 * cfg.num_warps
+        warps.append(kr.resident_programs(alloc, threads, k.metadata.shared, gpu) * cfg.num_warps)
+        regs.append(use["registers"])
+    assert regs[1] * 2 <= regs[0] + 8, regs
+    assert warps == [8, 16], (regs, warps)

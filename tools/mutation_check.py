@@ -369,6 +369,47 @@ MUTATIONS = [
         "",
         ("tests/test_dali_loader.py::test_mixed_pipeline_is_defined_and_placed_on_cpu",),
     ),
+    Mutation(
+        "tuning-not-a-phase-for-peers",
+        "a rank waiting for rank 0's tile choice ignores rank 0's tuning progress (issue 21)",
+        "addernet_dist/guard.py",
+        'if self.phase == "tuning" and _peer_tuned(first, now, self.dist.rank):',
+        "if False:",
+        (
+            "tests/test_tile_phase.py::"
+            "test_tuning_longer_than_the_limits_is_not_a_stall_and_a_failure_reaches_every_rank",
+        ),
+    ),
+    Mutation(
+        "tuning-error-not-broadcast",
+        "rank 0 raises a tuning failure before the broadcast (the others wait for a tile)",
+        "kernels/tile_tuner.py",
+        "            except Exception as e:\n                error = e\n",
+        "            except Exception:\n                raise\n",
+        (
+            "tests/test_tile_phase.py::"
+            "test_tuning_longer_than_the_limits_is_not_a_stall_and_a_failure_reaches_every_rank",
+        ),
+    ),
+    Mutation(
+        "tiles-not-restored",
+        "a resumed run ignores the checkpoint's tile choices (re-tunes, may pick other tiles)",
+        "addernet_dist/tiles.py",
+        'n = tt.restore_choices(entries, source="checkpoint \'tiles\'")',
+        "n = 0",
+        (
+            "tests/test_tile_phase.py::"
+            "test_run_tunes_all_p_paths_at_start_and_resume_reuses_the_checkpoints_tiles",
+        ),
+    ),
+    Mutation(
+        "ds-bf16-buffers-unchecked",
+        "DeepSpeed bf16: BN buffers cast to bf16 by DeepSpeed go unnoticed",
+        "addernet_dist/engine/deepspeed.py",
+        "            check_buffers_fp32(model, deepspeed.__version__)",
+        "            pass",
+        ("tests/test_deepspeed_bf16_cast.py::test_deepspeed_bf16_must_keep_bn_buffers_fp32",),
+    ),
 ]
 
 

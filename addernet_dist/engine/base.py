@@ -103,6 +103,7 @@ class Engine(ABC):
       device: the torch.device inputs must be on.
       autocast_dtype: the autocast dtype of every forward pass of this run (training, evaluation,
         BN recalibration), e.g. torch.bfloat16; None runs them without autocast (fp32).
+      input_dtype: the dtype the images are cast to before the model (DeepSpeed bf16 weights), or None.
       fused_adder_bn: how many Adder2d+BatchNorm2d pairs were fused (0: none).
     """
 
@@ -112,6 +113,7 @@ class Engine(ABC):
     dist: DistInfo
     device: torch.device
     autocast_dtype: torch.dtype | None
+    input_dtype: torch.dtype | None = None
     fused_adder_bn: int
     # The loss terms of the last forward_backward (loss.training_loss: {"ce", "kd"} with a
     # distillation teacher, {} without), detached device tensors, mean over the micro-batches.

@@ -130,7 +130,7 @@ class DeepSpeedEngine(Engine):
             self.autocast_dtype: torch.dtype | None = torch.bfloat16
         else:
             self.autocast_dtype = resolve_autocast_dtype(cfg.train.bf16, self.device)
-        self._input_dtype = torch.bfloat16 if ds_section.precision == "bf16" else None
+        self.input_dtype = torch.bfloat16 if ds_section.precision == "bf16" else None
         # The loss of both engines (loss.py); the teacher is never handed to DeepSpeed.
         self.criterion = Criterion.from_config(cfg, self.autocast_dtype, teacher)
         self.loss_parts: dict[str, torch.Tensor] = {}
@@ -150,6 +150,8 @@ class DeepSpeedEngine(Engine):
         ds_engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config, dist_init_required=False
         )
+        if ds_section.precision == "bf16":
+            check_buffers_fp32(model, deepspeed.__version__)
         self.model = ds_engine
         self._buffers: dict[torch.dtype, list[torch.Tensor]] = {}
         for b in model.buffers():
@@ -186,8 +188,8 @@ class DeepSpeedEngine(Engine):
                 f"{self.micro_batch} x {self.accum_steps} micro-batches (train.global_batch_size "
                 f"/ world size)"
             )
-        if self._input_dtype is not None:
-            images = images.to(self._input_dtype)
+        if self.input_dtype is not None:
+            images = images.to(self.input_dtype)
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         parts: dict[str, torch.Tensor] = {}
         chunks = zip(images.split(self.micro_batch), labels.split(self.micro_batch), strict=True)
@@ -344,6 +346,30 @@ class FP32BatchNorm2d(nn.BatchNorm2d):
             use_batch,
             factor,
             self.eps,
+        )
+
+
+# The first DeepSpeed release whose bf16 mode casts parameters only (engine._cast_module_mixed_precision):
+# 0.15.0-0.19.1 call module.bfloat16(), which casts the BN running statistics too (sources read).
+DS_PARAMS_ONLY_CAST = "0.19.2"
+
+
+def check_buffers_fp32(model: nn.Module, ds_version: str) -> None:
+    """After ``deepspeed.initialize`` with bf16 weights: every floating buffer (the BN statistics) must
+    still be fp32. Checked on the run's own model rather than trusted to a version pin: a DeepSpeed
+    older than the pin in an existing environment, a ``buffer_dtype`` in a hand-written DeepSpeed
+    config or a change of DeepSpeed's casting rule would otherwise round the statistics of adder
+    outputs (-4000 ± 37) to 16 bits without a word."""
+    bad = [
+        n for n, b in model.named_buffers() if b.is_floating_point() and b.dtype != torch.float32
+    ]
+    if bad:
+        dtype = dict(model.named_buffers())[bad[0]].dtype
+        raise ConfigError(
+            f"DeepSpeed {ds_version} cast {len(bad)} buffers of the model to {dtype} with "
+            f"deepspeed.precision=bf16 (e.g. {bad[0]}); the BatchNorm statistics of adder outputs must "
+            f"stay fp32. DeepSpeed casts parameters only from {DS_PARAMS_ONLY_CAST} on: pip install "
+            f"'deepspeed>={DS_PARAMS_ONLY_CAST}', or set deepspeed.precision=autocast"
         )
 
 

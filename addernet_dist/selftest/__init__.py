@@ -16,12 +16,18 @@ tested on CPU machines):
   fp16; channels_last; the BN-statistics, affine and affine+residual+ReLU epilogues. On CUDA the
   compiled kernels; on CPU the same kernel code through the Triton interpreter.
 * ``speed`` (CUDA) — the forward on ResNet-50 layer shapes against cuDNN ``conv2d`` (fp32, TF32 off),
-  with the fraction of the FP32 issue roofline (an adder MAC is two FP32 instructions).
+  with the fraction of the FP32 issue roofline (an adder MAC is two FP32 instructions); deterministic
+  ∂F with its default tile against the low-register candidate (``DW_SELFTEST_CONFIGS``).
 * ``tiles`` — the kernel-tile tuner over the real process group (NCCL on a GPU node): rank 0 times the
-  tiles of a few layer shapes and broadcasts them; every rank must launch the same ones.
+  tiles of a few layer shapes and broadcasts them; every rank must launch the same ones. It runs under
+  the stall watchdog with a 5 s training limit and tuning as the watchdog's phase (as the trainer does),
+  then round-trips the choices through a ``weights_only`` checkpoint file: the same launches must time
+  nothing afterwards (a resumed run keeps its tiles).
 * ``train`` — a multi-process training smoke: DDP over NCCL (gloo on CPU), bf16, fused Adder+BN, DALI
   ``mixed`` decoding (DALI CPU on CPU) of a generated JPEG tree, a checkpoint, a resume that continues
-  it, evaluation during training and ``addernet-eval`` on the checkpoint.
+  it, evaluation during training and ``addernet-eval`` on the checkpoint; the checkpoint's logits from
+  the fused model (as the trainer evaluates) against the unfused one (as ``addernet-eval``), to 2 % of
+  their scale (not top-1 equality: on 12 images one near-tie flipped by a bf16 rounding is 8 %).
 * ``deepspeed`` — the same trainer under DeepSpeed ZeRO-2 (``DS_ACCELERATOR=cpu`` and gloo on CPU).
 
 Writes ``report.json`` and ``report.md`` and exits 1 if any check failed (2 on a usage error).
@@ -58,7 +64,7 @@ from addernet_dist.selftest.plan import (
     train_smoke_overrides,
 )
 from addernet_dist.selftest.report import to_markdown
-from addernet_dist.selftest.smoke import check_deepspeed, check_train
+from addernet_dist.selftest.smoke import check_deepspeed, check_train, compare_logits, logits_worker
 from addernet_dist.selftest.speed import check_speed, check_tiles, tiles_worker
 
 __all__ = [
@@ -72,6 +78,8 @@ __all__ = [
     "check_kernels",
     "check_speed",
     "check_tiles",
+    "compare_logits",
+    "logits_worker",
     "check_train",
     "describe_device",
     "driver_problem",
@@ -139,9 +147,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plan", action="store_true", help="print the plan as JSON and exit")
     ap.add_argument("--tiles-worker", default=None, help=argparse.SUPPRESS)  # one rank of `tiles`
     ap.add_argument("--tiles-mode", default="interpreter", help=argparse.SUPPRESS)
+    # fused vs unfused logits of a checkpoint (`train`)
+    ap.add_argument("--logits-worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--logits-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.tiles_worker:
         tiles_worker(args.tiles_worker, args.tiles_mode)
+        return 0
+    if args.logits_worker:
+        logits_worker(args.logits_worker, args.logits_out)
         return 0
     desc = describe_device()
     checks = plan_checks(desc, quick=args.quick)

@@ -203,14 +203,29 @@ def plan_checks(desc: DeviceDescription, quick: bool = False) -> list[Check]:
         )
     )
     if cuda:
-        checks.append(Check("speed", dict(model="resnet50", batch=64, shapes="representative")))
+        from addernet_dist.kernels.triton_adder import DW_SELFTEST_CONFIGS
+
+        # the forward vs cuDNN, and ∂F's default tile vs its low-register candidate (occupancy)
+        checks.append(
+            Check(
+                "speed",
+                dict(
+                    model="resnet50",
+                    batch=64,
+                    shapes="representative",
+                    dw_candidates=list(DW_SELFTEST_CONFIGS),
+                ),
+            )
+        )
     if not quick:
         # the tile tuner's rank agreement over the real process group (NCCL on a GPU node)
         checks.append(
             Check(
                 "tiles",
                 dict(
-                    nproc=max(2, min(desc.count, 8)) if cuda else 2,
+                    # one GPU: one rank (NCCL needs a device per rank); the watchdog phase and the
+                    # checkpoint round trip of the tiles are still checked
+                    nproc=max(1, min(desc.count, 8)) if cuda else 2,
                     mode="compiled" if cuda else "interpreter",
                     env={},
                 ),

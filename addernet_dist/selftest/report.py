@@ -50,6 +50,19 @@ def to_markdown(report: dict) -> str:
                 f"| {r['layer']} | {r['count']} | {r['adder_ms']:.3f} | {r['conv_ms']:.3f} | "
                 f"{r['conv_over_adder']:.2f} | {r['adder_tmacs']:.2f} | {frac} |"
             )
+        dw = d.get("dw_rows") or []
+        if dw:
+            tiles = [k for k in dw[0] if k.startswith("dw_ms[")]
+            lines += [
+                "",
+                f"## ∂F (deterministic) candidate tiles, batch {d['batch']}",
+                "",
+                "| layer | ×model | " + " | ".join(f"{t[6:-1]} ms" for t in tiles) + " | fastest |",
+                "|---|---:|" + "---:|" * len(tiles) + "---|",
+            ]
+            for r in dw:
+                ms = " | ".join(f"{r[t]:.3f}" for t in tiles)
+                lines.append(f"| {r['layer']} | {r['count']} | {ms} | {r['dw_fastest']} |")
     for nm in ("train", "deepspeed"):
         if nm in by and by[nm]["ok"]:
             d = by[nm]["details"]

@@ -23,13 +23,17 @@ data:
   num_workers: 1
   augment: random_resized_crop
 optim: {{lr: 0.05, schedule: cosine}}
-adder: {{p_schedule: true, p_start: 2.0, p_end: 1.0, p_decay_epochs: 1, adaptive_lr: true, eta: 0.1}}
+# p still above 1 at both evaluations: BN is recalibrated there and the checkpoint's logits vary across
+# images (with p = 1 after 1 epoch, a few momentum-0.1 steps left every logit = fc.bias, and the
+# fused-vs-unfused logit comparison compared nothing)
+adder: {{p_schedule: true, p_start: 2.0, p_end: 1.0, p_decay_epochs: 4, adaptive_lr: true, eta: 0.1}}
 train:
   epochs: 1
   global_batch_size: {batch}
   log_every: 1
   ckpt_every_steps: 2
   eval_every_epochs: 1
+  bn_recalibration_batches: 2
   keep_last: 2
   progress_bar: false
 wandb: {{enabled: false}}
@@ -146,13 +150,102 @@ def check_train(desc: DeviceDescription, params: dict, workdir: Path, name: str 
         )
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1]
         res = json.loads(line)
-        if abs(res["top1"] - evals[-1]["top1"]) > 1e-6:
+        if res["count"] != evals[-1]["count"]:
             raise CheckFailed(
-                f"addernet-eval top-1 {res['top1']} != the run's last eval {evals[-1]['top1']}"
+                f"addernet-eval counted {res['count']} images, the run's evaluation {evals[-1]['count']}"
             )
         result["eval_cli_top1"] = res["top1"]
+        # Not top-1 equality: on 12 images one near-tie that a bf16 rounding flips moves top-1 by 8 %.
+        # The logits of the fused model (the trainer's evaluation) against the unfused one (addernet-eval)
+        logits_json = out / "logits.json"
+        launch(
+            [
+                sys.executable,
+                "-m",
+                "addernet_dist.selftest",
+                "--logits-worker",
+                str(ck),
+                "--logits-out",
+                str(logits_json),
+            ],
+            params["env"],
+            300,
+            log,
+        )
+        result["logits"] = compare_logits(json.loads(logits_json.read_text()))
     result["seconds"] = time.perf_counter() - t0
     return result
+
+
+# Fused (Adder+BN epilogue) vs unfused logits: the adder outputs are fp32 in both, but under bf16 autocast
+# each layer's input is rounded to bf16 (2^-8 = 0.4 % steps), and a 1e-6 difference in the fused BN
+# affine can move an element by one step; through ResNet-8's 8 fused layers we allow 2 % of the logit
+# scale (an estimate: not measured on a GPU yet; the CPU smoke's reference backend gives 0). A wrong
+# fusion (a negated BN scale) moves logits by their own scale (tests/test_selftest.py).
+LOGIT_RTOL = 2e-2
+# Relative spread across images below which logits are constant (fc.bias for every image): a
+# comparison would then compare nothing (tests/logit_checks.py).
+MIN_LOGIT_SPREAD = 1e-3
+
+
+def compare_logits(d: dict) -> dict:
+    """Judge the logits worker's numbers (``logits_worker``); raises CheckFailed, returns ``d``."""
+    if d["relative_spread"] <= MIN_LOGIT_SPREAD:
+        raise CheckFailed(
+            f"the checkpoint's logits are constant across the {d['images']} images (relative spread "
+            f"{d['relative_spread']:.1e}): the fused/unfused comparison would compare nothing"
+        )
+    if d["max_abs_diff"] > LOGIT_RTOL * d["scale"]:
+        raise CheckFailed(
+            f"fused and unfused logits differ by {d['max_abs_diff']:.4g} on {d['images']} images, more than "
+            f"{LOGIT_RTOL:g} × their scale {d['scale']:.4g} (the Adder+BN fusion computes another model)"
+        )
+    return d
+
+
+def logits_worker(checkpoint: str, out: str) -> None:
+    """One process: the val-split logits of ``checkpoint`` from the unfused model (as addernet-eval builds
+    it) and from the same model with its Adder+BN pairs fused (as the trainer evaluates), under the run's
+    autocast; writes their largest difference, scale and spread to ``out`` (JSON)."""
+    import copy
+
+    import torch
+
+    from addernet_dist.config import config_from_dict
+    from addernet_dist.data.base import IGNORE_LABEL
+    from addernet_dist.device_policy import autocast
+    from addernet_dist.distributed import destroy_distributed, init_distributed
+    from addernet_dist.engine.base import maybe_fuse_adder_bn
+    from addernet_dist.evaluate import build_eval_model
+    from addernet_dist.trained_weights import read_trained_weights
+
+    weights = read_trained_weights(Path(checkpoint))
+    cfg = config_from_dict(weights.config)
+    dist = init_distributed(cfg.train.device)
+    model, loader, dtype = build_eval_model(cfg, weights.model, dist)
+    fused = copy.deepcopy(model)
+    pairs = maybe_fuse_adder_bn(fused, True, dist.device)
+    logits: dict[str, list] = {"unfused": [], "fused": []}
+    with torch.no_grad():
+        for m in (model, fused):
+            m.eval()
+        for images, labels in loader:
+            keep = (labels != IGNORE_LABEL).cpu()
+            for name, m in (("unfused", model), ("fused", fused)):
+                with autocast(dist.device.type, dtype):
+                    y = m(images)
+                logits[name].append(y.float().cpu()[keep])
+    u, f = (torch.cat(logits[k]).double() for k in ("unfused", "fused"))
+    res = dict(
+        images=u.shape[0],
+        fused_pairs=pairs,
+        max_abs_diff=float((u - f).abs().max()),
+        scale=float(u.abs().max()),
+        relative_spread=float(u.std(0).mean() / u.abs().mean().clamp_min(1e-12)),
+        top1_agree=int((u.argmax(1) == f.argmax(1)).sum()),
+    )
+    destroy_distributed(dist, True)
+    Path(out).write_text(json.dumps(res))
 
 
 def check_deepspeed(desc: DeviceDescription, params: dict, workdir: Path) -> dict:

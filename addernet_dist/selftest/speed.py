@@ -1,6 +1,7 @@
-"""The ``speed`` check (CUDA: the adder forward vs cuDNN conv2d on ResNet-50 layer shapes) and the
-``tiles`` check (every rank of a real process group launches the tiles rank 0 timed), with the
-``tiles`` worker each rank runs (``addernet-selftest --tiles-worker``)."""
+"""The ``speed`` check (CUDA: the adder forward vs cuDNN conv2d on ResNet-50 layer shapes, and the two
+∂F candidate tiles against each other) and the ``tiles`` check (every rank of a real process group
+launches the tiles rank 0 timed; tuning runs as a phase of the stall watchdog; the choices survive a
+checkpoint round trip), with the ``tiles`` worker each rank runs (``addernet-selftest --tiles-worker``)."""
 
 from __future__ import annotations
 
@@ -61,9 +62,45 @@ def check_speed(desc: DeviceDescription, params: dict) -> dict:
                     roofline_fraction=(macs / t_add / roof) if roof else None,
                 )
             )
+        dw_rows = time_dw_candidates(ta, shapes, n, "cuda", params.get("dw_candidates", ()))
     finally:
         torch.backends.cudnn.allow_tf32 = allow
-    return {"batch": n, "fp32_adder_roofline_tmacs": roof / 1e12 if roof else None, "rows": rows}
+    return {
+        "batch": n,
+        "fp32_adder_roofline_tmacs": roof / 1e12 if roof else None,
+        "rows": rows,
+        "dw_rows": dw_rows,
+    }
+
+
+def _do_bench(fn) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=10, rep=50) * 1e-3
+
+
+def time_dw_candidates(ta, shapes, n: int, device: str, candidates, bench=_do_bench) -> list[dict]:
+    """Seconds of deterministic ∂F per layer shape for each candidate tile (``ta.DW_CONFIGS`` indices):
+    the default (247 registers × 128 threads on sm_90 → 8 warps per SM) against the low-register tile,
+    whose occupancy the issue model cannot judge (its div/mod gathers are latency bound)."""
+    rows = []
+    for s in shapes:
+        x = torch.randn(n, s.c, s.h, s.h, device=device)
+        w = torch.randn(s.o, s.c, s.k, s.k, device=device)
+        g = torch.randn(n, s.o, s.p, s.p, device=device)
+        args = ((s.stride,) * 2, (s.pad,) * 2, (1, 1), "full")
+        row = {"layer": s.label, "count": s.count}
+        for i in candidates:
+            cfg = ta.DW_CONFIGS[i]
+            kw = cfg.kwargs
+            label = f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}/w{cfg.num_warps}"
+            fn = partial(ta.adder2d_grad_weight, g, x, w, *args, deterministic=True, config=cfg)
+            row[f"dw_ms[{label}]"] = bench(fn) * 1e3
+        times = {k: v for k, v in row.items() if k.startswith("dw_ms[")}
+        if times:
+            row["dw_fastest"] = min(times, key=times.get)[6:-1]
+        rows.append(row)
+    return rows
 
 
 def check_tiles(desc: DeviceDescription, params: dict, workdir: Path) -> dict:
@@ -71,8 +108,6 @@ def check_tiles(desc: DeviceDescription, params: dict, workdir: Path) -> dict:
     out = workdir / "tiles"
     out.mkdir(parents=True, exist_ok=True)
     nproc = params["nproc"]
-    if desc.kind == "cuda" and desc.count < 2:
-        return {"skipped": "one GPU: nothing to agree on"}
     cmd = [
         sys.executable,
         "-m",
@@ -95,24 +130,42 @@ def check_tiles(desc: DeviceDescription, params: dict, workdir: Path) -> dict:
             raise CheckFailed(
                 f"rank {r} launched other tiles than rank 0: {d['choices']} vs {ranks[0]['choices']}"
             )
+    for r, d in enumerate(ranks):
+        if not d["restored_same"] or d["retimed_after_restore"]:
+            raise CheckFailed(
+                f"rank {r}: the tile choices did not survive the checkpoint round trip "
+                f"(same: {d['restored_same']}, keys timed again: {d['retimed_after_restore']})"
+            )
     return {
         "nproc": nproc,
         "keys": len(ranks[0]["choices"]),
         "timed_by_rank": [d["tunings"] for d in ranks],
+        "retimed_after_restore": [d["retimed_after_restore"] for d in ranks],
     }
 
 
 def tiles_worker(out: str, mode: str) -> None:
-    """One rank of the ``tiles`` check: tune a few layer shapes under the process group."""
+    """One rank of the ``tiles`` check: tune a few layer shapes under the process group, with the stall
+    watchdog's short training limit (5 s; a tile's ptxas alone takes 2–6 s on a GPU) and tuning as its
+    phase, as the trainer runs it; then the checkpoint round trip of the choices (``torch.save`` /
+    ``torch.load(weights_only=True)``), after which the same launches must time nothing."""
     import torch.distributed as dist
 
+    from addernet_dist.distributed import DistInfo
+    from addernet_dist.guard import StallWatchdog
     from addernet_dist.kernels import tile_tuner
+    from addernet_dist.tiles import TileChoices
+    from addernet_dist.trainer import _tile_hooks
 
     cuda = mode == "compiled"
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if cuda else "gloo")
     rank = dist.get_rank()
+    dev = "cuda" if cuda else "cpu"
+    info = DistInfo(
+        rank, dist.get_world_size(), rank, torch.device(dev), "nccl" if cuda else "gloo"
+    )
     tile_tuner.clear()
     with kernel_module(mode) as ta:
         tile_tuner.TUNING_ENABLED = True
@@ -122,14 +175,31 @@ def tiles_worker(out: str, mode: str) -> None:
                 "fwd", ta._adder_fwd_kernel, ta.FWD_CONFIGS[3:5], ta._FWD_KEY
             )
             ta._adder_fwd_tuned = tuner
-        dev = "cuda" if cuda else "cpu"
         shapes = [(64, 64, 3, 14), (256, 64, 1, 14)] if cuda else [(3, 5, 3, 6), (4, 6, 1, 5)]
+        inputs = []
         for c, o, k, h in shapes:
             x = torch.randn(8 if cuda else 2, c, h, h, device=dev)
-            w = torch.randn(o, c, k, k, device=dev)
-            p = h - k + 1
-            ta.adder2d_forward(x, w, (1, 1), (0, 0), (1, 1), 1.0, (p, p), bn_stats=True)
-        res = {"choices": tile_tuner.choices(), "tunings": tuner.tunings}
+            inputs.append((x, torch.randn(o, c, k, k, device=dev), h - k + 1))
+        watchdog = StallWatchdog(info, timeout_s=5.0, startup_timeout_s=600.0, startup_steps=0)
+        tile_tuner_mod = _tile_hooks(watchdog)
+        try:
+            for x, w, p in inputs:
+                ta.adder2d_forward(x, w, (1, 1), (0, 0), (1, 1), 1.0, (p, p), bn_stats=True)
+                watchdog.beat(0)
+            res = {"choices": tile_tuner.choices(), "tunings": tuner.tunings}
+            # the checkpoint's "tiles" component, through a file as a resumed run reads it
+            path = os.path.join(out, f"tiles_rank{rank}.pt")
+            torch.save(TileChoices().state_dict(), path)
+            tile_tuner.clear()
+            TileChoices().load_state_dict(torch.load(path, weights_only=True))
+            tuner.tunings = 0
+            for x, w, p in inputs:
+                ta.adder2d_forward(x, w, (1, 1), (0, 0), (1, 1), 1.0, (p, p), bn_stats=True)
+            res["retimed_after_restore"] = tuner.tunings
+            res["restored_same"] = tile_tuner.choices() == res["choices"]
+        finally:
+            tile_tuner_mod.set_phase_hooks(None, None)
+            watchdog.close()
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(res, f)
     dist.destroy_process_group()
