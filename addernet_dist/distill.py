@@ -27,7 +27,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -36,9 +35,8 @@ from addernet_dist.config import Config, ConfigError
 from addernet_dist.distributed import DistInfo
 from addernet_dist.interop import InteropError, _check_finite, _mismatch, _tensor_keys, read_exported
 from addernet_dist.models import create_model
-from addernet_dist.runfolder import read_verified
+from addernet_dist.runfolder import read_verified, safe_torch_load
 
-_NUMPY_ARRAYS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 _WRAPPERS = ("state_dict", "model")  # common {"state_dict": {...}} containers of plain files
 
 
@@ -70,29 +68,17 @@ def read_teacher_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
         body: bytes | None = read_verified(path)
     except CheckpointError:
         body = None  # not a checkpoint of ours: a plain state dict file
-    try:
+    try:  # the one safe reader of the package (weights_only=True; never unpickles)
         if body is None:
-            return _unwrap_plain(torch.load(path, map_location="cpu", weights_only=True), path), {}
-        # The checkpoint's RNG state holds numpy's uint32 Mersenne-Twister key: allow plain numpy
-        # arrays (still the restricted weights-only unpickler, no arbitrary globals).
-        with torch.serialization.safe_globals(_NUMPY_ARRAYS):
-            state = torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a refused global is pickle.UnpicklingError, a bad file RuntimeError
-        raise ConfigError(_unreadable(path, e)) from None
+            return _unwrap_plain(safe_torch_load(path, path), path), {}
+        state = safe_torch_load(io.BytesIO(body), path)
+    except CheckpointError as e:
+        raise ConfigError(f"distill.teacher_checkpoint: {e}") from None
     try:
         model_cfg = state["client"]["config"]["model"]
         return _tensor_keys(state["engine"]["model"]), {"name": model_cfg["name"], "conv": model_cfg["conv"]}
     except (KeyError, TypeError) as e:
         raise ConfigError(f"distill.teacher_checkpoint '{path}' has no model weights ({e!r} missing)") from None
-
-
-def _unreadable(path: Path, e: Exception) -> str:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return (
-        f"distill.teacher_checkpoint '{path}' cannot be read as weights only "
-        f"(torch.load(weights_only=True): {first}); convert a checkpoint of ours with "
-        f"`addernet-export {path} teacher.safetensors` and use the .safetensors file"
-    )
 
 
 def load_teacher(
