@@ -4,7 +4,8 @@ What each component owns (``train.py`` builds them; :class:`Trainer` runs the lo
 
 - ``Engine`` (engine/): the wrapped model, the optimizer, the LR schedule; saves them itself.
 - :class:`TrainState`: epoch, global_step (the ONE position of the run: the p and LR schedules are
-  functions of it), best top-1, W&B run id.
+  functions of it, shifted by :meth:`Trainer.align_schedules` after a steps-per-epoch change),
+  best top-1, W&B run id.
 - ``PSchedule`` (optim.py): p as a pure function of global_step.
 - the train loader: its position in the epoch (per rank); :class:`RNGState`: python/numpy/torch RNGs
   (per rank).
@@ -40,7 +41,7 @@ from addernet_dist.guard import NonFiniteGuard, StallWatchdog
 from addernet_dist.logging_utils import MetricsLogger, Progress
 from addernet_dist.metrics import EvalResult
 from addernet_dist.nn import adder_layer_names, adder_modules, set_p
-from addernet_dist.optim import PSchedule
+from addernet_dist.optim import PSchedule, set_schedule_step
 
 log = logging.getLogger("addernet_dist")
 
@@ -172,6 +173,9 @@ class Trainer:
         }
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, dist.device)
         self.p: float | None = None  # the p the adder layers compute with (set from p_sched only)
+        # The LR and p schedules run at step global_step + step_offset: 0 unless a resume changed
+        # the steps per epoch (see align_schedules); global_step itself only ever counts up.
+        self.step_offset = 0
         self.result: EvalResult | None = None
 
     @staticmethod
@@ -191,6 +195,38 @@ class Trainer:
                 component.load_state_dict(client[name])
             else:  # a checkpoint written before the component was checkpointed
                 log.warning("resume: the checkpoint holds no %r state; it starts fresh", name)
+        if "loader" in client:  # without it the loader's position is not the run's
+            self.align_schedules()
+
+    def align_schedules(self) -> None:
+        """Put the LR and p schedules at the loader's position in THIS run's steps per epoch.
+
+        The schedules are built from this run's steps per epoch, the checkpoint's global_step
+        counts the steps of the run that wrote it. Resumed at an epoch boundary with another
+        train.global_batch_size (e.g. 16 -> 32: 12 -> 6 steps per epoch on configs/debug.yaml),
+        step 12 of the old run is step 6 of the new one; without this the schedules would start
+        at step 12 of 12 (lr = min_lr = 0 for the rest of the run). The epochs (samples) done are
+        kept; global_step goes on counting (checkpoint names and logs stay monotonic)."""
+        pos = self.train_loader.state_dict()
+        at = int(pos["epoch"]) * self.steps_per_epoch + int(pos.get("batches_done", 0))
+        self.step_offset = at - self.state.global_step
+        if self.step_offset == 0:
+            return
+        set_schedule_step(self.engine.lr_scheduler, at)
+        if self.dist.is_main:
+            log.warning(
+                "resume: %d steps per epoch now (train.global_batch_size or the data changed): "
+                "the LR and p schedules continue at step %d of %d (epoch %d, batch %d, the same "
+                "fraction of the run) instead of the checkpoint's step %d; lr %.6g, p %.4g",
+                self.steps_per_epoch,
+                at,
+                self.cfg.train.epochs * self.steps_per_epoch,
+                int(pos["epoch"]),
+                int(pos.get("batches_done", 0)),
+                self.state.global_step,
+                self.engine.lr,
+                self.p_sched.value(max(at - 1, 0)),
+            )
 
     def save(self, best: bool = False) -> Path | None:
         """Collective. Checkpoint the current step (and copy it to best.pt when ``best``)."""
@@ -214,11 +250,11 @@ class Trainer:
         state, train = self.state, self.cfg.train
         stop, meter = _Stop(), _Throughput(train.global_batch_size)
         self.engine.train()
-        self._set_p(max(state.global_step - 1, 0))  # the p of the last step taken (a resumed model's)
+        self._set_p(max(self.schedule_step - 1, 0))  # the p of the last step taken (a resumed model's)
         while state.epoch < train.epochs:
             step_in_epoch, batches = self._rest_of_epoch()
             for images, labels in batches:
-                self._set_p(state.global_step)
+                self._set_p(self.schedule_step)
                 loss = self.engine.forward_backward(images, labels)
                 stats = self.engine.step()
                 self.guard.update(loss, [stats.grad_norm, stats.adder_grad_norms])
@@ -242,6 +278,11 @@ class Trainer:
             meter.restart()  # images/s measures training only, not eval + checkpoint
         # Resumed after the last evaluation (e.g. killed while saving): report it again.
         return self.result or self.evaluator.last_result()
+
+    @property
+    def schedule_step(self) -> int:
+        """The step the LR and p schedules are at (global_step, or aligned: align_schedules)."""
+        return self.state.global_step + self.step_offset
 
     def _rest_of_epoch(self) -> tuple[int, Iterable[tuple[torch.Tensor, torch.Tensor]]]:
         """(batches done, the batches left) of the epoch ``state.epoch``."""
