@@ -17,9 +17,10 @@ Launch commands (every form takes dotted overrides after the config, e.g. ``opti
 
 ``resume=auto`` (default) continues from the newest valid checkpoint in ``output_dir``, so a
 restarted torchrun group (``--max-restarts``) or a requeued Slurm job picks up by itself.
-SIGTERM (Slurm preemption): the ranks agree on it at the next logging step, write a checkpoint
-and exit with status 143 (EXIT_PREEMPTED, 128+SIGTERM: "not finished, run me again") without a
-final evaluation; the same command continues from there.
+SIGTERM (Slurm preemption) or SIGINT (Ctrl-C): the ranks agree on it at the next logging step,
+write a checkpoint and exit with status 143 (EXIT_PREEMPTED, 128+SIGTERM: "not finished, run me
+again") without a final evaluation; the same command continues from there. A second Ctrl-C stops
+at once (KeyboardInterrupt, no checkpoint).
 Exit status: 0 finished; 1 failed (diverged, a stalled peer, a crash); 2 bad config, checkpoint
 or run folder (the message says what to do); 143 preempted.
 Fault injection for tests: ADDERNET_FAULT_STEP=s [ADDERNET_FAULT_RANK=r]
@@ -175,7 +176,7 @@ def build_engine(cfg: Config, model: torch.nn.Module, dist: DistInfo, steps: int
 def train(cfg: Config, *, raise_on_preempt: bool = False) -> EvalResult | None:
     """Run (or continue) the training described by ``cfg``; returns the last evaluation.
 
-    Preempted (SIGTERM): returns None after the checkpoint, or raises :class:`Preempted` when
+    Preempted (SIGTERM/SIGINT): returns None after the checkpoint, or raises :class:`Preempted` when
     ``raise_on_preempt`` (the CLI does, to exit with EXIT_PREEMPTED)."""
     dist = init_distributed(cfg.train.device)
     setup_console_logging(dist.rank)

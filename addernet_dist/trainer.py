@@ -47,7 +47,8 @@ log = logging.getLogger("addernet_dist")
 
 
 class Preempted(Exception):
-    """SIGTERM: a checkpoint was written; the run is unfinished (main exits EXIT_PREEMPTED)."""
+    """SIGTERM or SIGINT: a checkpoint was written; the run is unfinished (main exits
+    EXIT_PREEMPTED)."""
 
 
 @runtime_checkable
@@ -245,7 +246,7 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------------
     def fit(self, logger: MetricsLogger, progress: Progress, watchdog: StallWatchdog) -> EvalResult | None:
-        """Train to ``train.epochs``; returns the last evaluation (raises Preempted on SIGTERM)."""
+        """Train to ``train.epochs``; returns the last evaluation (raises Preempted on SIGTERM/SIGINT)."""
         self.logger, self.progress, self.watchdog = logger, progress, watchdog
         state, train = self.state, self.cfg.train
         stop, meter = _Stop(), _Throughput(train.global_batch_size)
@@ -267,7 +268,7 @@ class Trainer:
                 if state.global_step % train.log_every == 0 or end_of_epoch:
                     self._log_step(loss, stats, meter)
                     if stop.agreed(self.dist):
-                        self._preempt()
+                        self._preempt(stop.name)
                 if self.ckpt.due(state.global_step, end_of_epoch):
                     self.save()
             state.epoch += 1
@@ -306,10 +307,13 @@ class Trainer:
         self.progress.update(meter.steps, {k: rec[k] for k in keys})
         meter.restart(steps=0)
 
-    def _preempt(self) -> None:
+    def _preempt(self, signal_name: str) -> None:
         path = self.save()
         log.warning(
-            "preempted (SIGTERM): saved %s at step %d; the same command resumes", path, self.state.global_step
+            "preempted (%s): saved %s at step %d; the same command resumes",
+            signal_name,
+            path,
+            self.state.global_step,
         )
         raise Preempted(str(path))
 
@@ -371,15 +375,21 @@ class _Throughput:
 
 
 class _Stop:
-    """SIGTERM (Slurm preemption, torchrun shutdown) -> checkpoint at the next sync point."""
+    """SIGTERM (Slurm preemption, torchrun shutdown) or SIGINT (Ctrl-C) -> checkpoint at the next
+    sync point. A second Ctrl-C interrupts at once (KeyboardInterrupt, no checkpoint)."""
 
     def __init__(self) -> None:
         self.requested = False
-        if hasattr(signal, "SIGTERM"):
-            signal.signal(signal.SIGTERM, self._handler)
+        self.name = "a signal on another rank"
+        for name in ("SIGTERM", "SIGINT"):
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), self._handler)
 
     def _handler(self, signum, frame) -> None:
         self.requested = True
+        self.name = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def agreed(self, dist: DistInfo) -> bool:
         # Every rank must stop at the same step (the checkpoint is collective), but ranks get the
