@@ -54,7 +54,7 @@ from addernet_dist.engine.base import Engine, check_adder_backend
 from addernet_dist.evaluator import RECALIBRATION_SEED_OFFSET, BNRecalibrator, Evaluator
 from addernet_dist.guard import DivergedError, StallWatchdog
 from addernet_dist.interop import init_from_config
-from addernet_dist.logging_utils import MetricsLogger, Progress, setup_console_logging
+from addernet_dist.logging_utils import MetricsLogger, Progress, setup_console_logging, wandb_online_problem
 from addernet_dist.metrics import EvalResult
 from addernet_dist.models import create_model
 from addernet_dist.models.registry import check_input_size
@@ -113,11 +113,21 @@ def build_data(cfg: Config, dist: DistInfo):
     n_train = getattr(getattr(train, "sampler", None), "num_samples", None)
     if n_train is not None and cfg.train.global_batch_size > n_train:
         # Every step would repeat samples within its batch (docs/data.md: at most W*B-1
-        # duplicates per epoch holds, but they would all sit in one global batch).
+        # duplicates per epoch holds, but they would all sit in one global batch). The fix must
+        # also split over the ranks: 1 sample on 2 ranks has no valid batch size at all.
+        w = dist.world_size
+        fix = (
+            f"set train.global_batch_size to at most {n_train}"
+            if w == 1
+            else f"set train.global_batch_size to a multiple of WORLD_SIZE={w} of at most "
+            f"{n_train} (largest: {n_train // w * w})"
+            if n_train >= w
+            else f"no batch size splits it over WORLD_SIZE={w} ranks; run at most {n_train} "
+            "process(es) or use more data"
+        )
         raise ConfigError(
             f"train.global_batch_size={cfg.train.global_batch_size} is larger than the training "
-            f"set ({n_train} samples): every batch would repeat samples; set "
-            f"train.global_batch_size to at most {n_train}"
+            f"set ({n_train} samples): every batch would repeat samples; {fix}"
         )
     return train, val
 
@@ -196,6 +206,10 @@ def train(cfg: Config, *, raise_on_preempt: bool = False) -> EvalResult | None:
 
 
 def _train(cfg: Config, dist: DistInfo) -> EvalResult | None:
+    # First: before anything is built or written (rank 0 logs to W&B: its environment decides).
+    wandb_problem = dist.broadcast_object(wandb_online_problem(cfg.wandb) if dist.is_main else None)
+    if wandb_problem is not None:
+        raise ConfigError(wandb_problem)
     # Same seed on every rank for the model init (DDP also broadcasts rank 0's weights).
     seed_everything(cfg.train.seed)
     check_adder_backend(cfg.adder.backend, dist.device)
