@@ -122,12 +122,15 @@ def check_tree(
                 files = list(ex.map(fn, samples.paths, chunksize=64))
         else:
             files = [fn(p) for p in samples.paths]
-        per_class = Counter(samples.classes[label] for label in samples.labels)
+        # Every class of the model (the train folders), with 0 for one without images here: the
+        # class count is the model's, as the loaders build it.
+        per_class = Counter({c: 0 for c in samples.classes})
+        per_class.update(samples.classes[label] for label in samples.labels)
         reports.append(
             SplitReport(
                 name=split,
                 layout="flat + ground-truth file" if flat else "class folders",
-                num_classes=len(per_class),
+                num_classes=len(samples.classes),
                 num_images=len(samples),
                 images_per_class=per_class,
                 files=files,
@@ -155,6 +158,7 @@ def format_report(root: Path | str, reports: list[SplitReport], max_list: int = 
             lines.append(f"  ... and {len(items) - max_list} more")
 
     for r in reports:
+        listing(r.name, "classes without images", [c for c, n in r.images_per_class.items() if not n])
         listing(r.name, "CORRUPT / unreadable", [f"{f.path}: {f.error}" for f in r.corrupt])
         for kind, text in ODDITIES.items():
             listing(r.name, text, [f"{f.path} ({f.mode}, {f.format})" for f in r.with_oddity(kind)])

@@ -76,6 +76,41 @@ def _layout_error(what: str) -> FileNotFoundError:
     )
 
 
+def _walk_images(top: str, seen_dirs: dict[str, str], seen_files: dict[str, str]) -> list[str]:
+    """Image files under ``top`` (sorted), following symlinked folders (datasets spread over
+    disks) but refusing a folder or file reached twice: a loop (``c0/loop -> ..`` made 24 images
+    984, other classes' images labelled c0) or a second link to one folder or image (counted
+    twice, possibly under two labels). ``seen_*``: real path -> path, shared over a split."""
+    files: list[str] = []
+    stack = [top]
+    while stack:
+        d = stack.pop()
+        real_dir = os.path.realpath(d)
+        if real_dir in seen_dirs:
+            raise ValueError(
+                f"'{d}' is the folder '{seen_dirs[real_dir]}' again (a symlink loop or a second "
+                "link to one folder): its images would be read twice, possibly under two "
+                "labels; remove the link"
+            )
+        seen_dirs[real_dir] = d
+        with os.scandir(d) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for e in entries:
+            if e.is_dir():  # follows symlinks
+                stack.append(e.path)
+            elif _is_image(e.name):
+                real = os.path.realpath(e.path) if e.is_symlink() else os.path.join(real_dir, e.name)
+                if real in seen_files:
+                    raise ValueError(
+                        f"'{e.path}' is the image '{seen_files[real]}' again (both resolve to "
+                        f"'{real}'): it would be read twice, possibly under two labels; remove "
+                        "one of the links"
+                    )
+                seen_files[real] = e.path
+                files.append(e.path)
+    return sorted(files)
+
+
 def scan_class_folders(split_dir: Path, classes: list[str] | None = None) -> Samples:
     """Every image under ``split_dir/<class>/`` (recursively), sorted, labelled by class."""
     found = _class_dirs(split_dir)
@@ -89,11 +124,10 @@ def scan_class_folders(split_dir: Path, classes: list[str] | None = None) -> Sam
         )
     paths: list[str] = []
     labels: list[int] = []
+    seen_dirs = {os.path.realpath(split_dir): str(split_dir)}  # a link back up is a loop at once
+    seen_files: dict[str, str] = {}
     for c in found:
-        files = []
-        for dirpath, _, names in os.walk(split_dir / c, followlinks=True):
-            files.extend(os.path.join(dirpath, n) for n in names if _is_image(n))
-        files.sort()
+        files = _walk_images(str(split_dir / c), seen_dirs, seen_files)
         paths.extend(files)
         labels.extend([index[c]] * len(files))
     if not paths:
@@ -185,7 +219,18 @@ def scan_split(root: Path, split_name: str, *, train_split: str = "train") -> Sa
     if split_name == train_split and not classes:
         raise _layout_error(f"'{train_dir}' has no class sub-folders")
     if _class_dirs(split_dir):
-        return scan_class_folders(split_dir, classes)
+        samples = scan_class_folders(split_dir, classes)
+        if split_name == train_split:
+            # torchvision's ImageFolder rule: a class the model would have but never train on is
+            # an error (a half-copied tree), not a silent extra logit; the check says the same.
+            empty = sorted(set(samples.classes) - {samples.classes[i] for i in set(samples.labels)})
+            if empty:
+                raise ValueError(
+                    f"{len(empty)} class folder(s) of {split_dir} hold no images: "
+                    f"{', '.join(str(split_dir / c) for c in empty[:5])}"
+                    f"{' ...' if len(empty) > 5 else ''}; add their images or remove the folders"
+                )
+        return samples
     if not classes:
         raise _layout_error(
             f"'{split_dir}' is flat and there is no '{train_dir}' to take the class list from"
