@@ -12,13 +12,14 @@ from pathlib import Path
 
 from PIL import Image
 
-from .folder import IMAGE_EXTENSIONS, scan_split
+from .folder import IMAGE_EXTENSIONS, high_bit_depth, scan_split
 
 ODDITIES = {
     "grayscale": "grayscale (mode L), converted to 3 identical channels",
     "cmyk": "CMYK JPEG, converted to RGB",
     "format_mismatch": "content format differs from the file extension (e.g. PNG named .JPEG)",
-    "other_mode": "unusual colour mode (palette/alpha/16-bit), converted to RGB",
+    "other_mode": "unusual colour mode (palette/alpha), converted to RGB",
+    "sixteen_bit": "16 bits per channel, scaled to 8 as DALI does (round(v * 255 / 65535))",
 }
 
 
@@ -37,6 +38,10 @@ def inspect_image(path: str, decode: bool = True) -> FileReport:
     try:
         with Image.open(path) as im:
             r.mode, r.format = im.mode, im.format
+            depth = high_bit_depth(im)  # before load(): it reads the decoder's raw mode
+            if depth == "unfaithful":  # load_rgb refuses it the same way
+                r.error = f"cannot be decoded faithfully: mode {im.mode} (32-bit); convert to 8/16-bit"
+                return r
             if decode:
                 im.load()  # a truncated or corrupt stream fails here, not at open()
             else:
@@ -48,7 +53,9 @@ def inspect_image(path: str, decode: bool = True) -> FileReport:
     expected = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".webp": "WEBP"}
     if ext in expected and r.format != expected[ext]:
         r.oddities.append("format_mismatch")
-    if r.mode == "L":
+    if depth == "16-bit":
+        r.oddities.append("sixteen_bit")
+    elif r.mode == "L":
         r.oddities.append("grayscale")
     elif r.mode == "CMYK":
         r.oddities.append("cmyk")

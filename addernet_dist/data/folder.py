@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, UnidentifiedImageError
@@ -255,13 +256,49 @@ def resolve_samples(cfg: DataConfig, split: str, *, rank: int = 0) -> Samples:
 # ---- decoding and transforms ------------------------------------------------------------------
 
 
+def high_bit_depth(im: Image.Image) -> str | None:
+    """"16-bit" for a 16-bit-per-channel image :func:`load_rgb` scales as DALI does, "unfaithful"
+    for one no loader here decodes faithfully (32-bit int or float: PIL's convert clips it), None
+    for 8-bit."""
+    rawmode = str(im.tile[0][3]) if getattr(im, "tile", None) else ""
+    if im.mode.startswith("I;16") or (im.format == "PNG" and ";16" in rawmode):
+        return "16-bit"  # (older Pillow opens 16-bit gray PNGs as mode I, rawmode I;16B)
+    if im.mode in ("I", "F"):
+        return "unfaithful"
+    return None
+
+
+def _rgb_from_16bit(path: str, im: Image.Image) -> Image.Image:
+    """A 16-bit image as DALI's decoder gives it: v -> round(v * 255 / 65535) per channel (its
+    CPU pipeline, measured: tests/test_data_16bit.py), gray repeated, alpha dropped. PIL's
+    convert("RGB") clips 16-bit gray to 255 (a white image) and truncates 16-bit colour."""
+    if im.format == "PNG":  # PIL keeps only the high byte of 16-bit colour PNGs
+        from torchvision.io import ImageReadMode, decode_png, read_file
+
+        x = decode_png(read_file(path), mode=ImageReadMode.UNCHANGED).to(torch.int32)
+    else:  # I;16 (TIFF): PIL holds the 16-bit values
+        x = torch.from_numpy(np.asarray(im).astype(np.int32))[None]
+    x = (x * 255 + 32767) // 65535
+    x = x[:1].expand(3, -1, -1) if x.shape[0] <= 2 else x[:3]
+    return Image.fromarray(x.permute(1, 2, 0).to(torch.uint8).contiguous().numpy(), "RGB")
+
+
 def load_rgb(path: str) -> Image.Image:
-    """Decode ``path`` to an RGB PIL image (grayscale, CMYK, palette and PNG-in-.JPEG included);
-    raise CorruptImageError naming the file when it cannot be decoded completely."""
+    """Decode ``path`` to an RGB PIL image (grayscale, CMYK, palette, 16-bit and PNG-in-.JPEG
+    included); raise CorruptImageError naming the file when it cannot be decoded completely or
+    faithfully."""
     try:
         with Image.open(path) as im:
+            depth = high_bit_depth(im)
+            if depth == "unfaithful":
+                raise ValueError(
+                    f"mode {im.mode} (32-bit) has no faithful 8-bit RGB decode; convert the file "
+                    "to 8 or 16 bits per channel"
+                )
+            if depth == "16-bit":
+                return _rgb_from_16bit(path, im)
             return im.convert("RGB")  # convert() forces the full decode, so truncation shows here
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, RuntimeError) as e:
         raise CorruptImageError(
             f"cannot decode image {path}: {e}. Remove or replace the file (find all such files "
             f"with `addernet-data check ROOT`)"
