@@ -26,8 +26,13 @@ def test_batch_size_change_at_epoch_boundary_keeps_the_schedules_position(tmp_pa
     # p_decay_epochs=1.5 here (0.5 before: fractional-p steps cost ~14x on CPU): p is still
     # decaying where the resumed run starts, schedule step 6 of its 9 decay steps.
     resumed = [*run, "train.global_batch_size=32", "adder.p_decay_epochs=1.5"]
-    proc = check(run_python(train_cmd(resumed)))
+    # Preempted again mid-epoch, after step 15 (schedule step 9): the offset is derived again
+    # from the loader's position (epoch 1, batch 3) on the next resume.
+    proc = run_python(train_cmd(resumed), ADDERNET_FAULT_STEP="15", ADDERNET_FAULT_SIGNAL="TERM")
+    assert proc.returncode == 143, proc.stderr[-3000:]
     assert "the LR and p schedules continue at step 6 of 12" in proc.stderr, proc.stderr[-3000:]
+    proc = check(run_python(train_cmd(resumed)))
+    assert "continue at step 9 of 12 (epoch 1, batch 3" in proc.stderr, proc.stderr[-3000:]
     recs = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
     after = {r["step"]: r for r in recs if r["step"] > 12}
     assert sorted(after) == [13, 14, 15, 16, 17, 18]

@@ -12,6 +12,7 @@ import pytest
 
 from addernet_dist import checkpoint
 from addernet_dist.logging_utils import read_metrics
+from addernet_dist.trainer import _Stop
 from tests.train_helpers import REPO, env, run_python, train_cmd
 
 
@@ -59,3 +60,18 @@ def test_ctrl_c_to_the_process_group_spares_the_loader_workers(tmp_path):
     saved = sorted((out / "checkpoints").glob("step_*.pt"))
     step = checkpoint.load_file(saved[-1])["client"]["train_state"]["global_step"]
     assert saved[-1].name == f"step_{step:09d}.pt" and step % 50 == 0 and 50 < step < 3 * 180
+
+
+@pytest.mark.timeout(30)
+def test_a_second_ctrl_c_interrupts_at_once():
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stop = _Stop()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested and stop.name == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs between bytecodes; never reached
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
