@@ -279,7 +279,7 @@ def _train(cfg: Config, dist: DistInfo) -> EvalResult | None:
         enabled=dist.is_main,
         mode=cfg.train.progress_bar,
         total=total_steps,
-        initial=state.global_step,
+        initial=trainer.schedule_step,  # total_steps counts this run's steps per epoch
     )
     # Names a stalled peer instead of waiting for the 30-min process-group timeout (guard.py).
     watchdog = StallWatchdog(
