@@ -323,12 +323,7 @@ class Checkpointer:
         resume, overwrite = cfg.resume, getattr(cfg, "overwrite", False)
         existing = self.holds_run()
         inside = False
-        if resume not in ("auto", "none"):
-            problem = verify(Path(resume))  # the file itself first: the most useful message
-            if problem is not None:
-                raise CheckpointError(
-                    f"resume={resume}: {problem}; pass resume=auto or resume=none"
-                )
+        if resume not in ("auto", "none"):  # verified by check_paths
             inside = Path(resume).resolve().parent == self.dir.resolve()
         if existing and (resume == "none" or (resume not in ("auto", "none") and not inside)):
             what = ", ".join(existing[:4]) + (", ..." if len(existing) > 4 else "")
@@ -422,6 +417,23 @@ class Checkpointer:
             if moved is not None:
                 log.warning("resumed from an older checkpoint: the newer ones moved to %s", moved)
 
+    def check_paths(self, resume: str) -> None:
+        """Refuse, before anything is created, an output_dir that cannot be a folder and a
+        ``resume=`` path that is not a checkpoint (a typo must not leave an empty run folder)."""
+        for p in (self.root, *self.root.parents):
+            if p.exists():
+                if not p.is_dir():
+                    where = "is" if p == self.root else f"is inside '{p}', which is"
+                    raise RunFolderError(
+                        f"output_dir '{self.root}' {where} a file, not a folder; set output_dir "
+                        "to a folder (it is created when missing)"
+                    )
+                break
+        if resume not in ("auto", "none"):
+            problem = verify(Path(resume))  # the file itself first: the most useful message
+            if problem is not None:
+                raise CheckpointError(f"resume={resume}: {problem}; pass resume=auto or resume=none")
+
     def open(self, cfg: Any) -> ResumePlan:
         """Collective. Lock the run folder (rank 0, for the life of the run), remove temp files
         of killed writers, and decide where the run starts (``cfg.resume``, ``cfg.overwrite``).
@@ -435,6 +447,7 @@ class Checkpointer:
         if self.dist.is_main:
             lock = RunLock(self.root)
             try:
+                self.check_paths(cfg.resume)  # before the lock creates the folder
                 lock.acquire()
                 _HELD_LOCKS.append(lock)
                 plan = self._decide(cfg)

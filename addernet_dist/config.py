@@ -247,6 +247,15 @@ class Config(_Section):
     # first. false (default): such a start is refused; two runs never share one folder.
     overwrite: bool = False
 
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir_named(cls, v: str) -> str:
+        # An empty value is Path("") = the current directory: the run would write its checkpoints,
+        # metrics and config.yaml wherever it was launched from.
+        if not v.strip():
+            raise ValueError("output_dir is empty; name the run's folder, e.g. output_dir=runs/my_run")
+        return v
+
     def p_decay_epochs(self) -> float:
         if self.adder.p_decay_epochs is not None:
             return self.adder.p_decay_epochs

@@ -21,6 +21,7 @@ from addernet_dist import checkpoint
 from addernet_dist.config import Config, ConfigError, apply_overrides, config_from_dict, load_config
 from addernet_dist.distributed import DistInfo, destroy_distributed, init_distributed
 from addernet_dist.engine.base import check_adder_backend, resolve_autocast_dtype
+from addernet_dist.interop import InteropError, check_finite, describe_mismatch
 from addernet_dist.logging_utils import setup_console_logging
 from addernet_dist.metrics import EvalResult, evaluate
 from addernet_dist.ops import dispatch
@@ -47,15 +48,15 @@ def build_eval_model(cfg: Config, model_state: dict, dist: DistInfo):
     # Only the val split: a train loader would scan the whole train tree (1.28M files on ImageNet).
     val_loader = build_split(cfg, dist, "val")
     model = build_model(cfg, val_loader.num_classes)
-    try:
-        model.load_state_dict(model_state)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0]
+    problem = describe_mismatch(model.state_dict(), model_state, {})
+    if problem:  # the keys and shapes that differ, not load_state_dict's first line
         raise ConfigError(
             f"the checkpoint's weights do not fit model {cfg.model.name} "
-            f"(conv={cfg.model.conv}) built from the config ({first}); evaluate it with the "
-            "config stored in the checkpoint (omit --config) or set model.* to match"
-        ) from None
+            f"(conv={cfg.model.conv}, model.num_classes={cfg.model.num_classes}) built from the "
+            f"config:\n{problem}\nevaluate it with the config stored in the checkpoint (omit "
+            "--config) or set model.* to match"
+        )
+    model.load_state_dict(model_state)
     model.to(dist.device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -75,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
             weights = read_trained_weights(path)
         except checkpoint.CheckpointError as e:
             raise ConfigError(f"{e}; pass a step_*.pt or best.pt written by addernet-train") from e
+        try:  # a NaN model would print top-1 = chance and "loss": null with exit 0
+            check_finite({k: v for k, v in weights.model.items() if torch.is_tensor(v)}, path)
+        except InteropError as e:
+            raise ConfigError(f"{e}; evaluate an earlier checkpoint of the run") from None
         saved = (weights.config or {}).get("model", {})
         if args.config:
             cfg = load_config(args.config, args.overrides)

@@ -228,7 +228,7 @@ def _import_official(path: str | Path, model_name: str) -> tuple[nn.Module, dict
                 raise InteropError(f"'{path}': 'fc.weight' is {tuple(v.shape)}, not a 1×1 conv")
             v = v.flatten(1)  # 1×1 conv on a 1×1 map == linear
         ours[ok], names[ok] = v, k
-    problem = _mismatch(model.state_dict(), ours, names)
+    problem = describe_mismatch(model.state_dict(), ours, names)
     if problem:
         other = _which_model_fits(ours, model_name, num_classes, head_bias)
         what = (
@@ -237,7 +237,7 @@ def _import_official(path: str | Path, model_name: str) -> tuple[nn.Module, dict
             else (f"does not fit an official-layout {model_name}")
         )
         raise InteropError(f"'{path}' {what}\n{problem}")
-    _check_finite(ours, path)
+    check_finite(ours, path)
     _load_tensors(model, ours)
     model.eval()
     meta = {"num_classes": num_classes, "head_bias": head_bias}
@@ -251,7 +251,7 @@ def _which_model_fits(ours, asked: str, num_classes: int, head_bias: bool) -> st
             continue
         with torch.device("meta"):
             m = create_model(name, num_classes=num_classes, head="linear_bn", head_bias=head_bias)
-        if not _mismatch(m.state_dict(), ours, {}):
+        if not describe_mismatch(m.state_dict(), ours, {}):
             return name
     return None
 
@@ -271,7 +271,7 @@ def _listing(keys: Sequence[str]) -> str:
     return shown + (f", ... and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else "")
 
 
-def _mismatch(
+def describe_mismatch(
     target: Mapping[str, Any], source: Mapping[str, torch.Tensor], names: Mapping[str, str]
 ) -> str:
     """'' when ``source`` holds exactly the tensors of ``target`` with their shapes, else a
@@ -298,7 +298,7 @@ def _mismatch(
     return "\n".join(lines)
 
 
-def _check_finite(state: Mapping[str, torch.Tensor], path) -> None:
+def check_finite(state: Mapping[str, torch.Tensor], path) -> None:
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise InteropError(f"'{path}' holds non-finite values in {_listing(bad)}")
@@ -367,7 +367,7 @@ def export(ckpt: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     odd = [k for k in state if k not in tensors and k[: -len(_EXTRA)] not in adder_state]
     if odd:
         raise InteropError(f"'{ckpt}': entries that are neither tensors nor adder state: {odd}")
-    _check_finite(tensors, ckpt)
+    check_finite(tensors, ckpt)
     kw = ModelConfig.model_validate(model_cfg).create_kwargs()
     ps = sorted({float(s["p"]) for s in adder_state.values()})
     meta = {
@@ -433,7 +433,7 @@ def load_exported(path: str | Path) -> nn.Module:
     one (weights, BN statistics, every adder layer's p and gradient modes)."""
     tensors, meta = read_exported(path)
     model = _model_from_meta(meta)
-    problem = _mismatch(model.state_dict(), tensors, {})
+    problem = describe_mismatch(model.state_dict(), tensors, {})
     if problem:
         raise InteropError(f"'{path}' does not fit the model its metadata names:\n{problem}")
     adder_state = json.loads(meta["adder_state"])
@@ -495,13 +495,13 @@ def load_weights_into(
 
     kept = [k for k in target if ignored(k)]
     src = {k: v for k, v in tensors.items() if not ignored(k)}
-    problem = _mismatch({k: v for k, v in target.items() if not ignored(k)}, src, {})
+    problem = describe_mismatch({k: v for k, v in target.items() if not ignored(k)}, src, {})
     if problem:
         raise InteropError(
             f"'{path}' does not match the model:\n{problem}\n"
             '(a new classifier: train.init_from_ignore=["fc.*"] keeps the model\'s own)'
         )
-    _check_finite(src, path)
+    check_finite(src, path)
     _load_tensors(model, src)
     return list(src), kept
 

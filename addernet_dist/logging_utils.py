@@ -10,13 +10,16 @@ step above s written before it belong to the abandoned attempt (``read_metrics``
 
 from __future__ import annotations
 
+import configparser
 import json
 import logging
+import netrc
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from addernet_dist.config import Config, WandbConfig
 from addernet_dist.runfolder import NO_ROOM, dumps_strict, no_room_error
@@ -60,6 +63,41 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
             continue
         records.append(rec)
     return records
+
+
+def wandb_online_problem(wcfg: WandbConfig) -> str | None:
+    """Why ``wandb.mode=online`` cannot log in (None when it can, or W&B is off or not online).
+
+    Where wandb.init looks for a key (wandb 0.31, sdk/lib/wbauth): WANDB_API_KEY,
+    WANDB_IDENTITY_TOKEN_FILE, the netrc file ($NETRC, ~/.netrc, ~/_netrc) entry for the W&B host,
+    the api_key of its settings file. Checked before the run writes anything: without a key,
+    wandb.init fails only after the run folder, config.yaml and metrics.jsonl exist."""
+    if not wcfg.enabled or wcfg.mode != "online":
+        return None
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return None
+    base_url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    host = urlsplit(base_url).netloc
+    candidates = [os.environ["NETRC"]] if os.environ.get("NETRC") else ["~/.netrc", "~/_netrc"]
+    for name in candidates:
+        try:
+            if netrc.netrc(os.path.expanduser(name)).authenticators(host):
+                return None
+        except (OSError, netrc.NetrcParseError):
+            pass
+    settings = configparser.ConfigParser()
+    config_dir = os.environ.get("WANDB_CONFIG_DIR", os.path.expanduser("~/.config/wandb"))
+    try:
+        settings.read(os.path.join(config_dir, "settings"))
+    except configparser.Error:
+        pass
+    if settings.get("default", "api_key", fallback=None):
+        return None
+    return (
+        f"wandb.mode=online but no W&B API key was found (WANDB_API_KEY is unset and no netrc "
+        f"entry for {host}); run `wandb login` or export WANDB_API_KEY, or set wandb.mode=auto "
+        "(offline without a key; `wandb sync` later) or wandb.enabled=false"
+    )
 
 
 class MetricsLogger:

@@ -89,6 +89,14 @@ def build_lr_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 
+def set_schedule_step(sched: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """Move a LambdaLR to ``step`` and set its optimizer's lr to the schedule's value there."""
+    sched.last_epoch = step
+    for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+        group["lr"] = base * fn(step)
+    sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
+
+
 class PSchedule:
     """The lp -> l1 schedule (§4.2, Table 6): p falls linearly from ``p_start`` at step 0 to
     ``p_end`` at ``decay_steps``, then stays at ``p_end``. ``enabled=False`` pins p to p_end

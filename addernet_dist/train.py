@@ -17,9 +17,10 @@ Launch commands (every form takes dotted overrides after the config, e.g. ``opti
 
 ``resume=auto`` (default) continues from the newest valid checkpoint in ``output_dir``, so a
 restarted torchrun group (``--max-restarts``) or a requeued Slurm job picks up by itself.
-SIGTERM (Slurm preemption): the ranks agree on it at the next logging step, write a checkpoint
-and exit with status 143 (EXIT_PREEMPTED, 128+SIGTERM: "not finished, run me again") without a
-final evaluation; the same command continues from there.
+SIGTERM (Slurm preemption) or SIGINT (Ctrl-C): the ranks agree on it at the next logging step,
+write a checkpoint and exit with status 143 (EXIT_PREEMPTED, 128+SIGTERM: "not finished, run me
+again") without a final evaluation; the same command continues from there. A second Ctrl-C stops
+at once (KeyboardInterrupt, no checkpoint).
 Exit status: 0 finished; 1 failed (diverged, a stalled peer, a crash); 2 bad config, checkpoint
 or run folder (the message says what to do); 143 preempted.
 Fault injection for tests: ADDERNET_FAULT_STEP=s [ADDERNET_FAULT_RANK=r]
@@ -54,7 +55,7 @@ from addernet_dist.engine.base import Engine, check_adder_backend
 from addernet_dist.evaluator import RECALIBRATION_SEED_OFFSET, BNRecalibrator, Evaluator
 from addernet_dist.guard import DivergedError, StallWatchdog
 from addernet_dist.interop import init_from_config
-from addernet_dist.logging_utils import MetricsLogger, Progress, setup_console_logging
+from addernet_dist.logging_utils import MetricsLogger, Progress, setup_console_logging, wandb_online_problem
 from addernet_dist.metrics import EvalResult
 from addernet_dist.models import create_model
 from addernet_dist.models.registry import check_input_size
@@ -113,11 +114,21 @@ def build_data(cfg: Config, dist: DistInfo):
     n_train = getattr(getattr(train, "sampler", None), "num_samples", None)
     if n_train is not None and cfg.train.global_batch_size > n_train:
         # Every step would repeat samples within its batch (docs/data.md: at most W*B-1
-        # duplicates per epoch holds, but they would all sit in one global batch).
+        # duplicates per epoch holds, but they would all sit in one global batch). The fix must
+        # also split over the ranks: 1 sample on 2 ranks has no valid batch size at all.
+        w = dist.world_size
+        fix = (
+            f"set train.global_batch_size to at most {n_train}"
+            if w == 1
+            else f"set train.global_batch_size to a multiple of WORLD_SIZE={w} of at most "
+            f"{n_train} (largest: {n_train // w * w})"
+            if n_train >= w
+            else f"no batch size splits it over WORLD_SIZE={w} ranks; run at most {n_train} "
+            "process(es) or use more data"
+        )
         raise ConfigError(
             f"train.global_batch_size={cfg.train.global_batch_size} is larger than the training "
-            f"set ({n_train} samples): every batch would repeat samples; set "
-            f"train.global_batch_size to at most {n_train}"
+            f"set ({n_train} samples): every batch would repeat samples; {fix}"
         )
     return train, val
 
@@ -182,7 +193,7 @@ def build_engine(
 def train(cfg: Config, *, raise_on_preempt: bool = False) -> EvalResult | None:
     """Run (or continue) the training described by ``cfg``; returns the last evaluation.
 
-    Preempted (SIGTERM): returns None after the checkpoint, or raises :class:`Preempted` when
+    Preempted (SIGTERM/SIGINT): returns None after the checkpoint, or raises :class:`Preempted` when
     ``raise_on_preempt`` (the CLI does, to exit with EXIT_PREEMPTED)."""
     dist = init_distributed(cfg.train.device)
     setup_console_logging(dist.rank)
@@ -202,6 +213,10 @@ def train(cfg: Config, *, raise_on_preempt: bool = False) -> EvalResult | None:
 
 
 def _train(cfg: Config, dist: DistInfo) -> EvalResult | None:
+    # First: before anything is built or written (rank 0 logs to W&B: its environment decides).
+    wandb_problem = dist.broadcast_object(wandb_online_problem(cfg.wandb) if dist.is_main else None)
+    if wandb_problem is not None:
+        raise ConfigError(wandb_problem)
     # Same seed on every rank for the model init (DDP also broadcasts rank 0's weights).
     seed_everything(cfg.train.seed)
     check_adder_backend(cfg.adder.backend, dist.device)
@@ -275,7 +290,7 @@ def _train(cfg: Config, dist: DistInfo) -> EvalResult | None:
         enabled=dist.is_main,
         mode=cfg.train.progress_bar,
         total=total_steps,
-        initial=state.global_step,
+        initial=trainer.schedule_step,  # total_steps counts this run's steps per epoch
     )
     # Names a stalled peer instead of waiting for the 30-min process-group timeout (guard.py).
     watchdog = StallWatchdog(

@@ -4,7 +4,8 @@ What each component owns (``train.py`` builds them; :class:`Trainer` runs the lo
 
 - ``Engine`` (engine/): the wrapped model, the optimizer, the LR schedule; saves them itself.
 - :class:`TrainState`: epoch, global_step (the ONE position of the run: the p and LR schedules are
-  functions of it), best top-1, W&B run id.
+  functions of it, shifted by :meth:`Trainer.align_schedules` after a steps-per-epoch change),
+  best top-1, W&B run id.
 - ``PSchedule`` (optim.py): p as a pure function of global_step.
 - the train loader: its position in the epoch (per rank); :class:`RNGState`: python/numpy/torch RNGs
   (per rank).
@@ -43,14 +44,15 @@ from addernet_dist.logging_utils import MetricsLogger, Progress
 from addernet_dist.loss import BatchMixer
 from addernet_dist.metrics import EvalResult
 from addernet_dist.nn import adder_layer_names, adder_modules, set_p
-from addernet_dist.optim import PSchedule
+from addernet_dist.optim import PSchedule, set_schedule_step
 from addernet_dist.tiles import TileChoices, tune_tiles, tuners_active, warmup_plan
 
 log = logging.getLogger("addernet_dist")
 
 
 class Preempted(Exception):
-    """SIGTERM: a checkpoint was written; the run is unfinished (main exits EXIT_PREEMPTED)."""
+    """SIGTERM or SIGINT: a checkpoint was written; the run is unfinished (main exits
+    EXIT_PREEMPTED)."""
 
 
 @runtime_checkable
@@ -180,6 +182,9 @@ class Trainer:
         self.mixer = BatchMixer.from_config(cfg.train, train_loader.num_classes)
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, dist.device)
         self.p: float | None = None  # the p the adder layers compute with (set from p_sched only)
+        # The LR and p schedules run at step global_step + step_offset: 0 unless a resume changed
+        # the steps per epoch (see align_schedules); global_step itself only ever counts up.
+        self.step_offset = 0
         self.result: EvalResult | None = None
 
     @staticmethod
@@ -199,6 +204,38 @@ class Trainer:
                 component.load_state_dict(client[name])
             else:  # a checkpoint written before the component was checkpointed
                 log.warning("resume: the checkpoint holds no %r state; it starts fresh", name)
+        if "loader" in client:  # without it the loader's position is not the run's
+            self.align_schedules()
+
+    def align_schedules(self) -> None:
+        """Put the LR and p schedules at the loader's position in THIS run's steps per epoch.
+
+        The schedules are built from this run's steps per epoch, the checkpoint's global_step
+        counts the steps of the run that wrote it. Resumed at an epoch boundary with another
+        train.global_batch_size (e.g. 16 -> 32: 12 -> 6 steps per epoch on configs/debug.yaml),
+        step 12 of the old run is step 6 of the new one; without this the schedules would start
+        at step 12 of 12 (lr = min_lr = 0 for the rest of the run). The epochs (samples) done are
+        kept; global_step goes on counting (checkpoint names and logs stay monotonic)."""
+        pos = self.train_loader.state_dict()
+        at = int(pos["epoch"]) * self.steps_per_epoch + int(pos.get("batches_done", 0))
+        self.step_offset = at - self.state.global_step
+        if self.step_offset == 0:
+            return
+        set_schedule_step(self.engine.lr_scheduler, at)
+        if self.dist.is_main:
+            log.warning(
+                "resume: %d steps per epoch now (train.global_batch_size or the data changed): "
+                "the LR and p schedules continue at step %d of %d (epoch %d, batch %d, the same "
+                "fraction of the run) instead of the checkpoint's step %d; lr %.6g, p %.4g",
+                self.steps_per_epoch,
+                at,
+                self.cfg.train.epochs * self.steps_per_epoch,
+                int(pos["epoch"]),
+                int(pos.get("batches_done", 0)),
+                self.state.global_step,
+                self.engine.lr,
+                self.p_sched.value(max(at - 1, 0)),
+            )
 
     def save(self, best: bool = False) -> Path | None:
         """Collective. Checkpoint the current step (and copy it to best.pt when ``best``)."""
@@ -217,7 +254,7 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------------
     def fit(self, logger: MetricsLogger, progress: Progress, watchdog: StallWatchdog) -> EvalResult | None:
-        """Train to ``train.epochs``; returns the last evaluation (raises Preempted on SIGTERM)."""
+        """Train to ``train.epochs``; returns the last evaluation (raises Preempted on SIGTERM/SIGINT)."""
         self.logger, self.progress, self.watchdog = logger, progress, watchdog
         tile_tuner = _tile_hooks(watchdog)
         try:
@@ -254,11 +291,11 @@ class Trainer:
         state, train = self.state, self.cfg.train
         stop, meter = _Stop(), _Throughput(train.global_batch_size)
         self.engine.train()
-        self._set_p(max(state.global_step - 1, 0))  # the p of the last step taken (a resumed model's)
+        self._set_p(max(self.schedule_step - 1, 0))  # the p of the last step taken (a resumed model's)
         while state.epoch < train.epochs:
             step_in_epoch, batches = self._rest_of_epoch()
             for images, labels in batches:
-                self._set_p(state.global_step)
+                self._set_p(self.schedule_step)
                 loss = self.engine.forward_backward(*self.mixer(images, labels))
                 stats = self.engine.step()
                 self.guard.update(loss, [stats.grad_norm, stats.adder_grad_norms])
@@ -271,7 +308,7 @@ class Trainer:
                 if state.global_step % train.log_every == 0 or end_of_epoch:
                     self._log_step(loss, stats, meter)
                     if stop.agreed(self.dist):
-                        self._preempt()
+                        self._preempt(stop.name)
                 if self.ckpt.due(state.global_step, end_of_epoch):
                     self.save()
             state.epoch += 1
@@ -282,6 +319,11 @@ class Trainer:
             meter.restart()  # images/s measures training only, not eval + checkpoint
         # Resumed after the last evaluation (e.g. killed while saving): report it again.
         return self.result or self.evaluator.last_result()
+
+    @property
+    def schedule_step(self) -> int:
+        """The step the LR and p schedules are at (global_step, or aligned: align_schedules)."""
+        return self.state.global_step + self.step_offset
 
     def _rest_of_epoch(self) -> tuple[int, Iterable[tuple[torch.Tensor, torch.Tensor]]]:
         """(batches done, the batches left) of the epoch ``state.epoch``."""
@@ -305,10 +347,13 @@ class Trainer:
         self.progress.update(meter.steps, {k: rec[k] for k in keys})
         meter.restart(steps=0)
 
-    def _preempt(self) -> None:
+    def _preempt(self, signal_name: str) -> None:
         path = self.save()
         log.warning(
-            "preempted (SIGTERM): saved %s at step %d; the same command resumes", path, self.state.global_step
+            "preempted (%s): saved %s at step %d; the same command resumes",
+            signal_name,
+            path,
+            self.state.global_step,
         )
         raise Preempted(str(path))
 
@@ -375,15 +420,21 @@ class _Throughput:
 
 
 class _Stop:
-    """SIGTERM (Slurm preemption, torchrun shutdown) -> checkpoint at the next sync point."""
+    """SIGTERM (Slurm preemption, torchrun shutdown) or SIGINT (Ctrl-C) -> checkpoint at the next
+    sync point. A second Ctrl-C interrupts at once (KeyboardInterrupt, no checkpoint)."""
 
     def __init__(self) -> None:
         self.requested = False
-        if hasattr(signal, "SIGTERM"):
-            signal.signal(signal.SIGTERM, self._handler)
+        self.name = "a signal on another rank"
+        for name in ("SIGTERM", "SIGINT"):
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), self._handler)
 
     def _handler(self, signum, frame) -> None:
         self.requested = True
+        self.name = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def agreed(self, dist: DistInfo) -> bool:
         # Every rank must stop at the same step (the checkpoint is collective), but ranks get the

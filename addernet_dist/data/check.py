@@ -12,13 +12,14 @@ from pathlib import Path
 
 from PIL import Image
 
-from .folder import IMAGE_EXTENSIONS, scan_split
+from .folder import IMAGE_EXTENSIONS, high_bit_depth, scan_split
 
 ODDITIES = {
     "grayscale": "grayscale (mode L), converted to 3 identical channels",
     "cmyk": "CMYK JPEG, converted to RGB",
     "format_mismatch": "content format differs from the file extension (e.g. PNG named .JPEG)",
-    "other_mode": "unusual colour mode (palette/alpha/16-bit), converted to RGB",
+    "other_mode": "unusual colour mode (palette/alpha), converted to RGB",
+    "sixteen_bit": "16 bits per channel, scaled to 8 as DALI does (round(v * 255 / 65535))",
 }
 
 
@@ -37,6 +38,10 @@ def inspect_image(path: str, decode: bool = True) -> FileReport:
     try:
         with Image.open(path) as im:
             r.mode, r.format = im.mode, im.format
+            depth = high_bit_depth(im)  # before load(): it reads the decoder's raw mode
+            if depth == "unfaithful":  # load_rgb refuses it the same way
+                r.error = f"cannot be decoded faithfully: mode {im.mode} (32-bit); convert to 8/16-bit"
+                return r
             if decode:
                 im.load()  # a truncated or corrupt stream fails here, not at open()
             else:
@@ -48,7 +53,9 @@ def inspect_image(path: str, decode: bool = True) -> FileReport:
     expected = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".webp": "WEBP"}
     if ext in expected and r.format != expected[ext]:
         r.oddities.append("format_mismatch")
-    if r.mode == "L":
+    if depth == "16-bit":
+        r.oddities.append("sixteen_bit")
+    elif r.mode == "L":
         r.oddities.append("grayscale")
     elif r.mode == "CMYK":
         r.oddities.append("cmyk")
@@ -122,12 +129,15 @@ def check_tree(
                 files = list(ex.map(fn, samples.paths, chunksize=64))
         else:
             files = [fn(p) for p in samples.paths]
-        per_class = Counter(samples.classes[label] for label in samples.labels)
+        # Every class of the model (the train folders), with 0 for one without images here: the
+        # class count is the model's, as the loaders build it.
+        per_class = Counter({c: 0 for c in samples.classes})
+        per_class.update(samples.classes[label] for label in samples.labels)
         reports.append(
             SplitReport(
                 name=split,
                 layout="flat + ground-truth file" if flat else "class folders",
-                num_classes=len(per_class),
+                num_classes=len(samples.classes),
                 num_images=len(samples),
                 images_per_class=per_class,
                 files=files,
@@ -155,6 +165,7 @@ def format_report(root: Path | str, reports: list[SplitReport], max_list: int = 
             lines.append(f"  ... and {len(items) - max_list} more")
 
     for r in reports:
+        listing(r.name, "classes without images", [c for c, n in r.images_per_class.items() if not n])
         listing(r.name, "CORRUPT / unreadable", [f"{f.path}: {f.error}" for f in r.corrupt])
         for kind, text in ODDITIES.items():
             listing(r.name, text, [f"{f.path} ({f.mode}, {f.format})" for f in r.with_oddity(kind)])

@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, UnidentifiedImageError
@@ -76,6 +77,41 @@ def _layout_error(what: str) -> FileNotFoundError:
     )
 
 
+def _walk_images(top: str, seen_dirs: dict[str, str], seen_files: dict[str, str]) -> list[str]:
+    """Image files under ``top`` (sorted), following symlinked folders (datasets spread over
+    disks) but refusing a folder or file reached twice: a loop (``c0/loop -> ..`` made 24 images
+    984, other classes' images labelled c0) or a second link to one folder or image (counted
+    twice, possibly under two labels). ``seen_*``: real path -> path, shared over a split."""
+    files: list[str] = []
+    stack = [top]
+    while stack:
+        d = stack.pop()
+        real_dir = os.path.realpath(d)
+        if real_dir in seen_dirs:
+            raise ValueError(
+                f"'{d}' is the folder '{seen_dirs[real_dir]}' again (a symlink loop or a second "
+                "link to one folder): its images would be read twice, possibly under two "
+                "labels; remove the link"
+            )
+        seen_dirs[real_dir] = d
+        with os.scandir(d) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for e in entries:
+            if e.is_dir():  # follows symlinks
+                stack.append(e.path)
+            elif _is_image(e.name):
+                real = os.path.realpath(e.path) if e.is_symlink() else os.path.join(real_dir, e.name)
+                if real in seen_files:
+                    raise ValueError(
+                        f"'{e.path}' is the image '{seen_files[real]}' again (both resolve to "
+                        f"'{real}'): it would be read twice, possibly under two labels; remove "
+                        "one of the links"
+                    )
+                seen_files[real] = e.path
+                files.append(e.path)
+    return sorted(files)
+
+
 def scan_class_folders(split_dir: Path, classes: list[str] | None = None) -> Samples:
     """Every image under ``split_dir/<class>/`` (recursively), sorted, labelled by class."""
     found = _class_dirs(split_dir)
@@ -89,11 +125,10 @@ def scan_class_folders(split_dir: Path, classes: list[str] | None = None) -> Sam
         )
     paths: list[str] = []
     labels: list[int] = []
+    seen_dirs = {os.path.realpath(split_dir): str(split_dir)}  # a link back up is a loop at once
+    seen_files: dict[str, str] = {}
     for c in found:
-        files = []
-        for dirpath, _, names in os.walk(split_dir / c, followlinks=True):
-            files.extend(os.path.join(dirpath, n) for n in names if _is_image(n))
-        files.sort()
+        files = _walk_images(str(split_dir / c), seen_dirs, seen_files)
         paths.extend(files)
         labels.extend([index[c]] * len(files))
     if not paths:
@@ -185,7 +220,18 @@ def scan_split(root: Path, split_name: str, *, train_split: str = "train") -> Sa
     if split_name == train_split and not classes:
         raise _layout_error(f"'{train_dir}' has no class sub-folders")
     if _class_dirs(split_dir):
-        return scan_class_folders(split_dir, classes)
+        samples = scan_class_folders(split_dir, classes)
+        if split_name == train_split:
+            # torchvision's ImageFolder rule: a class the model would have but never train on is
+            # an error (a half-copied tree), not a silent extra logit; the check says the same.
+            empty = sorted(set(samples.classes) - {samples.classes[i] for i in set(samples.labels)})
+            if empty:
+                raise ValueError(
+                    f"{len(empty)} class folder(s) of {split_dir} hold no images: "
+                    f"{', '.join(str(split_dir / c) for c in empty[:5])}"
+                    f"{' ...' if len(empty) > 5 else ''}; add their images or remove the folders"
+                )
+        return samples
     if not classes:
         raise _layout_error(
             f"'{split_dir}' is flat and there is no '{train_dir}' to take the class list from"
@@ -210,13 +256,49 @@ def resolve_samples(cfg: DataConfig, split: str, *, rank: int = 0) -> Samples:
 # ---- decoding and transforms ------------------------------------------------------------------
 
 
+def high_bit_depth(im: Image.Image) -> str | None:
+    """"16-bit" for a 16-bit-per-channel image :func:`load_rgb` scales as DALI does, "unfaithful"
+    for one no loader here decodes faithfully (32-bit int or float: PIL's convert clips it), None
+    for 8-bit."""
+    rawmode = str(im.tile[0][3]) if getattr(im, "tile", None) else ""
+    if im.mode.startswith("I;16") or (im.format == "PNG" and ";16" in rawmode):
+        return "16-bit"  # (older Pillow opens 16-bit gray PNGs as mode I, rawmode I;16B)
+    if im.mode in ("I", "F"):
+        return "unfaithful"
+    return None
+
+
+def _rgb_from_16bit(path: str, im: Image.Image) -> Image.Image:
+    """A 16-bit image as DALI's decoder gives it: v -> round(v * 255 / 65535) per channel (its
+    CPU pipeline, measured: tests/test_data_16bit.py), gray repeated, alpha dropped. PIL's
+    convert("RGB") clips 16-bit gray to 255 (a white image) and truncates 16-bit colour."""
+    if im.format == "PNG":  # PIL keeps only the high byte of 16-bit colour PNGs
+        from torchvision.io import ImageReadMode, decode_png, read_file
+
+        x = decode_png(read_file(path), mode=ImageReadMode.UNCHANGED).to(torch.int32)
+    else:  # I;16 (TIFF): PIL holds the 16-bit values
+        x = torch.from_numpy(np.asarray(im).astype(np.int32))[None]
+    x = (x * 255 + 32767) // 65535
+    x = x[:1].expand(3, -1, -1) if x.shape[0] <= 2 else x[:3]
+    return Image.fromarray(x.permute(1, 2, 0).to(torch.uint8).contiguous().numpy(), "RGB")
+
+
 def load_rgb(path: str) -> Image.Image:
-    """Decode ``path`` to an RGB PIL image (grayscale, CMYK, palette and PNG-in-.JPEG included);
-    raise CorruptImageError naming the file when it cannot be decoded completely."""
+    """Decode ``path`` to an RGB PIL image (grayscale, CMYK, palette, 16-bit and PNG-in-.JPEG
+    included); raise CorruptImageError naming the file when it cannot be decoded completely or
+    faithfully."""
     try:
         with Image.open(path) as im:
+            depth = high_bit_depth(im)
+            if depth == "unfaithful":
+                raise ValueError(
+                    f"mode {im.mode} (32-bit) has no faithful 8-bit RGB decode; convert the file "
+                    "to 8 or 16 bits per channel"
+                )
+            if depth == "16-bit":
+                return _rgb_from_16bit(path, im)
             return im.convert("RGB")  # convert() forces the full decode, so truncation shows here
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, RuntimeError) as e:
         raise CorruptImageError(
             f"cannot decode image {path}: {e}. Remove or replace the file (find all such files "
             f"with `addernet-data check ROOT`)"
