@@ -51,7 +51,7 @@ def evaluate_weights(cfg: Config, model_state: dict, dist: DistInfo) -> EvalResu
     model.to(dist.device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
-    dtype = resolve_autocast_dtype(cfg.train.bf16, dist.device)  # what the trainer's eval uses
+    dtype = resolve_autocast_dtype(cfg.train.precision, dist.device)  # what the trainer's eval uses
     return evaluate(model, val_loader, dist, autocast_dtype=dtype)
 
 

@@ -41,7 +41,7 @@ class WarmupPlan:
     p_values: tuple[float, ...]  # one per code path the ℓp schedule reaches (p = 2, general, 1)
     batches: tuple[int, ...]  # per-GPU training batch and a short one (another specialisation)
     image_size: int
-    bf16: bool
+    precision: str  # train.precision: fp32 / bf16 / fp16
     channels_last: bool
 
 
@@ -70,7 +70,7 @@ def warmup_plan(cfg, gpus: int) -> WarmupPlan:
     short = per_gpu - 1 if per_gpu % 16 == 0 else per_gpu + (16 - per_gpu % 16)
     batches = (per_gpu, max(2, short)) if per_gpu > 2 else (per_gpu,)
     return WarmupPlan(
-        tuple(p_values), batches, cfg.data.image_size, cfg.train.bf16, cfg.train.channels_last
+        tuple(p_values), batches, cfg.data.image_size, cfg.train.precision, cfg.train.channels_last
     )
 
 
@@ -90,9 +90,9 @@ def warm_model(cfg, plan: WarmupPlan, num_classes: int, device: str = "cuda", lo
     if plan.channels_last:
         model = model.to(memory_format=torch.channels_last)
     fmt = torch.channels_last if plan.channels_last else torch.contiguous_format
-    # the trainer's autocast dtype for train.bf16 on this device (the engines' decision, e.g. a
+    # the trainer's autocast dtype for train.precision on this device (the engines' decision, e.g. a
     # ConfigError for bf16 on a pre-Ampere GPU), under the trainer's one autocast helper
-    dtype = resolve_autocast_dtype(plan.bf16, device)
+    dtype = resolve_autocast_dtype(plan.precision, device)
     log(
         f"warm-up: {cfg.model.name}, {fused} fused Adder+BN pairs, p {plan.p_values}, batches {plan.batches}"
     )
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             warm_model(cfg, plan, args.num_classes)
-        except ConfigError as e:  # e.g. train.bf16 on a GPU older than Ampere, as the trainer says
+        except ConfigError as e:  # e.g. train.precision=bf16 on a GPU older than Ampere, as the trainer says
             print(f"error: {e}", file=sys.stderr)
             return 2
         if args.tile_cache:

@@ -58,10 +58,10 @@ def maybe_fuse_adder_bn(model: nn.Module, fuse_bn: bool | str, device: torch.dev
     return sum(isinstance(m, FusedAdderBN2d) for m in model.modules())
 
 
-def resolve_autocast_dtype(bf16: bool, device: torch.device) -> torch.dtype | None:
-    """``train.bf16`` → the autocast dtype on ``device`` (``device_policy.autocast_dtype``)."""
+def resolve_autocast_dtype(precision: str | bool, device: torch.device) -> torch.dtype | None:
+    """``train.precision`` → the autocast dtype on ``device`` (``device_policy.autocast_dtype``)."""
     try:
-        return device_policy.autocast_dtype(bf16, device_policy.DeviceInfo.probe(device))
+        return device_policy.autocast_dtype(precision, device_policy.DeviceInfo.probe(device))
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

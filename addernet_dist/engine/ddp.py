@@ -41,7 +41,7 @@ class DDPEngine(Engine):
         model = model.to(device=self.device, memory_format=memory_format)
         self.fused_adder_bn = maybe_fuse_adder_bn(model, cfg.adder.fuse_bn, self.device)
         self._module = model
-        self.autocast_dtype = resolve_autocast_dtype(cfg.train.bf16, self.device)
+        self.autocast_dtype = resolve_autocast_dtype(cfg.train.precision, self.device)
 
         # Built on the bare module BEFORE wrapping: the "local" scope registers gradient hooks
         # that must run before DDP's reducer, and the parameters are the ones DDP reduces.

@@ -112,13 +112,13 @@ class DeepSpeedEngine(Engine):
         model = model.to(self.device)
         self.fused_adder_bn = maybe_fuse_adder_bn(model, cfg.adder.fuse_bn, self.device)
         self._module = model
-        # autocast: train.bf16 autocast, as the DDP engine. bf16: DeepSpeed's bf16 weights on any
+        # autocast: train.precision autocast, as the DDP engine. bf16: DeepSpeed's bf16 weights on any
         # device; autocast then only casts the fp32 images at the first layer, and the trainer's
         # eval (which uses this attribute) feeds the bf16 model the same way.
         if ds_section.precision == "bf16":
             self.autocast_dtype: torch.dtype | None = torch.bfloat16
         else:
-            self.autocast_dtype = resolve_autocast_dtype(cfg.train.bf16, self.device)
+            self.autocast_dtype = resolve_autocast_dtype(cfg.train.precision, self.device)
         self._input_dtype = torch.bfloat16 if ds_section.precision == "bf16" else None
 
         adders = adder_modules(model)
