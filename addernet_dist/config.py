@@ -243,6 +243,32 @@ class Config(_Section):
     # first. false (default): such a start is refused; two runs never share one folder.
     overwrite: bool = False
 
+    @model_validator(mode="after")
+    def _recipe_combinations(self) -> Config:
+        """Switches that cannot run together (docs/training.md, Recipes)."""
+        train = self.train
+        if train.precision == "fp16" and self.engine == "deepspeed":
+            raise ValueError(
+                "train.precision=fp16 is not supported with engine=deepspeed: DeepSpeed's fp16 mode "
+                "(its 'fp16' section with its own loss scaler) calls module.half(), which also casts the "
+                "BatchNorm running statistics to fp16 (a running mean near -4000 has a step of 2 there), "
+                "and its loss scaler unscales inside DeepSpeed's step, not before eq. 33. Use engine=ddp "
+                "with train.precision=fp16, or train.precision=bf16 (sm_80+) / fp32 with engine=deepspeed"
+            )
+        if train.precision == "fp16" and self.adder.adaptive_lr and self.adder.adaptive_scope == "local":
+            raise ValueError(
+                "adder.adaptive_scope=local normalises each rank's gradient inside backward, where "
+                "train.precision=fp16 holds it multiplied by the loss scale (the unscale after it would "
+                "divide the update by the scale); use adder.adaptive_scope=global or another precision"
+            )
+        if train.sync_bn and self.adder.fuse_bn is True:
+            raise ValueError(
+                "train.sync_bn=true with adder.fuse_bn=true: the fused Adder+BN kernel computes the BN "
+                "statistics of this rank's batch in its epilogue, which cannot be synchronised; set "
+                "adder.fuse_bn=auto (fusion then stays off) or false"
+            )
+        return self
+
     def p_decay_epochs(self) -> float:
         if self.adder.p_decay_epochs is not None:
             return self.adder.p_decay_epochs

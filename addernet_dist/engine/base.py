@@ -85,11 +85,16 @@ class StepStats:
         adaptive LR scaling is off or its scope is "local" (then the norms are per rank).
     adder_alphas: (L,) the eq. 33 factors alpha_l = eta * sqrt(k_l) / ||grad F_l||_2 applied.
     grad_norm: total gradient norm before clipping (scalar tensor) or None when clipping is off.
+    loss_scale: (train.precision=fp16) the GradScaler scale this step's backward used; None otherwise.
+    scaler_skip: (fp16) bool tensor: the GradScaler skipped the optimizer step for an inf/NaN gradient
+        at a loss scale > 1, an overflow the scaling itself may cause (NonFiniteGuard.update).
     """
 
     adder_grad_norms: torch.Tensor | None = None
     adder_alphas: torch.Tensor | None = None
     grad_norm: torch.Tensor | None = None
+    loss_scale: torch.Tensor | None = None
+    scaler_skip: torch.Tensor | None = None
 
 
 class Engine(ABC):
@@ -104,6 +109,7 @@ class Engine(ABC):
       autocast_dtype: the autocast dtype of every forward pass of this run (training, evaluation,
         BN recalibration), e.g. torch.bfloat16; None runs them without autocast (fp32).
       fused_adder_bn: how many Adder2d+BatchNorm2d pairs were fused (0: none).
+      grad_scaler: the fp16 loss scaler (a checkpoint component of the trainer), None otherwise.
     """
 
     model: nn.Module
@@ -113,6 +119,7 @@ class Engine(ABC):
     device: torch.device
     autocast_dtype: torch.dtype | None
     fused_adder_bn: int
+    grad_scaler: torch.amp.GradScaler | None = None
 
     # --- training -------------------------------------------------------------------------
     @abstractmethod
