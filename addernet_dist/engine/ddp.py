@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from addernet_dist.adaptive_lr import AdaptiveLRScaler
 from addernet_dist import device_policy
+from addernet_dist.adaptive_lr import AdaptiveLRScaler
 from addernet_dist.config import Config
 from addernet_dist.device_policy import autocast
 from addernet_dist.distributed import DistInfo
