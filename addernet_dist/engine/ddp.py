@@ -29,6 +29,7 @@ from addernet_dist.engine.base import (
 from addernet_dist.metrics import upcast_logits
 from addernet_dist.nn import adder_modules
 from addernet_dist.optim import build_lr_scheduler, build_optimizer
+from addernet_dist.sync_bn import convert_sync_bn
 
 
 class DDPEngine(Engine):
@@ -40,7 +41,9 @@ class DDPEngine(Engine):
         self.cfg = cfg
         memory_format = torch.channels_last if cfg.train.channels_last else torch.preserve_format
         model = model.to(device=self.device, memory_format=memory_format)
-        self.fused_adder_bn = maybe_fuse_adder_bn(model, cfg.adder.fuse_bn, self.device)
+        # train.sync_bn: global-batch BN statistics; no fusion then (its epilogue statistics are per rank)
+        self.sync_bn_layers = convert_sync_bn(model) if cfg.train.sync_bn else 0
+        self.fused_adder_bn = maybe_fuse_adder_bn(model, False if cfg.train.sync_bn else cfg.adder.fuse_bn, self.device)
         self._module = model
         self.autocast_dtype = resolve_autocast_dtype(cfg.train.precision, self.device)
         # fp16: loss scaling. The initial scale 2^16 and halving on overflow are torch's defaults; the

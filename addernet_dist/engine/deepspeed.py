@@ -49,6 +49,7 @@ from addernet_dist.engine.zero_norms import ShardedGradProcessor
 from addernet_dist.nn import adder_modules
 from addernet_dist.ops.amp import fp32_affine
 from addernet_dist.optim import build_lr_scheduler, build_optimizer
+from addernet_dist.sync_bn import convert_sync_bn
 
 # Our part of DeepSpeed's client_state (DeepSpeed adds its own keys next to it).
 _CLIENT_KEY = "addernet"
@@ -110,7 +111,10 @@ class DeepSpeedEngine(Engine):
         self._ensure_process_group()
 
         model = model.to(self.device)
-        self.fused_adder_bn = maybe_fuse_adder_bn(model, cfg.adder.fuse_bn, self.device)
+        # train.sync_bn: global-batch BN statistics (before keep_batchnorm_fp32, which leaves these
+        # alone: SyncBatchNorm2d upcasts 16-bit affine parameters itself); no fusion then
+        self.sync_bn_layers = convert_sync_bn(model) if cfg.train.sync_bn else 0
+        self.fused_adder_bn = maybe_fuse_adder_bn(model, False if cfg.train.sync_bn else cfg.adder.fuse_bn, self.device)
         self._module = model
         # autocast: train.precision autocast, as the DDP engine. bf16: DeepSpeed's bf16 weights on any
         # device; autocast then only casts the fp32 images at the first layer, and the trainer's
