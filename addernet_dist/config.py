@@ -84,8 +84,9 @@ class OptimConfig(_Section):
     warmup_start_factor: float = Field(default=0.1, gt=0, le=1)
     min_lr: float = Field(default=0.0, ge=0)  # cosine floor
     poly_power: float = Field(default=1.0, gt=0)
-    # AdamW's moment decay rates and denominator epsilon (torch's defaults); only for name=adamw.
+    # AdamW's moment decay rates (beta1, beta2), torch's defaults; only for name=adamw.
     adam_betas: tuple[float, float] = (0.9, 0.999)
+    # AdamW's denominator epsilon (torch's default); only for name=adamw.
     adam_eps: float = Field(default=1e-8, gt=0)
 
     @field_validator("adam_betas")
@@ -181,7 +182,7 @@ class TrainConfig(_Section):
     # sm_80+; fp16 (V100-class GPUs) adds a GradScaler (DDP engine only; unscaled before eq. 33 and
     # clipping). null: from the deprecated train.bf16, else bf16.
     precision: Literal["fp32", "bf16", "fp16"] | None = None
-    # nn.BatchNorm2d -> SyncBatchNorm2d (nn.py): BN batch statistics over the GLOBAL batch in
+    # nn.BatchNorm2d -> SyncBatchNorm2d (sync_bn.py): BN batch statistics over the GLOBAL batch in
     # multi-process training (without it each rank normalises with its own B images). Needed for
     # "N ranks x B == 1 rank x N*B"; turns adder.fuse_bn=auto off (the fused epilogue is per rank).
     sync_bn: bool = False

@@ -102,6 +102,7 @@ class DataConfig(BaseModel):
     # torchvision's RandAugment and DALI's auto_aug.rand_augment (e.g. 2 and 9, timm's rand-m9-n2).
     # Image-file loaders only (torchvision, dali); the in-memory synthetic / fashion_mnist loaders refuse.
     randaugment_ops: int = Field(default=0, ge=0)
+    # RandAugment magnitude bin (0..30 of 31); only with randaugment_ops > 0.
     randaugment_magnitude: int = Field(default=9, ge=0, le=30)
 
     @model_validator(mode="before")
