@@ -262,6 +262,18 @@ class Config(_Section):
                 "train.precision=fp16 holds it multiplied by the loss scale (the unscale after it would "
                 "divide the update by the scale); use adder.adaptive_scope=global or another precision"
             )
+        if (
+            self.engine == "deepspeed"
+            and self.deepspeed.zero_stage in (1, 2)
+            and self.optim.name == "adamw"
+            and train.grad_clip is not None
+        ):
+            raise ValueError(
+                "train.grad_clip with optim.name=adamw under deepspeed.zero_stage 1/2: ZeRO steps AdamW's "
+                "two param groups (decay / no decay) one after the other, each with only its own gradient "
+                "partition, so no global gradient norm exists at step time; use deepspeed.zero_stage=0, "
+                "engine=ddp, or train.grad_clip=null"
+            )
         if train.sync_bn and self.adder.fuse_bn is True:
             raise ValueError(
                 "train.sync_bn=true with adder.fuse_bn=true: the fused Adder+BN kernel computes the BN "

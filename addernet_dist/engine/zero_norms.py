@@ -78,6 +78,11 @@ class ShardedGradProcessor:
         # (device, layer of each piece) -> that index on the device, built once: a torch.tensor(...,
         # device=cuda) per step would be a host-to-device copy (and a sync point) every step.
         self._layer_index: tuple[tuple, torch.Tensor] | None = None
+        # ZeRO-1/2 steps each param group on its own (``_optimizer_step(i)``: param_groups = [group i],
+        # only group i's gradient partition exists). The ids of the flat partitions of the groups
+        # that hold adder weights (the same groups on every rank, so the hook's all-reduce matches);
+        # None: every call is processed (one group, or an optimizer that steps all groups at once).
+        self._adder_flats: set[int] | None = None
 
     @property
     def active(self) -> bool:
@@ -123,6 +128,12 @@ class ShardedGradProcessor:
         # of a fragment is into its own group's partition.
         flats = [g["params"][0] for g in groups]
         self._segments = {id(f): [] for f in flats}
+        model_groups = getattr(ds_optimizer, "bit16_groups", None)
+        if len(flats) > 1 and model_groups is not None and len(model_groups) == len(flats):
+            adder_ids = {id(w) for w in self.adder_weights}
+            self._adder_flats = {
+                id(flats[i]) for i, g in enumerate(model_groups) if any(id(p) in adder_ids for p in g)
+            }
         for i, w in enumerate(self.adder_weights):
             mapping = w._hp_mapping
             if mapping is None:  # this rank owns no piece of layer i
@@ -159,6 +170,10 @@ class ShardedGradProcessor:
     # -- the hook --------------------------------------------------------------------------------
     @torch.no_grad()
     def _pre_step(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        if self._adder_flats is not None and not any(
+            id(p) in self._adder_flats for g in optimizer.param_groups for p in g["params"]
+        ):
+            return  # ZeRO stepping a group without adder weights (e.g. AdamW's no-decay group)
         grads: list[torch.Tensor] = []  # every gradient the optimizer is about to use
         pieces: list[tuple[_Segment, torch.Tensor]] = []  # adder gradient views inside them
         covered: dict[int, list[_Segment]] = {}
