@@ -10,6 +10,7 @@ by the trainer only after everything (config, data folders) has been validated.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +27,8 @@ from pydantic import (
 
 from addernet_dist.data.config import DataConfig
 from addernet_dist.engine.deepspeed_config import DeepSpeedConfig
+
+log = logging.getLogger("addernet_dist")
 
 
 class ConfigError(ValueError):
@@ -68,8 +71,10 @@ class ModelConfig(_Section):
 
 
 class OptimConfig(_Section):
-    # SGD with Nesterov momentum (NAG) is what the paper uses everywhere (§5.2-5.4).
-    name: Literal["sgd"] = "sgd"
+    # sgd: SGD with Nesterov momentum (NAG), what the paper uses everywhere (§5.2-5.4), weight decay on
+    # every parameter. adamw: torch AdamW (adam_betas, adam_eps), weight decay only on >= 2-d weights
+    # (conv/adder/linear), not on BN parameters or biases; eq. 33 still applies (docs/training.md).
+    name: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(default=0.1, gt=0)  # for the GLOBAL batch; no automatic scaling
     momentum: float = Field(default=0.9, ge=0, lt=1)
     nesterov: bool = True
@@ -79,6 +84,17 @@ class OptimConfig(_Section):
     warmup_start_factor: float = Field(default=0.1, gt=0, le=1)
     min_lr: float = Field(default=0.0, ge=0)  # cosine floor
     poly_power: float = Field(default=1.0, gt=0)
+    # AdamW's moment decay rates (beta1, beta2), torch's defaults; only for name=adamw.
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    # AdamW's denominator epsilon (torch's default); only for name=adamw.
+    adam_eps: float = Field(default=1e-8, gt=0)
+
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"optim.adam_betas must both be in [0, 1), got {list(v)}")
+        return v
 
 
 class AdderConfig(_Section):
@@ -118,9 +134,9 @@ class TrainConfig(_Section):
     epochs: int = Field(default=1, ge=1)
     global_batch_size: int = Field(default=256, ge=1)  # split evenly over WORLD_SIZE ranks
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # bf16 autocast of every forward pass (training, evaluation, BN recalibration), on CPU too; the
-    # adder layers compute and return fp32 under it (addernet_dist/ops/amp.py). CUDA needs sm_80+.
-    bf16: bool = True
+    # Deprecated alias of train.precision: true = bf16, false = fp32 (null after loading: the
+    # resolved config shows train.precision). Setting both to different values is an error.
+    bf16: bool | None = None
     # channels_last model and batches; the adder kernels stream NCHW, so for AdderNets it costs an x and dY
     # copy per adder layer (ResNet-50: 21.3 GB, ~4 % of a step); only plain-conv layers gain
     channels_last: bool = False
@@ -173,6 +189,32 @@ class TrainConfig(_Section):
     mixup_prob: float = Field(default=1.0, ge=0, le=1)  # probability that a batch is mixed at all
     # With both alphas > 0: probability of cutmix (else mixup) for a mixed batch (timm: 0.5).
     mixup_switch_prob: float = Field(default=0.5, ge=0, le=1)
+    # Autocast dtype of every forward pass (training, evaluation, BN recalibration), on CPU too; the
+    # adder layers compute and return fp32 under it (addernet_dist/ops/amp.py). bf16 on CUDA needs
+    # sm_80+; fp16 (V100-class GPUs) adds a GradScaler (DDP engine only; unscaled before eq. 33 and
+    # clipping). null: from the deprecated train.bf16, else bf16.
+    precision: Literal["fp32", "bf16", "fp16"] | None = None
+    # nn.BatchNorm2d -> SyncBatchNorm2d (sync_bn.py): BN batch statistics over the GLOBAL batch in
+    # multi-process training (without it each rank normalises with its own B images). Needed for
+    # "N ranks x B == 1 rank x N*B"; turns adder.fuse_bn=auto off (the fused epilogue is per rank).
+    sync_bn: bool = False
+
+    @model_validator(mode="after")
+    def _precision_alias(self) -> TrainConfig:
+        # Writes go through __dict__: validate_assignment would re-enter this validator.
+        bf16, precision = self.bf16, self.precision
+        if bf16 is not None:
+            if "precision" in self.model_fields_set and precision is not None and (precision == "bf16") != bf16:
+                raise ValueError(
+                    f"train.bf16={str(bf16).lower()} (deprecated) contradicts train.precision={precision}; "
+                    "remove train.bf16 and keep train.precision"
+                )
+            if precision is None:
+                precision = "bf16" if bf16 else "fp32"
+                log.warning("train.bf16 is deprecated: write train.precision=%s instead", precision)
+        self.__dict__["precision"] = precision or "bf16"
+        self.__dict__["bf16"] = None
+        return self
 
     @field_validator("init_from_ignore", mode="before")
     @classmethod
@@ -255,6 +297,51 @@ class Config(_Section):
         if not v.strip():
             raise ValueError("output_dir is empty; name the run's folder, e.g. output_dir=runs/my_run")
         return v
+
+    @model_validator(mode="after")
+    def _recipe_combinations(self) -> Config:
+        """Switches that cannot run together (docs/training.md, Recipes)."""
+        train = self.train
+        if train.precision == "fp16" and self.engine == "deepspeed":
+            raise ValueError(
+                "train.precision=fp16 is not supported with engine=deepspeed: DeepSpeed's fp16 mode "
+                "(its 'fp16' section with its own loss scaler) calls module.half(), which also casts the "
+                "BatchNorm running statistics to fp16 (a running mean near -4000 has a step of 2 there), "
+                "and its loss scaler unscales inside DeepSpeed's step, not before eq. 33. Use engine=ddp "
+                "with train.precision=fp16, or train.precision=bf16 (sm_80+) / fp32 with engine=deepspeed"
+            )
+        if train.precision == "fp16" and self.adder.adaptive_lr and self.adder.adaptive_scope == "local":
+            raise ValueError(
+                "adder.adaptive_scope=local normalises each rank's gradient inside backward, where "
+                "train.precision=fp16 holds it multiplied by the loss scale (the unscale after it would "
+                "divide the update by the scale); use adder.adaptive_scope=global or another precision"
+            )
+        if (
+            self.engine == "deepspeed"
+            and self.deepspeed.zero_stage in (1, 2)
+            and self.optim.name == "adamw"
+            and train.grad_clip is not None
+        ):
+            raise ValueError(
+                "train.grad_clip with optim.name=adamw under deepspeed.zero_stage 1/2: ZeRO steps AdamW's "
+                "two param groups (decay / no decay) one after the other, each with only its own gradient "
+                "partition, so no global gradient norm exists at step time; use deepspeed.zero_stage=0, "
+                "engine=ddp, or train.grad_clip=null"
+            )
+        if train.sync_bn and self.adder.fuse_bn is True:
+            raise ValueError(
+                "train.sync_bn=true with adder.fuse_bn=true: the fused Adder+BN kernel computes the BN "
+                "statistics of this rank's batch in its epilogue, which cannot be synchronised; set "
+                "adder.fuse_bn=auto (fusion then stays off) or false"
+            )
+        if train.precision == "fp16" and self.distill.co_train:
+            raise ValueError(
+                "distill.co_train=true with train.precision=fp16: the co-trained teacher steps its own "
+                "optimizer on gradients the GradScaler multiplied by the loss scale (2^16) and never unscales "
+                "them; use train.precision=bf16 or fp32 for co-training, or a frozen teacher "
+                "(distill.co_train=false)"
+            )
+        return self
 
     def p_decay_epochs(self) -> float:
         if self.adder.p_decay_epochs is not None:

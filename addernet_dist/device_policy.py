@@ -8,7 +8,7 @@ is the only code that asks torch about the hardware, and tests pass a hand-writt
 Decisions (each raises ``ValueError`` naming the problem and the fix on a combination that cannot run):
   ``adder_backend``      "auto" → triton on CUDA, cpu on CPU; triton on CPU only in Triton's interpreter
   ``fuse_adder_bn``      "auto" → fuse where the fused kernels run (the triton backend)
-  ``autocast_dtype``     train.bf16 → bf16 autocast on CPU and on CUDA with compute capability ≥ 8.0
+  ``autocast_dtype``     train.precision → bf16 autocast (CPU, CUDA sm ≥ 8.0), fp16 (CPU, CUDA sm ≥ 7.0), none
   ``dali_device``        DALI "gpu" (mixed decode) on CUDA, "cpu" elsewhere
   ``dist_backend``       NCCL on CUDA, gloo on CPU
   ``deterministic_grad_weight``  the ∂L/∂F reduction mode of the triton kernels
@@ -25,6 +25,9 @@ import torch
 
 # bf16 arithmetic (and cuDNN's bf16 convolutions the stem runs under autocast) needs Ampere or newer.
 _BF16_MIN_CAPABILITY = (8, 0)
+# fp16 tensor cores: Volta (V100, sm_70) and newer.
+_FP16_MIN_CAPABILITY = (7, 0)
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -101,21 +104,35 @@ def fuse_adder_bn(setting: bool | str, backend: str) -> bool:
     return bool(setting)
 
 
-def autocast_dtype(bf16: bool, dev: DeviceInfo) -> torch.dtype | None:
-    """The autocast dtype of forward passes (training, evaluation, BN recalibration) for ``train.bf16``.
+def autocast_dtype(precision: str | bool, dev: DeviceInfo) -> torch.dtype | None:
+    """The autocast dtype of forward passes (training, evaluation, BN recalibration) for
+    ``train.precision`` ("fp32" / "bf16" / "fp16"; a bool is the deprecated ``train.bf16``).
 
-    bf16 means bf16 autocast on every device, CPU included (so CI runs the autocast code); the adder
+    bf16 and fp16 mean autocast on every device, CPU included (so CI runs the autocast code); the adder
     layers compute in fp32 under it either way (addernet_dist/ops/amp.py).
     """
-    if not bf16:
+    if isinstance(precision, bool):
+        precision = "bf16" if precision else "fp32"
+    if precision == "fp32":
         return None
-    if dev.type == "cuda" and dev.capability is not None and dev.capability < _BF16_MIN_CAPABILITY:
+    if precision not in _AUTOCAST:
+        raise ValueError(f"train.precision={precision!r}; use fp32, bf16 or fp16")
+    need = _BF16_MIN_CAPABILITY if precision == "bf16" else _FP16_MIN_CAPABILITY
+    if dev.type == "cuda" and dev.capability is not None and dev.capability < need:
         major, minor = dev.capability
+        fix = "train.precision=fp16 (with loss scaling) or fp32" if precision == "bf16" else "train.precision=fp32"
         raise ValueError(
-            f"train.bf16=true needs a GPU of compute capability >= 8.0 (Ampere or newer) for bf16; "
-            f"{dev.name or 'this GPU'} is {major}.{minor}: set train.bf16=false"
+            f"train.precision={precision} needs a GPU of compute capability >= {need[0]}.{need[1]}; "
+            f"{dev.name or 'this GPU'} is {major}.{minor}: set {fix}"
         )
-    return torch.bfloat16
+    return _AUTOCAST[precision]
+
+
+def grad_scaling(precision: str) -> bool:
+    """Whether ``train.precision`` needs loss scaling (a GradScaler): fp16 only. fp16's smallest normal
+    is 6.1e-5, so small activation gradients of the autocast (stem/classifier) backward flush to zero
+    unless the loss is scaled up first; bf16 has fp32's exponent range and needs none."""
+    return precision == "fp16"
 
 
 def dali_device(setting: str, dev: DeviceInfo) -> str:

@@ -33,7 +33,7 @@ from torch import nn
 from addernet_dist.checkpoint import CheckpointError
 from addernet_dist.config import Config, ConfigError
 from addernet_dist.distributed import DistInfo
-from addernet_dist.interop import InteropError, _check_finite, _mismatch, _tensor_keys, read_exported
+from addernet_dist.interop import InteropError, _tensor_keys, check_finite, describe_mismatch, read_exported
 from addernet_dist.models import create_model
 from addernet_dist.runfolder import read_verified, safe_torch_load
 
@@ -97,7 +97,7 @@ def load_teacher(
         model = create_model(name, conv="conv", num_classes=num_classes, **dict(kwargs or {}))
     except (KeyError, ValueError, TypeError) as e:
         raise ConfigError(f"distill.teacher={name!r}: {e}") from None
-    problem = _mismatch(model.state_dict(), tensors, {})
+    problem = describe_mismatch(model.state_dict(), tensors, {})
     if problem:
         raise ConfigError(
             f"distill.teacher_checkpoint '{path}' does not match the teacher model {name!r} "
@@ -105,7 +105,7 @@ def load_teacher(
             "number of classes and distill.teacher_kwargs)"
         )
     try:
-        _check_finite(tensors, path)
+        check_finite(tensors, path)
     except InteropError as e:
         raise ConfigError(f"distill.teacher_checkpoint: {e}") from None
     model.load_state_dict(tensors, strict=True)

@@ -60,7 +60,7 @@ def build_eval_model(cfg: Config, model_state: dict, dist: DistInfo):
     model.to(dist.device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
-    dtype = resolve_autocast_dtype(cfg.train.bf16, dist.device)  # what the trainer's eval uses
+    dtype = resolve_autocast_dtype(cfg.train.precision, dist.device)  # what the trainer's eval uses
     return model, val_loader, dtype
 
 

@@ -51,12 +51,25 @@ class NonFiniteGuard:
         self.limit = limit
         self.streak = torch.zeros((), dtype=torch.int64, device=device)
 
-    def update(self, loss: torch.Tensor, grad_norms: list[torch.Tensor | None]) -> None:
-        """After every optimizer step (device ops only)."""
-        vals = [loss.detach().float().reshape(-1)]
-        vals += [g.detach().float().reshape(-1) for g in grad_norms if g is not None and g.numel()]
+    def update(
+        self,
+        loss: torch.Tensor,
+        grad_norms: list[torch.Tensor | None],
+        scaler_skip: torch.Tensor | None = None,
+    ) -> None:
+        """After every optimizer step (device ops only).
+
+        scaler_skip (train.precision=fp16, ``StepStats.scaler_skip``): the GradScaler skipped this step
+        for an inf/NaN gradient at a loss scale > 1. With a finite loss that is the scaler's business
+        (it halves the scale; weights and optimizer state are untouched): the step neither counts nor
+        resets the streak. A non-finite loss, or an overflow at scale <= 1, counts as usual."""
+        loss_v = loss.detach().float().reshape(-1)
+        vals = [loss_v] + [g.detach().float().reshape(-1) for g in grad_norms if g is not None and g.numel()]
         finite = torch.isfinite(torch.cat(vals)).all()
-        self.streak = torch.where(finite, torch.zeros_like(self.streak), self.streak + 1)
+        streak = torch.where(finite, torch.zeros_like(self.streak), self.streak + 1)
+        if scaler_skip is not None:
+            streak = torch.where(scaler_skip & torch.isfinite(loss_v).all(), self.streak, streak)
+        self.streak = streak
 
     @staticmethod
     def _model_nonfinite(model: torch.nn.Module) -> torch.Tensor:

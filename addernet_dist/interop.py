@@ -132,7 +132,7 @@ def official_config(model_name: str, num_classes: int, head_bias: bool) -> dict[
     )
     # The weights were trained and evaluated in fp32 at p = 1: no bf16 autocast around the stem
     # and classifier, no ℓp schedule (it would restart at p = 2 and undo them).
-    cfg["train"]["bf16"] = False
+    cfg["train"]["precision"] = "fp32"
     cfg["adder"]["p_schedule"] = False
     cfg["output_dir"] = f"runs/official_{model_name}"
     return cfg

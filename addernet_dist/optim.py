@@ -18,14 +18,31 @@ from addernet_dist.config import AdderConfig, OptimConfig
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """SGD with Nesterov momentum and weight decay on every parameter (paper §5.2-5.4, NAG).
+    """``optim.name``: "sgd" (default) or "adamw".
 
-    Weight decay also applies to adder filters and BN parameters, as in the paper's code: the
-    adaptive LR (eq. 33) rescales only the loss gradient, SGD adds ``wd * F`` afterwards.
+    sgd: SGD with Nesterov momentum and weight decay on every parameter (paper §5.2-5.4, NAG). Weight
+    decay also applies to adder filters and BN parameters, as in the paper's code: the adaptive LR
+    (eq. 33) rescales only the loss gradient, SGD adds ``wd * F`` afterwards.
+
+    adamw: torch AdamW in two param groups (timm's habit): weight decay on the >= 2-d weights (conv,
+    adder, linear), none on 1-d parameters (BN weight/bias, biases): decoupled decay pulls a BN scale
+    towards 0, which no data term asks for. eq. 33 still scales the adder gradients before the step
+    (the engines' contract), but Adam normalises every element by its own running RMS, so the constant
+    eta * sqrt(k) cancels and only the per-step 1/||grad F_l|| weighting of the moments remains
+    (docs/training.md, Recipes; tests/test_recipe_adamw.py checks the cancellation).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
+    if cfg.name == "adamw":
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        return torch.optim.AdamW(
+            [g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps
+        )
     return torch.optim.SGD(
         params,
         lr=cfg.lr,

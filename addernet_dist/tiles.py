@@ -36,7 +36,7 @@ class WarmupPlan:
     p_values: tuple[float, ...]  # one per code path the ℓp schedule reaches (p = 2, general, 1)
     batches: tuple[int, ...]  # per-GPU training batch and a short one (another specialisation)
     image_size: int
-    bf16: bool
+    precision: str  # train.precision: fp32 / bf16 / fp16
     channels_last: bool
 
 
@@ -65,7 +65,7 @@ def warmup_plan(cfg, gpus: int) -> WarmupPlan:
     short = per_gpu - 1 if per_gpu % 16 == 0 else per_gpu + (16 - per_gpu % 16)
     batches = (per_gpu, max(2, short)) if per_gpu > 2 else (per_gpu,)
     return WarmupPlan(
-        tuple(p_values), batches, cfg.data.image_size, cfg.train.bf16, cfg.train.channels_last
+        tuple(p_values), batches, cfg.data.image_size, cfg.train.precision, cfg.train.channels_last
     )
 
 

@@ -180,6 +180,8 @@ class Trainer:
         }
         # mixup / cutmix of each per-rank batch on the device (loss.py; a no-op when both are off)
         self.mixer = BatchMixer.from_config(cfg.train, train_loader.num_classes)
+        if engine.grad_scaler is not None:  # fp16: the loss scale resumes exactly
+            self.components["grad_scaler"] = engine.grad_scaler
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, dist.device)
         self.p: float | None = None  # the p the adder layers compute with (set from p_sched only)
         # The LR and p schedules run at step global_step + step_offset: 0 unless a resume changed
@@ -298,7 +300,7 @@ class Trainer:
                 self._set_p(self.schedule_step)
                 loss = self.engine.forward_backward(*self.mixer(images, labels))
                 stats = self.engine.step()
-                self.guard.update(loss, [stats.grad_norm, stats.adder_grad_norms])
+                self.guard.update(loss, [stats.grad_norm, stats.adder_grad_norms], stats.scaler_skip)
                 state.global_step += 1
                 step_in_epoch += 1
                 watchdog.beat(state.global_step)
@@ -390,6 +392,9 @@ class Trainer:
             rec[f"loss_{name}"] = float(dist.all_reduce_sum_(part.float().clone()) / dist.world_size)
         if stats.grad_norm is not None:
             rec["grad_norm"] = float(stats.grad_norm)
+        if stats.loss_scale is not None:  # fp16: the scale of this step's backward, and its skip
+            rec["loss_scale"] = float(stats.loss_scale)
+            rec["scaler_skip"] = bool(stats.scaler_skip)
         if stats.adder_grad_norms is not None and stats.adder_alphas is not None:
             norms, alphas = stats.adder_grad_norms.tolist(), stats.adder_alphas.tolist()
             for name, n, a in zip(self.adder_names, norms, alphas):

@@ -51,9 +51,9 @@ def warm_model(cfg, plan: WarmupPlan, num_classes: int, device: str = "cuda", lo
     fused = maybe_fuse_adder_bn(model, cfg.adder.fuse_bn, device)
     if plan.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    # the trainer's autocast dtype for train.bf16 on this device (the engines' decision, e.g. a
+    # the trainer's autocast dtype for train.precision on this device (the engines' decision, e.g. a
     # ConfigError for bf16 on a pre-Ampere GPU), under the trainer's one autocast helper
-    dtype = resolve_autocast_dtype(plan.bf16, device)
+    dtype = resolve_autocast_dtype(plan.precision, device)
     log(
         f"warm-up: {cfg.model.name}, {fused} fused Adder+BN pairs, p {plan.p_values}, batches {plan.batches}"
     )
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             warm_model(cfg, plan, args.num_classes)
-        except ConfigError as e:  # e.g. train.bf16 on a GPU older than Ampere, as the trainer says
+        except ConfigError as e:  # e.g. train.precision=bf16 on a GPU older than Ampere, as the trainer says
             print(f"error: {e}", file=sys.stderr)
             return 2
         if args.tile_cache:

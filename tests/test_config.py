@@ -44,7 +44,7 @@ def test_overrides_are_typed_and_nested():
         ],
     )
     assert cfg.optim.lr == 0.05 and isinstance(cfg.optim.lr, float)
-    assert cfg.train.bf16 is False
+    assert cfg.train.precision == "fp32" and cfg.train.bf16 is None
     assert cfg.wandb.tags == ["a", "b"]
     assert cfg.output_dir == "/x/y" and cfg.resume == "none"
     # untouched keys keep the file's values

@@ -311,18 +311,38 @@ def test_sharded_layout_reads_and_scales_the_right_slices():
 
 
 @pytest.mark.timeout(30)
+def test_sharded_layout_with_two_param_groups_scales_the_adder_slice_in_its_own_group():
+    """AdamW's decay / no-decay groups (optim.py) are two flat partitions under ZeRO-1/2: an adder
+    fragment at offset 2 of the SECOND partition is scaled there, the first partition untouched."""
+    w = nn.Parameter(torch.randn(5))
+    first, second = nn.Parameter(torch.zeros(6)), nn.Parameter(torch.zeros(9))
+    w._hp_mapping = _FakeMapping(second.data, 2, 5)
+    opt = torch.optim.SGD([{"params": [first]}, {"params": [second]}], lr=1.0)
+    proc = ShardedGradProcessor([w], alpha_fn=lambda n: 3.0 / n, max_norm=None)
+    proc.attach(opt, object())
+    g1, g2 = torch.randn(6), torch.randn(9)
+    first.grad, second.grad = g1.clone(), g2.clone()
+    opt.step()
+    expect = g2.clone()
+    expect[2:7] *= 3.0 / g2[2:7].norm()
+    torch.testing.assert_close(proc.last_norms, g2[2:7].norm().reshape(1))
+    torch.testing.assert_close(-second.detach(), expect)
+    torch.testing.assert_close(-first.detach(), g1)
+
+
+@pytest.mark.timeout(30)
 def test_sharded_layout_refuses_a_fragment_outside_the_stepped_tensor():
     w = nn.Parameter(torch.randn(4))
     flat = nn.Parameter(torch.zeros(8))
     elsewhere = torch.zeros(8)
     w._hp_mapping = _FakeMapping(elsewhere, 0, 4)
     proc = ShardedGradProcessor([w], alpha_fn=lambda n: n, max_norm=None)
-    with pytest.raises(RuntimeError, match="does not lie in the flat partition"):
+    with pytest.raises(RuntimeError, match="does not lie in a flat partition"):
         proc.attach(torch.optim.SGD([flat], lr=1.0), object())
     w._hp_mapping = _FakeMapping(flat.data, 0, 4)
-    two_groups = torch.optim.SGD([{"params": [flat]}, {"params": [nn.Parameter(torch.zeros(2))]}])
-    with pytest.raises(NotImplementedError, match="ONE param group"):
-        proc.attach(two_groups, object())
+    two_tensors = torch.optim.SGD([flat, nn.Parameter(torch.zeros(2))], lr=1.0)
+    with pytest.raises(NotImplementedError, match="one flat partition per param group"):
+        proc.attach(two_tensors, object())
     plain = nn.Parameter(torch.randn(4))
     with pytest.raises(RuntimeError, match="not linked to DeepSpeed's fp32 partition"):
         ShardedGradProcessor([plain], alpha_fn=None, max_norm=1.0).attach(

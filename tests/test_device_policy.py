@@ -48,8 +48,14 @@ def test_autocast_dtype():
     assert dp.autocast_dtype(True, CPU) == torch.bfloat16  # train.bf16 means autocast on CPU too
     assert dp.autocast_dtype(False, H100) is None
     assert dp.autocast_dtype(False, V100) is None
-    with pytest.raises(ValueError, match=r"V100.*7\.0: set train.bf16=false"):
+    with pytest.raises(ValueError, match=r"V100.*7\.0: set train.precision=fp16 \(with loss scaling\) or fp32"):
         dp.autocast_dtype(True, V100)
+    # train.precision: fp16 autocast from Volta on (V100 is what it is for), on CPU too
+    assert dp.autocast_dtype("fp16", V100) == dp.autocast_dtype("fp16", CPU) == torch.float16
+    assert dp.autocast_dtype("bf16", H100) == torch.bfloat16 and dp.autocast_dtype("fp32", H100) is None
+    with pytest.raises(ValueError, match=r"fp16 needs .* >= 7\.0; .* 6\.0: set train.precision=fp32"):
+        dp.autocast_dtype("fp16", dp.DeviceInfo("cuda", (6, 0), "P100"))
+    assert dp.grad_scaling("fp16") and not dp.grad_scaling("bf16") and not dp.grad_scaling("fp32")
     # the trainer's wrapper turns it into a config error on this machine's CPU device
     assert resolve_autocast_dtype(True, torch.device("cpu")) == torch.bfloat16
     assert resolve_autocast_dtype(False, torch.device("cpu")) is None

@@ -156,10 +156,10 @@ def test_addernet_eval_cli_matches_in_process_eval(tmp_path, capsys, monkeypatch
     loader = build_loader(cfg.data, "val", batch_size=8, seed=0, device="cpu")
     with torch.no_grad():
         assert_logits_vary(model.eval()(torch.cat([x for x, _ in loader])), min_distinct_top1=3)
-    # the CLI evaluates as the trainer does: train.bf16 (default true) is bf16 autocast, on CPU too,
+    # the CLI evaluates as the trainer does: train.precision (default bf16) is bf16 autocast, on CPU too,
     # with the config's backend (under autocast the bf16 classifier input turns a 1e-6 backend
     # difference into ~1e-5 of the loss, so the same backend, not just an equivalent one)
-    assert cfg.train.bf16
+    assert cfg.train.precision == "bf16"
     monkeypatch.setattr(dispatch, "_default", None)
     dispatch.set_default_backend(cfg.adder.backend)
     expected = evaluate(model, loader, DistInfo(), autocast_dtype=torch.bfloat16)

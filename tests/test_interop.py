@@ -427,7 +427,7 @@ def test_official_configs_match_what_the_importer_stores(name, model):
         assert list(np.atleast_1d(raw["data"][key])) == pytest.approx(
             list(np.atleast_1d(stored["data"][key]))
         ), key
-    assert cfg.train.bf16 is False and cfg.adder.p_schedule is False and cfg.adder.p_end == 1.0
+    assert cfg.train.precision == "fp32" and cfg.adder.p_schedule is False and cfg.adder.p_end == 1.0
     assert round(cfg.data.image_size * cfg.data.resolved_val_resize_ratio) == (
         32 if model == "resnet20" else 256
     )

@@ -47,7 +47,7 @@ def test_gpu_plan_runs_every_gpu_path():
     assert t["nproc"] == 8 and t["distributed_backend"] == "nccl"
     assert t["overrides"] == {
         "train.device": "cuda",
-        "train.bf16": True,
+        "train.precision": "bf16",
         "train.channels_last": True,
         "adder.backend": "triton",
         "adder.fuse_bn": True,

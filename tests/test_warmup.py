@@ -18,7 +18,7 @@ def test_plan_covers_every_p_code_path_and_both_batch_specialisations():
     plan = warmup.warmup_plan(cfg, gpus=8)
     assert plan.p_values == (2.0, 1.5, 1.0)  # p = 2, general p, p = 1: three kernels each
     assert plan.batches == (32, 31)  # 256 / 8, and a batch not divisible by 16 (the short last one)
-    assert plan.bf16 and not plan.channels_last and plan.image_size == 224  # NCHW: issue 21.3
+    assert plan.precision == "bf16" and not plan.channels_last and plan.image_size == 224  # NCHW: issue 21.3
     no_sched = load_config(str(CONFIGS / "imagenet_resnet50.yaml"), ["adder.p_schedule=false"])
     # without the schedule the run computes at p_end throughout (PSchedule), not p_start
     assert warmup.warmup_plan(no_sched, gpus=8).p_values == (1.0,)
@@ -53,7 +53,7 @@ def test_warm_model_runs_every_p_and_batch(monkeypatch):
 
     real = adder_nn.set_p
     monkeypatch.setattr(adder_nn, "set_p", lambda m, p: (seen.append(p), real(m, p))[1])
-    plan = warmup.WarmupPlan(plan.p_values, (3, 2), plan.image_size, plan.bf16, plan.channels_last)
+    plan = warmup.WarmupPlan(plan.p_values, (3, 2), plan.image_size, plan.precision, plan.channels_last)
     assert warmup.warm_model(cfg, plan, 10, device="cpu", log=lambda *_: None) == 6
     assert seen == [2.0, 1.5, 1.0]
 
@@ -71,7 +71,7 @@ def test_warm_model_forwards_run_under_the_trainers_autocast_dtype(bf16):
     cfg = load_config(
         str(CONFIGS / "debug.yaml"), ["adder.backend=reference", f"train.bf16={str(bf16).lower()}"]
     )
-    expected = resolve_autocast_dtype(cfg.train.bf16, torch.device("cpu"))
+    expected = resolve_autocast_dtype(cfg.train.precision, torch.device("cpu"))
     assert expected == (torch.bfloat16 if bf16 else None)
     seen = []
 
@@ -86,7 +86,7 @@ def test_warm_model_forwards_run_under_the_trainers_autocast_dtype(bf16):
                 )
             )
 
-    plan = warmup.WarmupPlan((1.0,), (2,), cfg.data.image_size, cfg.train.bf16, False)
+    plan = warmup.WarmupPlan((1.0,), (2,), cfg.data.image_size, cfg.train.precision, False)
     handle = torch.nn.modules.module.register_module_forward_hook(record)
     try:
         assert warmup.warm_model(cfg, plan, 10, device="cpu", log=lambda *_: None) == 1

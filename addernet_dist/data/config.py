@@ -105,6 +105,13 @@ class DataConfig(BaseModel):
     synthetic_seed: int = 0
 
     dali: DaliConfig = Field(default_factory=DaliConfig)
+    # RandAugment (Cubuk et al. 2019) of TRAIN images, after the crop/flip, on uint8 pixels: this many
+    # randomly chosen ops per image (0: off) at this magnitude of 31 bins (0..30), the convention of
+    # torchvision's RandAugment and DALI's auto_aug.rand_augment (e.g. 2 and 9, timm's rand-m9-n2).
+    # Image-file loaders only (torchvision, dali); the in-memory synthetic / fashion_mnist loaders refuse.
+    randaugment_ops: int = Field(default=0, ge=0)
+    # RandAugment magnitude bin (0..30 of 31); only with randaugment_ops > 0.
+    randaugment_magnitude: int = Field(default=9, ge=0, le=30)
 
     @model_validator(mode="before")
     @classmethod
@@ -159,6 +166,13 @@ class DataConfig(BaseModel):
                 raise ValueError(
                     f"data.mean={list(self.mean)}: Fashion-MNIST has 1 channel, give one value"
                 )
+        if self.randaugment_ops and self.dataset in ("synthetic", "fashion_mnist"):
+            loader = "data/synthetic.py" if self.dataset == "synthetic" else "data/idx.py"
+            raise ValueError(
+                f"data.randaugment_ops={self.randaugment_ops}: the {self.dataset} loader ({loader}, "
+                "in-memory float tensors) has no RandAugment; it runs in the image-file loaders "
+                "(dataset imagefolder/digits with loader torchvision or dali). Set data.randaugment_ops=0"
+            )
         if self.dataset in ("synthetic", "fashion_mnist") and self.loader == "dali":
             raise ValueError(
                 f"data.loader 'dali' needs JPEG files; dataset '{self.dataset}' is held in "

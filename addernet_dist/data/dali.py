@@ -75,7 +75,7 @@ def define_pipeline(
     from nvidia.dali.pipeline import Pipeline
 
     num_threads = cfg.dali.num_threads or max(1, cfg.num_workers)
-    pipe = Pipeline(
+    pipe_kw = dict(
         batch_size=batch_size,
         num_threads=num_threads,
         device_id=device_id if dali_device == "gpu" else None,
@@ -90,7 +90,9 @@ def define_pipeline(
     decode_device = "mixed" if dali_device == "gpu" else "cpu"
     decoder_kw = decoder_kwargs(cfg, dali_device)
     augment = cfg.resolved_augment if train else "none"
-    with pipe:
+    randaugment = train and cfg.randaugment_ops > 0
+
+    def graph():
         jpegs, positions = fn.readers.file(
             files=files,
             labels=list(range(len(files))),
@@ -160,6 +162,16 @@ def define_pipeline(
             )
             crop = None
         mirror = fn.random.coin_flip(probability=0.5) if train and cfg.resolved_hflip else 0
+        if randaugment:
+            # DALI's RandAugment on the uint8 HWC s x s crop (before the flip, which
+            # crop_mirror_normalize applies: RandAugment's ops commute with a mirror except for its
+            # shear/translate direction signs, which it draws at random anyway). Its random draws come
+            # from the pipeline's seed and are part of DALI's checkpoint (exact mid-epoch resume).
+            from nvidia.dali.auto_aug import rand_augment
+
+            images = rand_augment.rand_augment(
+                images, n=cfg.randaugment_ops, m=cfg.randaugment_magnitude, shape=(s, s)
+            )
         cmn_kw = {"crop": crop} if crop is not None else {}
         images = fn.crop_mirror_normalize(
             images,
@@ -171,7 +183,16 @@ def define_pipeline(
             mirror=mirror,
             **cmn_kw,
         )
-        pipe.set_outputs(images, positions)
+        return images, positions
+
+    if randaugment:
+        # DALI's RandAugment selects its ops with `if` on DataNodes: conditionals need pipeline_def
+        from nvidia.dali import pipeline_def
+
+        return pipeline_def(graph, enable_conditionals=True, **pipe_kw)()
+    pipe = Pipeline(**pipe_kw)
+    with pipe:
+        pipe.set_outputs(*graph())
     return pipe
 
 

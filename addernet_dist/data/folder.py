@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, UnidentifiedImageError
+from torchvision.transforms import v2
 
 from .config import DataConfig
 from .loader import ShardedLoader
@@ -348,6 +349,11 @@ class ImageTransform:
         self.pad = cfg.pad
         self.mean = list(cfg.mean)
         self.std = list(cfg.std)
+        self.randaugment = (
+            v2.RandAugment(cfg.randaugment_ops, cfg.randaugment_magnitude)
+            if train and cfg.randaugment_ops
+            else None
+        )
 
     def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
         s = self.size
@@ -367,6 +373,12 @@ class ImageTransform:
             x = TF.center_crop(x, [s, s])
         if self.hflip and rng.random() < 0.5:
             x = TF.horizontal_flip(x)
+        if self.randaugment is not None:
+            # torchvision draws from torch's global RNG: seed it from the sample's rng (and restore it),
+            # so the augmentation stays a function of (seed, epoch, position) and resumes exactly
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(rng.getrandbits(63))
+                x = self.randaugment(x)
         x = x.to(torch.float32).div_(255.0)
         return TF.normalize(x, self.mean, self.std)
 

@@ -58,10 +58,10 @@ def maybe_fuse_adder_bn(model: nn.Module, fuse_bn: bool | str, device: torch.dev
     return sum(isinstance(m, FusedAdderBN2d) for m in model.modules())
 
 
-def resolve_autocast_dtype(bf16: bool, device: torch.device) -> torch.dtype | None:
-    """``train.bf16`` → the autocast dtype on ``device`` (``device_policy.autocast_dtype``)."""
+def resolve_autocast_dtype(precision: str | bool, device: torch.device) -> torch.dtype | None:
+    """``train.precision`` → the autocast dtype on ``device`` (``device_policy.autocast_dtype``)."""
     try:
-        return device_policy.autocast_dtype(bf16, device_policy.DeviceInfo.probe(device))
+        return device_policy.autocast_dtype(precision, device_policy.DeviceInfo.probe(device))
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
@@ -85,11 +85,16 @@ class StepStats:
         adaptive LR scaling is off or its scope is "local" (then the norms are per rank).
     adder_alphas: (L,) the eq. 33 factors alpha_l = eta * sqrt(k_l) / ||grad F_l||_2 applied.
     grad_norm: total gradient norm before clipping (scalar tensor) or None when clipping is off.
+    loss_scale: (train.precision=fp16) the GradScaler scale this step's backward used; None otherwise.
+    scaler_skip: (fp16) bool tensor: the GradScaler skipped the optimizer step for an inf/NaN gradient
+        at a loss scale > 1, an overflow the scaling itself may cause (NonFiniteGuard.update).
     """
 
     adder_grad_norms: torch.Tensor | None = None
     adder_alphas: torch.Tensor | None = None
     grad_norm: torch.Tensor | None = None
+    loss_scale: torch.Tensor | None = None
+    scaler_skip: torch.Tensor | None = None
 
 
 class Engine(ABC):
@@ -105,6 +110,7 @@ class Engine(ABC):
         BN recalibration), e.g. torch.bfloat16; None runs them without autocast (fp32).
       input_dtype: the dtype the images are cast to before the model (DeepSpeed bf16 weights), or None.
       fused_adder_bn: how many Adder2d+BatchNorm2d pairs were fused (0: none).
+      grad_scaler: the fp16 loss scaler (a checkpoint component of the trainer), None otherwise.
     """
 
     model: nn.Module
@@ -118,6 +124,7 @@ class Engine(ABC):
     # The loss terms of the last forward_backward (loss.training_loss: {"ce", "kd"} with a
     # distillation teacher, {} without), detached device tensors, mean over the micro-batches.
     loss_parts: dict[str, torch.Tensor]
+    grad_scaler: torch.amp.GradScaler | None = None
 
     # --- training -------------------------------------------------------------------------
     @abstractmethod

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from addernet_dist import device_policy
 from addernet_dist.adaptive_lr import AdaptiveLRScaler
 from addernet_dist.config import Config
 from addernet_dist.distill import CoTrainedTeacher
@@ -27,6 +28,7 @@ from addernet_dist.engine.base import (
 from addernet_dist.loss import Criterion
 from addernet_dist.nn import adder_modules
 from addernet_dist.optim import build_lr_scheduler, build_optimizer
+from addernet_dist.sync_bn import convert_sync_bn
 
 
 class DDPEngine(Engine):
@@ -44,9 +46,11 @@ class DDPEngine(Engine):
         self.cfg = cfg
         memory_format = torch.channels_last if cfg.train.channels_last else torch.preserve_format
         model = model.to(device=self.device, memory_format=memory_format)
-        self.fused_adder_bn = maybe_fuse_adder_bn(model, cfg.adder.fuse_bn, self.device)
+        # train.sync_bn: global-batch BN statistics; no fusion then (its epilogue statistics are per rank)
+        self.sync_bn_layers = convert_sync_bn(model) if cfg.train.sync_bn else 0
+        self.fused_adder_bn = maybe_fuse_adder_bn(model, False if cfg.train.sync_bn else cfg.adder.fuse_bn, self.device)
         self._module = model
-        self.autocast_dtype = resolve_autocast_dtype(cfg.train.bf16, self.device)
+        self.autocast_dtype = resolve_autocast_dtype(cfg.train.precision, self.device)
         # The loss of both engines (loss.py); a frozen teacher stays outside DDP and the optimizer,
         # a co-trained one (distill.co_train) has its own DDP wrapper, optimizer and LR schedule.
         self.co_teacher = (
@@ -57,6 +61,11 @@ class DDPEngine(Engine):
         criterion_teacher = self.co_teacher.wrapped if self.co_teacher is not None else teacher
         self.criterion = Criterion.from_config(cfg, self.autocast_dtype, criterion_teacher)
         self.loss_parts: dict[str, torch.Tensor] = {}
+        # fp16: loss scaling. The initial scale 2^16 and halving on overflow are torch's defaults; the
+        # adder layers return fp32 (ops/amp.py), so only the stem/classifier backward is fp16.
+        self.grad_scaler = (
+            torch.amp.GradScaler(self.device.type) if device_policy.grad_scaling(cfg.train.precision) else None
+        )
 
         # Built on the bare module BEFORE wrapping: the "local" scope registers gradient hooks
         # that must run before DDP's reducer, and the parameters are the ones DDP reduces.
@@ -87,18 +96,31 @@ class DDPEngine(Engine):
 
     def forward_backward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         loss, self.loss_parts = self.criterion(self.model, images, labels)
-        loss.backward()  # DDP all-reduces (averages) the grads during backward
+        # DDP all-reduces (averages) the grads during backward; fp16: of the scaled loss
+        (loss if self.grad_scaler is None else self.grad_scaler.scale(loss)).backward()
         return loss.detach()
 
     def step(self) -> StepStats:
         stats = StepStats()
+        if self.grad_scaler is not None:
+            # fp16: unscale FIRST. eq. 33's alpha_l = eta * sqrt(k) / ||grad F_l|| and the clip norm
+            # must see the true gradient; on scaled grads alpha would absorb the scale (unscale then
+            # divides the update by it, 2^16 at the start) and the clip would act 2^16x too early.
+            stats.loss_scale, stats.scaler_skip = unscale_(self.grad_scaler, self.optimizer)
         if self.adaptive is not None:
             stats.adder_grad_norms, stats.adder_alphas = self.adaptive.scale_()
         if self.cfg.train.grad_clip is not None:
             stats.grad_norm = torch.nn.utils.clip_grad_norm_(
                 self._params, self.cfg.train.grad_clip, foreach=True
             )
-        self.optimizer.step()
+        if self.grad_scaler is None:
+            self.optimizer.step()
+        else:
+            # On an inf/NaN gradient: no optimizer.step (weights, momentum / Adam moments and Adam's
+            # step count untouched) and the scale halves. The LR scheduler (and the trainer's
+            # global_step, p schedule and loader) still advance: the batch is consumed either way.
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.co_teacher is not None:
@@ -139,3 +161,13 @@ class DDPEngine(Engine):
         shape = [copy.copy(fn) for fn in self.lr_scheduler.lr_lambdas]
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.lr_scheduler.lr_lambdas = shape
+
+
+def unscale_(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scaler.unscale_(optimizer)``; returns (the scale the backward used, whether the step will be
+    skipped for an overflow at a scale > 1) as device tensors (no host sync). At a scale <= 1 an
+    inf/NaN gradient is no artefact of loss scaling, so NonFiniteGuard counts that step."""
+    scale = scaler._get_scale_async().detach().clone()  # update() changes it in place
+    scaler.unscale_(optimizer)
+    found = torch.stack([f.to(scale.device) for f in scaler._found_inf_per_device(optimizer).values()]).sum()
+    return scale, (found > 0) & (scale > 1.0)

@@ -49,6 +49,7 @@ from addernet_dist.loss import Criterion
 from addernet_dist.nn import adder_modules
 from addernet_dist.ops.amp import fp32_affine
 from addernet_dist.optim import build_lr_scheduler, build_optimizer
+from addernet_dist.sync_bn import convert_sync_bn
 
 # Our part of DeepSpeed's client_state (DeepSpeed adds its own keys next to it).
 _CLIENT_KEY = "addernet"
@@ -121,15 +122,18 @@ class DeepSpeedEngine(Engine):
         self._ensure_process_group()
 
         model = model.to(self.device)
-        self.fused_adder_bn = maybe_fuse_adder_bn(model, cfg.adder.fuse_bn, self.device)
+        # train.sync_bn: global-batch BN statistics (before keep_batchnorm_fp32, which leaves these
+        # alone: SyncBatchNorm2d upcasts 16-bit affine parameters itself); no fusion then
+        self.sync_bn_layers = convert_sync_bn(model) if cfg.train.sync_bn else 0
+        self.fused_adder_bn = maybe_fuse_adder_bn(model, False if cfg.train.sync_bn else cfg.adder.fuse_bn, self.device)
         self._module = model
-        # autocast: train.bf16 autocast, as the DDP engine. bf16: DeepSpeed's bf16 weights on any
+        # autocast: train.precision autocast, as the DDP engine. bf16: DeepSpeed's bf16 weights on any
         # device; autocast then only casts the fp32 images at the first layer, and the trainer's
         # eval (which uses this attribute) feeds the bf16 model the same way.
         if ds_section.precision == "bf16":
             self.autocast_dtype: torch.dtype | None = torch.bfloat16
         else:
-            self.autocast_dtype = resolve_autocast_dtype(cfg.train.bf16, self.device)
+            self.autocast_dtype = resolve_autocast_dtype(cfg.train.precision, self.device)
         self.input_dtype = torch.bfloat16 if ds_section.precision == "bf16" else None
         # The loss of both engines (loss.py); the teacher is never handed to DeepSpeed.
         self.criterion = Criterion.from_config(cfg, self.autocast_dtype, teacher)

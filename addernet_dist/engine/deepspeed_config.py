@@ -3,7 +3,7 @@
 Everything that decides the training ALGORITHM stays in our own sections, so ``engine: ddp`` and
 ``engine: deepspeed`` run the same algorithm from the same YAML: the optimizer (``optim``), LR and
 lp schedules, eq. 33 (``adder``), clipping (``train.grad_clip``), the global batch
-(``train.global_batch_size``) and bf16 autocast (``train.bf16``). This section only says HOW
+(``train.global_batch_size``) and autocast (``train.precision``). This section only says HOW
 DeepSpeed shards and batches it. The DeepSpeed keys that would silently change the algorithm
 (``optimizer``, ``scheduler``, ``gradient_clipping``, ``fp16``, batch sizes, ...) are generated
 here and refused in ``overrides`` with a message naming the key to use instead.
@@ -34,11 +34,11 @@ _OWNED_KEYS = {
     "gradient_clipping": "train.grad_clip (applied after eq. 33, as in the DDP engine)",
     "optimizer": "the optim section (the engine passes its torch SGD to DeepSpeed)",
     "scheduler": "the optim section (LR schedule stepped per iteration by the engine)",
-    "fp16": "deepspeed.precision (fp16 is not supported)",
+    "fp16": "deepspeed.precision (fp16 is not supported under DeepSpeed: train.precision=fp16 is DDP only)",
     "bf16": "deepspeed.precision=bf16",
-    "torch_autocast": "train.bf16 with deepspeed.precision=autocast",
+    "torch_autocast": "train.precision with deepspeed.precision=autocast",
     "zero_allow_untested_optimizer": "nothing (always on: the optimizer is torch SGD)",
-    "amp": "train.bf16",
+    "amp": "train.precision",
 }
 
 # The other top-level DeepSpeed keys we pass through (anything else is a typo or a feature this
@@ -84,7 +84,7 @@ class DeepSpeedConfig(BaseModel):
     micro_batch_size: int | None = Field(default=None, ge=1)
     # None: derived as global / (micro * world). Set both to have them checked against each other.
     gradient_accumulation_steps: int | None = Field(default=None, ge=1)
-    # autocast: fp32 weights, torch.autocast(bf16) when train.bf16 and CUDA (what DDP does).
+    # autocast: fp32 weights, torch.autocast(bf16) when train.precision=bf16 (what DDP does).
     # bf16: DeepSpeed's bf16 weights/grads with an fp32 master copy (less memory, different
     #       rounding than DDP; ZeRO-1/2 only because eq. 33 needs the fp32 partition mapping).
     precision: Literal["autocast", "bf16"] = "autocast"
@@ -224,7 +224,7 @@ def build_ds_config(
 ) -> dict[str, Any]:
     """The DeepSpeed JSON dict for ``deepspeed.initialize``.
 
-    bf16 autocast (train.bf16 on CUDA) is applied by the engine around the forward, exactly like
+    bf16 autocast (train.precision=bf16) is applied by the engine around the forward, exactly like
     the DDP engine, so DeepSpeed's own ``torch_autocast`` stays off: it would also switch the
     gradient all-reduce of every Linear/Conv to bf16, which DDP does not do.
     """

@@ -86,6 +86,11 @@ class ShardedGradProcessor:
         # (device, layer of each piece) -> that index on the device, built once: a torch.tensor(...,
         # device=cuda) per step would be a host-to-device copy (and a sync point) every step.
         self._layer_index: tuple[tuple, torch.Tensor] | None = None
+        # ZeRO-1/2 steps each param group on its own (``_optimizer_step(i)``: param_groups = [group i],
+        # only group i's gradient partition exists). The ids of the flat partitions of the groups
+        # that hold adder weights (the same groups on every rank, so the hook's all-reduce matches);
+        # None: every call is processed (one group, or an optimizer that steps all groups at once).
+        self._adder_flats: set[int] | None = None
 
     @property
     def active(self) -> bool:
@@ -114,11 +119,11 @@ class ShardedGradProcessor:
 
     def _attach_sharded(self, torch_optimizer: torch.optim.Optimizer, ds_optimizer: object) -> None:
         groups = torch_optimizer.param_groups
-        if len(groups) != 1 or len(groups[0]["params"]) != 1:
+        if any(len(g["params"]) != 1 for g in groups):
             raise NotImplementedError(
-                "the DeepSpeed engine's adaptive LR / clipping under ZeRO-1/2 needs an optimizer "
-                f"with ONE param group (got {len(groups)}); addernet_dist.optim.build_optimizer "
-                "builds one, use it"
+                "the DeepSpeed engine's adaptive LR / clipping under ZeRO-1/2 expects one flat "
+                "partition per param group (DeepSpeed's ZeRO-1/2 layout); got "
+                f"{[len(g['params']) for g in groups]} tensors per group"
             )
         missing = [i for i, w in enumerate(self.adder_weights) if not hasattr(w, "_hp_mapping")]
         if missing:
@@ -127,25 +132,35 @@ class ShardedGradProcessor:
                 "(no _hp_mapping): this ZeRO stage / precision combination is not supported; "
                 "use zero_stage 0, 1 or 2"
             )
-        flat = groups[0]["params"][0]
-        base = flat.data_ptr()
-        esize = flat.element_size()
-        segs = []
+        # One flat partition per param group (AdamW has two: decay / no decay, optim.py); the offset
+        # of a fragment is into its own group's partition.
+        flats = [g["params"][0] for g in groups]
+        self._segments = {id(f): [] for f in flats}
+        model_groups = getattr(ds_optimizer, "bit16_groups", None)
+        if len(flats) > 1 and model_groups is not None and len(model_groups) == len(flats):
+            adder_ids = {id(w) for w in self.adder_weights}
+            self._adder_flats = {
+                id(flats[i]) for i, g in enumerate(model_groups) if any(id(p) in adder_ids for p in g)
+            }
         for i, w in enumerate(self.adder_weights):
             mapping = w._hp_mapping
             if mapping is None:  # this rank owns no piece of layer i
                 continue
             addr = mapping.get_hp_fragment_address()
             frag = mapping.get_hp_fragment()
-            # The offset must point into THIS tensor: a different layout (another DeepSpeed
+            # The offset must point into one of THESE tensors: a different layout (another DeepSpeed
             # version) would silently scale the wrong elements, so fail loudly instead.
-            if frag.data_ptr() != base + addr.start * esize or frag.numel() != addr.numel:
+            owner = [
+                f
+                for f in flats
+                if frag.data_ptr() == f.data_ptr() + addr.start * f.element_size() and frag.numel() == addr.numel
+            ]
+            if len(owner) != 1:
                 raise RuntimeError(
-                    f"DeepSpeed's fp32 fragment of adder layer {i} does not lie in the flat "
+                    f"DeepSpeed's fp32 fragment of adder layer {i} does not lie in a flat "
                     "partition the optimizer steps; unsupported DeepSpeed layout"
                 )
-            segs.append(_Segment(layer=i, start=addr.start, numel=addr.numel))
-        self._segments = {id(flat): segs}
+            self._segments[id(owner[0])].append(_Segment(layer=i, start=addr.start, numel=addr.numel))
         self._sharded = True
         self._group = getattr(ds_optimizer, "real_dp_process_group", [None])[0]
 
@@ -163,6 +178,10 @@ class ShardedGradProcessor:
     # -- the hook --------------------------------------------------------------------------------
     @torch.no_grad()
     def _pre_step(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        if self._adder_flats is not None and not any(
+            id(p) in self._adder_flats for g in optimizer.param_groups for p in g["params"]
+        ):
+            return  # ZeRO stepping a group without adder weights (e.g. AdamW's no-decay group)
         grads: list[torch.Tensor] = []  # every gradient the optimizer is about to use
         pieces: list[tuple[_Segment, torch.Tensor]] = []  # adder gradient views inside them
         covered: dict[int, list[_Segment]] = {}

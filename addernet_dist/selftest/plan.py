@@ -156,7 +156,7 @@ def train_smoke_overrides(desc: DeviceDescription, quick: bool = False) -> dict[
             distributed_backend="nccl",
             overrides={
                 "train.device": "cuda",
-                "train.bf16": True,
+                "train.precision": "bf16",
                 "train.channels_last": True,
                 "adder.backend": "triton",
                 "adder.fuse_bn": True,
@@ -172,7 +172,7 @@ def train_smoke_overrides(desc: DeviceDescription, quick: bool = False) -> dict[
         distributed_backend="gloo",
         overrides={
             "train.device": "cpu",
-            "train.bf16": True,
+            "train.precision": "bf16",
             # quick (CI): the reference operator, whose cost at these sizes is negligible; the full
             # CPU form runs the compiled CPU fast path (its first build takes minutes on 2 cores).
             "adder.backend": "reference" if quick else "cpu",
