@@ -252,7 +252,9 @@ def _train(cfg: Config, dist: DistInfo) -> EvalResult | None:
     if dist.is_main:
         save_resolved(cfg, cfg.output_dir)
 
-    logger = MetricsLogger(cfg, enabled=dist.is_main, wandb_run_id=state.wandb_run_id)
+    logger = MetricsLogger(
+        cfg, enabled=dist.is_main, wandb_run_id=state.wandb_run_id, total_steps=total_steps
+    )
     state.wandb_run_id = logger.wandb_run_id
     if resume_from is not None:
         rec = {"kind": "resume", "step": state.global_step, "epoch": state.epoch}

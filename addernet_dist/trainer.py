@@ -69,6 +69,8 @@ class TrainState:
     global_step: int = 0  # optimizer steps taken
     best_top1: float = -1.0
     wandb_run_id: str | None = None
+    best_step: int = -1  # global_step of the best.pt evaluation (-1: none yet)
+    wall_time_s: float = 0.0  # wall time spent in fit() by every attempt of the run, to the last save
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -182,6 +184,7 @@ class Trainer:
     # ---- checkpoint ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Collective (the per-rank components gather): the checkpoint's client state."""
+        self.state.wall_time_s = self.wall_time_s()
         client = {name: c.state_dict() for name, c in self.components.items()}
         return {**client, "world_size": self.dist.world_size, "config": self.cfg.model_dump(mode="json")}
 
@@ -212,6 +215,7 @@ class Trainer:
         """Train to ``train.epochs``; returns the last evaluation (raises Preempted on SIGTERM)."""
         self.logger, self.progress, self.watchdog = logger, progress, watchdog
         state, train = self.state, self.cfg.train
+        self._fit_t0, self._wall_before = time.perf_counter(), state.wall_time_s
         stop, meter = _Stop(), _Throughput(train.global_batch_size)
         self.engine.train()
         self._set_p(max(state.global_step - 1, 0))  # the p of the last step taken (a resumed model's)
@@ -219,16 +223,17 @@ class Trainer:
             step_in_epoch, batches = self._rest_of_epoch()
             for images, labels in batches:
                 self._set_p(state.global_step)
+                end_of_epoch = step_in_epoch + 1 == self.steps_per_epoch
+                log_step = (state.global_step + 1) % train.log_every == 0 or end_of_epoch
                 loss = self.engine.forward_backward(images, labels)
-                stats = self.engine.step()
+                stats = self.engine.step(want_grad_norm=log_step)  # the norm costs a pass: log steps only
                 self.guard.update(loss, [stats.grad_norm, stats.adder_grad_norms])
                 state.global_step += 1
                 step_in_epoch += 1
                 watchdog.beat(state.global_step)
                 meter.steps += 1
                 _maybe_inject_fault(state.global_step, self.dist.rank, watchdog)
-                end_of_epoch = step_in_epoch == self.steps_per_epoch
-                if state.global_step % train.log_every == 0 or end_of_epoch:
+                if log_step:
                     self._log_step(loss, stats, meter)
                     if stop.agreed(self.dist):
                         self._preempt()
@@ -240,8 +245,37 @@ class Trainer:
             else:
                 self.save()
             meter.restart()  # images/s measures training only, not eval + checkpoint
+        self._summary()
         # Resumed after the last evaluation (e.g. killed while saving): report it again.
         return self.result or self.evaluator.last_result()
+
+    def wall_time_s(self) -> float:
+        """Wall time of the run so far: earlier attempts (from the checkpoint) + this fit()."""
+        if not hasattr(self, "_fit_t0"):
+            return self.state.wall_time_s
+        return self._wall_before + time.perf_counter() - self._fit_t0
+
+    def _summary(self) -> None:
+        """The run's last record and console line: best top-1 and its step, wall time, checkpoint."""
+        state = self.state
+        best = self.ckpt.best_path
+        newest = self.ckpt.list()
+        path = best if best.exists() else (newest[-1] if newest else None)
+        rec = {
+            "kind": "summary",
+            "step": state.global_step,
+            "epoch": state.epoch,
+            "best_top1": state.best_top1 if state.best_step >= 0 else None,
+            "best_step": state.best_step if state.best_step >= 0 else None,
+            "wall_time_s": round(self.wall_time_s(), 3),
+            "checkpoint": None if path is None else str(path),
+        }
+        self.logger.write(rec)
+        best_text = "none" if rec["best_top1"] is None else f"{state.best_top1:.2f}% at step {state.best_step}"
+        self.progress.message(
+            f"done: {state.global_step} steps in {rec['wall_time_s']:.1f} s wall time; "
+            f"best top-1 {best_text}; checkpoint {rec['checkpoint']}"
+        )
 
     def _rest_of_epoch(self) -> tuple[int, Iterable[tuple[torch.Tensor, torch.Tensor]]]:
         """(batches done, the batches left) of the epoch ``state.epoch``."""
@@ -261,7 +295,7 @@ class Trainer:
         rec["images_per_s"] = meter.images_per_s()
         self.logger.write(rec)
         self.guard.check(self.dist, self.state.global_step)  # after the record: the log shows the NaN
-        keys = ("epoch", "loss", "lr", "p", "images_per_s")
+        keys = ("epoch", "loss", "lr", "p", "grad_norm", "images_per_s")
         self.progress.update(meter.steps, {k: rec[k] for k in keys})
         meter.restart(steps=0)
 
@@ -284,7 +318,10 @@ class Trainer:
             f"epoch {state.epoch}: val top1 {result.top1:.2f}% top5 {result.top5:.2f}% "
             f"loss {result.loss:.4f} ({result.count} images)"
         )
-        self.save(best=self.evaluator.is_new_best(result, self.p, state))
+        best = self.evaluator.is_new_best(result, self.p, state)
+        if best:
+            state.best_step = state.global_step  # set before the save: the checkpoint records it
+        self.save(best=best)
 
     def _train_record(self, loss: torch.Tensor, stats: StepStats) -> dict[str, Any]:
         """Host-syncing summary of the last step (called on log steps only)."""
@@ -293,13 +330,16 @@ class Trainer:
         rec: dict[str, Any] = {
             "kind": "train",
             "step": self.state.global_step,
-            "epoch": self.state.epoch,
+            # Epochs done, as in eval records (which come at whole numbers): the last step of the
+            # first epoch logs 1.0 and its evaluation epoch 1.
+            "epoch": epochs_done(self.state.global_step, self.steps_per_epoch),
             "loss": float(loss_avg),
             "lr": self.engine.lr,
             "p": self.p,  # the step's p: p_sched.value(step - 1)
         }
-        if stats.grad_norm is not None:
-            rec["grad_norm"] = float(stats.grad_norm)
+        # always there on a log step (engine.step(want_grad_norm=True)); None only for an engine
+        # that measured nothing (a model without gradients)
+        rec["grad_norm"] = None if stats.grad_norm is None else float(stats.grad_norm)
         if stats.adder_grad_norms is not None and stats.adder_alphas is not None:
             norms, alphas = stats.adder_grad_norms.tolist(), stats.adder_alphas.tolist()
             for name, n, a in zip(self.adder_names, norms, alphas):
@@ -311,6 +351,11 @@ class Trainer:
 # ---------------------------------------------------------------------------------------------
 # Small helpers of the loop
 # ---------------------------------------------------------------------------------------------
+
+
+def epochs_done(global_step: int, steps_per_epoch: int) -> float:
+    """The ``epoch`` of every metrics record: epochs done at ``global_step`` (4 decimals)."""
+    return round(global_step / steps_per_epoch, 4)
 
 
 class _Throughput:

@@ -79,7 +79,7 @@ class DDPEngine(Engine):
         loss.backward()  # DDP all-reduces (averages) the grads during backward
         return loss.detach()
 
-    def step(self) -> StepStats:
+    def step(self, want_grad_norm: bool = False) -> StepStats:
         stats = StepStats()
         if self.adaptive is not None:
             stats.adder_grad_norms, stats.adder_alphas = self.adaptive.scale_()
@@ -87,6 +87,9 @@ class DDPEngine(Engine):
             stats.grad_norm = torch.nn.utils.clip_grad_norm_(
                 self._params, self.cfg.train.grad_clip, foreach=True
             )
+        elif want_grad_norm:  # the same norm clip_grad_norm_ takes, without clipping (a device tensor)
+            grads = [p.grad for p in self._params if p.grad is not None]
+            stats.grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -55,7 +55,9 @@ class ShardedGradProcessor:
         max_norm: clip the total gradient norm (after scaling) to this; ``None`` disables it.
 
     After each optimizer step, ``last_norms`` (L,), ``last_alphas`` (L,) and ``last_total_norm``
-    (scalar, before clipping) hold what was measured, as tensors (no host sync).
+    (scalar, before clipping) hold what was measured, as tensors (no host sync). Without clipping
+    the total norm is measured only for a step with ``want_total_norm`` set (the trainer's log
+    steps): the non-adder squared sum is one more pass over the gradients.
     """
 
     def __init__(
@@ -71,6 +73,7 @@ class ShardedGradProcessor:
         self.last_norms: torch.Tensor | None = None
         self.last_alphas: torch.Tensor | None = None
         self.last_total_norm: torch.Tensor | None = None
+        self.want_total_norm = False  # set per step by the engine (log steps)
         self._segments: dict[int, list[_Segment]] = {}  # id(stepped tensor) -> adder pieces in it
         self._group: dist.ProcessGroup | None = None
         self._sharded = False
@@ -101,8 +104,8 @@ class ShardedGradProcessor:
             }
         else:
             self._attach_sharded(torch_optimizer, ds_optimizer)
-        if self.active:
-            self._handle = torch_optimizer.register_step_pre_hook(self._pre_step)
+        # Always hooked: a log step may want the total norm even with eq. 33 and clipping off.
+        self._handle = torch_optimizer.register_step_pre_hook(self._pre_step)
 
     def _attach_sharded(self, torch_optimizer: torch.optim.Optimizer, ds_optimizer: object) -> None:
         groups = torch_optimizer.param_groups
@@ -155,6 +158,9 @@ class ShardedGradProcessor:
     # -- the hook --------------------------------------------------------------------------------
     @torch.no_grad()
     def _pre_step(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        need_total = self.max_norm is not None or self.want_total_norm
+        if not self.active and not need_total:
+            return  # nothing to scale, clip or measure this step (and no collective)
         grads: list[torch.Tensor] = []  # every gradient the optimizer is about to use
         pieces: list[tuple[_Segment, torch.Tensor]] = []  # adder gradient views inside them
         covered: dict[int, list[_Segment]] = {}
@@ -178,7 +184,7 @@ class ShardedGradProcessor:
         if pieces:
             piece_sq = torch.stack([v.float().square().sum() for _, v in pieces])
             sq.index_add_(0, self._index_on(dev, [s.layer for s, _ in pieces]), piece_sq)
-        if self.max_norm is not None:
+        if need_total:
             sq[-1] = self._other_sq(grads, covered)
         if self._sharded and dist.is_initialized():
             # The one collective per step: L+1 floats.
@@ -193,9 +199,10 @@ class ShardedGradProcessor:
             for s, v in pieces:
                 v.mul_(alphas[s.layer].to(v.dtype))
             scaled_sq = (alphas * norms).square()
+        if need_total:
+            self.last_total_norm = (scaled_sq.sum() + sq[-1]).sqrt()
         if self.max_norm is not None:
-            total = (scaled_sq.sum() + sq[-1]).sqrt()
-            self.last_total_norm = total
+            total = self.last_total_norm
             coef = torch.clamp(self.max_norm / (total + 1e-6), max=1.0)
             torch._foreach_mul_(grads, coef)
 
