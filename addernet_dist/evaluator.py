@@ -59,6 +59,8 @@ class Evaluator:
 
     ``final_p``: the p the run ends with, or None for a model without adder layers (no p: every
     evaluation is a best candidate and BN is never recalibrated).
+    ``recalibrate_final``: recalibrate before evaluations at the final p too
+    (``train.bn_recalibration_final``; the extra record fields say so).
     """
 
     def __init__(
@@ -69,12 +71,14 @@ class Evaluator:
         *,
         final_p: float | None,
         autocast_dtype: torch.dtype | None,
+        recalibrate_final: bool = False,
     ) -> None:
         self.val_loader = val_loader
         self.dist = dist
         self.recalibrate = recalibrate
         self.final_p = final_p
         self.autocast_dtype = autocast_dtype
+        self.recalibrate_final = recalibrate_final
         self.last_eval: dict[str, float] | None = None  # checkpointed: the last evaluation
 
     # ---- Stateful (the checkpoint's "last_eval") ----------------------------------------------
@@ -97,7 +101,8 @@ class Evaluator:
         """Collective. Evaluate ``model`` (whose adder layers compute at ``p``); returns the result
         and the extra fields of its metrics record (the recalibration, when one ran)."""
         recal = 0
-        if p is not None and self.final_p is not None and self.recalibrate.num_batches and p > 1.0:
+        at_final = self.best_candidate(p)
+        if self.wants_recalibration(p):
             recal = self.recalibrate(model, self.dist, epoch, self.autocast_dtype)
         else:
             # Ranks' BN running stats drift apart after the last forward (each saw its own
@@ -105,7 +110,19 @@ class Evaluator:
             self.dist.broadcast_buffers_(model)
         result = evaluate(model, self.val_loader, self.dist, autocast_dtype=self.autocast_dtype)
         self.last_eval = result.as_dict()
-        return result, ({"bn_recalibration_batches": recal, "p": p} if recal else {})
+        extra: dict[str, Any] = {}
+        if recal:
+            extra = {"bn_recalibration_batches": recal, "p": p}
+            if at_final:
+                extra["bn_recalibration_final"] = True
+        return result, extra
+
+    def wants_recalibration(self, p: float | None) -> bool:
+        """BN recalibration before an evaluation at ``p``: while p is above 1 (the decay), and at
+        the final p too with ``recalibrate_final``; never for a model without adder layers."""
+        if p is None or self.final_p is None or not self.recalibrate.num_batches:
+            return False
+        return p > 1.0 or (self.recalibrate_final and self.best_candidate(p))
 
     def best_candidate(self, p: float | None) -> bool:
         """best.pt holds a model at the p the run ends with (p_end, unless the run stops before the

@@ -224,6 +224,7 @@ def _train(cfg: Config, dist: DistInfo) -> EvalResult | None:
         build_recalibrator(cfg, dist),
         final_p=Trainer.final_p(engine.unwrap(), p_sched, total_steps),
         autocast_dtype=engine.autocast_dtype,
+        recalibrate_final=cfg.train.bn_recalibration_final,
     )
     ckpt = Checkpointer(cfg.output_dir, cfg.train.keep_last, dist, every_steps=cfg.train.ckpt_every_steps)
     trainer = Trainer(cfg, dist, engine, train_loader, p_sched, evaluator, ckpt)

@@ -16,9 +16,9 @@ import torch
 from addernet_dist import train as train_mod
 from addernet_dist.analyze.curves import plot_title, run_summary
 from addernet_dist.config import load_config
+from addernet_dist.distributed import DistInfo
 from addernet_dist.engine.ddp import DDPEngine
 from addernet_dist.logging_utils import Progress, read_metrics
-from addernet_dist.distributed import DistInfo
 from tests.train_helpers import DEBUG_CONFIG
 
 RUN = [
