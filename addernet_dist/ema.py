@@ -13,10 +13,10 @@ BN statistics under the same rule as the model's, and its state dict keeps the m
 Distributed (decided, docs/training.md "Recipes"): the EMA lives on EVERY rank. Its parameters are
 identical everywhere (every rank steps the same all-reduced gradient); its BN buffers follow each
 rank's own running statistics, as the model's do between DDP's buffer broadcasts, so before every
-evaluation the ranks take rank 0's (:meth:`ModelEMA.sync_buffers_`), and the checkpoint holds rank
-0's (rank 0 writes it). DeepSpeed: ZeRO-0/1/2 keep full parameters on every rank (only optimizer
-state and gradients are partitioned), so the same code applies; ZeRO-3, which partitions the
-parameters themselves, is refused by the config already (engine/deepspeed_config.py) and
+evaluation the ranks take rank 0's (the evaluator broadcasts them, or recalibrates and averages),
+and the checkpoint holds rank 0's (rank 0 writes it). DeepSpeed: ZeRO-0/1/2 keep full parameters
+on every rank (only optimizer state and gradients are partitioned), so the same code applies;
+ZeRO-3, which partitions the parameters themselves, is refused by the config already (engine/deepspeed_config.py) and
 :class:`ModelEMA` refuses a model whose parameters are partitioned (``ds_numel`` attributes) with a
 clear error. Under ``deepspeed.precision=bf16`` the EMA stays fp32 (a bf16 average of weights that
 move by ~1e-3 of their size per step would round every update away).
@@ -29,8 +29,6 @@ from typing import Any
 
 import torch
 from torch import nn
-
-from addernet_dist.distributed import DistInfo
 
 
 class ModelEMA:
@@ -61,6 +59,8 @@ class ModelEMA:
             raise ValueError("the EMA's keys differ from the model's (was the model rebuilt?)")
         ef, mf, eo, mo = [], [], [], []
         for k, e in mine.items():
+            if not isinstance(e, torch.Tensor):
+                continue  # an adder layer's extra state (p, gradient modes): set by the trainer
             if e.is_floating_point():
                 ef.append(e)
                 mf.append(theirs[k])
@@ -78,9 +78,12 @@ class ModelEMA:
         for e, m in zip(eo, mo):
             e.copy_(m)
 
-    def sync_buffers_(self, dist: DistInfo) -> None:
-        """Collective: every rank takes rank 0's EMA buffers (what the checkpoint holds)."""
-        dist.broadcast_buffers_(self.module)
+    @torch.no_grad()
+    def start_fresh(self) -> None:
+        """The EMA restarts from the model's current weights (a resume from a checkpoint without
+        one: the model holds the resumed weights, this EMA a copy of the fresh init)."""
+        ef, mf, eo, mo = self._pairs
+        torch._foreach_copy_(ef + eo, mf + mo)
 
     # ---- Stateful (the checkpoint's "ema") ----------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

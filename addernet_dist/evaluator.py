@@ -48,6 +48,9 @@ class BNRecalibrator:
     ) -> int:
         """Collective. Recalibrate ``model``'s BN statistics; returns the batches used per rank."""
         loader = self.loader
+        # batch 0 of ``epoch`` even when a recalibration in this epoch read some already (the EMA's
+        # follows the model's): set_epoch is a no-op within an epoch, so step out of it first
+        loader.set_epoch(epoch + 1)
         loader.set_epoch(epoch)
         n = min(self.num_batches, len(loader))
         return recalibrate_bn(model, loader, dist, num_batches=n, autocast_dtype=autocast_dtype)
@@ -99,7 +102,14 @@ class Evaluator:
         self, model: nn.Module, epoch: int, p: float | None
     ) -> tuple[EvalResult, dict[str, Any]]:
         """Collective. Evaluate ``model`` (whose adder layers compute at ``p``); returns the result
-        and the extra fields of its metrics record (the recalibration, when one ran)."""
+        and the extra fields of its metrics record (the recalibration, when one ran). The result is
+        the evaluation the checkpoint keeps as ``last_eval``."""
+        result, extra = self.evaluate(model, epoch, p)
+        self.last_eval = result.as_dict()
+        return result, extra
+
+    def evaluate(self, model: nn.Module, epoch: int, p: float | None) -> tuple[EvalResult, dict[str, Any]]:
+        """Collective. :meth:`__call__` without recording it as the last evaluation (the EMA's)."""
         recal = 0
         at_final = self.best_candidate(p)
         if self.wants_recalibration(p):
@@ -109,7 +119,6 @@ class Evaluator:
             # batch); evaluate everywhere with rank 0's, which is also what gets checkpointed.
             self.dist.broadcast_buffers_(model)
         result = evaluate(model, self.val_loader, self.dist, autocast_dtype=self.autocast_dtype)
-        self.last_eval = result.as_dict()
         extra: dict[str, Any] = {}
         if recal:
             extra = {"bn_recalibration_batches": recal, "p": p}

@@ -34,6 +34,7 @@ from addernet_dist.checkpoint import Checkpointer, rng_state, set_rng_state
 from addernet_dist.config import Config
 from addernet_dist.data.base import Loader
 from addernet_dist.distributed import DistInfo
+from addernet_dist.ema import ModelEMA
 from addernet_dist.engine.base import Engine, StepStats
 from addernet_dist.evaluator import Evaluator
 from addernet_dist.guard import NonFiniteGuard, StallWatchdog
@@ -71,6 +72,8 @@ class TrainState:
     wandb_run_id: str | None = None
     best_step: int = -1  # global_step of the best.pt evaluation (-1: none yet)
     wall_time_s: float = 0.0  # wall time spent in fit() by every attempt of the run, to the last save
+    best_ema_top1: float = -1.0  # train.ema_decay: the EMA's best top-1 at the final p (best_ema.pt)
+    best_ema_step: int = -1
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -172,6 +175,10 @@ class Trainer:
             "rng": RNGState(dist),
             "last_eval": evaluator,
         }
+        # train.ema_decay: the EMA of the weights, evaluated next to the model (addernet_dist/ema.py)
+        self.ema = ModelEMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay is not None else None
+        if self.ema is not None:
+            self.components["ema"] = self.ema
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, dist.device)
         self.p: float | None = None  # the p the adder layers compute with (set from p_sched only)
         self.result: EvalResult | None = None
@@ -194,9 +201,13 @@ class Trainer:
                 component.load_state_dict(client[name])
             else:  # a checkpoint written before the component was checkpointed
                 log.warning("resume: the checkpoint holds no %r state; it starts fresh", name)
+                start_fresh = getattr(component, "start_fresh", None)
+                if start_fresh is not None:
+                    start_fresh()  # e.g. the EMA starts from the resumed weights, not the fresh init
 
-    def save(self, best: bool = False) -> Path | None:
-        """Collective. Checkpoint the current step (and copy it to best.pt when ``best``)."""
+    def save(self, best: bool = False, best_ema: bool = False) -> Path | None:
+        """Collective. Checkpoint the current step (and copy it to best.pt when ``best``, to
+        best_ema.pt when ``best_ema``)."""
         step = self.state.global_step
         # Never a checkpoint (or best.pt) of a non-finite model, nor one from a non-finite step.
         if not self.guard.check(self.dist, step, self.model, before="checkpoint"):
@@ -208,7 +219,9 @@ class Trainer:
             )
             return None
         with self.watchdog.during("checkpoint"):
-            return self.ckpt.save(step, lambda path: self.engine.save(path, self.state_dict()), best=best)
+            return self.ckpt.save(
+                step, lambda path: self.engine.save(path, self.state_dict()), best=best, best_ema=best_ema
+            )
 
     # ---- the loop -----------------------------------------------------------------------------
     def fit(self, logger: MetricsLogger, progress: Progress, watchdog: StallWatchdog) -> EvalResult | None:
@@ -227,6 +240,8 @@ class Trainer:
                 log_step = (state.global_step + 1) % train.log_every == 0 or end_of_epoch
                 loss = self.engine.forward_backward(images, labels)
                 stats = self.engine.step(want_grad_norm=log_step)  # the norm costs a pass: log steps only
+                if self.ema is not None:
+                    self.ema.update()
                 self.guard.update(loss, [stats.grad_norm, stats.adder_grad_norms])
                 state.global_step += 1
                 step_in_epoch += 1
@@ -270,6 +285,11 @@ class Trainer:
             "wall_time_s": round(self.wall_time_s(), 3),
             "checkpoint": None if path is None else str(path),
         }
+        if self.ema is not None:
+            found = state.best_ema_step >= 0
+            rec["best_ema_top1"] = state.best_ema_top1 if found else None
+            rec["best_ema_step"] = state.best_ema_step if found else None
+            rec["ema_checkpoint"] = str(self.ckpt.best_ema_path) if self.ckpt.best_ema_path.exists() else None
         self.logger.write(rec)
         best_text = "none" if rec["best_top1"] is None else f"{state.best_top1:.2f}% at step {state.best_step}"
         self.progress.message(
@@ -289,6 +309,8 @@ class Trainer:
         if p != self.p:
             self.p = p
             set_p(self.model, p)
+            if self.ema is not None:  # the EMA computes (is evaluated and saved at) the model's p
+                set_p(self.ema.module, p)
 
     def _log_step(self, loss: torch.Tensor, stats: StepStats, meter: _Throughput) -> None:
         rec = self._train_record(loss, stats)
@@ -311,17 +333,32 @@ class Trainer:
         self.guard.check(self.dist, state.global_step, self.model, before="evaluation")
         with self.watchdog.during("evaluation"):  # slow collective phase (the startup limit applies)
             result, extra = self.evaluator(self.model, state.epoch, self.p)
+            ema_fields, best_ema = self._evaluate_ema() if self.ema is not None else ({}, False)
         self.engine.train()
         self.result = result
-        self.logger.write({"kind": "eval", "step": state.global_step, "epoch": state.epoch, **extra, **asdict(result)})
+        rec = {"kind": "eval", "step": state.global_step, "epoch": state.epoch, **extra, **asdict(result)}
+        self.logger.write({**rec, **ema_fields})
+        ema_text = f"; EMA top1 {ema_fields['ema_top1']:.2f}%" if ema_fields else ""
         self.progress.message(
             f"epoch {state.epoch}: val top1 {result.top1:.2f}% top5 {result.top5:.2f}% "
-            f"loss {result.loss:.4f} ({result.count} images)"
+            f"loss {result.loss:.4f} ({result.count} images){ema_text}"
         )
         best = self.evaluator.is_new_best(result, self.p, state)
         if best:
             state.best_step = state.global_step  # set before the save: the checkpoint records it
-        self.save(best=best)
+        self.save(best=best, best_ema=best_ema)
+
+    def _evaluate_ema(self) -> tuple[dict[str, Any], bool]:
+        """Collective. The EMA evaluated like the model, at the model's p (BN recalibrated under the
+        same rule); returns its ``ema_*`` record fields and whether it is a new best_ema.pt."""
+        state, ema = self.state, self.ema  # its p is the model's (_set_p)
+        result, extra = self.evaluator.evaluate(ema.module, state.epoch, self.p)
+        fields = {f"ema_{k}": v for k, v in asdict(result).items() if k != "count"}
+        fields.update({f"ema_{k}": v for k, v in extra.items() if k != "p"})
+        best = self.evaluator.best_candidate(self.p) and result.top1 > state.best_ema_top1
+        if best:
+            state.best_ema_top1, state.best_ema_step = result.top1, state.global_step
+        return fields, best
 
     def _train_record(self, loss: torch.Tensor, stats: StepStats) -> dict[str, Any]:
         """Host-syncing summary of the last step (called on log steps only)."""
