@@ -55,6 +55,7 @@ from addernet_dist.checkpoint import CheckpointError, atomic_write_bytes, load_f
 from addernet_dist.config import Config, ConfigError, ModelConfig
 from addernet_dist.data.config import IMAGENET_MEAN, IMAGENET_STD
 from addernet_dist.models import create_model
+from addernet_dist.models.pretrained import official_key_to_ours, pretrained_cfg
 
 EXPORT_FORMAT = "addernet-dist/weights-v1"
 _EXTRA = "._extra_state"  # Adder2d/AdderLinear keep p and the gradient modes there (nn.py)
@@ -82,21 +83,16 @@ class OfficialSpec:
     root: str  # placeholder shown in the stored config; the user passes data.root=...
 
 
-# The CIFAR std is the one the official code normalises with, (0.2023, 0.1994, 0.2010) — not the
-# per-pixel std of CIFAR-10 (0.2470, 0.2435, 0.2616, configs/cifar10_resnet20.yaml). The weights
-# were trained behind it, so evaluating them with any other std shifts every input ~20 %.
-CIFAR_SPEC = OfficialSpec(
-    "cifar10", (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), 32, 1.0, "/data/cifar10"
-)
-# test.py: Resize(256) + CenterCrop(224) + the usual ImageNet normalisation.
-IMAGENET_SPEC = OfficialSpec(
-    "imagenet",
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    224,
-    256 / 224,
-    "/data/imagenet",  # type: ignore[arg-type]
-)
+def _spec_of(model: str, tag: str) -> OfficialSpec:
+    """The input pipeline of a pretrained tag of the model zoo (models/pretrained.py holds the
+    values: the official CIFAR std, (0.2023, 0.1994, 0.2010), is not CIFAR-10's per-pixel one)."""
+    c = pretrained_cfg(model, tag)
+    return OfficialSpec(c.dataset, c.mean, c.std, c.input_size[1], c.val_resize_ratio, f"/data/{c.dataset}")
+
+
+CIFAR_SPEC = _spec_of("resnet20", "official_cifar10")
+IMAGENET_SPEC = _spec_of("resnet50", "official_imagenet")
+OFFICIAL_TAGS = {"resnet20": "official_cifar10", "resnet50": "official_imagenet"}
 # Our ResNets with the official code's layout. The authors published resnet20 (CIFAR-10, 91.8 %)
 # and resnet50 (ImageNet, 74.9 / 91.7 %); the others share the layout of their family.
 OFFICIAL_MODELS: dict[str, OfficialSpec] = {
@@ -179,28 +175,17 @@ def read_official(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def official_key_to_ours(key: str) -> str:
-    """Our state_dict key for one official key (prefix already removed); see the module table."""
-    if key.startswith("bn2."):  # top-level bn2 is the BN over the logits (blocks' bn2 are nested)
-        return "fc.1." + key[len("bn2.") :]
-    if key in ("fc.weight", "fc.bias"):
-        return "fc.0." + key[len("fc.") :]
-    if key.endswith(".adder"):
-        return key[: -len(".adder")] + ".weight"
-    return key
-
-
-def load_official(path: str | Path, model_name: str) -> nn.Module:
+def load_official(path: str | Path, model_name: str, **kw: Any) -> nn.Module:
     """An official AdderNet checkpoint as our model, in eval mode.
 
     ``model_name``: one of ``OFFICIAL_MODELS`` (``resnet20`` for ResNet20-AdderNet.pth, ``resnet50``
     for ResNet50-AdderNet.pth). The class count and the classifier bias come from the file. Any
     key the model lacks, any key of the model the file lacks, any shape difference is an
-    InteropError listing them (official names first, ours after the arrow)."""
-    return _import_official(path, model_name)[0]
+    InteropError listing them (official names first, ours after the arrow). ``kw``: create_model's."""
+    return _import_official(path, model_name, **kw)[0]
 
 
-def _import_official(path: str | Path, model_name: str) -> tuple[nn.Module, dict[str, Any]]:
+def _import_official(path: str | Path, model_name: str, **kw: Any) -> tuple[nn.Module, dict[str, Any]]:
     _spec(model_name)
     official = read_official(path)
     if "fc.weight" not in official:
@@ -216,7 +201,7 @@ def _import_official(path: str | Path, model_name: str) -> tuple[nn.Module, dict
     # every tensor is overwritten (skips ResNet-50's 25 M-weight random init, ~0.5 s).
     with torch.device("meta"):
         model = create_model(
-            model_name, conv="adder", num_classes=num_classes, head="linear_bn", head_bias=head_bias
+            model_name, conv="adder", num_classes=num_classes, head="linear_bn", head_bias=head_bias, **kw
         )
     model = model.to_empty(device="cpu")
     ours: dict[str, torch.Tensor] = {}
@@ -333,6 +318,17 @@ def _num_classes_of(name: str, conv: str, kw: dict[str, Any], state: Mapping[str
 def read_checkpoint_weights(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(model state_dict, stored run config) of a checkpoint file of ours; a DeepSpeed folder is
     an error that names the converter."""
+    return _weights_and_config(_read_checkpoint(path), path)
+
+
+def _weights_and_config(state: dict[str, Any], path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    try:
+        return state["engine"]["model"], state["client"]["config"]
+    except (KeyError, TypeError) as e:
+        raise InteropError(f"'{path}' has no model weights and run config ({e!r} missing)") from e
+
+
+def _read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         raise InteropError(
@@ -347,10 +343,7 @@ def read_checkpoint_weights(path: str | Path) -> tuple[dict[str, Any], dict[str,
             "addernet-import-official output, or an addernet-export .safetensors file "
             "(an official AdderNet .pth goes through addernet-import-official first)"
         ) from e
-    try:
-        return state["engine"]["model"], state["client"]["config"]
-    except (KeyError, TypeError) as e:
-        raise InteropError(f"'{path}' has no model weights and run config ({e!r} missing)") from e
+    return state
 
 
 def export(ckpt: str | Path, out: str | Path, overwrite: bool = False) -> Path:
@@ -360,7 +353,7 @@ def export(ckpt: str | Path, out: str | Path, overwrite: bool = False) -> Path:
         raise InteropError(f"output '{out}' must end in .safetensors")
     if out.exists() and not overwrite:
         raise InteropError(f"'{out}' exists; pass --force to replace it")
-    state, cfg = read_checkpoint_weights(ckpt)
+    (state, cfg), client = _weights_and_config(whole := _read_checkpoint(ckpt), ckpt), whole["client"]
     model_cfg, data_cfg = cfg["model"], cfg.get("data", {})
     adder_state = {k[: -len(_EXTRA)]: v for k, v in state.items() if k.endswith(_EXTRA)}
     tensors = _tensor_keys(state)
@@ -385,6 +378,8 @@ def export(ckpt: str | Path, out: str | Path, overwrite: bool = False) -> Path:
         "image_size": json.dumps(data_cfg.get("image_size")),
         "adder_state": json.dumps(adder_state),
     }
+    if client.get("class_names"):  # an imported pretrained checkpoint (the zoo's class names)
+        meta["class_names"] = json.dumps(list(client["class_names"]))
     from safetensors.torch import save
 
     # save() refuses views of shared storage; state_dict tensors share none once contiguous.
@@ -548,6 +543,10 @@ def import_official(src: str | Path, dst: str | Path, model_name: str, overwrite
             "imported_from": {"path": str(src), "sha256": _sha256(src), "model": model_name},
         },
     }
+    if model_name in OFFICIAL_TAGS:  # the published files: their class names from the zoo
+        names = pretrained_cfg(model_name, OFFICIAL_TAGS[model_name]).names()
+        if len(names) == meta["num_classes"]:
+            state["client"]["class_names"] = names
     save_file(state, dst)
     return dst
 
