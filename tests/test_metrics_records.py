@@ -125,3 +125,38 @@ def test_curves_plot_is_titled_from_the_run_config(run):
     assert s["title"] == "resnet8 (AdderNet) on synthetic, 3 epochs"
     assert s["train_epochs"] == [0, 1, 2]  # epochs-done 0.5, 1.0 -> epoch 0, ...
     assert plot_title({"a": s, "b": s}) == "resnet8 (AdderNet) on synthetic, 3 epochs: learning curves"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_deepspeed_grad_processor_measures_the_total_norm_on_asked_steps_only(adaptive):
+    # engine=deepspeed without clipping: the pre-step hook measures the total norm only on steps the
+    # trainer asks (log steps), as the norm of the gradient SGD steps with (after eq. 33)
+    from addernet_dist.adaptive_lr import AdaptiveLRScaler
+    from addernet_dist.engine.deepspeed import _alpha_fn
+    from addernet_dist.engine.zero_norms import ShardedGradProcessor
+    from addernet_dist.nn import adder_modules
+    from tests.test_deepspeed_config import _grads, _Net
+
+    torch.manual_seed(3)
+    net = _Net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    scaler = AdaptiveLRScaler(adder_modules(net), eta=0.2)
+    proc = ShardedGradProcessor(
+        [m.weight for m in adder_modules(net)], alpha_fn=_alpha_fn(scaler) if adaptive else None, max_norm=None
+    )
+    proc.attach(opt, opt)
+    seen = {}
+
+    def keep_grads(o, args, kwargs):  # runs after the processor's hook: the scaled gradient
+        seen["g"] = [p.grad.clone() for p in net.parameters()]
+
+    opt.register_step_pre_hook(keep_grads)
+    _grads(net, 0)
+    opt.step()
+    assert proc.last_total_norm is None  # not asked: nothing measured
+    proc.want_total_norm = True
+    _grads(net, 1)
+    opt.step()
+    want = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in seen["g"]]))
+    torch.testing.assert_close(proc.last_total_norm, want)
