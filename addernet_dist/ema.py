@@ -48,7 +48,8 @@ class ModelEMA:
         self.module = copy.deepcopy(model).float().eval()
         self.module.requires_grad_(False)
         # The tensors paired once (in state_dict order): optimizers, BN and load_state_dict update
-        # them in place, and a state_dict walk per step costs ~1 ms of Python on ResNet-50.
+        # them in place, and walking both state dicts every step cost 4.5 ms of Python on ResNet-50
+        # (372 entries; the 2-core dev box, busy).
         self._pairs = self._pair(model)
 
     def _pair(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor], list, list]:

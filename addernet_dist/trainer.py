@@ -11,6 +11,7 @@ What each component owns (``train.py`` builds them; :class:`Trainer` runs the lo
 - :class:`~addernet_dist.evaluator.Evaluator`: evaluation, BN recalibration, the best-at-final-p rule,
   the last evaluation.
 - :class:`~addernet_dist.checkpoint.Checkpointer`: when to save, the files, what to keep.
+- :class:`~addernet_dist.ema.ModelEMA` (``train.ema_decay`` only): the EMA of the weights.
 
 A checkpoint's client state is ``{name: component.state_dict()}`` over :attr:`Trainer.components`
 (plus the run's config and world size, for the record); resuming calls each ``load_state_dict`` in
@@ -182,6 +183,8 @@ class Trainer:
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, dist.device)
         self.p: float | None = None  # the p the adder layers compute with (set from p_sched only)
         self.result: EvalResult | None = None
+        self._fit_t0: float | None = None  # perf_counter at fit()'s start
+        self._wall_before = 0.0  # wall time of earlier attempts (the checkpoint's)
 
     @staticmethod
     def final_p(model: torch.nn.Module, p_sched: PSchedule, total_steps: int) -> float | None:
@@ -266,7 +269,7 @@ class Trainer:
 
     def wall_time_s(self) -> float:
         """Wall time of the run so far: earlier attempts (from the checkpoint) + this fit()."""
-        if not hasattr(self, "_fit_t0"):
+        if self._fit_t0 is None:  # not fitting (yet)
             return self.state.wall_time_s
         return self._wall_before + time.perf_counter() - self._fit_t0
 

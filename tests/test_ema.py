@@ -137,3 +137,32 @@ def test_trainer_updates_the_ema_every_step_and_it_resumes_exactly(tmp_path, mon
     assert len(tensors) > 20
     for k in tensors:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("stage, precision", [(1, "autocast"), (2, "bf16")])
+def test_ema_under_deepspeed_zero_follows_the_full_weights(tmp_path, monkeypatch, stage, precision):
+    # ZeRO-1/2 partition optimizer state (and gradients), not the weights: the EMA averages the full
+    # model on every rank; with DeepSpeed's bf16 weights it stays fp32. Every update is checked
+    # against the recurrence ema = d * ema + (1 - d) * model on the weights DeepSpeed stepped.
+    checked, dtypes = [], set()
+    update = ModelEMA.update
+
+    def checked_update(self):
+        before = [e.clone() for e in self._pairs[0]]
+        update(self)
+        for prev, e, m in zip(before, self._pairs[0], self._pairs[1]):
+            assert e.dtype == torch.float32
+            dtypes.add(m.dtype)
+            torch.testing.assert_close(e, 0.5 * prev + 0.5 * m.float(), rtol=1e-6, atol=1e-6)
+        checked.append(sum(not torch.equal(p, e) for p, e in zip(before, self._pairs[0])))
+
+    monkeypatch.setattr(ModelEMA, "update", checked_update)
+    out = tmp_path / "run"
+    extra = ["engine=deepspeed", f"deepspeed.zero_stage={stage}", f"deepspeed.precision={precision}"]
+    recs = _ema_run(out, "train.epochs=2", *extra)
+    assert len(checked) == 4 and all(n > 20 for n in checked)  # 4 steps, the weights moved each time
+    assert (torch.bfloat16 in dtypes) == (precision == "bf16")
+    evals = [r for r in recs if r["kind"] == "eval"]
+    assert len(evals) == 2 and all("ema_top1" in e for e in evals)
+    assert (out / "checkpoints" / "best_ema.pt").is_dir()  # a DeepSpeed folder, copied like best.pt

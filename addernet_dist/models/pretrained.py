@@ -8,7 +8,7 @@ the head they need, the key mapping onto our state dict and the class names.
 
 Files are never downloaded: a tag's file is looked up by name in ``$ADDERNET_PRETRAINED_DIR``
 (default ``~/.cache/addernet_dist/pretrained``), its sha256 checked where the registry pins one,
-and read with ``torch.load(weights_only=True)`` (interop.read_official): nothing is unpickled.
+and read with ``torch.load(weights_only=True)`` (weights_io.read_official): nothing is unpickled.
 A missing file is an error naming the directory, the file name and its source.
 """
 
@@ -155,7 +155,7 @@ def resolve_file(cfg: PretrainedCfg) -> Path:
             f"{PRETRAINED_DIR_ENV}), or pass pretrained='path/to/{cfg.file}'"
         )
     if cfg.sha256 is not None:
-        from addernet_dist.interop import _sha256
+        from addernet_dist.weights_io import _sha256
 
         got = _sha256(path)
         if got != cfg.sha256:

@@ -102,7 +102,7 @@ def create_model(
 
 
 def _create_pretrained(name: str, conv: str, num_classes: int | None, pretrained, kw: dict) -> nn.Module:
-    from addernet_dist import interop
+    from addernet_dist import weights_io
     from addernet_dist.models import pretrained as zoo
 
     if not isinstance(pretrained, (bool, str, os.PathLike)):
@@ -117,11 +117,13 @@ def _create_pretrained(name: str, conv: str, num_classes: int | None, pretrained
                 f"num_classes={num_classes}, {clash or ''}. For another head or class count, build "
                 "it and load the weights with train.init_from (+ init_from_ignore)"
             )
-        kw = {k: v for k, v in kw.items() if k not in ("head", "head_bias")}
-        model = interop.load_official(zoo.resolve_file(cfg), name, **kw)
+        path = zoo.resolve_file(cfg)
+        kw = {**kw, "head": cfg.head, "head_bias": cfg.head_bias}
+        model = create_model(name, conv=conv, num_classes=cfg.num_classes, **kw)
+        weights_io.load_official_into(model, path, zoo.KEY_MAPS[cfg.key_map])
         model.pretrained_cfg = cfg.as_dict()
         return model
     model = create_model(name, conv=conv, num_classes=num_classes, **kw)
-    interop.load_weights_into(model, pretrained, name=name, conv=conv)
+    weights_io.load_weights_into(model, pretrained, name=name, conv=conv)
     model.pretrained_cfg = {"model": name, "file": str(pretrained)}
     return model.eval()
