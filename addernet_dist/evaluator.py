@@ -26,10 +26,9 @@ class BNRecalibrator:
 
     Its loader is built once, on first use, and reused with ``set_epoch``: building one is a scan
     of the training tree (1.28M files on ImageNet) that used to be repeated at every evaluation.
-    The batches are those of a fresh loader: ``set_epoch(e)`` starts epoch ``e`` at batch 0 when the
-    loader is in another epoch, and evaluations come at strictly increasing epochs, so the loader
-    is either in an earlier epoch or (after a recalibration that read a whole epoch) at batch 0 of
-    ``e`` already.
+    The batches are those of a fresh loader: every call starts epoch ``e`` at batch 0 (``set_epoch``
+    to another epoch and back: ``set_epoch(e)`` alone keeps a position inside ``e``), so the EMA's
+    recalibration after the model's, in the same epoch, reads the same batches.
     """
 
     def __init__(self, num_batches: int, build_loader: Callable[[], Loader]) -> None:

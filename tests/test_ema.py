@@ -166,3 +166,26 @@ def test_ema_under_deepspeed_zero_follows_the_full_weights(tmp_path, monkeypatch
     evals = [r for r in recs if r["kind"] == "eval"]
     assert len(evals) == 2 and all("ema_top1" in e for e in evals)
     assert (out / "checkpoints" / "best_ema.pt").is_dir()  # a DeepSpeed folder, copied like best.pt
+
+
+@pytest.mark.timeout(300)
+def test_ema_bn_is_recalibrated_on_the_same_batches_as_the_model(tmp_path):
+    # 4 steps per epoch, 2 recalibration batches: the EMA's recalibration right after the model's
+    # must start the epoch over (not continue at batch 2) and read the same batches
+    from addernet_dist.distributed import DistInfo
+
+    out = tmp_path / "run"
+    extra = ["train.epochs=1", "data.synthetic_train_size=64", "adder.p_schedule=false"]
+    extra += ["train.bn_recalibration_batches=2", "train.bn_recalibration_final=true"]
+    recs = _ema_run(out, *extra)
+    (ev,) = [r for r in recs if r["kind"] == "eval"]
+    assert ev["bn_recalibration_batches"] == ev["ema_bn_recalibration_batches"] == 2
+    assert ev["ema_bn_recalibration_final"] is True
+    saved = load_file(out / "checkpoints" / f"step_{ev['step']:09d}.pt")["client"]["ema"]["model"]
+    cfg = load_config(out / "config.yaml")
+    model = train_mod.build_model(cfg, 10)
+    model.load_state_dict(saved)
+    assert train_mod._recalibrate_bn(cfg, DistInfo(), model, ev["epoch"], None) == 2
+    for k, v in model.state_dict().items():
+        if k.endswith(("running_mean", "running_var")):
+            torch.testing.assert_close(saved[k], v, rtol=1e-4, atol=1e-5, msg=k)
