@@ -189,3 +189,24 @@ def test_ema_bn_is_recalibrated_on_the_same_batches_as_the_model(tmp_path):
     for k, v in model.state_dict().items():
         if k.endswith(("running_mean", "running_var")):
             torch.testing.assert_close(saved[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_two_ranks_evaluate_and_save_rank0s_ema(tmp_path):
+    # DDP, 2 gloo processes: the EMA lives on both ranks; its BN buffers follow each rank's own
+    # statistics, so the evaluation must give both rank 0's (what rank 0 saves). addernet-eval --ema
+    # of the saved EMA (one process) reproduces the logged 2-rank evaluation only if it did.
+    from tests.train_helpers import check, run_python, torchrun_args, train_cmd
+
+    out = tmp_path / "run"
+    overrides = [f"output_dir={out}", "train.ema_decay=0.5", "train.bf16=false", "train.epochs=1"]
+    check(run_python(torchrun_args(2, "--standalone") + train_cmd(overrides), timeout=380))
+    (ev,) = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "eval"]
+    proc = check(
+        run_python(["-m", "addernet_dist.evaluate", "--ema", "--checkpoint", str(out / "checkpoints" / "best_ema.pt")])
+    )
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["ema"] is True and got["count"] == ev["count"] == 100
+    assert got["top1"] == ev["ema_top1"]
+    assert got["loss"] == pytest.approx(ev["ema_loss"], rel=1e-6)
