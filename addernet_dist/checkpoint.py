@@ -188,14 +188,18 @@ class Checkpointer:
         """A mid-epoch checkpoint every ``every_steps`` steps (the epoch's end saves anyway)."""
         return bool(self.every_steps) and global_step % self.every_steps == 0 and not end_of_epoch
 
-    def save(self, global_step: int, write: Callable[[Path], None], *, best: bool = False) -> Path:
+    def save(
+        self, global_step: int, write: Callable[[Path], None], *, best: bool = False, best_ema: bool = False
+    ) -> Path:
         """Collective. ``write(path)`` the step's checkpoint (the engine's format), read it back,
-        copy it to best.pt when ``best``, then apply retention."""
+        copy it to best.pt when ``best`` (to best_ema.pt when ``best_ema``), then apply retention."""
         path = self.path_for(global_step)
         write(path)
         self.verify_written(path)
         if best:
             self.copy_to_best(path)
+        if best_ema:  # train.ema_decay: the checkpoint whose EMA scored best (addernet-eval --ema)
+            self.copy_to_best(path, self.best_ema_path)
         self.prune()  # after best.pt is copied: only ever deletes verified, superseded files
         return path
 
@@ -205,6 +209,10 @@ class Checkpointer:
     @property
     def best_path(self) -> Path:
         return self.dir / "best.pt"
+
+    @property
+    def best_ema_path(self) -> Path:
+        return self.dir / "best_ema.pt"
 
     def list(self) -> list[Path]:
         """Step checkpoints, oldest first."""
@@ -284,7 +292,7 @@ class Checkpointer:
             found += [
                 f"checkpoints/{p.name}"
                 for p in sorted(self.dir.iterdir())
-                if p.name == "best.pt" or ".corrupt" in p.name
+                if p.name in ("best.pt", "best_ema.pt") or ".corrupt" in p.name
             ]
         metrics = self.root / "metrics.jsonl"
         if metrics.is_file() and metrics.stat().st_size > 0:
@@ -507,17 +515,19 @@ class Checkpointer:
             else:
                 kept += 1
 
-    def copy_to_best(self, path: Path) -> None:
+    def copy_to_best(self, path: Path, dst: Path | None = None) -> None:
+        """Copy a verified step checkpoint to ``dst`` (default best.pt)."""
+        dst = self.best_path if dst is None else dst
         if not self.dist.is_main:
             return
         if Path(path).is_dir():  # engine=deepspeed folder
-            ds_checkpoint.copy(Path(path), self.best_path)
+            ds_checkpoint.copy(Path(path), dst)
             return
         data = Path(path).read_bytes()
         problem = verify(path)
         if problem is not None:
-            raise CheckpointError(f"not copying to best.pt: {problem}")
-        atomic_write_bytes(data, self.best_path)
+            raise CheckpointError(f"not copying to {dst.name}: {problem}")
+        atomic_write_bytes(data, dst)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -216,6 +216,26 @@ class TrainConfig(_Section):
         self.__dict__["bf16"] = None
         return self
 
+    # Also recalibrate (train.bn_recalibration_batches batches) before evaluations at the final p:
+    # on short runs the momentum-0.1 running statistics still lag the weights at the end (one
+    # checkpoint: 10% top-1 with them, 56% with batch statistics). The eval record says
+    # "bn_recalibration_final": true, and best.pt / the checkpoints hold the recalibrated statistics.
+    bn_recalibration_final: bool = False
+    # Exponential moving average of the weights and BN buffers, updated after every optimizer step
+    # (addernet_dist/ema.py): evaluated next to the model at the same p (ema_* fields of the eval
+    # record), kept in the checkpoint, its best at the final p copied to checkpoints/best_ema.pt
+    # (addernet-eval --ema). None: off. Averages over ~1/(1 - decay) steps: 0.9999 ~ 10k steps.
+    ema_decay: float | None = Field(default=None, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _recalibration_final_needs_batches(self) -> TrainConfig:
+        if self.bn_recalibration_final and not self.bn_recalibration_batches:
+            raise ValueError(
+                "train.bn_recalibration_final=true needs train.bn_recalibration_batches > 0 (the "
+                "number of training batches per rank to recalibrate from), e.g. 20"
+            )
+        return self
+
     @field_validator("init_from_ignore", mode="before")
     @classmethod
     def _one_pattern(cls, v: Any) -> Any:

@@ -1,6 +1,7 @@
 """Evaluate a checkpoint: top-1 / top-5 / loss on the validation split, exact under torchrun.
 
     addernet-eval --checkpoint runs/digits/checkpoints/best.pt
+    addernet-eval --ema --checkpoint runs/digits/checkpoints/best_ema.pt   # train.ema_decay runs
     addernet-eval --config configs/digits.yaml --checkpoint PATH data.root=/other/place
     torchrun --standalone --nproc_per_node=2 -m addernet_dist.evaluate --checkpoint PATH
 
@@ -68,12 +69,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="addernet-eval", description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", required=True, help="a step_*.pt or best.pt file")
     ap.add_argument("--config", help="YAML config; default: the config stored in the checkpoint")
+    ap.add_argument(
+        "--ema",
+        action="store_true",
+        help="evaluate the checkpoint's EMA of the weights (train.ema_decay; best_ema.pt) instead of the model",
+    )
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.root=/path")
     args = ap.parse_args(argv)
     path = Path(args.checkpoint)
     try:
         try:
-            weights = read_trained_weights(path)
+            weights = read_trained_weights(path, ema=args.ema)
         except checkpoint.CheckpointError as e:
             raise ConfigError(f"{e}; pass a step_*.pt or best.pt written by addernet-train") from e
         try:  # a NaN model would print top-1 = chance and "loss": null with exit 0
@@ -106,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if dist.is_main:
         # Strict JSON: a non-finite loss prints as null (json.dumps would write NaN).
-        print(dumps_strict({**result.as_dict(prefix=""), "checkpoint": str(path)}), flush=True)
+        out = {**result.as_dict(prefix=""), "checkpoint": str(path), **({"ema": True} if args.ema else {})}
+        print(dumps_strict(out), flush=True)
     return 0
 
 

@@ -26,10 +26,9 @@ class BNRecalibrator:
 
     Its loader is built once, on first use, and reused with ``set_epoch``: building one is a scan
     of the training tree (1.28M files on ImageNet) that used to be repeated at every evaluation.
-    The batches are those of a fresh loader: ``set_epoch(e)`` starts epoch ``e`` at batch 0 when the
-    loader is in another epoch, and evaluations come at strictly increasing epochs, so the loader
-    is either in an earlier epoch or (after a recalibration that read a whole epoch) at batch 0 of
-    ``e`` already.
+    The batches are those of a fresh loader: every call starts epoch ``e`` at batch 0 (``set_epoch``
+    to another epoch and back: ``set_epoch(e)`` alone keeps a position inside ``e``), so the EMA's
+    recalibration after the model's, in the same epoch, reads the same batches.
     """
 
     def __init__(self, num_batches: int, build_loader: Callable[[], Loader]) -> None:
@@ -48,6 +47,9 @@ class BNRecalibrator:
     ) -> int:
         """Collective. Recalibrate ``model``'s BN statistics; returns the batches used per rank."""
         loader = self.loader
+        # batch 0 of ``epoch`` even when a recalibration in this epoch read some already (the EMA's
+        # follows the model's): set_epoch is a no-op within an epoch, so step out of it first
+        loader.set_epoch(epoch + 1)
         loader.set_epoch(epoch)
         n = min(self.num_batches, len(loader))
         return recalibrate_bn(model, loader, dist, num_batches=n, autocast_dtype=autocast_dtype)
@@ -59,6 +61,8 @@ class Evaluator:
 
     ``final_p``: the p the run ends with, or None for a model without adder layers (no p: every
     evaluation is a best candidate and BN is never recalibrated).
+    ``recalibrate_final``: recalibrate before evaluations at the final p too
+    (``train.bn_recalibration_final``; the extra record fields say so).
     """
 
     def __init__(
@@ -69,12 +73,14 @@ class Evaluator:
         *,
         final_p: float | None,
         autocast_dtype: torch.dtype | None,
+        recalibrate_final: bool = False,
     ) -> None:
         self.val_loader = val_loader
         self.dist = dist
         self.recalibrate = recalibrate
         self.final_p = final_p
         self.autocast_dtype = autocast_dtype
+        self.recalibrate_final = recalibrate_final
         self.last_eval: dict[str, float] | None = None  # checkpointed: the last evaluation
 
     # ---- Stateful (the checkpoint's "last_eval") ----------------------------------------------
@@ -95,17 +101,36 @@ class Evaluator:
         self, model: nn.Module, epoch: int, p: float | None
     ) -> tuple[EvalResult, dict[str, Any]]:
         """Collective. Evaluate ``model`` (whose adder layers compute at ``p``); returns the result
-        and the extra fields of its metrics record (the recalibration, when one ran)."""
+        and the extra fields of its metrics record (the recalibration, when one ran). The result is
+        the evaluation the checkpoint keeps as ``last_eval``."""
+        result, extra = self.evaluate(model, epoch, p)
+        self.last_eval = result.as_dict()
+        return result, extra
+
+    def evaluate(self, model: nn.Module, epoch: int, p: float | None) -> tuple[EvalResult, dict[str, Any]]:
+        """Collective. :meth:`__call__` without recording it as the last evaluation (the EMA's)."""
         recal = 0
-        if p is not None and self.final_p is not None and self.recalibrate.num_batches and p > 1.0:
+        at_final = self.best_candidate(p)
+        if self.wants_recalibration(p):
             recal = self.recalibrate(model, self.dist, epoch, self.autocast_dtype)
         else:
             # Ranks' BN running stats drift apart after the last forward (each saw its own
             # batch); evaluate everywhere with rank 0's, which is also what gets checkpointed.
             self.dist.broadcast_buffers_(model)
         result = evaluate(model, self.val_loader, self.dist, autocast_dtype=self.autocast_dtype)
-        self.last_eval = result.as_dict()
-        return result, ({"bn_recalibration_batches": recal, "p": p} if recal else {})
+        extra: dict[str, Any] = {}
+        if recal:
+            extra = {"bn_recalibration_batches": recal, "p": p}
+            if at_final:
+                extra["bn_recalibration_final"] = True
+        return result, extra
+
+    def wants_recalibration(self, p: float | None) -> bool:
+        """BN recalibration before an evaluation at ``p``: while p is above 1 (the decay), and at
+        the final p too with ``recalibrate_final``; never for a model without adder layers."""
+        if p is None or self.final_p is None or not self.recalibrate.num_batches:
+            return False
+        return p > 1.0 or (self.recalibrate_final and self.best_candidate(p))
 
     def best_candidate(self, p: float | None) -> bool:
         """best.pt holds a model at the p the run ends with (p_end, unless the run stops before the

@@ -39,11 +39,9 @@ other frameworks read it.
 from __future__ import annotations
 
 import argparse
-import fnmatch
-import hashlib
 import json
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,19 +49,30 @@ from typing import Any
 import torch
 from torch import nn
 
-from addernet_dist.checkpoint import CheckpointError, atomic_write_bytes, load_file, save_file
+from addernet_dist.checkpoint import atomic_write_bytes, save_file
 from addernet_dist.config import Config, ConfigError, ModelConfig
 from addernet_dist.data.config import IMAGENET_MEAN, IMAGENET_STD
 from addernet_dist.models import create_model
-
-EXPORT_FORMAT = "addernet-dist/weights-v1"
-_EXTRA = "._extra_state"  # Adder2d/AdderLinear keep p and the gradient modes there (nn.py)
-_MAX_LISTED = 20  # keys listed per kind of mismatch in an error; the rest are counted
-
-
-class InteropError(ValueError):
-    """A weights file that does not fit the model it is meant for (the message names the keys)."""
-
+from addernet_dist.models.pretrained import official_key_to_ours, pretrained_cfg
+from addernet_dist.weights_io import (  # noqa: F401  (re-exported: interop's API before the split)
+    _EXTRA,
+    EXPORT_FORMAT,
+    InteropError,
+    _listing,
+    _load_tensors,
+    _read_checkpoint,
+    _sha256,
+    _tensor_keys,
+    _weights_and_config,
+    check_finite,
+    describe_mismatch,
+    load_weights_into,
+    map_official,
+    read_checkpoint_weights,
+    read_exported,
+    read_official,
+    read_weights,
+)
 
 # ---------------------------------------------------------------------------------------------
 # The official models: which of ours they are and what input they expect
@@ -82,21 +91,16 @@ class OfficialSpec:
     root: str  # placeholder shown in the stored config; the user passes data.root=...
 
 
-# The CIFAR std is the one the official code normalises with, (0.2023, 0.1994, 0.2010) — not the
-# per-pixel std of CIFAR-10 (0.2470, 0.2435, 0.2616, configs/cifar10_resnet20.yaml). The weights
-# were trained behind it, so evaluating them with any other std shifts every input ~20 %.
-CIFAR_SPEC = OfficialSpec(
-    "cifar10", (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), 32, 1.0, "/data/cifar10"
-)
-# test.py: Resize(256) + CenterCrop(224) + the usual ImageNet normalisation.
-IMAGENET_SPEC = OfficialSpec(
-    "imagenet",
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    224,
-    256 / 224,
-    "/data/imagenet",  # type: ignore[arg-type]
-)
+def _spec_of(model: str, tag: str) -> OfficialSpec:
+    """The input pipeline of a pretrained tag of the model zoo (models/pretrained.py holds the
+    values: the official CIFAR std, (0.2023, 0.1994, 0.2010), is not CIFAR-10's per-pixel one)."""
+    c = pretrained_cfg(model, tag)
+    return OfficialSpec(c.dataset, c.mean, c.std, c.input_size[1], c.val_resize_ratio, f"/data/{c.dataset}")
+
+
+CIFAR_SPEC = _spec_of("resnet20", "official_cifar10")
+IMAGENET_SPEC = _spec_of("resnet50", "official_imagenet")
+OFFICIAL_TAGS = {"resnet20": "official_cifar10", "resnet50": "official_imagenet"}
 # Our ResNets with the official code's layout. The authors published resnet20 (CIFAR-10, 91.8 %)
 # and resnet50 (ImageNet, 74.9 / 91.7 %); the others share the layout of their family.
 OFFICIAL_MODELS: dict[str, OfficialSpec] = {
@@ -152,55 +156,17 @@ def _spec(model_name: str) -> OfficialSpec:
 # ---------------------------------------------------------------------------------------------
 
 
-def read_official(path: str | Path) -> dict[str, torch.Tensor]:
-    """The official state dict with the ``module.`` (DataParallel) prefix removed.
-
-    ``weights_only=True`` reads both the legacy and the zip format and refuses any pickled object
-    other than tensors and plain containers."""
-    path = Path(path)
-    if not path.is_file():
-        raise InteropError(f"official checkpoint '{path}' does not exist or is not a file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle / zip errors, or objects weights_only refuses
-        raise InteropError(
-            f"'{path}' is not a state_dict torch.load(weights_only=True) can read ({e}); "
-            "expected the official ResNet20-AdderNet.pth / ResNet50-AdderNet.pth. A whole "
-            "pickled model (the official main.py's torch.save(net)) is never unpickled here: "
-            "load it with the official code and torch.save(net.state_dict(), path)"
-        ) from e
-    if not isinstance(obj, Mapping) or not all(torch.is_tensor(v) for v in obj.values()):
-        raise InteropError(f"'{path}' does not hold a state_dict (a mapping of name -> tensor)")
-    keys = list(obj)
-    prefixed = [k.startswith("module.") for k in keys]
-    if any(prefixed) and not all(prefixed):
-        odd = [k for k, p in zip(keys, prefixed) if not p]
-        raise InteropError(f"'{path}': only some keys carry the 'module.' prefix: {_listing(odd)}")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
-
-
-def official_key_to_ours(key: str) -> str:
-    """Our state_dict key for one official key (prefix already removed); see the module table."""
-    if key.startswith("bn2."):  # top-level bn2 is the BN over the logits (blocks' bn2 are nested)
-        return "fc.1." + key[len("bn2.") :]
-    if key in ("fc.weight", "fc.bias"):
-        return "fc.0." + key[len("fc.") :]
-    if key.endswith(".adder"):
-        return key[: -len(".adder")] + ".weight"
-    return key
-
-
-def load_official(path: str | Path, model_name: str) -> nn.Module:
+def load_official(path: str | Path, model_name: str, **kw: Any) -> nn.Module:
     """An official AdderNet checkpoint as our model, in eval mode.
 
     ``model_name``: one of ``OFFICIAL_MODELS`` (``resnet20`` for ResNet20-AdderNet.pth, ``resnet50``
     for ResNet50-AdderNet.pth). The class count and the classifier bias come from the file. Any
     key the model lacks, any key of the model the file lacks, any shape difference is an
-    InteropError listing them (official names first, ours after the arrow)."""
-    return _import_official(path, model_name)[0]
+    InteropError listing them (official names first, ours after the arrow). ``kw``: create_model's."""
+    return _import_official(path, model_name, **kw)[0]
 
 
-def _import_official(path: str | Path, model_name: str) -> tuple[nn.Module, dict[str, Any]]:
+def _import_official(path: str | Path, model_name: str, **kw: Any) -> tuple[nn.Module, dict[str, Any]]:
     _spec(model_name)
     official = read_official(path)
     if "fc.weight" not in official:
@@ -216,18 +182,10 @@ def _import_official(path: str | Path, model_name: str) -> tuple[nn.Module, dict
     # every tensor is overwritten (skips ResNet-50's 25 M-weight random init, ~0.5 s).
     with torch.device("meta"):
         model = create_model(
-            model_name, conv="adder", num_classes=num_classes, head="linear_bn", head_bias=head_bias
+            model_name, conv="adder", num_classes=num_classes, head="linear_bn", head_bias=head_bias, **kw
         )
     model = model.to_empty(device="cpu")
-    ours: dict[str, torch.Tensor] = {}
-    names: dict[str, str] = {}  # ours -> official, for messages
-    for k, v in official.items():
-        ok = official_key_to_ours(k)
-        if ok == "fc.0.weight" and v.dim() == 4:
-            if v.shape[2:] != (1, 1):
-                raise InteropError(f"'{path}': 'fc.weight' is {tuple(v.shape)}, not a 1×1 conv")
-            v = v.flatten(1)  # 1×1 conv on a 1×1 map == linear
-        ours[ok], names[ok] = v, k
+    ours, names = map_official(official, path, official_key_to_ours)  # names: ours -> official
     problem = describe_mismatch(model.state_dict(), ours, names)
     if problem:
         other = _which_model_fits(ours, model_name, num_classes, head_bias)
@@ -261,57 +219,6 @@ def _which_model_fits(ours, asked: str, num_classes: int, head_bias: bool) -> st
 # ---------------------------------------------------------------------------------------------
 
 
-def _tensor_keys(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in state.items() if not k.endswith(_EXTRA) and torch.is_tensor(v)}
-
-
-def _listing(keys: Sequence[str]) -> str:
-    keys = list(keys)
-    shown = ", ".join(keys[:_MAX_LISTED])
-    return shown + (f", ... and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else "")
-
-
-def describe_mismatch(
-    target: Mapping[str, Any], source: Mapping[str, torch.Tensor], names: Mapping[str, str]
-) -> str:
-    """'' when ``source`` holds exactly the tensors of ``target`` with their shapes, else a
-    readable list of the differences (``names`` maps our key to the file's, for messages)."""
-    t, s = _tensor_keys(target), _tensor_keys(source)
-
-    def show(k: str) -> str:
-        return f"{names[k]} -> {k}" if k in names and names[k] != k else k
-
-    missing = [k for k in t if k not in s]
-    unexpected = [show(k) for k in s if k not in t]
-    shapes = [
-        f"{show(k)}: file {tuple(s[k].shape)} vs model {tuple(t[k].shape)}"
-        for k in t
-        if k in s and s[k].shape != t[k].shape
-    ]
-    lines = []
-    if missing:
-        lines.append(f"  missing from the file ({len(missing)}): {_listing(missing)}")
-    if unexpected:
-        lines.append(f"  not in the model ({len(unexpected)}): {_listing(unexpected)}")
-    if shapes:
-        lines.append(f"  shape differs ({len(shapes)}): {_listing(shapes)}")
-    return "\n".join(lines)
-
-
-def check_finite(state: Mapping[str, torch.Tensor], path) -> None:
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise InteropError(f"'{path}' holds non-finite values in {_listing(bad)}")
-
-
-def _load_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Copy ``tensors`` into ``model`` (strict; keys already checked); adder extra state is the
-    model's own unless ``tensors`` carries it."""
-    full = dict(model.state_dict())
-    full.update(tensors)
-    model.load_state_dict(full, strict=True)
-
-
 # ---------------------------------------------------------------------------------------------
 # Export to safetensors and back
 # ---------------------------------------------------------------------------------------------
@@ -330,29 +237,6 @@ def _num_classes_of(name: str, conv: str, kw: dict[str, Any], state: Mapping[str
     raise InteropError(f"cannot find the classifier of model {name!r} in the checkpoint")
 
 
-def read_checkpoint_weights(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(model state_dict, stored run config) of a checkpoint file of ours; a DeepSpeed folder is
-    an error that names the converter."""
-    path = Path(path)
-    if path.is_dir():
-        raise InteropError(
-            f"'{path}' is a DeepSpeed checkpoint folder (engine=deepspeed); convert it to a file "
-            f"first: addernet-zero-to-state-dict {path} model.pt, then use model.pt"
-        )
-    try:
-        state = load_file(path)
-    except CheckpointError as e:
-        raise InteropError(
-            f"{e}; expected a step_*.pt / best.pt of addernet-train, an "
-            "addernet-import-official output, or an addernet-export .safetensors file "
-            "(an official AdderNet .pth goes through addernet-import-official first)"
-        ) from e
-    try:
-        return state["engine"]["model"], state["client"]["config"]
-    except (KeyError, TypeError) as e:
-        raise InteropError(f"'{path}' has no model weights and run config ({e!r} missing)") from e
-
-
 def export(ckpt: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Write the model of checkpoint ``ckpt`` to ``out`` (.safetensors, atomically); returns it."""
     out = Path(out)
@@ -360,7 +244,7 @@ def export(ckpt: str | Path, out: str | Path, overwrite: bool = False) -> Path:
         raise InteropError(f"output '{out}' must end in .safetensors")
     if out.exists() and not overwrite:
         raise InteropError(f"'{out}' exists; pass --force to replace it")
-    state, cfg = read_checkpoint_weights(ckpt)
+    (state, cfg), client = _weights_and_config(whole := _read_checkpoint(ckpt), ckpt), whole["client"]
     model_cfg, data_cfg = cfg["model"], cfg.get("data", {})
     adder_state = {k[: -len(_EXTRA)]: v for k, v in state.items() if k.endswith(_EXTRA)}
     tensors = _tensor_keys(state)
@@ -385,34 +269,14 @@ def export(ckpt: str | Path, out: str | Path, overwrite: bool = False) -> Path:
         "image_size": json.dumps(data_cfg.get("image_size")),
         "adder_state": json.dumps(adder_state),
     }
+    if client.get("class_names"):  # an imported pretrained checkpoint (the zoo's class names)
+        meta["class_names"] = json.dumps(list(client["class_names"]))
     from safetensors.torch import save
 
     # save() refuses views of shared storage; state_dict tensors share none once contiguous.
     data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=meta)
     atomic_write_bytes(data, out)
     return out
-
-
-def read_exported(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of an addernet-export file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file as st_load
-
-    path = Path(path)
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = st_load(str(path))
-    except (SafetensorError, OSError) as e:
-        raise InteropError(f"cannot read '{path}' as safetensors: {e}") from e
-    if meta.get("format") != EXPORT_FORMAT:
-        raise InteropError(
-            f"'{path}' is a safetensors file but not an addernet-export one (metadata format="
-            f"{meta.get('format')!r}, expected {EXPORT_FORMAT!r})"
-        )
-    return tensors, meta
 
 
 def _model_from_meta(meta: Mapping[str, str]) -> nn.Module:
@@ -447,65 +311,6 @@ def load_exported(path: str | Path) -> nn.Module:
 # ---------------------------------------------------------------------------------------------
 
 
-def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors, {"name", "conv"}) of any weights file ``init_from`` accepts."""
-    path = Path(path)
-    if not path.exists():
-        raise InteropError(f"'{path}' does not exist")
-    if path.suffix == ".safetensors":
-        tensors, meta = read_exported(path)
-        return tensors, {"name": meta["name"], "conv": meta["conv"]}
-    state, cfg = read_checkpoint_weights(path)
-    return _tensor_keys(state), {"name": cfg["model"]["name"], "conv": cfg["model"]["conv"]}
-
-
-def load_weights_into(
-    model: nn.Module,
-    path: str | Path,
-    ignore: Iterable[str] = (),
-    name: str | None = None,
-    conv: str | None = None,
-) -> tuple[list[str], list[str]]:
-    """Copy the weights of ``path`` into ``model``; returns (loaded keys, kept keys).
-
-    Keys matching an fnmatch pattern of ``ignore`` keep the model's fresh values (a new
-    classifier). Every other tensor of the model must be in the file with its shape and vice
-    versa. The adder layers' p and gradient modes stay the model's (run settings, not weights).
-    ``name``/``conv``: the model the caller built; a file of another model or variant is an error
-    (an AdderNet's and its CNN twin's keys are identical, only this check tells them apart)."""
-    tensors, info = read_weights(path)
-    for what, want in (("name", name), ("conv", conv)):
-        if want is not None and info[what] != want:
-            raise InteropError(
-                f"'{path}' holds model.{what}={info[what]!r}, but this run builds {want!r}"
-            )
-    target = _tensor_keys(model.state_dict())
-    patterns = list(ignore)
-    unused = [
-        p for p in patterns if not any(fnmatch.fnmatchcase(k, p) for k in {*target, *tensors})
-    ]
-    if unused:
-        raise InteropError(
-            f"init_from_ignore pattern(s) {unused} match no key of the model or the file "
-            f"(model keys look like: {_listing(list(target)[-4:])})"
-        )
-
-    def ignored(k: str) -> bool:
-        return any(fnmatch.fnmatchcase(k, p) for p in patterns)
-
-    kept = [k for k in target if ignored(k)]
-    src = {k: v for k, v in tensors.items() if not ignored(k)}
-    problem = describe_mismatch({k: v for k, v in target.items() if not ignored(k)}, src, {})
-    if problem:
-        raise InteropError(
-            f"'{path}' does not match the model:\n{problem}\n"
-            '(a new classifier: train.init_from_ignore=["fc.*"] keeps the model\'s own)'
-        )
-    check_finite(src, path)
-    _load_tensors(model, src)
-    return list(src), kept
-
-
 def init_from_config(model: nn.Module, cfg: Config) -> tuple[list[str], list[str]]:
     """``train.init_from`` for the trainer: ``load_weights_into`` with config errors."""
     try:
@@ -525,14 +330,6 @@ def init_from_config(model: nn.Module, cfg: Config) -> tuple[list[str], list[str
 # ---------------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def import_official(src: str | Path, dst: str | Path, model_name: str, overwrite=False) -> Path:
     """Write official checkpoint ``src`` as a checkpoint file of ours that addernet-eval reads."""
     src, dst = Path(src), Path(dst)
@@ -548,6 +345,10 @@ def import_official(src: str | Path, dst: str | Path, model_name: str, overwrite
             "imported_from": {"path": str(src), "sha256": _sha256(src), "model": model_name},
         },
     }
+    if model_name in OFFICIAL_TAGS:  # the published files: their class names from the zoo
+        names = pretrained_cfg(model_name, OFFICIAL_TAGS[model_name]).names()
+        if len(names) == meta["num_classes"]:
+            state["client"]["class_names"] = names
     save_file(state, dst)
     return dst
 

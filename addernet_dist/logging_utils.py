@@ -2,10 +2,13 @@
 
 metrics.jsonl: one JSON object per line, appended and flushed per record (a crash loses at most
 the line being written; a torn last line is cut off when the log is reopened, so earlier lines
-are never damaged). Train records: ``{"kind": "train", "step", "epoch", "loss", "lr", "p",
-"images_per_s", ...}``; eval records: ``{"kind": "eval", "step", "epoch", "top1", "top5",
-"loss", "count"}``; a resumed run first writes ``{"kind": "resume", "step": s}``: records with a
-step above s written before it belong to the abandoned attempt (``read_metrics`` drops them).
+are never damaged). Every record has ``time`` (wall clock, UNIX seconds) and ``total_steps`` next
+to its ``step``. Train records: ``{"kind": "train", "step", "epoch", "loss", "lr", "p",
+"grad_norm", "images_per_s", ...}``; eval records: ``{"kind": "eval", "step", "epoch", "top1",
+"top5", "loss", "count"}``, ``epoch`` being epochs done in both (a fraction in train records); a
+resumed run first writes ``{"kind": "resume", "step": s}``: records with a step above s written
+before it belong to the abandoned attempt (``read_metrics`` drops them); a finished run ends with
+``{"kind": "summary", "best_top1", "best_step", "wall_time_s", "checkpoint", ...}``.
 """
 
 from __future__ import annotations
@@ -103,8 +106,11 @@ def wandb_online_problem(wcfg: WandbConfig) -> str | None:
 class MetricsLogger:
     """Rank-0 sink for metrics (jsonl + optional W&B). On other ranks every call is a no-op."""
 
-    def __init__(self, cfg: Config, *, enabled: bool, wandb_run_id: str | None) -> None:
+    def __init__(
+        self, cfg: Config, *, enabled: bool, wandb_run_id: str | None, total_steps: int | None = None
+    ) -> None:
         self.enabled = enabled
+        self.total_steps = total_steps  # written into every record (plots need the x range)
         self.path = Path(cfg.output_dir) / "metrics.jsonl"
         self._wandb = None
         self.wandb_run_id = wandb_run_id
@@ -141,6 +147,10 @@ class MetricsLogger:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        stamp: dict[str, Any] = {"time": round(time.time(), 3)}
+        if self.total_steps is not None:
+            stamp["total_steps"] = self.total_steps
+        record = {**record, **stamp}
         # Strict JSON (a NaN loss is written as null; strict parsers reject NaN tokens).
         line = dumps_strict(record) + "\n"
         try:
@@ -154,7 +164,8 @@ class MetricsLogger:
             kind = record.get("kind", "train")
             if kind == "resume":
                 return
-            data = {f"{kind}/{k}": v for k, v in record.items() if k not in ("kind", "step")}
+            skip = ("kind", "step", "time", "total_steps")
+            data = {f"{kind}/{k}": v for k, v in record.items() if k not in skip}
             self._wandb.log(data, step=record["step"])
 
     def close(self) -> None:
@@ -163,6 +174,14 @@ class MetricsLogger:
         self._file.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def format_duration(seconds: float | None) -> str:
+    """``1:02:03`` (h:mm:ss), ``?`` when unknown."""
+    if seconds is None:
+        return "?"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 class Progress:
@@ -176,12 +195,26 @@ class Progress:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, initial=initial, dynamic_ncols=True, unit="step")
+        self.total, self.initial, self.position = total, initial, initial
         self._t0 = time.perf_counter()
 
+    def eta_s(self) -> float | None:
+        """Seconds left at this process's pace so far (evaluations and checkpoints included)."""
+        done = self.position - self.initial
+        if done <= 0:
+            return None
+        return (time.perf_counter() - self._t0) / done * (self.total - self.position)
+
     def update(self, n: int, fields: dict[str, Any]) -> None:
+        """``n`` more steps done; ``fields`` shown (plain lines also get step/total and the ETA,
+        which the tqdm bar shows itself)."""
         if not self.enabled:
             return
+        self.position += n
         text = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in fields.items()}
+        if self._bar is None:
+            eta = self.eta_s()
+            text = {"step": f"{self.position}/{self.total}", **text, "eta": format_duration(eta)}
         if self._bar is not None:
             self._bar.update(n)
             self._bar.set_postfix(text, refresh=False)

@@ -248,6 +248,7 @@ def _train(cfg: Config, dist: DistInfo) -> EvalResult | None:
         build_recalibrator(cfg, dist),
         final_p=Trainer.final_p(engine.unwrap(), p_sched, total_steps),
         autocast_dtype=engine.autocast_dtype,
+        recalibrate_final=cfg.train.bn_recalibration_final,
     )
     ckpt = Checkpointer(cfg.output_dir, cfg.train.keep_last, dist, every_steps=cfg.train.ckpt_every_steps)
     trainer = Trainer(cfg, dist, engine, train_loader, p_sched, evaluator, ckpt)
@@ -278,7 +279,9 @@ def _train(cfg: Config, dist: DistInfo) -> EvalResult | None:
     if dist.is_main:
         save_resolved(cfg, cfg.output_dir)
 
-    logger = MetricsLogger(cfg, enabled=dist.is_main, wandb_run_id=state.wandb_run_id)
+    logger = MetricsLogger(
+        cfg, enabled=dist.is_main, wandb_run_id=state.wandb_run_id, total_steps=total_steps
+    )
     state.wandb_run_id = logger.wandb_run_id
     if resume_from is not None:
         rec = {"kind": "resume", "step": state.global_step, "epoch": state.epoch}

@@ -32,7 +32,7 @@ class TrainedWeights:
 
 
 def read_trained_weights(
-    path: str | os.PathLike, *, allow_state_dict: bool = False
+    path: str | os.PathLike, *, allow_state_dict: bool = False, ema: bool = False
 ) -> TrainedWeights:
     """The model weights and run config of a trainer checkpoint (``step_*.pt``, ``best.pt``, the
     output of ``addernet-zero-to-state-dict``).
@@ -40,6 +40,8 @@ def read_trained_weights(
     allow_state_dict: also accept a plain ``torch.save(model.state_dict())`` file (config None);
     otherwise a file that is not a verified trainer checkpoint raises ``checkpoint.CheckpointError``
     naming the problem (missing, truncated, corrupt).
+    ema: the EMA of the weights (``train.ema_decay``, the checkpoint's ``client["ema"]["model"]``)
+    instead of the model; a checkpoint without one raises ``checkpoint.CheckpointError``.
     """
     path = Path(path)
     try:
@@ -55,5 +57,13 @@ def read_trained_weights(
     engine, client = state.get("engine", {}), state.get("client", {})
     cfg = client.get("config") if isinstance(client, dict) else None
     sd = engine.get("model") if isinstance(engine, dict) and "model" in engine else state
+    if ema:
+        held = client.get("ema") if isinstance(client, dict) else None
+        if not isinstance(held, dict) or "model" not in held:
+            raise checkpoint.CheckpointError(
+                f"'{path}' holds no EMA of the weights (the run was trained without "
+                "train.ema_decay); evaluate it without --ema"
+            )
+        sd = held["model"]
     sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in sd.items()}
     return TrainedWeights(model=sd, config=cfg if isinstance(cfg, dict) else None)

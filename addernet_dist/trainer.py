@@ -14,6 +14,7 @@ What each component owns (``train.py`` builds them; :class:`Trainer` runs the lo
 - :class:`~addernet_dist.checkpoint.Checkpointer`: when to save, the files, what to keep.
 - :class:`~addernet_dist.tiles.TileChoices`: the Triton kernel tiles chosen (a resumed run keeps them:
   they change result bits); every p code path is tuned before the first step (``tiles.tune_tiles``).
+- :class:`~addernet_dist.ema.ModelEMA` (``train.ema_decay`` only): the EMA of the weights.
 
 A checkpoint's client state is ``{name: component.state_dict()}`` over :attr:`Trainer.components`
 (plus the run's config and world size, for the record); resuming calls each ``load_state_dict`` in
@@ -37,6 +38,7 @@ from addernet_dist.checkpoint import Checkpointer, rng_state, set_rng_state
 from addernet_dist.config import Config
 from addernet_dist.data.base import Loader
 from addernet_dist.distributed import DistInfo
+from addernet_dist.ema import ModelEMA
 from addernet_dist.engine.base import Engine, StepStats
 from addernet_dist.evaluator import Evaluator
 from addernet_dist.guard import NonFiniteGuard, StallWatchdog
@@ -76,6 +78,9 @@ class TrainState:
     best_top1: float = -1.0  # the maximum top-1 over the evaluations at the final p
     best_step: int | None = None  # the step whose checkpoint is best.pt (Checkpointer.restore_best)
     wandb_run_id: str | None = None
+    wall_time_s: float = 0.0  # wall time spent in fit() by every attempt of the run, to the last save
+    best_ema_top1: float = -1.0  # train.ema_decay: the EMA's best top-1 at the final p (best_ema.pt)
+    best_ema_step: int = -1
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -182,12 +187,18 @@ class Trainer:
         self.mixer = BatchMixer.from_config(cfg.train, train_loader.num_classes)
         if engine.grad_scaler is not None:  # fp16: the loss scale resumes exactly
             self.components["grad_scaler"] = engine.grad_scaler
+        # train.ema_decay: the EMA of the weights, evaluated next to the model (addernet_dist/ema.py)
+        self.ema = ModelEMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay is not None else None
+        if self.ema is not None:
+            self.components["ema"] = self.ema
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, dist.device)
         self.p: float | None = None  # the p the adder layers compute with (set from p_sched only)
         # The LR and p schedules run at step global_step + step_offset: 0 unless a resume changed
         # the steps per epoch (see align_schedules); global_step itself only ever counts up.
         self.step_offset = 0
         self.result: EvalResult | None = None
+        self._fit_t0: float | None = None  # perf_counter at fit()'s start
+        self._wall_before = 0.0  # wall time of earlier attempts (the checkpoint's)
 
     @staticmethod
     def final_p(model: torch.nn.Module, p_sched: PSchedule, total_steps: int) -> float | None:
@@ -197,6 +208,7 @@ class Trainer:
     # ---- checkpoint ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Collective (the per-rank components gather): the checkpoint's client state."""
+        self.state.wall_time_s = self.wall_time_s()
         client = {name: c.state_dict() for name, c in self.components.items()}
         return {**client, "world_size": self.dist.world_size, "config": self.cfg.model_dump(mode="json")}
 
@@ -206,6 +218,9 @@ class Trainer:
                 component.load_state_dict(client[name])
             else:  # a checkpoint written before the component was checkpointed
                 log.warning("resume: the checkpoint holds no %r state; it starts fresh", name)
+                start_fresh = getattr(component, "start_fresh", None)
+                if start_fresh is not None:
+                    start_fresh()  # e.g. the EMA starts from the resumed weights, not the fresh init
         if "loader" in client:  # without it the loader's position is not the run's
             self.align_schedules()
 
@@ -239,8 +254,9 @@ class Trainer:
                 self.p_sched.value(max(at - 1, 0)),
             )
 
-    def save(self, best: bool = False) -> Path | None:
-        """Collective. Checkpoint the current step (and copy it to best.pt when ``best``)."""
+    def save(self, best: bool = False, best_ema: bool = False) -> Path | None:
+        """Collective. Checkpoint the current step (and copy it to best.pt when ``best``, to
+        best_ema.pt when ``best_ema``)."""
         step = self.state.global_step
         # Never a checkpoint (or best.pt) of a non-finite model, nor one from a non-finite step.
         if not self.guard.check(self.dist, step, self.model, before="checkpoint"):
@@ -252,7 +268,9 @@ class Trainer:
             )
             return None
         with self.watchdog.during("checkpoint"):
-            return self.ckpt.save(step, lambda path: self.engine.save(path, self.state_dict()), best=best)
+            return self.ckpt.save(
+                step, lambda path: self.engine.save(path, self.state_dict()), best=best, best_ema=best_ema
+            )
 
     # ---- the loop -----------------------------------------------------------------------------
     def fit(self, logger: MetricsLogger, progress: Progress, watchdog: StallWatchdog) -> EvalResult | None:
@@ -291,6 +309,7 @@ class Trainer:
     def _fit(self) -> EvalResult | None:
         watchdog = self.watchdog
         state, train = self.state, self.cfg.train
+        self._fit_t0, self._wall_before = time.perf_counter(), state.wall_time_s
         stop, meter = _Stop(), _Throughput(train.global_batch_size)
         self.engine.train()
         self._set_p(max(self.schedule_step - 1, 0))  # the p of the last step taken (a resumed model's)
@@ -298,16 +317,19 @@ class Trainer:
             step_in_epoch, batches = self._rest_of_epoch()
             for images, labels in batches:
                 self._set_p(self.schedule_step)
+                end_of_epoch = step_in_epoch + 1 == self.steps_per_epoch
+                log_step = (state.global_step + 1) % train.log_every == 0 or end_of_epoch
                 loss = self.engine.forward_backward(*self.mixer(images, labels))
-                stats = self.engine.step()
+                stats = self.engine.step(want_grad_norm=log_step)  # the norm costs a pass: log steps only
+                if self.ema is not None:
+                    self.ema.update()
                 self.guard.update(loss, [stats.grad_norm, stats.adder_grad_norms], stats.scaler_skip)
                 state.global_step += 1
                 step_in_epoch += 1
                 watchdog.beat(state.global_step)
                 meter.steps += 1
                 _maybe_inject_fault(state.global_step, self.dist.rank, watchdog)
-                end_of_epoch = step_in_epoch == self.steps_per_epoch
-                if state.global_step % train.log_every == 0 or end_of_epoch:
+                if log_step:
                     self._log_step(loss, stats, meter)
                     if stop.agreed(self.dist):
                         self._preempt(stop.name)
@@ -319,6 +341,7 @@ class Trainer:
             else:
                 self.save()
             meter.restart()  # images/s measures training only, not eval + checkpoint
+        self._summary()
         # Resumed after the last evaluation (e.g. killed while saving): report it again.
         return self.result or self.evaluator.last_result()
 
@@ -326,6 +349,39 @@ class Trainer:
     def schedule_step(self) -> int:
         """The step the LR and p schedules are at (global_step, or aligned: align_schedules)."""
         return self.state.global_step + self.step_offset
+
+    def wall_time_s(self) -> float:
+        """Wall time of the run so far: earlier attempts (from the checkpoint) + this fit()."""
+        if self._fit_t0 is None:  # not fitting (yet)
+            return self.state.wall_time_s
+        return self._wall_before + time.perf_counter() - self._fit_t0
+
+    def _summary(self) -> None:
+        """The run's last record and console line: best top-1 and its step, wall time, checkpoint."""
+        state = self.state
+        best = self.ckpt.best_path
+        newest = self.ckpt.list()
+        path = best if best.exists() else (newest[-1] if newest else None)
+        rec = {
+            "kind": "summary",
+            "step": state.global_step,
+            "epoch": state.epoch,
+            "best_top1": state.best_top1 if state.best_step is not None else None,
+            "best_step": state.best_step,
+            "wall_time_s": round(self.wall_time_s(), 3),
+            "checkpoint": None if path is None else str(path),
+        }
+        if self.ema is not None:
+            found = state.best_ema_step >= 0
+            rec["best_ema_top1"] = state.best_ema_top1 if found else None
+            rec["best_ema_step"] = state.best_ema_step if found else None
+            rec["ema_checkpoint"] = str(self.ckpt.best_ema_path) if self.ckpt.best_ema_path.exists() else None
+        self.logger.write(rec)
+        best_text = "none" if rec["best_top1"] is None else f"{state.best_top1:.2f}% at step {state.best_step}"
+        self.progress.message(
+            f"done: {state.global_step} steps in {rec['wall_time_s']:.1f} s wall time; "
+            f"best top-1 {best_text}; checkpoint {rec['checkpoint']}"
+        )
 
     def _rest_of_epoch(self) -> tuple[int, Iterable[tuple[torch.Tensor, torch.Tensor]]]:
         """(batches done, the batches left) of the epoch ``state.epoch``."""
@@ -339,13 +395,15 @@ class Trainer:
         if p != self.p:
             self.p = p
             set_p(self.model, p)
+            if self.ema is not None:  # the EMA computes (is evaluated and saved at) the model's p
+                set_p(self.ema.module, p)
 
     def _log_step(self, loss: torch.Tensor, stats: StepStats, meter: _Throughput) -> None:
         rec = self._train_record(loss, stats)
         rec["images_per_s"] = meter.images_per_s()
         self.logger.write(rec)
         self.guard.check(self.dist, self.state.global_step)  # after the record: the log shows the NaN
-        keys = ("epoch", "loss", "lr", "p", "images_per_s")
+        keys = ("epoch", "loss", "lr", "p", "grad_norm", "images_per_s")
         self.progress.update(meter.steps, {k: rec[k] for k in keys})
         meter.restart(steps=0)
 
@@ -362,19 +420,34 @@ class Trainer:
     def _evaluate(self) -> None:
         state = self.state
         self.guard.check(self.dist, state.global_step, self.model, before="evaluation")
+        before = (state.best_top1, state.best_step, state.best_ema_top1, state.best_ema_step)
         with self.watchdog.during("evaluation"):  # slow collective phase (the startup limit applies)
             result, extra = self.evaluator(self.model, state.epoch, self.p)
+            ema_fields, best_ema = self._evaluate_ema() if self.ema is not None else ({}, False)
         self.engine.train()
         self.result = result
-        self.logger.write({"kind": "eval", "step": state.global_step, "epoch": state.epoch, **extra, **asdict(result)})
+        rec = {"kind": "eval", "step": state.global_step, "epoch": state.epoch, **extra, **asdict(result)}
+        self.logger.write({**rec, **ema_fields})
+        ema_text = f"; EMA top1 {ema_fields['ema_top1']:.2f}%" if ema_fields else ""
         self.progress.message(
             f"epoch {state.epoch}: val top1 {result.top1:.2f}% top5 {result.top5:.2f}% "
-            f"loss {result.loss:.4f} ({result.count} images)"
+            f"loss {result.loss:.4f} ({result.count} images){ema_text}"
         )
-        before = (state.best_top1, state.best_step)
         best = self.evaluator.is_new_best(result, self.p, state)  # recorded in the checkpoint
-        if self.save(best=best) is None:  # not saved (non-finite): best.pt still holds the old best
-            state.best_top1, state.best_step = before
+        if self.save(best=best, best_ema=best_ema) is None:  # not saved (non-finite): keep the old bests
+            (state.best_top1, state.best_step, state.best_ema_top1, state.best_ema_step) = before
+
+    def _evaluate_ema(self) -> tuple[dict[str, Any], bool]:
+        """Collective. The EMA evaluated like the model, at the model's p (BN recalibrated under the
+        same rule); returns its ``ema_*`` record fields and whether it is a new best_ema.pt."""
+        state, ema = self.state, self.ema  # its p is the model's (_set_p)
+        result, extra = self.evaluator.evaluate(ema.module, state.epoch, self.p)
+        fields = {f"ema_{k}": v for k, v in asdict(result).items() if k != "count"}
+        fields.update({f"ema_{k}": v for k, v in extra.items() if k != "p"})
+        best = self.evaluator.best_candidate(self.p) and result.top1 > state.best_ema_top1
+        if best:
+            state.best_ema_top1, state.best_ema_step = result.top1, state.global_step
+        return fields, best
 
     def _train_record(self, loss: torch.Tensor, stats: StepStats) -> dict[str, Any]:
         """Host-syncing summary of the last step (called on log steps only)."""
@@ -383,15 +456,18 @@ class Trainer:
         rec: dict[str, Any] = {
             "kind": "train",
             "step": self.state.global_step,
-            "epoch": self.state.epoch,
+            # Epochs done, as in eval records (which come at whole numbers): the last step of the
+            # first epoch logs 1.0 and its evaluation epoch 1.
+            "epoch": epochs_done(self.schedule_step, self.steps_per_epoch),
             "loss": float(loss_avg),
             "lr": self.engine.lr,
             "p": self.p,  # the step's p: p_sched.value(step - 1)
         }
         for name, part in self.engine.loss_parts.items():  # loss_ce, loss_kd when distilling
             rec[f"loss_{name}"] = float(dist.all_reduce_sum_(part.float().clone()) / dist.world_size)
-        if stats.grad_norm is not None:
-            rec["grad_norm"] = float(stats.grad_norm)
+        # always there on a log step (engine.step(want_grad_norm=True)); None only for an engine
+        # that measured nothing (a model without gradients)
+        rec["grad_norm"] = None if stats.grad_norm is None else float(stats.grad_norm)
         if stats.loss_scale is not None:  # fp16: the scale of this step's backward, and its skip
             rec["loss_scale"] = float(stats.loss_scale)
             rec["scaler_skip"] = bool(stats.scaler_skip)
@@ -406,6 +482,11 @@ class Trainer:
 # ---------------------------------------------------------------------------------------------
 # Small helpers of the loop
 # ---------------------------------------------------------------------------------------------
+
+
+def epochs_done(global_step: int, steps_per_epoch: int) -> float:
+    """The ``epoch`` of every metrics record: epochs done at ``global_step`` (4 decimals)."""
+    return round(global_step / steps_per_epoch, 4)
 
 
 class _Throughput:

@@ -438,9 +438,9 @@ def test_every_json_written_is_strict(tmp_path, one_epoch, capsys):
     log = MetricsLogger(cfg, enabled=True, wandb_run_id=None)
     log.write({"kind": "train", "step": 1, "loss": float("nan"), "lr": float("inf")})
     log.close()
-    assert _strict_lines(tmp_path / "metrics.jsonl") == [
-        {"kind": "train", "step": 1, "loss": None, "lr": None}
-    ]
+    (rec,) = _strict_lines(tmp_path / "metrics.jsonl")
+    assert isinstance(rec.pop("time"), float)  # every record's wall clock (finite: strict too)
+    assert rec == {"kind": "train", "step": 1, "loss": None, "lr": None}
     # addernet-eval of finite weights whose logits overflow (an old or foreign file): the loss is
     # not finite and prints as null. (NaN weights are refused: tests/test_clear_errors.py.)
     from addernet_dist.evaluate import main as eval_main
@@ -469,8 +469,8 @@ def test_only_corrupt_checkpoints_left_says_so_and_keeps_one_history(one_epoch, 
     err = _main(capsys, [f"output_dir={out}", *ONE_EPOCH], 0)
     assert "no valid checkpoint" in err and "starting from scratch" in err
     lines = _strict_lines(out / "metrics.jsonl")
-    marks = [r for r in lines if r["kind"] == "resume"]
-    assert marks == [{"kind": "resume", "step": 0, "epoch": 0, "restart": "no valid checkpoint"}]
+    marks = [{k: v for k, v in r.items() if k != "time"} for r in lines if r["kind"] == "resume"]  # wall clock
+    assert marks == [{"kind": "resume", "step": 0, "epoch": 0, "restart": "no valid checkpoint", "total_steps": 6}]
     assert _steps(out) == list(range(1, 7))  # one history, not 1..6 twice
     assert len([r for r in lines if r["kind"] == "train"]) == 12
     assert sum(n.endswith(".corrupt") for n in _names(out)) == 3

@@ -3,6 +3,7 @@ metrics.jsonl."""
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,9 @@ def run_summary(run_dir: str | os.PathLike) -> dict[str, Any]:
     train = [r for r in recs if r.get("kind") == "train"]
     by_epoch: dict[int, list[float]] = {}
     for r in train:
-        by_epoch.setdefault(int(r["epoch"]), []).append(float(r["loss"]))
+        by_epoch.setdefault(_train_epoch_index(r), []).append(float(r["loss"]))
     return {
+        "title": run_title(run_dir),
         "train_epochs": sorted(by_epoch),
         "train_loss": [float(np.mean(by_epoch[e])) for e in sorted(by_epoch)],
         "eval_epochs": [int(r["epoch"]) for r in evals],
@@ -37,6 +39,33 @@ def run_summary(run_dir: str | os.PathLike) -> dict[str, Any]:
         "final_top1": float(evals[-1]["top1"]),
         "best_top1": max(float(r["top1"]) for r in evals),
     }
+
+
+def _train_epoch_index(rec: dict[str, Any]) -> int:
+    """The 0-based epoch a train record was logged in. Records with ``total_steps`` carry epochs
+    done (1.0 = the last step of the first epoch); older ones the 0-based epoch itself."""
+    if "total_steps" in rec:
+        return max(math.ceil(float(rec["epoch"])) - 1, 0)
+    return int(rec["epoch"])
+
+
+def run_title(run_dir: str | os.PathLike) -> str | None:
+    """"<model> (<conv>) on <dataset>, <epochs> epochs" from the run's config.yaml (None without one)."""
+    import yaml
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return None
+    cfg = yaml.safe_load(path.read_text()) or {}
+    model, data, train = cfg.get("model", {}), cfg.get("data", {}), cfg.get("train", {})
+    conv = "AdderNet" if model.get("conv", "adder") == "adder" else "CNN"
+    return f"{model.get('name', '?')} ({conv}) on {data.get('dataset', '?')}, {train.get('epochs', '?')} epochs"
+
+
+def plot_title(runs: dict[str, dict[str, Any]]) -> str:
+    """The figure title: the runs' distinct config titles (in run order), or a generic one."""
+    titles = list(dict.fromkeys(s["title"] for s in runs.values() if s.get("title")))
+    return " vs ".join(titles) + ": learning curves" if titles else "learning curves"
 
 
 def plot_curves(runs: dict[str, dict[str, Any]], path: str) -> None:
@@ -56,7 +85,7 @@ def plot_curves(runs: dict[str, dict[str, Any]], path: str) -> None:
     for a in (a1, a2):
         a.grid(alpha=0.3)
         a.legend()
-    fig.suptitle("LeNet-5-BN on Fashion-MNIST: learning curves")
+    fig.suptitle(plot_title(runs))
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

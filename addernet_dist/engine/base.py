@@ -84,7 +84,9 @@ class StepStats:
     adder_grad_norms: (L,) ||grad F_l||_2 of each adder layer's weight before scaling; empty when
         adaptive LR scaling is off or its scope is "local" (then the norms are per rank).
     adder_alphas: (L,) the eq. 33 factors alpha_l = eta * sqrt(k_l) / ||grad F_l||_2 applied.
-    grad_norm: total gradient norm before clipping (scalar tensor) or None when clipping is off.
+    grad_norm: total gradient norm (after the eq. 33 scaling, before clipping; scalar tensor). Set on
+        every step when clipping is on (the clip needs it), else only when ``step(want_grad_norm=True)``
+        (the loop asks on log steps: one foreach norm there, nothing on the other steps).
     loss_scale: (train.precision=fp16) the GradScaler scale this step's backward used; None otherwise.
     scaler_skip: (fp16) bool tensor: the GradScaler skipped the optimizer step for an inf/NaN gradient
         at a loss scale > 1, an overflow the scaling itself may cause (NonFiniteGuard.update).
@@ -139,9 +141,10 @@ class Engine(ABC):
         """
 
     @abstractmethod
-    def step(self) -> StepStats:
+    def step(self, want_grad_norm: bool = False) -> StepStats:
         """Adaptive LR scaling (eq. 33) on the global grads, optional clipping, optimizer step,
-        LR scheduler step, zero grads. No host syncs."""
+        LR scheduler step, zero grads. No host syncs. ``want_grad_norm``: fill ``grad_norm`` even
+        when clipping is off (a log step)."""
 
     @abstractmethod
     def unwrap(self) -> nn.Module:

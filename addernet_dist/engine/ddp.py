@@ -100,7 +100,7 @@ class DDPEngine(Engine):
         (loss if self.grad_scaler is None else self.grad_scaler.scale(loss)).backward()
         return loss.detach()
 
-    def step(self) -> StepStats:
+    def step(self, want_grad_norm: bool = False) -> StepStats:
         stats = StepStats()
         if self.grad_scaler is not None:
             # fp16: unscale FIRST. eq. 33's alpha_l = eta * sqrt(k) / ||grad F_l|| and the clip norm
@@ -113,6 +113,9 @@ class DDPEngine(Engine):
             stats.grad_norm = torch.nn.utils.clip_grad_norm_(
                 self._params, self.cfg.train.grad_clip, foreach=True
             )
+        elif want_grad_norm:  # the same norm clip_grad_norm_ takes, without clipping (a device tensor)
+            grads = [p.grad for p in self._params if p.grad is not None]
+            stats.grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
         if self.grad_scaler is None:
             self.optimizer.step()
         else:

@@ -225,16 +225,17 @@ class DeepSpeedEngine(Engine):
             for b, v in zip(bufs, _unflatten_dense_tensors(flat, bufs), strict=True):
                 b.copy_(v)
 
-    def step(self) -> StepStats:
+    def step(self, want_grad_norm: bool = False) -> StepStats:
+        proc = self.grad_processor
+        proc.want_total_norm = want_grad_norm  # read by the pre-step hook of this step
         self._ds.step()  # boundary: reduce(-scatter) -> grad_processor pre-hook -> SGD step
         self.lr_scheduler.step()
         stats = StepStats()
-        proc = self.grad_processor
         if self.adaptive is not None and self.adaptive.scope == "local":
             stats.adder_grad_norms, stats.adder_alphas = self.adaptive.scale_()
         elif self.adaptive is not None:
             stats.adder_grad_norms, stats.adder_alphas = proc.last_norms, proc.last_alphas
-        if self.cfg.train.grad_clip is not None:
+        if self.cfg.train.grad_clip is not None or want_grad_norm:
             stats.grad_norm = proc.last_total_norm
         return stats
 

@@ -63,7 +63,9 @@ class ShardedGradProcessor:
         max_norm: clip the total gradient norm (after scaling) to this; ``None`` disables it.
 
     After each optimizer step, ``last_norms`` (L,), ``last_alphas`` (L,) and ``last_total_norm``
-    (scalar, before clipping) hold what was measured, as tensors (no host sync).
+    (scalar, before clipping) hold what was measured, as tensors (no host sync). Without clipping
+    the total norm is measured only for a step with ``want_total_norm`` set (the trainer's log
+    steps): the non-adder squared sum is one more pass over the gradients.
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class ShardedGradProcessor:
         self.last_norms: torch.Tensor | None = None
         self.last_alphas: torch.Tensor | None = None
         self.last_total_norm: torch.Tensor | None = None
+        self.want_total_norm = False  # set per step by the engine (log steps)
         self._segments: dict[int, list[_Segment]] = {}  # id(stepped tensor) -> adder pieces in it
         self._group: dist.ProcessGroup | None = None
         self._sharded = False
@@ -114,8 +117,8 @@ class ShardedGradProcessor:
             }
         else:
             self._attach_sharded(torch_optimizer, ds_optimizer)
-        if self.active:
-            self._handle = torch_optimizer.register_step_pre_hook(self._pre_step)
+        # Always hooked: a log step may want the total norm even with eq. 33 and clipping off.
+        self._handle = torch_optimizer.register_step_pre_hook(self._pre_step)
 
     def _attach_sharded(self, torch_optimizer: torch.optim.Optimizer, ds_optimizer: object) -> None:
         groups = torch_optimizer.param_groups
@@ -182,6 +185,9 @@ class ShardedGradProcessor:
             id(p) in self._adder_flats for g in optimizer.param_groups for p in g["params"]
         ):
             return  # ZeRO stepping a group without adder weights (e.g. AdamW's no-decay group)
+        need_total = self.max_norm is not None or self.want_total_norm
+        if not self.active and not need_total:
+            return  # nothing to scale, clip or measure this step (and no collective)
         grads: list[torch.Tensor] = []  # every gradient the optimizer is about to use
         pieces: list[tuple[_Segment, torch.Tensor]] = []  # adder gradient views inside them
         covered: dict[int, list[_Segment]] = {}
@@ -208,7 +214,7 @@ class ShardedGradProcessor:
             # floating point while n^2 is normal: n > 1e-19, far below the 1e-12 floor of eq. 33).
             piece_sq = grad_norms([v for _, v in pieces]).float().square()
             sq.index_add_(0, self._index_on(dev, [s.layer for s, _ in pieces]), piece_sq)
-        if self.max_norm is not None and self._sharded:
+        if need_total and self._sharded:
             sq[-1] = self._other_sq(grads, covered)
         if self._sharded and dist.is_initialized():
             # The one collective per step: L+1 floats.
@@ -223,14 +229,16 @@ class ShardedGradProcessor:
             for s, v in pieces:
                 v.mul_(alphas[s.layer].to(v.dtype))
             scaled_sq = (alphas * norms).square()
-        if self.max_norm is not None:
+        if need_total:
             if self._sharded:
-                total = (scaled_sq.sum() + sq[-1]).sqrt()
+                self.last_total_norm = (scaled_sq.sum() + sq[-1]).sqrt()
             else:
-                # ZeRO-0: full replicated gradients, so the DDP engine's clip_grad_norm_ reduction itself
-                # (the formula above differs from it in the last bit; see adaptive_lr.grad_norms).
-                total = torch.nn.utils.get_total_norm(grads, foreach=True)
-            self.last_total_norm = total
+                # ZeRO-0: full replicated gradients, so the DDP engine's clip_grad_norm_ /
+                # get_total_norm reduction itself (the formula above differs from it in the last bit;
+                # see adaptive_lr.grad_norms).
+                self.last_total_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        if self.max_norm is not None:
+            total = self.last_total_norm
             coef = torch.clamp(self.max_norm / (total + 1e-6), max=1.0)
             torch._foreach_mul_(grads, coef)
 
