@@ -54,8 +54,7 @@ log = logging.getLogger(__name__)
 
 _STEP_RE = re.compile(r"^step_(\d{9})\.pt$")
 
-# Locks held by this process (released by train.train on any exit; the kernel releases them
-# on a crash).
+# Locks held by this process (released by train.train on any exit; the kernel does on a crash).
 _HELD_LOCKS: list[RunLock] = []
 
 
@@ -124,8 +123,7 @@ class ResumePlan:
     """What :meth:`Checkpointer.open` decided (identical on every rank)."""
 
     path: Path | None = None
-    # resume=auto found a run in the folder but no checkpoint that verifies: the run starts from
-    # step 0 and marks the restart in metrics.jsonl.
+    # resume=auto found a run but no checkpoint that verifies: step 0, a restart mark in metrics.jsonl.
     from_scratch: bool = False
     notes: list[str] = field(default_factory=list)
     # Applied by Checkpointer.commit once the resume is validated (a rejected run moves nothing):
@@ -178,8 +176,7 @@ class Checkpointer:
         self.keep_last = keep_last
         self.every_steps = every_steps  # train.ckpt_every_steps; 0: only at the end of each epoch
         self.dist = dist
-        # path -> stat signature of checkpoints this process verified (written or read back):
-        # a file (or DeepSpeed folder) is re-read only when it changed since.
+        # path -> stat signature of checkpoints this process verified: re-read only when changed since.
         self._valid: dict[Path, tuple] = {}
 
     # ---- when to save, and the save ---------------------------------------------------------
@@ -517,7 +514,7 @@ class Checkpointer:
 
     def copy_to_best(self, path: Path, dst: Path | None = None) -> None:
         """Copy a verified step checkpoint to ``dst`` (default best.pt)."""
-        dst = self.best_path if dst is None else dst
+        dst = dst or self.best_path
         if not self.dist.is_main:
             return
         if Path(path).is_dir():  # engine=deepspeed folder
@@ -580,8 +577,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-# Keys whose change on resume is expected and not worth a line (where the run writes/reads).
-_QUIET_KEYS = {"resume", "overwrite"}
+_QUIET_KEYS = {"resume", "overwrite"}  # keys whose change on resume is expected, not worth a line
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list[Any]]:
