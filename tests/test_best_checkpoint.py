@@ -286,10 +286,10 @@ def test_an_evaluation_whose_checkpoint_is_not_saved_does_not_become_the_best():
     t.engine = SimpleNamespace(train=lambda: None)
     t.logger = SimpleNamespace(write=lambda rec: None)
     t.progress = SimpleNamespace(message=lambda m: None)
-    t.dist = None
+    t.dist, t.ema = None, None
     saved: list[bool] = []
     for outcome in (None, "step_000000008.pt"):  # not saved (non-finite), then saved
-        t.save = lambda best, outcome=outcome: saved.append(best) or outcome
+        t.save = lambda best, best_ema=False, outcome=outcome: saved.append(best) or outcome
         t._evaluate()
         got = (t.state.best_top1, t.state.best_step)
         assert got == ((20.0, 4) if outcome is None else (30.0, 8))
