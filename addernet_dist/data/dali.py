@@ -1,26 +1,30 @@
 """DALI pipelines over image folders (``data.loader: dali``): decode, crop, resize, flip and
 normalise in DALI worker threads (CPU-only) or with nvJPEG + GPU kernels (``mixed``).
 
-Order and sharding come from ``ResumableShardSampler`` like every other loader: per epoch we hand
-``fn.readers.file`` the concatenation of every rank's order for the batches still to read, in
-rank order, unshuffled, with ``shard_id=rank, num_shards=world_size``. DALI shards a list of
-``world_size * L`` files into contiguous blocks of ``L``, so rank r's reader reads exactly the
-sampler's rank-r order. The train pipeline is rebuilt per epoch (CPU, 2-core VM: 0.06 s for a small
-list, 1.7 s for 320k files = a quarter of ImageNet, plus ~0.5 s shutdown); that
-is what buys the properties DALI's own buffered shuffle lacks: a global permutation per epoch
-(``seed + epoch``) and the same file order as the torchvision loader. The eval pipeline reads the same
-list every time, so it is built once and reused by every evaluation that follows a complete one.
+Order and sharding come from ``ResumableShardSampler`` like every other loader.
 
-Each file's label slot carries its position in that list; the loader maps positions back to
-dataset labels (and eval padding to ``IGNORE_LABEL``), and checks that the reader delivered
-exactly the requested files in order.
+Train: one pipeline per run (issue 21.6: a rebuild per epoch re-created the decoder, its nvJPEG state and
+memory pools, on every GPU, and cost 1.7 s + 0.5 s shutdown per 320k files on the 2-core VM). Each of
+this rank's batches, in the sampler's order, is fed through ``fn.external_source`` (the files' paths as
+bytes, read by ``fn.io.file.read`` in DALI's threads, and their sample indices, checked on the way out) by
+the pipeline's ``iter_setup`` hook, which ends DALI's epoch when the batches run out: the prefetch queue
+never reads into the next epoch. The pipeline is seeded once, where it is built, by (seed, epoch, rank,
+batches_done); its random stream runs on across epochs.
 
-Mid-epoch resume is bit-identical to the uninterrupted run: the train pipeline is built with DALI's
-checkpointing enabled, ``state_dict()`` adds ``pipe.checkpoint()`` — the reader position and the
-state of every random operator after exactly the batches handed out (the prefetched ones are not
-counted) — and the resumed epoch rebuilds the epoch's full list with that checkpoint. A state
-without one (saved by another loader, or an older version) still resumes the exact file order,
-with fresh random draws seeded by (seed, epoch, rank, batches_done).
+Eval: the sampler's order for all ranks, concatenated, through ``fn.readers.file`` with
+``shard_id=rank, num_shards=world_size``, unshuffled: DALI shards a list of ``world_size * L`` files into
+contiguous blocks of ``L``, so rank r's reader reads exactly the sampler's rank-r order. Each file's label
+slot carries its position in that list; the loader maps positions back to dataset labels (and padding to
+``IGNORE_LABEL``) and checks that the reader delivered exactly the requested files in order. The eval
+pipeline reads the same list every time, so it is built once and reused by every evaluation that follows a
+complete one.
+
+Mid-epoch (and epoch-boundary) resume is bit-identical to the uninterrupted run: the train pipeline is
+built with DALI's checkpointing enabled, ``state_dict()`` adds ``pipe.checkpoint()`` — the state of every
+random operator after exactly the batches handed out (the prefetched ones are not counted) — and its build
+seed; the resumed run builds its pipeline from that checkpoint and feeds it the rest of the order. A state
+without one (saved by another loader, by the per-epoch pipeline of before, or of another position) still
+resumes the exact file order, with fresh random draws seeded by (seed, epoch, rank, batches_done).
 """
 
 from __future__ import annotations
