@@ -406,7 +406,9 @@ class DaliLoader(FolderLoader):
         self._drop_train_pipe()
         if resume is not None and (resume["epoch"], resume["batches_done"]) != (epoch, start):
             resume = None
-        # a restored pipeline is built exactly as the saved one was: same graph, same seed
+        # a restored pipeline is built as the saved one was: same graph, same seed (DALI 2.4 restores the
+        # random states from the checkpoint whatever the seed, checked by swapping it; kept so the build
+        # does not rely on that)
         seed = resume["seed"] if resume else _pipeline_seed(s.seed, epoch, s.rank, start)
         pipe = self._build(None, seed=seed, checkpoint=resume["pipeline"] if resume else None)
         _install_feed(pipe, self._pending)
