@@ -267,7 +267,9 @@ def test_gpu_mixed_pipeline_matches_cpu_pipeline(tree):
             assert torch.equal(ya.cpu(), yb)
             assert (a.cpu() - b).abs().mean() < 0.03  # nvJPEG vs libjpeg-turbo: not measured yet
     train = build_loader(cfg, "train", batch_size=4, device=dev)
-    assert sum(len(y) for _, y in train) == 16
+    for epoch in range(2):  # one train pipeline (one nvJPEG decoder) reads both epochs
+        train.set_epoch(epoch)
+        assert sum(len(y) for _, y in train) == 16
 
 
 @pytest.mark.timeout(120)
@@ -278,8 +280,9 @@ def test_gpu_mixed_pipeline_matches_cpu_pipeline(tree):
 def test_mixed_pipeline_is_defined_and_placed_on_cpu(tree, train, augment):
     """The GPU (``mixed``) pipeline as far as DALI goes without a GPU: the graph is defined, which makes
     DALI check every operator's arguments and each input's device placement, and its placement is the
-    intended one: the file reader on CPU, the decoder ``mixed`` (CPU in, GPU out), everything after it
-    on the GPU, both outputs GPU-resident. Building it needs CUDA, so that part runs in the GPU tier
+    intended one: the file reader (train: fed paths, ``fn.io.file.read``) on CPU, the decoder ``mixed``
+    (CPU in, GPU out), everything after it on the GPU, both outputs GPU-resident. Building it needs
+    CUDA, so that part runs in the GPU tier
     (test_gpu_mixed_pipeline_matches_cpu_pipeline)."""
     from addernet_dist.data.dali import define_pipeline
 
@@ -291,7 +294,7 @@ def test_mixed_pipeline_is_defined_and_placed_on_cpu(tree, train, augment):
     for dali_device in ("gpu", "cpu"):
         pipe = define_pipeline(
             cfg,
-            files,
+            None if train else files,  # train: fed by the loader through external_source
             train=train,
             batch_size=2,
             shard_id=0,
@@ -309,7 +312,11 @@ def test_mixed_pipeline_is_defined_and_placed_on_cpu(tree, train, augment):
         ]
     gpu, cpu = placement["gpu"], placement["cpu"]
     assert [n for n, _ in gpu] != [] and len(gpu) == len(cpu)
-    assert gpu[0] == ("Reader", ("cpu", "cpu"))
+    if train:  # paths and sample indices fed on the host, files read by DALI's CPU threads
+        assert gpu[:2] == [("Paths", ("cpu",)), ("Reader", ("cpu",))], gpu
+        assert ("Positions", ("cpu",)) in gpu  # defined where it is first used: as an output
+    else:
+        assert gpu[0] == ("Reader", ("cpu", "cpu"))
     decoders = [i for i, (n, _) in enumerate(gpu) if re.fullmatch(r"__Image(RandomCrop)?_\d+", n)]
     assert len(decoders) == 1, gpu
     first_gpu = decoders[0]
@@ -386,3 +393,56 @@ def test_train_epochs_and_evaluations_keep_their_pixels_with_the_eval_pipeline_r
             assert torch.equal(x, rx) and torch.equal(y, ry)
         for (x, y), (rx, ry) in zip(val, ref_val, strict=True):
             assert torch.equal(x, rx) and torch.equal(y, ry)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("depth", [2, 5])
+def test_train_pipeline_is_built_once_per_run_and_resumes_at_epoch_boundaries(tree, monkeypatch, depth):
+    """Issue 21.6: three epochs with an evaluation after each build ONE train pipeline (and one eval
+    pipeline), not one per epoch: each epoch's order is fed through external_source. Its random stream
+    runs on across epochs (epochs get other crops), and the state saved at an epoch boundary carries the
+    pipeline checkpoint, so a loader resumed there reads the next epochs pixel for pixel. Depth 5 > the
+    4 batches of an epoch: the queue never reaches into the next epoch."""
+    from addernet_dist.data import dali
+
+    builds = []
+    build = dali.build_pipeline
+
+    def counting_build(*args, **kw):
+        builds.append(kw["train"])
+        return build(*args, **kw)
+
+    monkeypatch.setattr(dali, "build_pipeline", counting_build)
+    root, _ = tree
+    cfg = _cfg(root, augment="random_resized_crop", hflip=True, dali={"prefetch_queue_depth": depth})
+    train, val = build_loader(cfg, "train", batch_size=4, seed=5), build_loader(cfg, "val", batch_size=4)
+    tv = build_loader(_tv(cfg), "train", batch_size=4, seed=5)
+    epochs, states = [], []
+    for epoch in range(3):
+        train.set_epoch(epoch)
+        tv.set_epoch(epoch)
+        got = [(x.clone(), y) for x, y in train]
+        assert torch.equal(torch.cat([y for _, y in got]), torch.cat([y for _, y in tv]))  # the order
+        epochs.append(got)
+        states.append(train.state_dict())
+        assert sum(len(y) for _, y in val) == 12
+    # one train pipeline for the whole run; one eval pipeline too, except at depth 5 > its 3 batches,
+    # where every evaluation builds one (see test_eval_pipeline_is_built_once_and_reads_the_same_pixels)
+    assert builds == [True] + [False] * (1 if depth <= 3 else 3)
+    assert [(s["epoch"], s["batches_done"]) for s in states] == [(1, 0), (2, 0), (3, 0)]
+    assert all("dali_checkpoint" in s for s in states)
+    # each sample gets other crops in each epoch: the random stream runs on
+    by_sample = [
+        dict(zip(train.sampler.plan(e).indices.tolist(), torch.cat([x for x, _ in epochs[e]])))
+        for e in range(3)
+    ]
+    for a, b in ((0, 1), (1, 2)):
+        assert not any(torch.equal(by_sample[a][i], by_sample[b][i]) for i in range(15))
+    builds.clear()
+    resumed = build_loader(cfg, "train", batch_size=4, seed=5)
+    resumed.load_state_dict(states[0])
+    for epoch in (1, 2):
+        resumed.set_epoch(epoch)
+        for (x, y), (rx, ry) in zip(resumed, epochs[epoch], strict=True):
+            assert torch.equal(y, ry) and torch.equal(x, rx)
+    assert builds == [True]

@@ -110,14 +110,19 @@ MUTATIONS = [
     ),
     Mutation(
         "dali-train-rank0",
-        "DALI train file list gives every rank rank 0's order (eval untouched)",
+        "DALI train feed gives every rank rank 0's files (its own sample indices kept; eval untouched)",
         "addernet_dist/data/dali.py",
-        "            idx = other.plan(epoch).indices[start_batch * s.batch_size :]",
-        "            idx = (\n"
-        "                ResumableShardSampler(s.num_samples, batch_size=s.batch_size, rank=0,\n"
-        "                    world_size=s.world_size, seed=s.seed, shuffle=s.shuffle)\n"
-        "                if s.shuffle else other\n"
-        "            ).plan(epoch).indices[start_batch * s.batch_size :]",
+        "        for plan in plans:\n"
+        "            idx = plan.indices.tolist()\n"
+        "            self._pending.append((\n"
+        "                [np.frombuffer(os.fsencode(self.samples.paths[i]), dtype=np.uint8) for i in idx],\n",
+        "        rank0 = ResumableShardSampler(s.num_samples, batch_size=s.batch_size, rank=0,\n"
+        "            world_size=s.world_size, seed=s.seed, shuffle=s.shuffle).plan(epoch).indices.tolist()\n"
+        "        for k, plan in enumerate(plans):\n"
+        "            idx = plan.indices.tolist()\n"
+        "            idx0 = rank0[(start + k) * s.batch_size :][: len(idx)]\n"
+        "            self._pending.append((\n"
+        "                [np.frombuffer(os.fsencode(self.samples.paths[i]), dtype=np.uint8) for i in idx0],\n",
         (
             "tests/test_data_sharding_decoded.py::"
             "test_each_rank_decodes_the_samplers_order_train_and_val[dali]",
@@ -360,6 +365,17 @@ MUTATIONS = [
         "        reused = not self.train and cached is not None and cached[0] == key",
         "        reused = False",
         ("tests/test_dali_loader.py::test_eval_pipeline_is_built_once_and_reads_the_same_pixels",),
+    ),
+    Mutation(
+        "dali-train-pipeline-rebuilt",
+        "DALI builds the train pipeline every epoch again (issue 21.6)",
+        "addernet_dist/data/dali.py",
+        "        if resume is None and self._train_pipe is not None and self._train_pos == (epoch, start):",
+        "        if False:",
+        (
+            "tests/test_dali_loader.py::"
+            "test_train_pipeline_is_built_once_per_run_and_resumes_at_epoch_boundaries",
+        ),
     ),
     Mutation(
         "dali-decoder-padding-dropped",
