@@ -15,14 +15,17 @@ from pathlib import Path
 
 from tests.train_helpers import REPO
 
-ROOTS = {"addernet_dist": REPO / "addernet_dist", "addernet_dist.kernels": REPO / "kernels"}
+ROOTS = {"addernet_dist": REPO / "addernet_dist"}
 MAX_LINES = 600
 # Cycles tolerated for now: none (checkpoint.py <-> engine/ds_checkpoint.py went with
 # addernet_dist/runfolder.py, the file-system helpers both use).
 KNOWN_CYCLES: list[list[str]] = []
 # Modules over the limit that landed from other work and still need splitting (the test fails if
 # they grow, or once they shrink below the limit and stay listed).
-KNOWN_LONG: dict[str, int] = {}
+KNOWN_LONG: dict[str, int] = {
+    "addernet_dist/kernels/cpu_adder.py": 745,
+    "addernet_dist/kernels/triton_adder.py": 1102,
+}
 
 
 def package_modules() -> dict[str, Path]:
@@ -33,8 +36,6 @@ def package_modules() -> dict[str, Path]:
             rel = path.relative_to(root).with_suffix("")
             parts = [p for p in rel.parts if p != "__init__"]
             name = ".".join([prefix, *parts])
-            if name.startswith("addernet_dist.kernels.") and prefix == "addernet_dist":
-                continue
             mods[name] = path
     return mods
 
@@ -184,7 +185,7 @@ def test_no_line_over_the_configured_length():
     assert limit == 120
     files = [
         p
-        for d in ("addernet_dist", "kernels", "tests", "benchmarks", "launch", "tools", ".ci")
+        for d in ("addernet_dist", "tests", "benchmarks", "launch", "tools", ".ci")
         if (REPO / d).exists()
         for p in (REPO / d).rglob("*")
         if p.suffix in {".py", ".cpp", ".sh", ".sbatch", ""} and p.is_file() and ".venv" not in p.parts
