@@ -25,7 +25,8 @@ def test_kernels_import_as_subpackage_only():
 
 
 def test_wheel_ships_the_cpu_kernel_source(tmp_path):
-    """A non-editable install (built wheel) has kernels/cpu_adder.cpp where cpu_adder.py looks for it.
+    """A non-editable install (built wheel) has the C++ sources (cpu_adder.h, cpu_fwd/gx/gw.cpp) where
+    kernels/cpu_build.py looks for them.
 
     Fails when the package-data entry in pyproject.toml is dropped (the wheel then has no .cpp and
     the installed CPU fast path could never build).
@@ -51,16 +52,18 @@ def test_wheel_ships_the_cpu_kernel_source(tmp_path):
         check=True, capture_output=True, timeout=300,
     )  # fmt: skip
     probe = (
-        "import addernet_dist.kernels.cpu_adder as c; "
-        "print(c.__file__); print(c._SOURCE_PATH); print(c._SOURCE_PATH.is_file())"
+        "import addernet_dist.kernels.cpu_adder as c, addernet_dist.kernels.cpu_build as b; "
+        "print(c.__file__); print(*b._SOURCE_PATHS); print(all(p.is_file() for p in b._SOURCE_PATHS))"
     )
     out = subprocess.run(
         [sys.executable, "-c", probe],
         check=True, capture_output=True, text=True, timeout=120, cwd=tmp_path,
         env={**__import__("os").environ, "PYTHONPATH": str(target)},
     ).stdout.split()  # fmt: skip
-    mod, src, found = out
+    mod, *srcs, found = out
     assert Path(mod).resolve().is_relative_to(target.resolve())  # the installed copy, not the tree
-    assert Path(src).resolve().is_relative_to(target.resolve())
+    assert [Path(s).name for s in srcs] == ["cpu_adder.h", "cpu_fwd.cpp", "cpu_gx.cpp", "cpu_gw.cpp"]
     assert found == "True"
-    assert Path(src).read_text() == (ROOT / "addernet_dist" / "kernels" / "cpu_adder.cpp").read_text()
+    for s in srcs:
+        assert Path(s).resolve().is_relative_to(target.resolve())
+        assert Path(s).read_text() == (ROOT / "addernet_dist" / "kernels" / Path(s).name).read_text()

@@ -33,8 +33,8 @@ import math
 import torch
 import triton
 import triton.language as tl
-from addernet_dist.kernels.tile_tuner import TileTuner
 
+from addernet_dist.kernels.tile_tuner import TileTuner
 from addernet_dist.ops.reference import check_args, check_conv_args, compute_dtype
 
 # P_MODE constexpr values: exact fast paths at the two ends of the ℓp schedule, one general path.
