@@ -274,7 +274,7 @@ typedef ADDER_T T;
 // y ← relu?((y − center[o])·scale[o] + shift[o] (+ res)), rows r0..r1 of the flattened (n, oh) rows, every
 // filter. (y − center)·scale + shift, not y·scale + (shift − center·scale): adder outputs sit far from 0
 // (≈ −1000 around a spread of ~10) and folding the mean into the shift would cancel ~2 digits in fp32 (the
-// Triton epilogue's form, kernels/triton_adder.py).
+// Triton epilogue's form, kernels/triton_kernels.py).
 template <typename T>
 static inline void epi_row(T* yr, const T* rr, i64 Wo, T c, T s, T b, int relu) {
   if (rr) {
