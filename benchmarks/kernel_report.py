@@ -328,6 +328,7 @@ def tile_costs(cc: int, ks: tuple[int, ...], paths=("p1",)) -> dict[tuple, dict]
     """Compile every (path, kernel, filter size, tile) of the modelled paths once; their SASS costs.
     Keys (path, kind, k, tile index); ∂F once, under "p1" (the same kernel at every p)."""
     import triton.language as tl
+
     from addernet_dist.kernels import triton_adder as ta
 
     out = {}
@@ -420,7 +421,6 @@ def layer_report(
     step at general p); per model and p code path the modelled training images/s. One GPU, per-GPU
     batch ``batch``."""
     from addernet_dist.kernels import triton_adder as ta
-
     from addernet_dist.layer_shapes import adder_layer_shapes
 
     shapes = {m: adder_layer_shapes(m) for m in models}

@@ -13,9 +13,9 @@ import warnings
 
 import pytest
 import torch
-from addernet_dist.kernels.triton_testing import interpreted_modules
 from torch import nn
 
+from addernet_dist.kernels.triton_testing import interpreted_modules
 from addernet_dist.models import fusion
 from addernet_dist.nn import Adder2d
 from addernet_dist.ops import adder2d, adder_linear, dispatch

@@ -9,8 +9,8 @@ import warnings
 
 import pytest
 import torch
-from addernet_dist.kernels import cpu_adder
 
+from addernet_dist.kernels import cpu_adder, cpu_build
 from addernet_dist.ops.reference import adder2d_reference, output_size
 
 # batch, Cin, Cout, input (H, W), kernel, stride, padding, dilation, p
@@ -362,8 +362,8 @@ def test_bad_input_names_the_problem():
 @pytest.fixture
 def _fresh_build_state(monkeypatch, tmp_path):
     """Forget the loaded library for one test (restored afterwards); builds go to an empty cache."""
-    monkeypatch.setattr(cpu_adder, "_lib", None)
-    monkeypatch.setattr(cpu_adder, "_error", None)
+    monkeypatch.setattr(cpu_build, "_lib", None)
+    monkeypatch.setattr(cpu_build, "_error", None)
     monkeypatch.setenv("ADDERNET_CACHE_DIR", str(tmp_path))
 
 
@@ -585,13 +585,13 @@ def test_built_for_this_cpu_when_the_compiler_can(tmp_path):
     # silently loaded its baseline x86-64 fallback, 4-12x slower.
     import subprocess
 
-    cxx = cpu_adder._compiler()
+    cxx = cpu_build._compiler()
     probe = tmp_path / "t.cpp"
     probe.write_text("int main() { return 0; }\n")
     ok = subprocess.run([cxx, "-march=native", "-c", str(probe), "-o", str(tmp_path / "t.o")])
     if ok.returncode != 0:
         pytest.skip("this compiler rejects -march=native (the fallback build is then expected)")
-    assert cpu_adder._arch == ["-march=native"]
+    assert cpu_build._arch == ["-march=native"]
 
 
 # (n, cin, cout, (h, w), k, stride, pad): 14-, 7-, 11→6- and 36-wide outputs take the flat position range
@@ -646,11 +646,11 @@ OMP_CASES = [
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("case", OMP_CASES)
 def test_openmp_threads_give_the_python_threads_results(case, monkeypatch):
-    # for_jobs (cpu_adder.cpp) runs a launcher's job list on OpenMP threads in one call; each job must
+    # for_jobs (cpu_adder.h) runs a launcher's job list on OpenMP threads in one call; each job must
     # compute exactly what the same job computes as a call of its own (the Python-thread path, one call
     # per job): forward (row and flat), ∂X, the "sign" filter gradient with its per-job buffers, the
     # layout passes and the fused epilogue, at 2 threads, bit for bit.
-    assert cpu_adder._lib.adder_openmp() == 1  # GCC builds with -fopenmp (see _OPENMP_FLAGS)
+    assert cpu_build._lib.adder_openmp() == 1  # GCC builds with -fopenmp (see _OPENMP_FLAGS)
     n, cin, cout, hw, k, s, pd = case
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -663,7 +663,7 @@ def test_openmp_threads_give_the_python_threads_results(case, monkeypatch):
             scale, shift, center = (torch.randn(cout, dtype=dtype) for _ in range(3))
             res = []
             for omp in (True, False):
-                monkeypatch.setattr(cpu_adder, "_use_openmp", omp)
+                monkeypatch.setattr(cpu_build, "_use_openmp", omp)
                 out = []
                 for p, grad_x, grad_w in ((1.0, "lp", "sign"), (2.0, "hardtanh", "full"), (1.5, "lp", "full")):
                     c = dict(stride=s, pad=pd, dil=1, p=p, grad_x=grad_x, grad_w=grad_w)

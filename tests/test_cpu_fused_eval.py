@@ -11,8 +11,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from addernet_dist.kernels import cpu_adder
 
+from addernet_dist.kernels import cpu_adder
 from addernet_dist.models.fusion import FusedAdderBN2d, fuse_adder_bn
 from addernet_dist.models.resnet import Bottleneck, ResNet
 from addernet_dist.ops import dispatch

@@ -6,8 +6,8 @@ import warnings
 
 import pytest
 import torch
-from addernet_dist.kernels import cpu_adder
 
+from addernet_dist.kernels import cpu_adder, cpu_build
 from addernet_dist.ops import adder2d, dispatch
 from addernet_dist.ops.reference import adder2d_reference
 
@@ -125,8 +125,8 @@ def test_unavailable_backend_falls_back_with_one_warning():
 
 @pytest.mark.timeout(120)
 def test_broken_cpu_build_routes_auto_to_reference(monkeypatch, tmp_path):
-    monkeypatch.setattr(cpu_adder, "_lib", None)
-    monkeypatch.setattr(cpu_adder, "_error", None)
+    monkeypatch.setattr(cpu_build, "_lib", None)
+    monkeypatch.setattr(cpu_build, "_error", None)
     monkeypatch.setenv("ADDERNET_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", "false")  # a compiler that always fails
     with pytest.warns(RuntimeWarning, match="'cpu' is unavailable: its build failed"):

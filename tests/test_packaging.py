@@ -1,4 +1,4 @@
-"""Packaging: every sub-package is listed in pyproject (find can't see the kernels/ mapping)."""
+"""Packaging: plain package discovery (kernels in addernet_dist/kernels/) and the C++ sources as package data."""
 
 from __future__ import annotations
 
@@ -9,32 +9,24 @@ import tomllib
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_every_subpackage_is_listed():
+def test_packages_are_found_without_a_directory_mapping():
+    """Plain discovery: the kernels live in addernet_dist/kernels/, no package-dir maps them in."""
     conf = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    listed = set(conf["packages"])
-    on_disk = {
-        ".".join(p.parent.relative_to(ROOT).parts)
-        for p in (ROOT / "addernet_dist").rglob("__init__.py")
-    }
-    on_disk |= {
-        "addernet_dist.kernels." + ".".join(p.parent.relative_to(ROOT / "kernels").parts)
-        for p in (ROOT / "kernels").rglob("__init__.py")
-    }
-    on_disk = {n.rstrip(".") for n in on_disk}
-    assert on_disk <= listed, (
-        f"add to pyproject [tool.setuptools] packages: {sorted(on_disk - listed)}"
-    )
-    assert conf["package-dir"]["addernet_dist.kernels"] == "kernels"
+    assert "package-dir" not in conf and "packages" in conf
+    assert conf["packages"]["find"]["include"] == ["addernet_dist*"]
+    assert (ROOT / "addernet_dist" / "kernels" / "__init__.py").is_file()
+    assert not (ROOT / "kernels").exists()  # no second copy at the top level
 
 
 def test_kernels_import_as_subpackage_only():
     import addernet_dist.kernels as k
 
-    assert Path(k.__file__).resolve() == (ROOT / "kernels" / "__init__.py").resolve()
+    assert Path(k.__file__).resolve() == (ROOT / "addernet_dist" / "kernels" / "__init__.py").resolve()
 
 
 def test_wheel_ships_the_cpu_kernel_source(tmp_path):
-    """A non-editable install (built wheel) has kernels/cpu_adder.cpp where cpu_adder.py looks for it.
+    """A non-editable install (built wheel) has the C++ sources (cpu_adder.h, cpu_fwd/gx/gw.cpp) where
+    kernels/cpu_build.py looks for them.
 
     Fails when the package-data entry in pyproject.toml is dropped (the wheel then has no .cpp and
     the installed CPU fast path could never build).
@@ -60,16 +52,18 @@ def test_wheel_ships_the_cpu_kernel_source(tmp_path):
         check=True, capture_output=True, timeout=300,
     )  # fmt: skip
     probe = (
-        "import addernet_dist.kernels.cpu_adder as c; "
-        "print(c.__file__); print(c._SOURCE_PATH); print(c._SOURCE_PATH.is_file())"
+        "import addernet_dist.kernels.cpu_adder as c, addernet_dist.kernels.cpu_build as b; "
+        "print(c.__file__); print(*b._SOURCE_PATHS); print(all(p.is_file() for p in b._SOURCE_PATHS))"
     )
     out = subprocess.run(
         [sys.executable, "-c", probe],
         check=True, capture_output=True, text=True, timeout=120, cwd=tmp_path,
         env={**__import__("os").environ, "PYTHONPATH": str(target)},
     ).stdout.split()  # fmt: skip
-    mod, src, found = out
+    mod, *srcs, found = out
     assert Path(mod).resolve().is_relative_to(target.resolve())  # the installed copy, not the tree
-    assert Path(src).resolve().is_relative_to(target.resolve())
+    assert [Path(s).name for s in srcs] == ["cpu_adder.h", "cpu_fwd.cpp", "cpu_gx.cpp", "cpu_gw.cpp"]
     assert found == "True"
-    assert Path(src).read_text() == (ROOT / "kernels" / "cpu_adder.cpp").read_text()
+    for s in srcs:
+        assert Path(s).resolve().is_relative_to(target.resolve())
+        assert Path(s).read_text() == (ROOT / "addernet_dist" / "kernels" / Path(s).name).read_text()

@@ -231,8 +231,8 @@ def test_speed_check_times_both_dw_candidates_and_reports_them():
     # the GPU speed check's ∂F part, on CPU: the interpreter runs each candidate tile (deterministic ∂F,
     # checked against autograd of the reference) and an injected timer stands in for do_bench
     import torch
-    from addernet_dist.kernels.triton_testing import interpreted_modules
 
+    from addernet_dist.kernels.triton_testing import interpreted_modules
     from addernet_dist.layer_shapes import LayerShape
     from addernet_dist.selftest.speed import time_dw_candidates
 

@@ -20,9 +20,10 @@ import sys
 import pytest
 import torch
 import triton
+from torch import nn
+
 from addernet_dist.kernels import tile_tuner
 from addernet_dist.kernels.triton_testing import interpreted_modules
-from torch import nn
 
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log2")
 

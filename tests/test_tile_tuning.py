@@ -13,9 +13,9 @@ import sys
 
 import pytest
 import torch
+
 from addernet_dist.kernels import tile_tuner
 from addernet_dist.kernels.triton_testing import interpreted_modules
-
 from addernet_dist.ops.reference import adder2d_reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log2")

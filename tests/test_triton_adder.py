@@ -17,7 +17,6 @@ from addernet_dist.kernels.triton_adder import DW_CONFIGS as _DW_CONFIGS  # noqa
 from addernet_dist.kernels.triton_adder import DX_CONFIGS as _DX_CONFIGS  # noqa: E402
 from addernet_dist.kernels.triton_adder import FWD_CONFIGS as _FWD_CONFIGS  # noqa: E402
 from addernet_dist.kernels.triton_testing import interpreted_modules
-
 from addernet_dist.ops.reference import adder2d_reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log2")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from addernet_dist.kernels import aot
 from addernet_dist.kernels import triton_adder as ta
 

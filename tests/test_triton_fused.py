@@ -8,9 +8,9 @@ import io
 
 import pytest
 import torch
-from addernet_dist.kernels.triton_testing import interpreted_modules
 from torch import nn
 
+from addernet_dist.kernels.triton_testing import interpreted_modules
 from addernet_dist.models import create_model, fusion
 from addernet_dist.nn import Adder2d, set_p
 from tests.logit_checks import assert_logits_vary, spread_model

@@ -13,10 +13,10 @@ How: ``git ls-files -co --exclude-standard`` is copied to a temporary directory 
 files are never edited), one exact text replacement is applied (it must match exactly once: a
 mutation whose site moved fails loudly instead of testing nothing), and ``python -m pytest -x``
 runs the named tests inside the copy. The copy is imported in place of the editable install: the
-test process and every process it launches run with cwd and PYTHONPATH at the copy, and
-``addernet_dist/kernels`` is linked to the copy's ``kernels/`` (the editable install maps that
-sub-package to the worktree's kernels/, which the copy must shadow). The script checks where
-``addernet_dist`` and ``addernet_dist.kernels`` import from before running anything.
+test process and every process it launches run with cwd and PYTHONPATH at the copy (the kernels are
+an ordinary sub-package, addernet_dist/kernels/, so the copy shadows all of the editable install).
+The script checks where ``addernet_dist`` and ``addernet_dist.kernels`` import from before running
+anything.
 
 Why not mutmut: its mutants are random operator swaps over whole files (thousands of runs of
 multi-process tests); the point here is a short curated list of semantic breakages, each with the
@@ -399,7 +399,7 @@ MUTATIONS = [
     Mutation(
         "tuning-error-not-broadcast",
         "rank 0 raises a tuning failure before the broadcast (the others wait for a tile)",
-        "kernels/tile_tuner.py",
+        "addernet_dist/kernels/tile_tuner.py",
         "            except Exception as e:\n                error = e\n",
         "            except Exception:\n                raise\n",
         (
@@ -447,8 +447,6 @@ def _copy_tree(dst: Path) -> None:
         out = dst / rel
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, out)
-    # the editable install maps addernet_dist.kernels to the worktree's kernels/: shadow it
-    (dst / "addernet_dist" / "kernels").symlink_to(Path("..") / "kernels")
 
 
 def _env(root: Path, extra: tuple[tuple[str, str], ...] = ()) -> dict[str, str]:

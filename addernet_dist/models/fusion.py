@@ -2,8 +2,8 @@
 
 The graph-rewrite half of the fusion: ``FusedAdderBN2d`` (the module), ``fuse_adder_bn`` (the
 rewrite), the fused ResNet block subclasses and the state-dict key hooks. The kernels and the
-autograd Function they call live in ``addernet_dist/kernels/fused.py`` and
-``kernels/triton_adder.py``; dependencies point one way: models -> nn -> ops -> kernels.
+autograd Function they call live in ``addernet_dist/kernels/fused.py``, ``kernels/triton_adder.py``
+(launchers) and ``kernels/triton_kernels.py``; dependencies point one way: models -> nn -> ops -> kernels.
 
 Off the fast path (CPU tensors without the interpreter, an Adder2d pinned to another backend, or
 eval mode with autograd recording) the module computes exactly the unfused pair, so a fused model

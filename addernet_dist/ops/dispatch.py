@@ -106,7 +106,7 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
             return f"it runs on CPU tensors only (got a {dev} tensor)"
         from addernet_dist.kernels import cpu_adder
 
-        return None if cpu_adder.is_available() else f"its build failed: {cpu_adder._error}"
+        return None if cpu_adder.is_available() else f"its build failed: {cpu_adder.unavailable_reason()}"
     if name == "triton":
         if _load_triton() is None:
             return f"it is not importable ({_triton_error})"

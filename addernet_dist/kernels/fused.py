@@ -14,6 +14,7 @@ epilogue together with an optional residual add and ReLU — one kernel, one wri
 from __future__ import annotations
 
 import torch
+
 from addernet_dist.kernels import triton_adder as ta
 
 

@@ -6,9 +6,9 @@
 dispatcher). ``interpreted_modules`` instead imports FRESH copies of the kernel modules with
 ``TRITON_INTERPRET=1`` and afterwards restores ``sys.modules``, the package attributes and the
 environment exactly as they were. This works because the kernels call only triton.language builtins and
-their own module's helpers: triton's ``@jit`` library functions (``tl.zeros``, ``tl.sum``, ``tl.cdiv``)
-are compiled-mode objects once triton is imported without the variable, and the interpreter cannot call
-them.
+the package's own helpers (triton_math.py, re-imported with them): triton's ``@jit`` library functions
+(``tl.zeros``, ``tl.sum``, ``tl.cdiv``) are compiled-mode objects once triton is imported without the
+variable, and the interpreter cannot call them.
 
     with interpreted_modules("addernet_dist.kernels.triton_adder") as (ta,):
         y = ta.adder2d_triton(x_cpu, w_cpu)   # runs the real kernel code in the interpreter
@@ -23,8 +23,15 @@ import sys
 from collections.abc import Iterator
 from types import ModuleType
 
-# Everything that holds @triton.jit kernels or references to them: all re-imported together.
-KERNEL_MODULES = ("addernet_dist.kernels.triton_adder", "addernet_dist.kernels.fused")
+# Everything that holds @triton.jit kernels or helpers, or references to them: all re-imported together
+# (the kernels call triton_math's helpers, which must be interpreted copies too).
+KERNEL_MODULES = (
+    "addernet_dist.kernels.triton_math",
+    "addernet_dist.kernels.triton_kernels",
+    "addernet_dist.kernels.triton_tiles",
+    "addernet_dist.kernels.triton_adder",
+    "addernet_dist.kernels.fused",
+)
 
 
 @contextlib.contextmanager

@@ -23,8 +23,9 @@ from typing import Any
 
 import triton
 import triton.language as tl
-from addernet_dist.kernels import triton_adder as ta
 from triton.backends.compiler import GPUTarget
+
+from addernet_dist.kernels import triton_adder as ta
 
 # torch dtype name → Triton signature element type.
 _PTR = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}

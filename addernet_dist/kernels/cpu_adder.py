@@ -17,8 +17,10 @@ Kernels (all compute exactly what ``addernet_dist.ops.reference`` computes; see 
   _gw      gw[o,k]       = Σ_{n,pos} g·sgn(x − w)  (the "sign" ablation)  tile: 4 filters × 4 taps
 The "full" filter gradient Σ g·(x − w) = Σ g·x − w·Σ g is a convolution's filter gradient plus a rank-1
 term, so it runs in aten (oneDNN), not here.
-The C++ source is ``cpu_adder.cpp`` next to this file (package data); this file builds it, declares its
-entry points and keeps the launchers and the autograd Function.
+The C++ sources are next to this file (package data): ``cpu_adder.h`` (common: vectors, math, geometry,
+threads) and one translation unit per kernel, ``cpu_fwd.cpp``, ``cpu_gx.cpp``, ``cpu_gw.cpp``;
+``cpu_build.py`` compiles each once per dtype (6 objects, one cached .so), declares the entry points and
+runs job lists on threads; this file keeps the launchers and the autograd Function.
 Why C++ and not torch.compile: ``F.unfold`` alone takes 250 ms for a 32×16×32×32 input on this machine (the
 fast path's whole forward is ~5 ms), and inductor recompiles per layer shape/p; this file compiles in ~3 s once
 per machine (cached on disk), takes p as a runtime argument and every shape as runtime sizes.
@@ -29,7 +31,7 @@ gradient buffer of the same size in backward, and one O×K filter-gradient buffe
 Threads: each launcher splits its work into ``torch.get_num_threads()`` jobs (rows for the forward and the
 filter gradient, images or channel ranges for the input gradient, whose scatter would race between
 neighbouring rows) and passes the job list to one C call, which runs it on OpenMP threads of torch's own
-libgomp (``for_jobs`` in cpu_adder.cpp: one runtime, one pool; the Python thread pool this replaced fought
+libgomp (``for_jobs`` in cpu_adder.h: one runtime, one pool; the Python thread pool this replaced fought
 torch's spinning OpenMP worker for the second core, and two threads ran ResNet-50 only 1.03-1.08x faster than
 one). Without OpenMP (non-GCC compilers, forked children) the jobs run as one call each on Python threads
 (ctypes drops the GIL). A job's result depends only on its range, and the per-job filter-gradient buffers
@@ -42,22 +44,22 @@ fallback lives there only: ``adder2d_cpu`` called directly raises a RuntimeError
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
 import sys
-import tempfile
 import threading
-import warnings
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from addernet_dist.kernels import cpu_build
+from addernet_dist.kernels.cpu_build import (
+    _launch,
+    _lib_or_raise,
+    _split,
+    _suffix,
+    build,
+    is_available,
+    unavailable_reason,
+)
 from addernet_dist.ops.reference import (
     check_args,
     check_conv_args,
@@ -65,269 +67,6 @@ from addernet_dist.ops.reference import (
 )
 
 __all__ = ["adder2d_cpu", "adder2d_forward_cpu", "is_available", "unavailable_reason", "build"]
-
-# The C++ source ships next to this file as package data (pyproject.toml [tool.setuptools.package-data]).
-_SOURCE_PATH = Path(__file__).with_name("cpu_adder.cpp")
-
-# ---- build & load --------------------------------------------------------------------------------------
-
-# -ffast-math lets GCC call libmvec's vector exp/log for fp64 general p (~8x the scalar libm loop; fp32
-# uses the inline pow16, whose exponent split is written with explicitly rounded intrinsics); it is
-# given to the compile step only: linking a shared object with it (GCC < 13) pulls in crtfastmath.o, whose
-# constructor would switch the whole process to flush-denormals-to-zero.
-_COMPILE_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-ffast-math"]
-_ARCH_FLAG_CHOICES = (["-march=native"], [])  # native first; plain if the compiler rejects it
-# OpenMP threads inside the kernels (see for_jobs in cpu_adder.cpp), GCC only: its libgomp.so.1 is the
-# runtime torch loads, so both share one thread pool; clang's -fopenmp would bring a second runtime
-# (libomp) whose pool would fight torch's for the cores. Without it the launchers use Python threads.
-_OPENMP_FLAGS = ["-fopenmp"]
-
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_arch: list[str] | None = None  # the -march flags the loaded object was built with
-_error: str | None = None
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("ADDERNET_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "addernet_dist"
-    )
-    return Path(root) / "cpu_adder"
-
-
-def _cpu_signature() -> str:
-    # -march=native code is only valid on CPUs with the same ISA extensions: key the cache on them so a
-    # home directory shared by different machines never loads an object built for another one.
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((ln for ln in f if ln.startswith(("flags", "Features"))), "")
-    except OSError:
-        flags = ""
-    return f"{platform.machine()}|{platform.processor()}|{flags}"
-
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return name
-    return None
-
-
-def build(force: bool = False) -> ctypes.CDLL:
-    """Compile (once per machine, cached on disk) and load the kernels; raises RuntimeError on failure."""
-    global _lib, _error, _arch
-    with _lock:
-        if _lib is not None and not force:
-            return _lib
-        if _error is not None and not force:  # failed once: don't recompile on every call
-            raise RuntimeError(_error)
-        cxx = _compiler()
-        if cxx is None:
-            _error = "no C++ compiler found (set CXX or install g++)"
-            raise RuntimeError(_error)
-        try:
-            source = _SOURCE_PATH.read_text()
-        except OSError as e:
-            _error = (
-                f"the kernel source {_SOURCE_PATH} is missing ({e}); reinstall addernet-dist "
-                "(the .cpp ships as package data)"
-            )
-            raise RuntimeError(_error) from e
-        version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-        errors = []
-        omp_choices = ([_OPENMP_FLAGS, []] if "clang" not in version.lower() else [[]])
-        for arch, omp in [(a, o) for a in _ARCH_FLAG_CHOICES for o in omp_choices]:
-            key = hashlib.sha256(
-                "\0".join([source, cxx, version, *arch, *omp, *_COMPILE_FLAGS, _cpu_signature()]).encode()
-            ).hexdigest()[:16]
-            out = _cache_dir() / f"cpu_adder_{key}.so"
-            if not out.exists() or force:
-                try:
-                    _compile(cxx, arch + omp, out, source)
-                except RuntimeError as e:
-                    errors.append(str(e))
-                    continue
-            try:
-                lib = ctypes.CDLL(str(out))
-            except OSError as e:
-                errors.append(f"loading {out}: {e}")
-                continue
-            _declare(lib)
-            _lib, _error = lib, None
-            if (
-                errors
-            ):  # e.g. -march=native rejected: runs, but on the baseline ISA (several x slower)
-                warnings.warn(
-                    f"addernet CPU fast path built with {arch + omp or 'no extra flags'} (slow; wanted "
-                    f"{_ARCH_FLAG_CHOICES[0] + omp_choices[0]}): "
-                    + errors[0][-500:],
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-            _arch = list(arch)
-            return lib
-        _error = "; ".join(errors)
-        raise RuntimeError(_error)
-
-
-# (kernel, C type, symbol suffix): one object file each, compiled concurrently (~2x faster on 2 cores)
-_UNITS = [
-    (k, t, suf) for t, suf in (("float", "f32"), ("double", "f64")) for k in ("FWD", "GX", "GW")
-]
-
-
-def _compile(cxx: str, flags: list[str], out: Path, source: str) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Build in a private temp dir, then rename: concurrent processes (torchrun ranks) never see a
-    # half-written object, and the last rename wins with identical content.
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        src, so = Path(tmp, "k.cpp"), Path(tmp, "k.so")
-        src.write_text(source)  # the text that was hashed, even if the file changes meanwhile
-        objs, procs = [], []
-        for kind, ctype, suf in _UNITS:
-            obj = Path(tmp, f"{kind.lower()}_{suf}.o")
-            defs = [f"-DADDER_{kind}", f"-DADDER_T={ctype}", f"-DADDER_SUF={suf}"]
-            defs.append(f"-DADDER_OFFSETS={int(kind == 'FWD' and suf == 'f32')}")
-            cmd = [cxx, *_COMPILE_FLAGS, *flags, *defs, "-c", str(src), "-o", str(obj)]
-            objs.append(obj)
-            procs.append((cmd, _spawn(cmd)))
-        errors = []
-        for cmd, proc in procs:  # reap every compiler process, even after one failed
-            try:
-                _wait(cmd, proc)
-            except RuntimeError as e:
-                errors.append(str(e))
-        if errors:
-            raise RuntimeError(errors[0])
-        # (-fopenmp in `flags` links libgomp.so.1; -march is harmless here)
-        link = [cxx, "-shared", *flags, *map(str, objs), "-o", str(so), "-lm"]
-        _wait(link, _spawn(link))
-        os.replace(so, out)
-
-
-def _spawn(cmd: list[str]) -> subprocess.Popen:
-    try:
-        return subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=os.environ
-        )
-    except OSError as e:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {e}") from e
-
-
-def _wait(cmd: list[str], proc: subprocess.Popen) -> None:
-    try:
-        _, err = proc.communicate(timeout=600)
-    except subprocess.TimeoutExpired as e:
-        proc.kill()
-        raise RuntimeError(f"{' '.join(cmd)} timed out") from e
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-2000:]}")
-
-
-def _declare(lib: ctypes.CDLL) -> None:
-    vp, i64, dbl, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
-    lib.adder_tap_offsets.argtypes = [vp, vp]
-    lib.adder_vector_bytes.argtypes, lib.adder_vector_bytes.restype = [], cint
-    lib.adder_fwd_ob.argtypes, lib.adder_fwd_ob.restype = [cint], cint
-    lib.adder_openmp.argtypes, lib.adder_openmp.restype = [], cint
-    # (jobs, njobs): a (njobs, 2 or 4) int64 array of ranges, run on njobs threads (see _launch)
-    for suf in ("f32", "f64"):
-        getattr(lib, f"adder_fwd_{suf}").argtypes = [
-            *(vp, vp, vp, vp, vp, cint, dbl, cint, cint, vp, vp),
-            *(vp, vp, vp, vp, cint),  # inference epilogue: center, scale, shift, residual, relu
-        ]
-        getattr(lib, f"adder_gx_{suf}").argtypes = [
-            *(vp, vp, vp, vp, vp),
-            *(vp, cint),
-            dbl,
-            cint,
-            cint,
-            vp,
-        ]
-        getattr(lib, f"adder_fwd_flat_{suf}").argtypes = [
-            *(vp, vp, vp, vp, vp, cint, dbl, cint, cint, vp, vp),
-            *(vp, vp, vp, vp, cint, i64),
-        ]
-        getattr(lib, f"adder_gx_flat_{suf}").argtypes = getattr(lib, f"adder_gx_{suf}").argtypes
-        getattr(lib, f"adder_gw_{suf}").argtypes = [vp, vp, vp, vp, vp, vp, cint, cint, vp]
-        for kind in ("phase_pad", "phase_unpad"):
-            getattr(lib, f"adder_{kind}_{suf}").argtypes = [vp, i64, i64, i64, i64, vp, vp, vp, cint]
-        for kind in ("fwd", "gx", "gw", "phase_pad", "phase_unpad", "fwd_flat", "gx_flat"):
-            getattr(lib, f"adder_{kind}_{suf}").restype = None
-
-
-def is_available() -> bool:
-    """True when the kernels are compiled and loaded (compiles them on first call, ~3 s)."""
-    try:
-        build()
-        return True
-    except RuntimeError:
-        return False
-
-
-def unavailable_reason() -> str | None:
-    """Why ``is_available()`` is False (compiler output), or None."""
-    return None if is_available() else _error
-
-
-# ---- threads -------------------------------------------------------------------------------------------
-
-_use_openmp = True  # False: Python threads even where the object has OpenMP (forked children; tests)
-_pool: ThreadPoolExecutor | None = None
-_pool_key: tuple[int, int] | None = None
-
-
-def _reset_pool_after_fork() -> None:
-    global _pool, _pool_key, _use_openmp
-    _pool, _pool_key = None, None  # a forked child (DataLoader worker) inherits no live threads
-    # nor the parent's OpenMP workers: libgomp is not fork-safe, and a child's first parallel region
-    # after the parent ran one waits forever for them (test_forked_child_can_use_the_kernels_after_the_
-    # parent_did hung). torch avoids it by running DataLoader workers at 1 thread; the kernels use
-    # Python threads in a forked child instead.
-    _use_openmp = False
-
-
-if hasattr(os, "register_at_fork"):  # POSIX only
-    os.register_at_fork(after_in_child=_reset_pool_after_fork)
-
-
-def _run(fn, jobs: list[tuple]) -> None:
-    """Run ``fn(*job)`` for every job, on up to torch.get_num_threads() threads (ctypes drops the GIL)."""
-    global _pool, _pool_key
-    if len(jobs) == 1:
-        fn(*jobs[0])
-        return
-    key = (os.getpid(), len(jobs))
-    if _pool_key != key:
-        if _pool is not None:
-            _pool.shutdown(wait=False)
-        _pool, _pool_key = ThreadPoolExecutor(len(jobs), thread_name_prefix="adder_cpu"), key
-    for f in [_pool.submit(fn, *job) for job in jobs]:
-        f.result()
-
-
-
-
-def _launch(fn, jobs: list[tuple[int, ...]], args) -> None:
-    """Run the C entry ``fn`` over ``jobs`` (ranges, one per thread): ``args(jobs_ptr, njobs, first)``
-    gives its arguments, ``first`` the index of the first job passed (where a job's output buffer lies).
-
-    With OpenMP (see for_jobs in cpu_adder.cpp) one call runs every job on torch's own OpenMP pool;
-    otherwise each job is a call of its own on the Python threads of ``_run``. Either way job i computes
-    exactly the same thing, so results depend on the job list only.
-    """
-    arr = torch.tensor(jobs, dtype=torch.int64)
-    ptr, row = arr.data_ptr(), arr.stride(0) * arr.element_size()
-    if len(jobs) == 1 or (_use_openmp and _lib_or_raise().adder_openmp()):
-        fn(*args(ptr, len(jobs), 0))
-    else:
-        _run(fn, [args(ptr + i * row, 1, i) for i in range(len(jobs))])
-
-
-def _split(n: int, parts: int) -> list[tuple[int, int]]:
-    parts = max(1, min(parts, n))
-    return [(n * i // parts, n * (i + 1) // parts) for i in range(parts)]
-
 
 # ---- launchers -----------------------------------------------------------------------------------------
 
@@ -361,7 +100,7 @@ class _Geom:
         # of ResNet-20 (8 fp32) then uses 16-lane instead of 8-lane instructions.
         self.vec = 2 if 2 * wo * esize <= 64 and ho >= 2 else self.wide
         # Without AVX-512 a 64-byte vector is two 32-byte registers and the kernels' tiles are sized
-        # for 16 of those (FWD_OB / GX_KB in cpu_adder.cpp): fp32 p = 1, p = 2 and HardTanh use plain
+        # for 16 of those (FWD_OB / GX_KB in cpu_adder.h): fp32 p = 1, p = 2 and HardTanh use plain
         # 32-byte vectors there (rows of 8 fill one exactly)
         self.narrow_isa = esize == 4 and _lib_or_raise().adder_vector_bytes() == 32
         self.off = torch.empty(self.k, dtype=torch.int64)
@@ -377,7 +116,7 @@ class _Geom:
         return 0 if self.narrow_isa else self.vec
 
     def flat_for(self, mode: int) -> bool:
-        # One flat position range per image (fwd_flat / gx_flat in cpu_adder.cpp) where rows would end
+        # One flat position range per image (fwd_flat in cpu_fwd.cpp, gx_flat in cpu_gx.cpp) where rows would end
         # in a partial vector and the flat range wastes no more lanes than those tails: ResNet-50's 28-,
         # 14- and 7-wide layers; not 8/16/32-wide rows (whole vectors), nor paired rows (wide = 2) where
         # pairs need fewer vectors
@@ -418,17 +157,9 @@ class _Geom:
         return self._layout_call("phase_unpad", gp, out)
 
 
-def _lib_or_raise() -> ctypes.CDLL:
-    return _lib if _lib is not None else build()
-
-
-def _suffix(dtype: torch.dtype) -> str:
-    return "f32" if dtype == torch.float32 else "f64"
-
-
 def _forward(g: _Geom, P: torch.Tensor, w_ok: torch.Tensor, p: float, epi=None) -> torch.Tensor:
     """y = −Σ|x − w|^p; ``epi`` = (center, scale, shift, residual or None, relu): the inference
-    epilogue relu?((y − center)·scale + shift (+ residual)) applied in the kernel (see cpu_adder.cpp)."""
+    epilogue relu?((y − center)·scale + shift (+ residual)) applied in the kernel (see cpu_fwd.cpp)."""
     lib = _lib_or_raise()
     fn = getattr(lib, f"adder_fwd_{_suffix(P.dtype)}")
     mode = _MODE_FWD.get(p, 0)
@@ -444,7 +175,7 @@ def _forward(g: _Geom, P: torch.Tensor, w_ok: torch.Tensor, p: float, epi=None) 
         # integer or other coarse data (then every sum is exact, as the direct one is)
         mant, expo = torch.frexp(c)
         c = torch.ldexp(torch.round(mant * 256) / 256, expo)
-        # the kernel packs w − cx and sums it per filter (fwd_pack in cpu_adder.cpp)
+        # the kernel packs w − cx and sums it per filter (fwd_pack in cpu_fwd.cpp)
         cx = c.to(P.dtype).repeat_interleave(g.kh * g.kw)
     extra = (cx.data_ptr() if mode == 1 else None,)
     if epi is None:
@@ -719,7 +450,7 @@ def adder2d_cpu(
         )
     if not is_available():
         raise RuntimeError(
-            f"the addernet CPU fast path is unavailable ({_error}). Install a C++ compiler (g++, or set "
+            f"the addernet CPU fast path is unavailable ({cpu_build._error}). Install a C++ compiler (g++, or set "
             "CXX), or call addernet_dist.ops.adder2d(..., backend=None), which falls back to the reference "
             "operator with one warning"
         )
