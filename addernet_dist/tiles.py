@@ -70,7 +70,7 @@ def warmup_plan(cfg, gpus: int) -> WarmupPlan:
 
 
 def _tile_tuner():
-    """kernels/tile_tuner.py, or None where Triton is not installed (nothing to tune or restore)."""
+    """addernet_dist/kernels/tile_tuner.py, or None where Triton is not installed (nothing to tune or restore)."""
     try:
         return importlib.import_module("addernet_dist.kernels.tile_tuner")
     except ImportError:
