@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import hashlib
 import json
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -55,6 +54,7 @@ from addernet_dist.checkpoint import CheckpointError, atomic_write_bytes, load_f
 from addernet_dist.config import Config, ConfigError, ModelConfig
 from addernet_dist.data.config import IMAGENET_MEAN, IMAGENET_STD
 from addernet_dist.models import create_model
+from addernet_dist.runfolder import file_sha256
 
 EXPORT_FORMAT = "addernet-dist/weights-v1"
 _EXTRA = "._extra_state"  # Adder2d/AdderLinear keep p and the gradient modes there (nn.py)
@@ -525,14 +525,6 @@ def init_from_config(model: nn.Module, cfg: Config) -> tuple[list[str], list[str
 # ---------------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def import_official(src: str | Path, dst: str | Path, model_name: str, overwrite=False) -> Path:
     """Write official checkpoint ``src`` as a checkpoint file of ours that addernet-eval reads."""
     src, dst = Path(src), Path(dst)
@@ -545,7 +537,7 @@ def import_official(src: str | Path, dst: str | Path, model_name: str, overwrite
         "engine": {"model": model.state_dict(), "optimizer": None, "lr_scheduler": None},
         "client": {
             "config": official_config(model_name, meta["num_classes"], meta["head_bias"]),
-            "imported_from": {"path": str(src), "sha256": _sha256(src), "model": model_name},
+            "imported_from": {"path": str(src), "sha256": file_sha256(src), "model": model_name},
         },
     }
     save_file(state, dst)
