@@ -3,6 +3,7 @@ ablation switches (sign gradient, grad_x mode, no lp schedule, no adaptive LR)."
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -14,23 +15,10 @@ from addernet_dist.engine.ddp import DDPEngine
 from addernet_dist.models import create_model
 from addernet_dist.nn import adder_modules
 from addernet_dist.train import build_model
+from tests.helpers import CPU_REFERENCE, PLAIN_SGD, cpu_engine
 from tests.train_helpers import DEBUG_CONFIG
 
-PLAIN_SGD = [
-    "optim.momentum=0",
-    "optim.weight_decay=0",
-    "optim.lr=1.0",
-    "optim.schedule=constant",
-    "optim.warmup_epochs=0",
-    "adder.backend=reference",
-]
-
-
-def _engine(overrides: list[str]) -> tuple[DDPEngine, torch.nn.Module]:
-    cfg = load_config(DEBUG_CONFIG, [*PLAIN_SGD, *overrides])
-    torch.manual_seed(0)
-    model = build_model(cfg, num_classes=10)
-    return DDPEngine(model, cfg, DistInfo(), steps_per_epoch=4), model
+_engine = functools.partial(cpu_engine, [*PLAIN_SGD, *CPU_REFERENCE])
 
 
 def _step(engine: DDPEngine, model: torch.nn.Module):
@@ -113,7 +101,7 @@ def test_resume_keeps_position_but_takes_schedule_shape_from_new_config():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 autocast runs on CUDA only")
 @pytest.mark.timeout(120)
 def test_bf16_autocast_step_on_gpu():
-    cfg = load_config(DEBUG_CONFIG, [*PLAIN_SGD[:-1], "train.bf16=true", "train.device=cuda"])
+    cfg = load_config(DEBUG_CONFIG, [*PLAIN_SGD, "train.bf16=true", "train.device=cuda"])
     torch.manual_seed(0)
     model = build_model(cfg, num_classes=10)
     dist = DistInfo(device=torch.device("cuda", 0))
@@ -135,7 +123,7 @@ def test_bf16_autocast_step_on_cpu(bf16):
     """train.bf16 means bf16 autocast on CPU too: the classifier runs in bf16, every adder layer returns
     fp32 (the dtype policy), BN buffers and master weights stay fp32; the Engine declares its
     autocast dtype and how many Adder+BN pairs it fused."""
-    cfg = load_config(DEBUG_CONFIG, [*PLAIN_SGD[:-1], f"train.bf16={bf16}", "train.device=cpu"])
+    cfg = load_config(DEBUG_CONFIG, [*PLAIN_SGD, f"train.bf16={bf16}", "train.device=cpu"])
     torch.manual_seed(0)
     model = build_model(cfg, num_classes=10)
     engine = DDPEngine(model, cfg, DistInfo(device=torch.device("cpu")), steps_per_epoch=4)
