@@ -54,6 +54,7 @@ from addernet_dist.config import Config, ConfigError, ModelConfig
 from addernet_dist.data.config import IMAGENET_MEAN, IMAGENET_STD
 from addernet_dist.models import create_model
 from addernet_dist.models.pretrained import official_key_to_ours, pretrained_cfg
+from addernet_dist.runfolder import file_sha256
 from addernet_dist.weights_io import (  # noqa: F401  (re-exported: interop's API before the split)
     _EXTRA,
     EXPORT_FORMAT,
@@ -61,7 +62,6 @@ from addernet_dist.weights_io import (  # noqa: F401  (re-exported: interop's AP
     _listing,
     _load_tensors,
     _read_checkpoint,
-    _sha256,
     _tensor_keys,
     _weights_and_config,
     check_finite,
@@ -342,7 +342,7 @@ def import_official(src: str | Path, dst: str | Path, model_name: str, overwrite
         "engine": {"model": model.state_dict(), "optimizer": None, "lr_scheduler": None},
         "client": {
             "config": official_config(model_name, meta["num_classes"], meta["head_bias"]),
-            "imported_from": {"path": str(src), "sha256": _sha256(src), "model": model_name},
+            "imported_from": {"path": str(src), "sha256": file_sha256(src), "model": model_name},
         },
     }
     if model_name in OFFICIAL_TAGS:  # the published files: their class names from the zoo

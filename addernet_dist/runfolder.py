@@ -246,6 +246,16 @@ def load_file(path: Path, map_location: str | torch.device = "cpu") -> dict[str,
     return safe_torch_load(io.BytesIO(body), Path(path), map_location)
 
 
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 4 MiB blocks (a ResNet-50 shard is ~300 MB: never whole
+    in memory). The one hash of the package's manifests and provenance records."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def same_checkpoint(a: Path, b: Path) -> bool:
     """Whether ``b`` is a copy of ``a`` (both verified): the same sha256 footer, or for DeepSpeed
     folders the same MANIFEST (which holds every shard's sha256)."""

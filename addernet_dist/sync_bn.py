@@ -24,12 +24,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as tdist
 import torch.distributed.nn.functional as dist_nn
-import torch.nn.functional as F
 from torch import nn
 
-from addernet_dist.ops.amp import autocast_off, fp32_affine
-
-_LOW = (torch.bfloat16, torch.float16)
+from addernet_dist.ops.amp import _LOW, FP32BatchNorm2d, autocast_off, fp32_affine
 
 
 def _world_size() -> int:
@@ -65,26 +62,11 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         return y.to(input.dtype)
 
     def _local(self, input: torch.Tensor) -> torch.Tensor:
-        """nn.BatchNorm2d's forward, with 16-bit affine parameters (DeepSpeed bf16 weights) upcast."""
+        """nn.BatchNorm2d's forward; with 16-bit affine parameters (DeepSpeed bf16 weights)
+        FP32BatchNorm2d's, which upcasts them."""
         if self.weight is None or self.weight.dtype not in _LOW:
             return super().forward(input)
-        self._check_input_dim(input)
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else factor
-        use_batch = self.training or (self.running_mean is None and self.running_var is None)
-        track = not self.training or self.track_running_stats
-        return F.batch_norm(
-            input,
-            self.running_mean if track else None,
-            self.running_var if track else None,
-            fp32_affine(self.weight),
-            fp32_affine(self.bias),
-            use_batch,
-            factor,
-            self.eps,
-        )
+        return FP32BatchNorm2d.forward(self, input)
 
 
 def convert_sync_bn(model: nn.Module) -> int:

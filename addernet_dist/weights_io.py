@@ -9,7 +9,6 @@ interop.py (import/export tools, above models/) and the pretrained registry (mod
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -220,14 +219,6 @@ def load_weights_into(
     check_finite(src, path)
     _load_tensors(model, src)
     return list(src), kept
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def map_official(

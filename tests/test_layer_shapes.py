@@ -3,8 +3,6 @@ nobody here wrote), and the throughput model of benchmarks/kernel_report.py on h
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import torchvision
 from torch import nn
 
 from addernet_dist.layer_shapes import adder_layer_shapes
+from tests.helpers import kernel_report
 
 
 def _torchvision_shapes(name: str) -> Counter:
@@ -56,17 +55,8 @@ def test_layer_shapes_match_torchvision(name, distinct, layers, gmacs):
     assert share == pytest.approx({"resnet18": 0.0114, "resnet50": 0.534}[name], abs=1e-3)
 
 
-def _report():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_report.py"
-    spec = importlib.util.spec_from_file_location("kernel_report", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["kernel_report"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_throughput_model_on_hand_checkable_cases():
-    kr = _report()
+    kr = kernel_report()
     from addernet_dist.layer_shapes import LayerShape
 
     gpu = dict(kr.H100_SXM)
@@ -97,7 +87,7 @@ def test_throughput_model_on_hand_checkable_cases():
 def test_throughput_model_costs_the_whole_p_schedule():
     # issue 21 item 4: 225 of ImageNet ResNet-50's 300 epochs run at a general p, where the MUFU pipe
     # (8 issue slots per warp MUFU instruction) binds, not the SASS count
-    kr = _report()
+    kr = kernel_report()
     from addernet_dist.config import load_config
     from addernet_dist.layer_shapes import LayerShape
 

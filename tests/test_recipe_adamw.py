@@ -4,6 +4,7 @@ an exact resume."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -12,10 +13,9 @@ import torch
 from addernet_dist import train as train_mod
 from addernet_dist.checkpoint import load_file
 from addernet_dist.config import load_config
-from addernet_dist.distributed import DistInfo
-from addernet_dist.engine.ddp import DDPEngine
 from addernet_dist.nn import adder_modules
 from addernet_dist.train import build_model
+from tests.helpers import CPU_REFERENCE, SMALL_RUN, cpu_engine
 from tests.train_helpers import DEBUG_CONFIG
 
 ADAMW = [
@@ -26,17 +26,12 @@ ADAMW = [
     "optim.adam_eps=1e-6",
     "optim.schedule=constant",
     "optim.warmup_epochs=0",
-    "adder.backend=reference",
-    "train.device=cpu",
+    *CPU_REFERENCE,
     "train.precision=fp32",
 ]
 
 
-def _engine(overrides: list[str]) -> tuple[DDPEngine, torch.nn.Module]:
-    cfg = load_config(DEBUG_CONFIG, [*ADAMW, *overrides])
-    torch.manual_seed(0)
-    model = build_model(cfg, num_classes=10)
-    return DDPEngine(model, cfg, DistInfo(device=torch.device("cpu")), steps_per_epoch=4), model
+_engine = functools.partial(cpu_engine, ADAMW)
 
 
 def _batches(n: int):
@@ -106,19 +101,7 @@ def test_adamw_cancels_eq33s_constant_factor():
     assert sgd[1] / sgd[0] == pytest.approx(10.0, rel=1e-4)
 
 
-RUN = [
-    "train.progress_bar=false",
-    "data.synthetic_train_size=32",
-    "data.synthetic_val_size=16",
-    "train.log_every=1",
-    "train.ckpt_every_steps=0",
-    "adder.backend=reference",
-    "train.device=cpu",
-    "train.epochs=2",
-    "train.precision=fp32",
-    "optim.name=adamw",
-    "optim.lr=0.01",
-]
+RUN = [*SMALL_RUN, *CPU_REFERENCE, "train.epochs=2", "train.precision=fp32", "optim.name=adamw", "optim.lr=0.01"]
 
 
 @pytest.mark.timeout(600)

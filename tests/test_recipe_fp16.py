@@ -13,29 +13,13 @@ import torch
 from addernet_dist import train as train_mod
 from addernet_dist.checkpoint import load_file
 from addernet_dist.config import ConfigError, load_config
-from addernet_dist.distributed import DistInfo
-from addernet_dist.engine.ddp import DDPEngine, unscale_
+from addernet_dist.engine.ddp import unscale_
 from addernet_dist.guard import NonFiniteGuard
 from addernet_dist.nn import adder_modules
-from addernet_dist.train import build_model
+from tests.helpers import CPU_REFERENCE, PLAIN_SGD, SMALL_RUN, cpu_engine
 from tests.train_helpers import DEBUG_CONFIG
 
-PLAIN_SGD = [
-    "optim.momentum=0",
-    "optim.weight_decay=0",
-    "optim.lr=1.0",
-    "optim.schedule=constant",
-    "optim.warmup_epochs=0",
-    "adder.backend=reference",
-    "train.device=cpu",
-]
-
-
-def _engine(overrides: list[str]) -> tuple[DDPEngine, torch.nn.Module]:
-    cfg = load_config(DEBUG_CONFIG, [*PLAIN_SGD, *overrides])
-    torch.manual_seed(0)
-    model = build_model(cfg, num_classes=10)
-    return DDPEngine(model, cfg, DistInfo(device=torch.device("cpu")), steps_per_epoch=4), model
+_engine = functools.partial(cpu_engine, [*PLAIN_SGD, *CPU_REFERENCE])
 
 
 def _batch():
@@ -150,16 +134,7 @@ def test_fp16_refusals_name_the_keys():
     assert load_config(DEBUG_CONFIG, ["train.bf16=true"]).train.precision == "bf16"
 
 
-RUN = [
-    "train.progress_bar=false",
-    "data.synthetic_train_size=32",
-    "data.synthetic_val_size=16",
-    "train.log_every=1",
-    "train.ckpt_every_steps=0",
-    "adder.backend=reference",
-    "train.device=cpu",
-    "train.epochs=2",
-]
+RUN = [*SMALL_RUN, *CPU_REFERENCE, "train.epochs=2"]
 
 
 def _final(out):

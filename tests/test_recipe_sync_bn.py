@@ -15,6 +15,7 @@ from addernet_dist.distributed import DistInfo, destroy_distributed, init_distri
 from addernet_dist.engine.ddp import DDPEngine
 from addernet_dist.models import create_model
 from addernet_dist.nn import set_p
+from addernet_dist.ops.amp import FP32BatchNorm2d
 from addernet_dist.sync_bn import SyncBatchNorm2d, convert_sync_bn
 from tests.train_helpers import DEBUG_CONFIG, launch_workers
 
@@ -132,3 +133,30 @@ def test_two_rank_sync_bn_equals_one_process_over_the_full_batch(tmp_path):
 
 if __name__ == "__main__":
     _worker(sys.argv[1])
+
+
+@pytest.mark.parametrize("cls", [FP32BatchNorm2d, SyncBatchNorm2d])
+def test_bn_with_bf16_affine_parameters_normalises_in_fp32(cls):
+    """DeepSpeed's bf16 weights: FP32BatchNorm2d and (on one process) SyncBatchNorm2d upcast the bf16
+    weight and bias, so an adder-like fp32 input (-4000 +- 37) gets the output and fp32 running
+    statistics of an fp32 BatchNorm2d with the same affine values, to the bit, in train and eval mode."""
+    import copy
+
+    ref = torch.nn.BatchNorm2d(3)
+    with torch.no_grad():  # bf16-representable values: the upcast is exact
+        ref.weight.copy_(torch.tensor([0.5, 1.25, -2.0]))
+        ref.bias.copy_(torch.tensor([0.125, -0.375, 3.0]))
+    bn = copy.deepcopy(ref)
+    bn.__class__ = cls
+    bn.weight.data, bn.bias.data = bn.weight.data.bfloat16(), bn.bias.data.bfloat16()
+    g = torch.Generator().manual_seed(3)
+    for train in (True, True, False):
+        ref.train(train), bn.train(train)
+        x = -4000.0 + 37.0 * torch.randn(4, 3, 5, 5, generator=g)
+        y = bn(x)
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y, ref(x), rtol=0, atol=0)
+    for name in ("running_mean", "running_var"):
+        assert getattr(bn, name).dtype == torch.float32
+        torch.testing.assert_close(getattr(bn, name), getattr(ref, name), rtol=0, atol=0)
+    assert int(bn.num_batches_tracked) == int(ref.num_batches_tracked) == 2

@@ -534,3 +534,19 @@ def test_stalled_rank_is_named_within_the_timeout_and_a_restart_resumes(tmp_path
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:]
     assert "step_000000002.pt at step 2" in outs[0][1]
     assert _steps(out) == list(range(1, 7))
+
+
+def test_file_sha256_hashes_every_block(tmp_path):
+    """runfolder.file_sha256 (DeepSpeed MANIFESTs, interop's provenance): the digest of the whole file,
+    read in 4 MiB blocks, so a byte past the first block changes it."""
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    assert runfolder.file_sha256(empty) == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    body = bytes(range(256)) * ((1 << 22) // 256) + b"abc"  # one full block + 3 bytes
+    f = tmp_path / "two_blocks"
+    f.write_bytes(body)
+    import hashlib
+
+    assert runfolder.file_sha256(f) == hashlib.sha256(body).hexdigest()
+    f.write_bytes(body[:-1] + b"d")
+    assert runfolder.file_sha256(f) != hashlib.sha256(body).hexdigest()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -252,28 +251,11 @@ dist.destroy_process_group()
 
 
 def _two_ranks(tmp_path, scenario):
-    from tests.train_helpers import REPO, env, free_port
+    from tests.train_helpers import start_workers
 
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
-    port = free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(tmp_path), scenario],
-            cwd=REPO,
-            env=env(
-                RANK=str(r),
-                LOCAL_RANK=str(r),
-                WORLD_SIZE="2",
-                MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(port),
-            ),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(2)
-    ]
+    procs = start_workers([str(script), str(tmp_path), scenario])
     errs = []
     for p in procs:
         try:

@@ -9,7 +9,6 @@ the one a GPU runs (only the timing function is injected where a test needs a pa
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
@@ -156,31 +155,11 @@ dist.destroy_process_group()
 
 @pytest.mark.timeout(180)
 def test_all_ranks_use_rank0s_tile(tmp_path):
-    import subprocess
-
-    from tests.train_helpers import REPO, env, free_port
+    from tests.train_helpers import start_workers
 
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
-
-    port = free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(tmp_path)],
-            cwd=REPO,
-            env=env(
-                RANK=str(r),
-                LOCAL_RANK=str(r),
-                WORLD_SIZE="2",
-                MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(port),
-            ),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(2)
-    ]
+    procs = start_workers([str(script), str(tmp_path)])
     for r, p in enumerate(procs):
         _, err = p.communicate(timeout=170)
         assert p.returncode == 0, f"rank {r}: {err[-3000:]}"

@@ -3,6 +3,7 @@ ablation switches (sign gradient, grad_x mode, no lp schedule, no adaptive LR)."
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -14,23 +15,10 @@ from addernet_dist.engine.ddp import DDPEngine
 from addernet_dist.models import create_model
 from addernet_dist.nn import adder_modules
 from addernet_dist.train import build_model
+from tests.helpers import CPU_REFERENCE, PLAIN_SGD, cpu_engine
 from tests.train_helpers import DEBUG_CONFIG
 
-PLAIN_SGD = [
-    "optim.momentum=0",
-    "optim.weight_decay=0",
-    "optim.lr=1.0",
-    "optim.schedule=constant",
-    "optim.warmup_epochs=0",
-    "adder.backend=reference",
-]
-
-
-def _engine(overrides: list[str]) -> tuple[DDPEngine, torch.nn.Module]:
-    cfg = load_config(DEBUG_CONFIG, [*PLAIN_SGD, *overrides])
-    torch.manual_seed(0)
-    model = build_model(cfg, num_classes=10)
-    return DDPEngine(model, cfg, DistInfo(), steps_per_epoch=4), model
+_engine = functools.partial(cpu_engine, [*PLAIN_SGD, *CPU_REFERENCE])
 
 
 def _step(engine: DDPEngine, model: torch.nn.Module):
@@ -113,7 +101,7 @@ def test_resume_keeps_position_but_takes_schedule_shape_from_new_config():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 autocast runs on CUDA only")
 @pytest.mark.timeout(120)
 def test_bf16_autocast_step_on_gpu():
-    cfg = load_config(DEBUG_CONFIG, [*PLAIN_SGD[:-1], "train.bf16=true", "train.device=cuda"])
+    cfg = load_config(DEBUG_CONFIG, [*PLAIN_SGD, "train.bf16=true", "train.device=cuda"])
     torch.manual_seed(0)
     model = build_model(cfg, num_classes=10)
     dist = DistInfo(device=torch.device("cuda", 0))
@@ -135,7 +123,7 @@ def test_bf16_autocast_step_on_cpu(bf16):
     """train.bf16 means bf16 autocast on CPU too: the classifier runs in bf16, every adder layer returns
     fp32 (the dtype policy), BN buffers and master weights stay fp32; the Engine declares its
     autocast dtype and how many Adder+BN pairs it fused."""
-    cfg = load_config(DEBUG_CONFIG, [*PLAIN_SGD[:-1], f"train.bf16={bf16}", "train.device=cpu"])
+    cfg = load_config(DEBUG_CONFIG, [*PLAIN_SGD, f"train.bf16={bf16}", "train.device=cpu"])
     torch.manual_seed(0)
     model = build_model(cfg, num_classes=10)
     engine = DDPEngine(model, cfg, DistInfo(device=torch.device("cpu")), steps_per_epoch=4)
@@ -154,3 +142,43 @@ def test_bf16_autocast_step_on_cpu(bf16):
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert model.conv1.weight.dtype == model.bn1.running_mean.dtype == torch.float32
     assert torch.isfinite(stats.adder_alphas).all()
+
+
+def test_prepare_model_builds_what_both_engines_share():
+    """engine/prepare.py, the one preparation of both engines: fusion forced on (adder.fuse_bn=true)
+    fuses every Adder+BN pair, train.sync_bn converts every BN layer instead; DeepSpeed's bf16
+    weights mean bf16 autocast whatever train.precision, and fp32 BatchNorm; fp16 adds the GradScaler;
+    the optimizer holds every parameter of the prepared module; the LR schedule spans epochs x steps."""
+    from addernet_dist.engine.prepare import prepare_model
+    from addernet_dist.models.fusion import FusedAdderBN2d
+    from addernet_dist.ops.amp import FP32BatchNorm2d
+    from addernet_dist.sync_bn import SyncBatchNorm2d
+
+    cpu = torch.device("cpu")
+
+    def prep(*overrides, bf16_weights=False):
+        cfg = load_config(DEBUG_CONFIG, [*PLAIN_SGD, *CPU_REFERENCE, "adder.fuse_bn=true", *overrides])
+        torch.manual_seed(0)
+        return prepare_model(build_model(cfg, 10), cfg, cpu, steps_per_epoch=3, bf16_weights=bf16_weights)
+
+    p = prep("train.precision=fp32", "train.channels_last=true")
+    # resnet8: 8 adder layers, each followed by its BN
+    assert p.fused_adder_bn == 8 == sum(isinstance(m, FusedAdderBN2d) for m in p.module.modules())
+    assert p.sync_bn_layers == 0 and p.autocast_dtype is None and p.grad_scaler is None
+    assert p.module.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert p.adaptive is not None and [m.weight for m in p.adders] == p.adaptive.weights
+    assert {id(q) for g in p.optimizer.param_groups for q in g["params"]} == {id(q) for q in p.module.parameters()}
+    sched = p.build_lr_scheduler(p.optimizer)
+    assert sched.lr_lambdas[0].total_steps == 2 * 3  # train.epochs=2 x steps_per_epoch
+
+    s = prep("train.precision=fp32", "train.sync_bn=true", "adder.fuse_bn=auto")  # config: no forced fusion
+    assert s.fused_adder_bn == 0 and s.sync_bn_layers == 9  # 8 after adders + the stem's
+    assert sum(isinstance(m, SyncBatchNorm2d) for m in s.module.modules()) == 9
+
+    b = prep("train.precision=fp32", bf16_weights=True)
+    assert b.autocast_dtype == torch.bfloat16
+    bns = [m for m in b.module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bns) == 9 and all(type(m) is FP32BatchNorm2d for m in bns)
+
+    h = prep("train.precision=fp16", "adder.adaptive_scope=global")
+    assert h.autocast_dtype == torch.float16 and isinstance(h.grad_scaler, torch.amp.GradScaler)

@@ -16,16 +16,10 @@ from addernet_dist.config import load_config
 from addernet_dist.evaluator import RECALIBRATION_SEED_OFFSET
 from addernet_dist.logging_utils import read_metrics
 from addernet_dist.optim import PSchedule
+from tests.helpers import SMALL_RUN
 from tests.train_helpers import DEBUG_CONFIG
 
-RUN = [
-    "train.progress_bar=false",
-    "data.synthetic_train_size=32",
-    "data.synthetic_val_size=16",
-    "train.log_every=1",
-    "train.ckpt_every_steps=0",
-    "train.bf16=false",
-]
+RUN = [*SMALL_RUN, "train.bf16=false"]
 CLIENT_KEYS = {
     "train_state",
     "p_schedule",

@@ -18,6 +18,7 @@ from addernet_dist.kernels.triton_adder import DX_CONFIGS as _DX_CONFIGS  # noqa
 from addernet_dist.kernels.triton_adder import FWD_CONFIGS as _FWD_CONFIGS  # noqa: E402
 from addernet_dist.kernels.triton_testing import interpreted_modules
 from addernet_dist.ops.reference import adder2d_reference
+from tests.helpers import run_adder
 
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log2")
 
@@ -26,14 +27,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in lo
 def ta():
     with interpreted_modules("addernet_dist.kernels.triton_adder") as (mod,):
         yield mod
-
-
-def _run(fn, x, w, g, **kw):
-    x = x.detach().clone().requires_grad_(True)
-    w = w.detach().clone().requires_grad_(True)
-    y = fn(x, w, **kw)
-    y.backward(g)
-    return y.detach(), x.grad, w.grad
 
 
 # (N, C, O, (H, W), (kh, kw), stride, padding, dilation, p, grad_x, grad_w)
@@ -60,8 +53,8 @@ def test_forward_and_both_grads_match_reference_fp64(ta, case):
     kw = dict(stride=stride, padding=pad, dilation=dil, p=p, grad_x=gx, grad_w=gw)
     y_ref = adder2d_reference(x, w, **kw)
     g = torch.randn_like(y_ref)
-    y, dx, dw = _run(ta.adder2d_triton, x, w, g, **kw)
-    y_r, dx_r, dw_r = _run(adder2d_reference, x, w, g, **kw)
+    y, dx, dw = run_adder(ta.adder2d_triton, x, w, g, **kw)
+    y_r, dx_r, dw_r = run_adder(adder2d_reference, x, w, g, **kw)
     assert y.shape == y_r.shape
     torch.testing.assert_close(y, y_r, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(dx, dx_r, rtol=1e-10, atol=1e-10)
@@ -169,7 +162,7 @@ def test_every_dx_config_matches_reference(ta, cfg_index):
         x, w, g, p, tol = x.float(), w.float(), g.float(), 1.5, dict(rtol=2e-6, atol=1e-5)
     else:
         p, tol = 1.0, dict(rtol=1e-10, atol=1e-10)
-    _, dx_r, _ = _run(
+    _, dx_r, _ = run_adder(
         adder2d_reference, x.double(), w.double(), g.double(), stride=2, padding=1, p=p
     )
     dx = ta.adder2d_grad_input(g, x, w, (2, 2), (1, 1), (1, 1), p, "lp", config=cfg)
@@ -183,7 +176,7 @@ def test_every_dw_config_matches_reference(ta, cfg_index):
     w = torch.randn(9, 5, 3, 3, dtype=torch.float64)
     g = torch.randn(1, 9, 3, 3, dtype=torch.float64)
     args = ((2, 2), (1, 1), (1, 1))
-    _, _, dw_r = _run(adder2d_reference, x, w, g, stride=2, padding=1, p=1.0)
+    _, _, dw_r = run_adder(adder2d_reference, x, w, g, stride=2, padding=1, p=1.0)
     dw = ta.adder2d_grad_weight(g, x, w, *args, "full", config=ta.DW_CONFIGS[cfg_index])
     torch.testing.assert_close(dw, dw_r, rtol=1e-10, atol=1e-10)
 
@@ -198,8 +191,8 @@ def test_fp32_general_and_fast_paths(ta, p, c, o):
     w = torch.randn(o, c, 3, 3)
     kw = dict(stride=1, padding=1, p=p, grad_x="lp", grad_w="full")
     g = torch.randn(1, o, 7, 7)
-    y, dx, dw = _run(ta.adder2d_triton, x, w, g, **kw)
-    y_r, dx_r, dw_r = _run(adder2d_reference, x.double(), w.double(), g.double(), **kw)
+    y, dx, dw = run_adder(ta.adder2d_triton, x, w, g, **kw)
+    y_r, dx_r, dw_r = run_adder(adder2d_reference, x.double(), w.double(), g.double(), **kw)
     # fp32 sums of 27-81 terms of size O(1): ~1e-6 relative; the interpreter's exp2/log2 are numpy's.
     torch.testing.assert_close(y, y_r.float(), rtol=2e-6, atol=1e-5)
     torch.testing.assert_close(dx, dx_r.float(), rtol=2e-6, atol=1e-5)
@@ -213,13 +206,13 @@ def test_16bit_storage_channels_last(ta, dtype):
     w = torch.randn(5, 3, 3, 3).to(dtype)
     g = torch.randn(1, 5, 4, 4).to(dtype)
     kw = dict(stride=2, padding=1, p=1.5, grad_x="hardtanh", grad_w="full")
-    y, dx, dw = _run(ta.adder2d_triton, x, w, g, **kw)
+    y, dx, dw = run_adder(ta.adder2d_triton, x, w, g, **kw)
     assert y.dtype == dx.dtype == dw.dtype == dtype
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert dx.is_contiguous(memory_format=torch.channels_last)
     # The same rounded values, computed in fp64: the only differences are fp32 accumulation and the
     # final rounding to 16 bits (bf16: 8 mantissa bits → 2^-8 relative).
-    y_r, dx_r, dw_r = _run(adder2d_reference, x.double(), w.double(), g.double(), **kw)
+    y_r, dx_r, dw_r = run_adder(adder2d_reference, x.double(), w.double(), g.double(), **kw)
     tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(y.double(), y_r, **tol)
     torch.testing.assert_close(dx.double(), dx_r, **tol)
@@ -242,10 +235,10 @@ def test_channels_last_matches_nchw_and_streams_nchw(ta, monkeypatch):
         seen[kind] = args[:2]
         return launch(kernel, tuned, kind, configs, grid_fn, args, consts, config)
 
-    y_n, dx_n, dw_n = _run(ta.adder2d_triton, x, w, g, **kw)
+    y_n, dx_n, dw_n = run_adder(ta.adder2d_triton, x, w, g, **kw)
     monkeypatch.setattr(ta, "_launch", spy)
     cl = torch.channels_last
-    y_c, dx_c, dw_c = _run(
+    y_c, dx_c, dw_c = run_adder(
         ta.adder2d_triton, x.to(memory_format=cl), w, g.to(memory_format=cl), **kw
     )
     assert y_c.is_contiguous(memory_format=cl) and not y_c.is_contiguous()
@@ -267,7 +260,7 @@ def test_dw_deterministic_is_bitwise_reproducible_and_atomic_matches(ta):
     b = ta.adder2d_grad_weight(g, x, w, *args, deterministic=True)
     assert torch.equal(a, b)
     c = ta.adder2d_grad_weight(g, x, w, *args, deterministic=False)
-    _, _, dw_r = _run(adder2d_reference, x.double(), w.double(), g.double(), padding=1)
+    _, _, dw_r = run_adder(adder2d_reference, x.double(), w.double(), g.double(), padding=1)
     torch.testing.assert_close(a, dw_r.float(), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(c, dw_r.float(), rtol=1e-5, atol=1e-4)
 

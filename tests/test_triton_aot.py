@@ -11,6 +11,7 @@ import torch
 
 from addernet_dist.kernels import aot
 from addernet_dist.kernels import triton_adder as ta
+from tests.helpers import kernel_report
 
 SPECS = aot.kernel_specs(r=1, s=1)
 
@@ -59,25 +60,12 @@ def test_cpu_tensors_without_interpreter_raise_a_clear_error():
         ta.adder2d_triton(x, w)
 
 
-def _kernel_report():
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_report.py"
-    spec = importlib.util.spec_from_file_location("kernel_report", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["kernel_report"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.mark.timeout(120)
 def test_packed_16bit_sfu_does_not_halve_the_mufu_count():
     # docs/kernels.md ("General p"): the general-p forward is MUFU-bound, and a packed f16x2/bf16x2 exp2
     # would only help if ptxas issued one MUFU per two results. It issues one per result on sm_90 (the
     # probe reads the SASS). If a future ptxas packs them, this fails: revisit the general-p design.
-    rows = {r["form"]: r for r in _kernel_report().sfu_probe(90)}
+    rows = {r["form"]: r for r in kernel_report().sfu_probe(90)}
     assert set(rows) == {
         "lg2.approx.ftz.f32",
         "ex2.approx.ftz.f32",
@@ -126,7 +114,7 @@ def test_low_register_dw_candidate_doubles_resident_warps_on_sm90():
     # the registers.
     import triton.language as tl
 
-    kr = _kernel_report()
+    kr = kernel_report()
     gpu = kr.H100_SXM
     default, cand = (ta.DW_CONFIGS[i] for i in ta.DW_SELFTEST_CONFIGS)
     assert (default.kwargs["BLOCK_M"], default.kwargs["BLOCK_N"]) == (

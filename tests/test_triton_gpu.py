@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from addernet_dist.ops.reference import adder2d_reference
+from tests.helpers import run_adder
 from tests.logit_checks import assert_logits_vary, spread_model
 
 pytestmark = [
@@ -17,14 +18,6 @@ pytestmark = [
 ]
 
 DEV = "cuda"
-
-
-def _run(fn, x, w, g, **kw):
-    x = x.detach().clone().requires_grad_(True)
-    w = w.detach().clone().requires_grad_(True)
-    y = fn(x, w, **kw)
-    y.backward(g)
-    return y.detach(), x.grad, w.grad
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -52,8 +45,8 @@ def test_large_shapes_fp32(shape, p, grad_x):
     kw = dict(stride=stride, padding=pad, p=p, grad_x=grad_x, grad_w="full")
     y_r = adder2d_reference(x.double(), w.double(), **kw)
     g = torch.randn_like(y_r).float()
-    y, dx, dw = _run(adder2d_triton, x, w, g, **kw)
-    _, dx_r, dw_r = _run(adder2d_reference, x.double(), w.double(), g.double(), **kw)
+    y, dx, dw = run_adder(adder2d_triton, x, w, g, **kw)
+    _, dx_r, dw_r = run_adder(adder2d_reference, x.double(), w.double(), g.double(), **kw)
     # fp32 accumulation over K = C·k·k ≤ 2304 terms; SFU log2/exp2 ≤ ~2e-6 relative for p = 1.5.
     assert _rel_err(y, y_r) < 1e-5
     assert _rel_err(dx, dx_r) < 1e-5
@@ -72,7 +65,7 @@ def test_every_general_p_tile_compiled(p):
     g = torch.randn(8, 64, 28, 28, device=DEV)
     conv = ((1, 1), (1, 1), (1, 1))
     y_r = adder2d_reference(x.double(), w.double(), padding=1, p=p)
-    _, dx_r, _ = _run(adder2d_reference, x.double(), w.double(), g.double(), padding=1, p=p)
+    _, dx_r, _ = run_adder(adder2d_reference, x.double(), w.double(), g.double(), padding=1, p=p)
     for cfg in ta.FWD_CONFIGS:
         y, _ = ta.adder2d_forward(x, w, *conv, p, (28, 28), config=cfg)
         assert _rel_err(y, y_r) < 1e-5, cfg
@@ -90,9 +83,9 @@ def test_bf16_channels_last(p):
     w = torch.randn(128, 64, 3, 3, device=DEV).bfloat16()
     kw = dict(stride=1, padding=1, p=p, grad_x="lp", grad_w="full")
     g = torch.randn(16, 128, 28, 28, device=DEV).bfloat16()
-    y, dx, dw = _run(adder2d_triton, x, w, g, **kw)
+    y, dx, dw = run_adder(adder2d_triton, x, w, g, **kw)
     assert y.dtype == dx.dtype == dw.dtype == torch.bfloat16
-    y_r, dx_r, dw_r = _run(adder2d_reference, x.double(), w.double(), g.double(), **kw)
+    y_r, dx_r, dw_r = run_adder(adder2d_reference, x.double(), w.double(), g.double(), **kw)
     # Inputs are the same bf16 values; only fp32 accumulation and the final bf16 rounding differ.
     assert _rel_err(y, y_r) < 1e-2
     assert _rel_err(dx, dx_r) < 1e-2

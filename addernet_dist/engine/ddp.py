@@ -1,6 +1,7 @@
 """The DDP engine: plain PyTorch DistributedDataParallel (or a bare module on one process).
 
-Order of wrapping (fixed, torchtitan-style): move to device + memory format -> DDP -> compile.
+Order of wrapping (fixed, torchtitan-style): prepare (engine/prepare.py: device + memory format,
+sync_bn, fusion, eq. 33 scaler, optimizer) -> DDP -> compile.
 Compiling the DDP module lets Dynamo's DDPOptimizer split graphs at bucket boundaries so the
 all-reduce still overlaps backward.
 """
@@ -14,21 +15,12 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from addernet_dist import device_policy
-from addernet_dist.adaptive_lr import AdaptiveLRScaler
 from addernet_dist.config import Config
 from addernet_dist.distill import CoTrainedTeacher
 from addernet_dist.distributed import DistInfo
-from addernet_dist.engine.base import (
-    Engine,
-    StepStats,
-    maybe_fuse_adder_bn,
-    resolve_autocast_dtype,
-)
+from addernet_dist.engine.base import Engine, StepStats
+from addernet_dist.engine.prepare import prepare_model
 from addernet_dist.loss import Criterion
-from addernet_dist.nn import adder_modules
-from addernet_dist.optim import build_lr_scheduler, build_optimizer
-from addernet_dist.sync_bn import convert_sync_bn
 
 
 class DDPEngine(Engine):
@@ -44,13 +36,10 @@ class DDPEngine(Engine):
         self.dist = dist
         self.device = dist.device
         self.cfg = cfg
-        memory_format = torch.channels_last if cfg.train.channels_last else torch.preserve_format
-        model = model.to(device=self.device, memory_format=memory_format)
-        # train.sync_bn: global-batch BN statistics; no fusion then (its epilogue statistics are per rank)
-        self.sync_bn_layers = convert_sync_bn(model) if cfg.train.sync_bn else 0
-        self.fused_adder_bn = maybe_fuse_adder_bn(model, False if cfg.train.sync_bn else cfg.adder.fuse_bn, self.device)
-        self._module = model
-        self.autocast_dtype = resolve_autocast_dtype(cfg.train.precision, self.device)
+        prep = prepare_model(model, cfg, self.device, steps_per_epoch=steps_per_epoch)
+        model = self._module = prep.module
+        self.sync_bn_layers, self.fused_adder_bn = prep.sync_bn_layers, prep.fused_adder_bn
+        self.autocast_dtype, self.adaptive, self.grad_scaler = prep.autocast_dtype, prep.adaptive, prep.grad_scaler
         # The loss of both engines (loss.py); a frozen teacher stays outside DDP and the optimizer,
         # a co-trained one (distill.co_train) has its own DDP wrapper, optimizer and LR schedule.
         self.co_teacher = (
@@ -61,20 +50,6 @@ class DDPEngine(Engine):
         criterion_teacher = self.co_teacher.wrapped if self.co_teacher is not None else teacher
         self.criterion = Criterion.from_config(cfg, self.autocast_dtype, criterion_teacher)
         self.loss_parts: dict[str, torch.Tensor] = {}
-        # fp16: loss scaling. The initial scale 2^16 and halving on overflow are torch's defaults; the
-        # adder layers return fp32 (ops/amp.py), so only the stem/classifier backward is fp16.
-        self.grad_scaler = (
-            torch.amp.GradScaler(self.device.type) if device_policy.grad_scaling(cfg.train.precision) else None
-        )
-
-        # Built on the bare module BEFORE wrapping: the "local" scope registers gradient hooks
-        # that must run before DDP's reducer, and the parameters are the ones DDP reduces.
-        adders = adder_modules(model)
-        self.adaptive = (
-            AdaptiveLRScaler(adders, cfg.adder.eta, cfg.adder.adaptive_scope)
-            if cfg.adder.adaptive_lr and adders
-            else None
-        )
 
         wrapped: nn.Module = model
         if dist.world_size > 1:
@@ -88,10 +63,8 @@ class DDPEngine(Engine):
             wrapped = torch.compile(wrapped)
         self.model = wrapped
 
-        self.optimizer = build_optimizer(model, cfg.optim)
-        self.lr_scheduler = build_lr_scheduler(
-            self.optimizer, cfg.optim, steps_per_epoch=steps_per_epoch, epochs=cfg.train.epochs
-        )
+        self.optimizer = prep.optimizer
+        self.lr_scheduler = prep.build_lr_scheduler(self.optimizer)
         self._params = [p for p in model.parameters() if p.requires_grad]
 
     def forward_backward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

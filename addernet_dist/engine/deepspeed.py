@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 import torch.distributed as tdist
-import torch.nn.functional as F
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
@@ -37,19 +36,12 @@ from addernet_dist.checkpoint import CheckpointError
 from addernet_dist.config import Config, ConfigError
 from addernet_dist.distributed import DistInfo
 from addernet_dist.engine import ds_checkpoint
-from addernet_dist.engine.base import (
-    Engine,
-    StepStats,
-    maybe_fuse_adder_bn,
-    resolve_autocast_dtype,
-)
+from addernet_dist.engine.base import Engine, StepStats
 from addernet_dist.engine.deepspeed_config import build_ds_config, resolve_batch
+from addernet_dist.engine.prepare import prepare_model
 from addernet_dist.engine.zero_norms import ShardedGradProcessor
 from addernet_dist.loss import Criterion
-from addernet_dist.nn import adder_modules
-from addernet_dist.ops.amp import fp32_affine
-from addernet_dist.optim import build_lr_scheduler, build_optimizer
-from addernet_dist.sync_bn import convert_sync_bn
+from addernet_dist.ops.amp import FP32BatchNorm2d, keep_batchnorm_fp32  # noqa: F401 (were defined here)
 
 # Our part of DeepSpeed's client_state (DeepSpeed adds its own keys next to it).
 _CLIENT_KEY = "addernet"
@@ -99,8 +91,6 @@ class DeepSpeedEngine(Engine):
                 "distill.co_train=true is implemented for engine=ddp only; use engine=ddp, or distil "
                 "from a trained teacher (distill.co_train=false, distill.teacher_checkpoint=...)"
             )
-        if cfg.train.channels_last:
-            model = model.to(memory_format=torch.channels_last)
         self.dist = dist
         self.device = dist.device
         self.cfg = cfg
@@ -121,40 +111,24 @@ class DeepSpeedEngine(Engine):
         deepspeed = _import_deepspeed(self.device)
         self._ensure_process_group()
 
-        model = model.to(self.device)
-        # train.sync_bn: global-batch BN statistics (before keep_batchnorm_fp32, which leaves these
-        # alone: SyncBatchNorm2d upcasts 16-bit affine parameters itself); no fusion then
-        self.sync_bn_layers = convert_sync_bn(model) if cfg.train.sync_bn else 0
-        self.fused_adder_bn = maybe_fuse_adder_bn(model, False if cfg.train.sync_bn else cfg.adder.fuse_bn, self.device)
-        self._module = model
-        # autocast: train.precision autocast, as the DDP engine. bf16: DeepSpeed's bf16 weights on any
-        # device; autocast then only casts the fp32 images at the first layer, and the trainer's
-        # eval (which uses this attribute) feeds the bf16 model the same way.
-        if ds_section.precision == "bf16":
-            self.autocast_dtype: torch.dtype | None = torch.bfloat16
-        else:
-            self.autocast_dtype = resolve_autocast_dtype(cfg.train.precision, self.device)
-        self.input_dtype = torch.bfloat16 if ds_section.precision == "bf16" else None
+        bf16_weights = ds_section.precision == "bf16"
+        # The DDP engine's preparation (engine/prepare.py); bf16 weights: autocast bf16 on any
+        # device (it then only casts the fp32 images at the first layer) and BN in fp32.
+        prep = prepare_model(model, cfg, self.device, steps_per_epoch=steps_per_epoch, bf16_weights=bf16_weights)
+        model = self._module = prep.module
+        self.sync_bn_layers, self.fused_adder_bn = prep.sync_bn_layers, prep.fused_adder_bn
+        self.autocast_dtype, self.adaptive = prep.autocast_dtype, prep.adaptive
+        # No loss scaler: config.py refuses train.precision=fp16 with engine=deepspeed.
+        assert prep.grad_scaler is None
+        self.input_dtype = torch.bfloat16 if bf16_weights else None
         # The loss of both engines (loss.py); the teacher is never handed to DeepSpeed.
         self.criterion = Criterion.from_config(cfg, self.autocast_dtype, teacher)
         self.loss_parts: dict[str, torch.Tensor] = {}
 
-        adders = adder_modules(model)
-        # The scaler's "local" scope registers per-rank gradient hooks on the adder weights; tensor
-        # hooks run before DeepSpeed's post-accumulate reduction hooks, as before DDP's reducer.
-        self.adaptive = (
-            AdaptiveLRScaler(adders, cfg.adder.eta, cfg.adder.adaptive_scope)
-            if cfg.adder.adaptive_lr and adders
-            else None
-        )
-
-        if ds_section.precision == "bf16":
-            keep_batchnorm_fp32(model)
-        optimizer = build_optimizer(model, cfg.optim)
         ds_engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=ds_config, dist_init_required=False
+            model=model, optimizer=prep.optimizer, config=ds_config, dist_init_required=False
         )
-        if ds_section.precision == "bf16":
+        if bf16_weights:
             check_buffers_fp32(model, deepspeed.__version__)
         self.model = ds_engine
         self._buffers: dict[torch.dtype, list[torch.Tensor]] = {}
@@ -164,15 +138,13 @@ class DeepSpeedEngine(Engine):
         # The torch SGD: under ZeRO its param group holds this rank's flat fp32 partition, so the
         # LambdaLR below (same object as the DDP engine builds) drives DeepSpeed's LR too.
         self.optimizer = ds_engine.basic_optimizer
-        self.lr_scheduler = build_lr_scheduler(
-            self.optimizer, cfg.optim, steps_per_epoch=steps_per_epoch, epochs=cfg.train.epochs
-        )
+        self.lr_scheduler = prep.build_lr_scheduler(self.optimizer)
 
         alpha_fn = None
         if self.adaptive is not None and self.adaptive.scope == "global":
             alpha_fn = _alpha_fn(self.adaptive)
         self.grad_processor = ShardedGradProcessor(
-            [m.weight for m in adders], alpha_fn=alpha_fn, max_norm=cfg.train.grad_clip
+            [m.weight for m in prep.adders], alpha_fn=alpha_fn, max_norm=cfg.train.grad_clip
         )
         self.grad_processor.attach(ds_engine.basic_optimizer, ds_engine.optimizer)
 
@@ -328,32 +300,6 @@ class DeepSpeedEngine(Engine):
         return client[_CLIENT_KEY]
 
 
-class FP32BatchNorm2d(nn.BatchNorm2d):
-    """``nn.BatchNorm2d`` whose statistics, buffers and normalisation stay fp32 when DeepSpeed stores
-    its weight and bias in bf16 (``deepspeed.precision=bf16``): the affine parameters are upcast
-    (differentiably) for the call, so an fp32 adder output is normalised in fp32 and the running
-    statistics are updated in fp32. Same state_dict as ``nn.BatchNorm2d``."""
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(input)
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else factor
-        use_batch = self.training or (self.running_mean is None and self.running_var is None)
-        track = not self.training or self.track_running_stats
-        return F.batch_norm(
-            input,
-            self.running_mean if track else None,
-            self.running_var if track else None,
-            fp32_affine(self.weight),
-            fp32_affine(self.bias),
-            use_batch,
-            factor,
-            self.eps,
-        )
-
-
 # The first DeepSpeed release whose bf16 mode casts parameters only (engine._cast_module_mixed_precision):
 # 0.15.0-0.19.1 call module.bfloat16(), which casts the BN running statistics too (sources read).
 DS_PARAMS_ONLY_CAST = "0.19.2"
@@ -376,17 +322,6 @@ def check_buffers_fp32(model: nn.Module, ds_version: str) -> None:
             f"stay fp32. DeepSpeed casts parameters only from {DS_PARAMS_ONLY_CAST} on: pip install "
             f"'deepspeed>={DS_PARAMS_ONLY_CAST}', or set deepspeed.precision=autocast"
         )
-
-
-def keep_batchnorm_fp32(model: nn.Module) -> int:
-    """Make every plain ``nn.BatchNorm2d`` of ``model`` (the fused modules' ``bn`` included) an
-    ``FP32BatchNorm2d`` (a class swap: parameters, buffers and keys unchanged); returns how many."""
-    n = 0
-    for m in model.modules():
-        if type(m) is nn.BatchNorm2d:
-            m.__class__ = FP32BatchNorm2d
-            n += 1
-    return n
 
 
 def _alpha_fn(scaler: AdaptiveLRScaler):

@@ -23,7 +23,6 @@ with checkpoint.py.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 from addernet_dist.runfolder import (
     NO_ROOM,
     CheckpointWriteError,
+    file_sha256,
     fsync_dir,
     load_file,
     no_room_error,
@@ -45,14 +45,6 @@ MANIFEST = "MANIFEST"
 FORMAT = "addernet-deepspeed-v1"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def tmp_name(final: Path) -> Path:
     return final.with_name(f".{final.name}.tmp")
 
@@ -62,7 +54,7 @@ def write_manifest(folder: Path, extra: dict[str, Any] | None = None) -> None:
     files = {}
     for p in sorted(folder.rglob("*")):
         if p.is_file() and p.name != MANIFEST:
-            files[str(p.relative_to(folder))] = {"sha256": _sha256(p), "size": p.stat().st_size}
+            files[str(p.relative_to(folder))] = {"sha256": file_sha256(p), "size": p.stat().st_size}
     save_file({"format": FORMAT, "files": files, **(extra or {})}, folder / MANIFEST)
 
 
@@ -85,7 +77,7 @@ def verify_dir(folder: Path) -> str | None:
             return f"DeepSpeed checkpoint '{folder}' is missing shard '{rel}'"
         if p.stat().st_size != meta["size"]:
             return f"DeepSpeed checkpoint shard '{p}' is truncated ({p.stat().st_size} of {meta['size']} bytes)"
-        if _sha256(p) != meta["sha256"]:
+        if file_sha256(p) != meta["sha256"]:
             return f"DeepSpeed checkpoint shard '{p}' is corrupt (sha256 mismatch)"
     return None
 

@@ -155,9 +155,9 @@ def resolve_file(cfg: PretrainedCfg) -> Path:
             f"{PRETRAINED_DIR_ENV}), or pass pretrained='path/to/{cfg.file}'"
         )
     if cfg.sha256 is not None:
-        from addernet_dist.weights_io import _sha256
+        from addernet_dist.runfolder import file_sha256
 
-        got = _sha256(path)
+        got = file_sha256(path)
         if got != cfg.sha256:
             raise ValueError(
                 f"'{path}' has sha256 {got}, not the published {cfg.file}'s {cfg.sha256}: a "

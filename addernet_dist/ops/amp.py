@@ -23,6 +23,10 @@ The fused module applies the same rule to x and the filters, and its BN epilogue
 in fp32 and stores fp32. Under ``torch.autocast(bf16)`` an AdderNet therefore runs its stem convolution
 and classifier in bf16 and everything from the first adder layer on in fp32 (BN of an fp32 input returns
 fp32); docs/kernels.md discusses the cost.
+
+BatchNorm with 16-bit weights (DeepSpeed's ``precision=bf16`` stores every parameter in bf16):
+``FP32BatchNorm2d`` upcasts the affine parameters for the call, so BN still normalises the fp32 adder
+output in fp32 and keeps fp32 running statistics (``keep_batchnorm_fp32`` swaps it in).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 _LOW = (torch.bfloat16, torch.float16)
 
@@ -59,3 +65,40 @@ def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
 def fp32_affine(t: torch.Tensor | None) -> torch.Tensor | None:
     """A BN affine parameter as fp32 when it is stored in 16 bits (DeepSpeed bf16 weights)."""
     return t.float() if t is not None and t.dtype in _LOW else t
+
+
+class FP32BatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` whose statistics, buffers and normalisation stay fp32 when DeepSpeed stores
+    its weight and bias in bf16 (``deepspeed.precision=bf16``): the affine parameters are upcast
+    (differentiably) for the call, so an fp32 adder output is normalised in fp32 and the running
+    statistics are updated in fp32. Same state_dict as ``nn.BatchNorm2d``."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else factor
+        use_batch = self.training or (self.running_mean is None and self.running_var is None)
+        track = not self.training or self.track_running_stats
+        return F.batch_norm(
+            input,
+            self.running_mean if track else None,
+            self.running_var if track else None,
+            fp32_affine(self.weight),
+            fp32_affine(self.bias),
+            use_batch,
+            factor,
+            self.eps,
+        )
+
+
+def keep_batchnorm_fp32(model: nn.Module) -> int:
+    """Make every plain ``nn.BatchNorm2d`` of ``model`` (the fused modules' ``bn`` included) an
+    ``FP32BatchNorm2d`` (a class swap: parameters, buffers and keys unchanged); returns how many."""
+    n = 0
+    for m in model.modules():
+        if type(m) is nn.BatchNorm2d:
+            m.__class__ = FP32BatchNorm2d
+            n += 1
+    return n
