@@ -3,7 +3,7 @@ Triton adder launchers make of a channels_last operand, against what channels_la
 
     python benchmarks/layout_copy_model.py [--batch 128] [--image-size 224] [--tbps 3.35]
 
-The forward and ∂X hot loops stream NCHW (``kernels/triton_adder.py``, ``_hot_loop_layout``): with a
+The forward and ∂X hot loops stream NCHW (``addernet_dist/kernels/triton_adder.py``, ``_hot_loop_layout``): with a
 channels_last model every adder layer copies x (forward) and ∂Y (∂X) to NCHW, fp32 (the adder layers run in
 fp32 under bf16 autocast, ops/amp.py): one read + one write = 8 bytes per element. The only plain conv of
 the ImageNet ResNets is the 7×7 stem; in NCHW cuDNN may transpose its bf16 input and output (forward) and

@@ -172,3 +172,25 @@ def test_adder_configs_keep_nchw_for_the_adder_kernels():
     assert len(adder) >= 8  # the glob found the shipped configs
     offenders = [p.name for p in adder if load_config(str(p), []).train.channels_last]
     assert offenders == [], f"adder configs with train.channels_last=true: {offenders}"
+
+
+def test_kd_recipe_is_the_base_recipe_plus_distillation():
+    """configs/imagenet_resnet50_kd.yaml says "everything but the distill section and the train.* loss
+    keys is configs/imagenet_resnet50.yaml": a copy that drifts (it once kept channels_last=true and
+    the deprecated train.bf16 after the base moved on) fails here."""
+    root = Path(__file__).resolve().parents[1] / "configs"
+    base = load_config(str(root / "imagenet_resnet50.yaml"), []).model_dump()
+    kd = load_config(str(root / "imagenet_resnet50_kd.yaml"), []).model_dump()
+    loss_keys = {"label_smoothing", "mixup_alpha", "cutmix_alpha", "mixup_prob", "mixup_switch_prob"}
+    flat = {
+        name: {
+            f"{s}.{k}" if isinstance(v, dict) else s: (v[k] if isinstance(v, dict) else v)
+            for s, v in cfg.items()
+            for k in (v if isinstance(v, dict) else [None])
+        }
+        for name, cfg in (("base", base), ("kd", kd))
+    }
+    differ = {k for k in flat["base"].keys() | flat["kd"].keys() if flat["base"].get(k) != flat["kd"].get(k)}
+    allowed = {f"train.{k}" for k in loss_keys} | {"wandb.tags", "output_dir"}
+    assert {d for d in differ if not d.startswith("distill.")} <= allowed, differ - allowed
+    assert kd["distill"]["teacher"] == "resnet50" and kd["distill"]["weight"] > 0
