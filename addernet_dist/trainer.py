@@ -46,6 +46,7 @@ from addernet_dist.logging_utils import MetricsLogger, Progress
 from addernet_dist.loss import BatchMixer
 from addernet_dist.metrics import EvalResult
 from addernet_dist.nn import adder_layer_names, adder_modules, set_p
+from addernet_dist.ops import dispatch
 from addernet_dist.optim import PSchedule, set_schedule_step
 from addernet_dist.tiles import TileChoices, tune_tiles, tuners_active, warmup_plan
 
@@ -290,6 +291,11 @@ class Trainer:
         rank 0 would stop every rank (stall_timeout_s=300). Nothing to do off the compiled Triton
         path, with ADDERNET_TILE_TUNING=0, or for keys a tile cache / the checkpoint already holds."""
         if not tuners_active() or not adder_modules(self.model):
+            return
+        # tuners_active() only says the compiled kernels are importable (true on any machine with
+        # Triton): a run whose layers use the CPU fast path or the reference would pay a full
+        # training step per p path here and tune nothing
+        if dispatch.resolve_backend(self.dist.device) != "triton":
             return
         plan = warmup_plan(self.cfg, self.dist.world_size)
         with self.watchdog.during("tuning"):
