@@ -135,7 +135,20 @@ def test_sync_bn_under_zero2_follows_ddp_and_shares_global_statistics(worker):
         ref, got = r["ddp_sync"], r["z2_sync"]
         assert got["sync_bn_layers"] == ref["sync_bn_layers"] > 0 and r["z2_plain"]["sync_bn_layers"] == 0
         torch.testing.assert_close(got["loss"], ref["loss"], rtol=1e-5, atol=1e-6)
-        _close(ref["state"], got["state"])
+        # per tensor in norm, as for AdamW above: DDP's all-reduce and ZeRO-2's reduce-scatter sum
+        # the gradients in different orders (step-2 losses differ by 4e-7), and the 1/sigma of
+        # layer3's BN (32 values per channel at 2x2) amplifies that in a few elements: measured, 6
+        # of 18432 layer3.0.conv1 elements near 0.03 differ by up to 4.6e-6 after 3 steps, every
+        # tensor by <= 7e-7 of its norm. ZeRO-2 with per-rank BN (z2_plain) moves some tensors by
+        # more than 1e-3 of their norm (asserted below), so the bound still tells the two apart.
+        for k, v in ref["state"].items():
+            if v.is_floating_point():
+                assert (got["state"][k] - v).norm().item() <= 1e-5 * v.norm().item() + 1e-6, k
+        assert any(
+            (r["z2_plain"]["state"][k] - v).norm().item() > 1e-3 * v.norm().item()
+            for k, v in ref["state"].items()
+            if v.is_floating_point()
+        )
     # global-batch statistics: both ranks hold the same running statistics after their own last
     # forward (with per-rank BN they differ, as the plain run shows)
     stats = [k for k in worker[0]["z2_sync"]["state"] if k.endswith("running_mean")]
