@@ -30,13 +30,28 @@ from addernet_dist.runfolder import NO_ROOM, dumps_strict, no_room_error
 log = logging.getLogger("addernet_dist")
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """A StreamHandler that writes to whatever ``sys.stderr`` is at emit time. basicConfig(stream=
+    sys.stderr) keeps the object of the moment: a caller that swaps stderr around train.main()
+    (pytest's capsys, a notebook's redirect) closes it afterwards, and every later log record then
+    ends in "--- Logging error --- ValueError: I/O operation on closed file"."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:  # StreamHandler.__init__ assigns it; always follow sys.stderr
+        pass
+
+
 def setup_console_logging(rank: int) -> None:
     """INFO on rank 0, WARNING elsewhere, one format for every module."""
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"[%(asctime)s rank{rank}] %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
-        stream=sys.stderr,
+        handlers=[_CurrentStderr()],
         force=True,
     )
 

@@ -109,7 +109,7 @@ def test_trainer_recalibrates_before_mid_decay_evaluations_and_saves_what_it_eva
         "adder.p_decay_epochs=1.5",
         "train.bn_recalibration_batches=3",
         "train.ckpt_every_steps=0",
-        "train.bf16=false",  # fp32: the recalibration is redone below in this process in fp32
+        "train.precision=fp32",  # fp32: the recalibration is redone below in this process in fp32
     ]
     check(run_python(train_cmd(overrides), timeout=280))
     evals = [

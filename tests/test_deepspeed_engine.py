@@ -44,11 +44,11 @@ TINY = [
     "wandb.enabled=false",
     # fp32: the engine comparisons below are about sharding, at fp32 tolerances (under bf16 autocast a
     # 1e-7 reduction-order difference can flip a bf16 rounding of the next step's activations)
-    "train.bf16=false",
+    "train.precision=fp32",
 ]
 TRAIN_RUN = [
     *TINY,
-    "train.bf16=true",  # the trainer runs (DeepSpeed, ZeRO-2) under bf16 autocast, on CPU too
+    "train.precision=bf16",  # the trainer runs (DeepSpeed, ZeRO-2) under bf16 autocast, on CPU too
     "train.epochs=1",
     "train.log_every=1",
     "train.ckpt_every_steps=2",
@@ -252,7 +252,7 @@ def _worker(out: Path) -> None:
         ]
         own = []
         for i, (x, y) in enumerate(micro):
-            with autocast(dist.device.type, engine.autocast_dtype):  # train.bf16: on CPU too
+            with autocast(dist.device.type, engine.autocast_dtype):  # train.precision=bf16: on CPU too
                 logits = model(x)
             loss = torch.nn.functional.cross_entropy(logits.float(), y)
             (loss / len(micro)).backward()
@@ -551,12 +551,12 @@ def test_bf16_precision_trains_close_to_fp32_and_converts_to_fp32_masters(worker
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (NCCL, bf16)")
 @pytest.mark.timeout(600)
 def test_gpu_zero2_bf16_autocast_tracks_ddp(tmp_path):
-    """One GPU, train.bf16 autocast: ZeRO-2 follows the DDP engine step by step (bf16 tolerance)."""
+    """One GPU, train.precision=bf16 autocast: ZeRO-2 follows the DDP engine step by step (bf16 tolerance)."""
     losses = {}
     for engine in ("ddp", "deepspeed"):
         out = tmp_path / engine
         cmd = [sys.executable, "-m", "addernet_dist.train", "--config", str(CONFIG), *TINY]
-        cmd += ["train.device=cuda", "train.bf16=true", "train.epochs=1", "train.log_every=1"]
+        cmd += ["train.device=cuda", "train.precision=bf16", "train.epochs=1", "train.log_every=1"]
         cmd += [f"engine={engine}", "deepspeed.zero_stage=2", f"output_dir={out}"]
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
         env.pop("DS_ACCELERATOR", None)

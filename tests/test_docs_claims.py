@@ -30,7 +30,7 @@ SHORT = [
     "adder.p_schedule=false",
     "train.log_every=1",
     "train.ckpt_every_steps=0",
-    "train.bf16=false",  # fp32: the world-size test recomputes a loss in this process in fp32
+    "train.precision=fp32",  # fp32: the world-size test recomputes a loss in this process in fp32
 ]
 
 

@@ -28,7 +28,7 @@ RUN = [
     "data.synthetic_val_size=16",
     "train.log_every=1",
     "train.ckpt_every_steps=0",
-    "train.bf16=false",
+    "train.precision=fp32",
     "adder.backend=reference",
     "train.ema_decay=0.5",  # a short average: the EMA differs from the model visibly after 2 steps
 ]
@@ -201,7 +201,7 @@ def test_two_ranks_evaluate_and_save_rank0s_ema(tmp_path):
     from tests.train_helpers import check, run_python, torchrun_args, train_cmd
 
     out = tmp_path / "run"
-    overrides = [f"output_dir={out}", "train.ema_decay=0.5", "train.bf16=false", "train.epochs=1"]
+    overrides = [f"output_dir={out}", "train.ema_decay=0.5", "train.precision=fp32", "train.epochs=1"]
     check(run_python(torchrun_args(2, "--standalone") + train_cmd(overrides), timeout=380))
     (ev,) = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "eval"]
     proc = check(

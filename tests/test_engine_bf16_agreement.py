@@ -1,4 +1,4 @@
-"""engine=ddp and engine=deepspeed (ZeRO-0) agree under train.bf16 with the compiled CPU adder (issue 21.8).
+"""engine=ddp and engine=deepspeed (ZeRO-0) agree under train.precision=bf16 with the compiled CPU adder (issue 21.8).
 
 Under bf16 autocast the stem convolution and the classifier round their operands to bf16, so a one-ulp
 difference in an adder filter after one optimizer step can flip a bf16 rounding in a later step and grow
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "debug.yaml"
 STEPS = 6
 # The issue's run: configs/debug.yaml as it is, 2 processes, bf16, the compiled CPU adder.
-ISSUE = ["train.bf16=true", "adder.backend=cpu", "wandb.enabled=false"]
+ISSUE = ["train.precision=bf16", "adder.backend=cpu", "wandb.enabled=false"]
 # ... and with clipping acting in every step (the other norm eq. 33's processor computes).
 CLIPPED = [*ISSUE, "train.grad_clip=2.0", "adder.p_decay_epochs=1", "optim.warmup_epochs=0"]
 SCENARIOS = {

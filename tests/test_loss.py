@@ -161,7 +161,7 @@ def test_mixup_config_keys_reach_the_mixer():
 # ---- the teacher in the engine -------------------------------------------------------------------
 
 
-PLAIN = ["adder.backend=reference", "train.bf16=false", "optim.warmup_epochs=0"]
+PLAIN = ["adder.backend=reference", "train.precision=fp32", "optim.warmup_epochs=0"]
 
 
 def _teacher(num_classes: int = 10) -> torch.nn.Module:
@@ -280,7 +280,7 @@ def _first_record(tmp_path, name: str, extra: list[str]) -> dict:
     from tests.train_helpers import run_python, train_cmd
 
     out = tmp_path / name
-    args = ["train.epochs=1", "data.synthetic_train_size=32", "train.log_every=1", "train.bf16=false",
+    args = ["train.epochs=1", "data.synthetic_train_size=32", "train.log_every=1", "train.precision=fp32",
             f"output_dir={out}", *extra]
     proc = run_python(train_cmd(args))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -393,7 +393,7 @@ def test_co_train_config_rules():
 
 
 def test_frozen_teacher_runs_under_the_students_autocast():
-    cfg = load_config(DEBUG_CONFIG, [*PLAIN[:1], "train.bf16=true", "distill.weight=0.5"])
+    cfg = load_config(DEBUG_CONFIG, [*PLAIN[:1], "train.precision=bf16", "distill.weight=0.5"])
     torch.manual_seed(0)
     teacher = _teacher()
     seen = []

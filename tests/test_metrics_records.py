@@ -27,7 +27,7 @@ RUN = [
     "data.synthetic_val_size=16",
     "train.log_every=1",
     "train.ckpt_every_steps=0",
-    "train.bf16=false",
+    "train.precision=fp32",
     "adder.backend=reference",
 ]
 

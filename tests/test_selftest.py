@@ -308,7 +308,7 @@ def test_logits_worker_compares_fused_and_unfused_logits_of_a_checkpoint(tmp_pat
     out = tmp_path / "run"
     overrides = [
         "train.epochs=1",
-        "train.bf16=true",
+        "train.precision=bf16",
         "train.progress_bar=false",
         "train.ckpt_every_steps=0",
     ]

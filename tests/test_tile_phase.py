@@ -128,7 +128,7 @@ TINY = [
     "train.ckpt_every_steps=0",
     "train.bn_recalibration_batches=1",
     "train.progress_bar=false",
-    "train.bf16=false",
+    "train.precision=fp32",
     "adder.backend=triton",
     "adder.fuse_bn=true",
     "adder.p_decay_epochs=1000",  # p = 1 only far beyond this run, as at ImageNet's decay_steps

@@ -101,7 +101,7 @@ def test_resume_keeps_position_but_takes_schedule_shape_from_new_config():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 autocast runs on CUDA only")
 @pytest.mark.timeout(120)
 def test_bf16_autocast_step_on_gpu():
-    cfg = load_config(DEBUG_CONFIG, [*PLAIN_SGD, "train.bf16=true", "train.device=cuda"])
+    cfg = load_config(DEBUG_CONFIG, [*PLAIN_SGD, "train.precision=bf16", "train.device=cuda"])
     torch.manual_seed(0)
     model = build_model(cfg, num_classes=10)
     dist = DistInfo(device=torch.device("cuda", 0))
@@ -120,10 +120,10 @@ def test_bf16_autocast_step_on_gpu():
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("bf16", [True, False])
 def test_bf16_autocast_step_on_cpu(bf16):
-    """train.bf16 means bf16 autocast on CPU too: the classifier runs in bf16, every adder layer returns
+    """train.precision=bf16 means bf16 autocast on CPU too: the classifier runs in bf16, every adder layer returns
     fp32 (the dtype policy), BN buffers and master weights stay fp32; the Engine declares its
     autocast dtype and how many Adder+BN pairs it fused."""
-    cfg = load_config(DEBUG_CONFIG, [*PLAIN_SGD, f"train.bf16={bf16}", "train.device=cpu"])
+    cfg = load_config(DEBUG_CONFIG, [*PLAIN_SGD, f"train.precision={'bf16' if bf16 else 'fp32'}", "train.device=cpu"])
     torch.manual_seed(0)
     model = build_model(cfg, num_classes=10)
     engine = DDPEngine(model, cfg, DistInfo(device=torch.device("cpu")), steps_per_epoch=4)

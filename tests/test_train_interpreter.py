@@ -52,7 +52,7 @@ def _launch(out, backend_args, precision, interp):
     extra = {"TRITON_INTERPRET": "1"} if interp else {}
     cmd = [sys.executable, *torchrun_args(2, "--standalone")]
     cmd += train_cmd(
-        [*TINY, *backend_args, f"train.bf16={precision == 'bf16'}", f"output_dir={out}"]
+        [*TINY, *backend_args, f"train.precision={precision}", f"output_dir={out}"]
     )
     return subprocess.Popen(
         cmd, cwd=REPO, env=env(**extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -110,7 +110,7 @@ def test_interpreted_triton_trainer_matches_cpu_backend(runs, precision):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_bf16_means_autocast_on_cpu(runs):
-    """train.bf16=true runs the forward passes under bf16 autocast on CPU: the stem convolution and the
+    """train.precision=bf16 runs the forward passes under bf16 autocast on CPU: the stem convolution and the
     classifier round to bf16, so the losses move off the fp32 run's, by bf16-sized amounts."""
     for backend in ("triton", "cpu"):
         f32 = [r["loss"] for r in _records(runs[(backend, "fp32")][0], "train")]

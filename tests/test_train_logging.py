@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 
 import pytest
 
@@ -56,3 +57,24 @@ def test_progress_plain_lines_when_not_a_terminal(caplog):
     prog.update(2, {"epoch": 0, "loss": 2.30259, "lr": 0.1, "p": 1.75, "images_per_s": 812.4})
     prog.close()
     assert "epoch=0 loss=2.303 lr=0.1 p=1.75 images_per_s=812.4" in caplog.text
+
+
+def test_console_logging_follows_sys_stderr_after_it_is_replaced(monkeypatch):
+    """A caller that swaps sys.stderr around train.main() (pytest's capsys, a notebook) and closes the
+    swapped stream must not turn every later log record into "Logging error ... closed file"."""
+    import io
+
+    from addernet_dist.logging_utils import setup_console_logging
+
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    try:
+        setup_console_logging(0)
+        logging.getLogger("addernet_dist").warning("one")
+        first.close()
+        second = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", second)
+        logging.getLogger("addernet_dist").warning("two")
+        assert "WARNING two" in second.getvalue()
+    finally:
+        logging.basicConfig(force=True, handlers=[logging.NullHandler()])

@@ -24,9 +24,9 @@ from tests.train_helpers import (
     train_cmd,
 )
 
-# fp32: the eq. 33 check below recomputes the first step in this process in fp32 (train.bf16, the
+# fp32: the eq. 33 check below recomputes the first step in this process in fp32 (train.precision, the
 # default, is bf16 autocast on CPU too; its trainer path is tested in test_train_interpreter.py).
-RUN = ["train.log_every=1", "train.ckpt_every_steps=5", "train.epochs=2", "train.bf16=false"]
+RUN = ["train.log_every=1", "train.ckpt_every_steps=5", "train.epochs=2", "train.precision=fp32"]
 STEPS = 24  # 12 per epoch (192 samples / global batch 16)
 
 

@@ -19,7 +19,7 @@ from addernet_dist.optim import PSchedule
 from tests.helpers import SMALL_RUN
 from tests.train_helpers import DEBUG_CONFIG
 
-RUN = [*SMALL_RUN, "train.bf16=false"]
+RUN = [*SMALL_RUN, "train.precision=fp32"]
 CLIENT_KEYS = {
     "train_state",
     "p_schedule",

@@ -61,7 +61,7 @@ def test_warm_model_runs_every_p_and_batch(monkeypatch):
 @pytest.mark.parametrize("bf16", [True, False])
 def test_warm_model_forwards_run_under_the_trainers_autocast_dtype(bf16):
     # the warm-up must launch what the run launches: every forward (the train step's and the eval
-    # forward) inside the trainer's autocast region, with the dtype the engines decide for train.bf16
+    # forward) inside the trainer's autocast region, with the dtype the engines decide for train.precision
     # (engine.base.resolve_autocast_dtype: bf16 on CPU too), seen from inside the model's stem conv
     # and classifier; a bf16 warm-up of an fp32 run (or the reverse) compiles other kernels
     import torch
@@ -69,7 +69,7 @@ def test_warm_model_forwards_run_under_the_trainers_autocast_dtype(bf16):
     from addernet_dist.engine.base import resolve_autocast_dtype
 
     cfg = load_config(
-        str(CONFIGS / "debug.yaml"), ["adder.backend=reference", f"train.bf16={str(bf16).lower()}"]
+        str(CONFIGS / "debug.yaml"), ["adder.backend=reference", f"train.precision={'bf16' if bf16 else 'fp32'}"]
     )
     expected = resolve_autocast_dtype(cfg.train.precision, torch.device("cpu"))
     assert expected == (torch.bfloat16 if bf16 else None)
