@@ -155,6 +155,23 @@ class RNGState:
 # ---------------------------------------------------------------------------------------------
 
 
+def _check_same_classes(saved: list[str] | None, now: list[str] | None) -> None:
+    """A resume whose data tree names other classes than the checkpoint's would go on training with
+    every label meaning another class (a renamed, added or removed folder shifts the sorted indices)."""
+    if saved is None or now is None or list(saved) == list(now):
+        return
+    if len(saved) != len(now):
+        what = f"{len(saved)} classes in the checkpoint, {len(now)} in data.root now"
+    else:
+        i = next(i for i, (a, b) in enumerate(zip(saved, now)) if a != b)
+        what = f"label {i} was class {saved[i]!r}, data.root now has {now[i]!r} there"
+    raise ValueError(
+        f"the training data's classes changed since the checkpoint ({what}); resuming would train "
+        "on labels that mean other classes. Point data.root at the tree the run was trained on, or "
+        "start a new output_dir (train.init_from=<checkpoint> to start from its weights)"
+    )
+
+
 class Trainer:
     """The loop: for each batch {set p, step, maybe log, maybe save}; at epoch ends {maybe
     evaluate, save}. Everything else is a component it calls."""
@@ -211,9 +228,13 @@ class Trainer:
         """Collective (the per-rank components gather): the checkpoint's client state."""
         self.state.wall_time_s = self.wall_time_s()
         client = {name: c.state_dict() for name, c in self.components.items()}
+        names = getattr(self.train_loader, "class_names", None)
+        if names is not None:  # label index -> folder name, for export/eval
+            client["class_names"] = list(names)
         return {**client, "world_size": self.dist.world_size, "config": self.cfg.model_dump(mode="json")}
 
     def load_state_dict(self, client: dict[str, Any]) -> None:
+        _check_same_classes(client.get("class_names"), getattr(self.train_loader, "class_names", None))
         for name, component in self.components.items():
             if name in client:
                 component.load_state_dict(client[name])

@@ -53,6 +53,14 @@ class Mutation:
 
 MUTATIONS = [
     Mutation(
+        "resume-ignores-class-names",
+        "a resume onto a tree with other class folders is not refused (labels change meaning)",
+        "addernet_dist/trainer.py",
+        "        _check_same_classes(client.get(\"class_names\"), getattr(self.train_loader, \"class_names\", None))",
+        "        pass",
+        ("tests/test_class_names.py",),
+    ),
+    Mutation(
         "op-forward-sign",
         "reference operator forward at p=1 returns +Σ|X−F| instead of −Σ|X−F|",
         "addernet_dist/ops/reference.py",

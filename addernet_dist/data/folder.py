@@ -430,6 +430,7 @@ class FolderLoader(ShardedLoader):
         self.cfg = cfg
         self.samples = samples
         self.num_classes = len(samples.classes)
+        self.class_names = list(samples.classes)
 
 
 class TorchvisionLoader(FolderLoader):

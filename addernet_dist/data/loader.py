@@ -22,6 +22,8 @@ class ShardedLoader:
     """
 
     num_classes: int
+    # the folder names behind the label indices (a folder tree); None where labels have no names
+    class_names: list[str] | None = None
 
     def __init__(
         self,
