@@ -24,6 +24,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from addernet_dist.runfolder import (  # noqa: F401  (re-exported: the checkpoin
     atomic_write_bytes,
     clean_stale_temp,
     encode,
+    link_or_copy,
     load_file,
     read_verified,
     remove,
@@ -168,9 +170,7 @@ def check_resumable(state: dict[str, Any], path: Path, cfg: Any) -> None:
 class Checkpointer:
     """Names, lists, verifies, prunes and resolves the checkpoints of one run folder."""
 
-    def __init__(
-        self, output_dir: str | os.PathLike, keep_last: int, dist: DistInfo, every_steps: int = 0
-    ) -> None:
+    def __init__(self, output_dir: str | os.PathLike, keep_last: int, dist: DistInfo, every_steps: int = 0) -> None:
         self.root = Path(output_dir)
         self.dir = self.root / "checkpoints"
         self.keep_last = keep_last
@@ -244,16 +244,14 @@ class Checkpointer:
             self._valid[path] = sig
         return problem
 
-    def move_aside(self, path: Path, problem: str) -> Path:
-        """Rename an unreadable checkpoint to ``<name>.corrupt`` (kept for the user, out of
-        the way of listing, retention and resume)."""
-        dst = path.with_name(path.name + ".corrupt")
-        n = 1
+    def move_aside(self, path: Path, problem: str, kind: str = "corrupt") -> Path:
+        """Rename an unreadable (or superseded) checkpoint to ``<name>.<kind>`` (kept for the
+        user, out of the way of listing, retention and resume)."""
+        dst, n = path.with_name(f"{path.name}.{kind}"), 1
         while dst.exists():
-            dst = path.with_name(f"{path.name}.corrupt{n}")
-            n += 1
+            dst, n = path.with_name(f"{path.name}.{kind}{n}"), n + 1
         os.replace(path, dst)
-        log.warning("moved unreadable checkpoint %s aside to %s (%s)", path.name, dst.name, problem)
+        log.warning("moved checkpoint %s aside to %s (%s)", path.name, dst.name, problem)
         return dst
 
     def newest_valid(self, move_aside: bool = False) -> Path | None:
@@ -289,7 +287,7 @@ class Checkpointer:
             found += [
                 f"checkpoints/{p.name}"
                 for p in sorted(self.dir.iterdir())
-                if p.name in ("best.pt", "best_ema.pt") or ".corrupt" in p.name
+                if p.name in ("best.pt", "best_ema.pt") or ".corrupt" in p.name or ".superseded" in p.name
             ]
         metrics = self.root / "metrics.jsonl"
         if metrics.is_file() and metrics.stat().st_size > 0:
@@ -310,7 +308,9 @@ class Checkpointer:
 
     def _supersede_newer(self, step: int) -> Path | None:
         """resume= an older checkpoint of this folder: the newer ones (another future of the run)
-        move to ``checkpoints/superseded-<UTC time>/`` instead of being overwritten."""
+        move to ``checkpoints/superseded-<UTC time>/`` instead of being overwritten, with a hard
+        link (a copy where links fail) of best.pt / best_ema.pt: they may be that future's best,
+        which the resumed run's next best would replace."""
         newer = [p for p in self.list() if (step_of(p) or 0) > step]
         if not newer:
             return None
@@ -318,6 +318,11 @@ class Checkpointer:
         dst.mkdir(exist_ok=True)
         for p in newer:
             os.replace(p, dst / p.name)
+        for best in (self.best_path, self.best_ema_path):
+            if best.is_dir():  # a DeepSpeed folder
+                shutil.copytree(best, dst / best.name, copy_function=link_or_copy)
+            elif best.is_file():
+                link_or_copy(best, dst / best.name)
         return dst
 
     def _decide(self, cfg: Any) -> ResumePlan:
@@ -379,34 +384,31 @@ class Checkpointer:
         self.move_aside(self.best_path, problem)
         return None
 
-    def restore_best(self, resumed: Path, best_step: int | None) -> bool:
+    def restore_best(self, resumed: Path, best_step: int | None, best_path: Path | None = None) -> bool:
         """Collective, after a resume. The train state names the step whose checkpoint is best.pt
-        (``best_step``, recorded with best_top1 before the copy): a run killed (or out of disk)
-        while copying it left best.pt missing or holding the previous best, so copy it again.
-        Returns True when neither best.pt nor the step's checkpoint is left (the caller then
-        forgets the best so the next evaluation at the final p makes a best.pt again)."""
+        (``best_step``, recorded before the copy; or best_ema.pt's, ``best_path``): a run killed or
+        out of disk while copying left it missing or holding the previous best: copy it again. A
+        valid best file that is not that step's (the previous best, or another future's after
+        resume= an older step) is kept aside as ``<name>.superseded``, never overwritten.
+        True when neither it nor the step's checkpoint is left (the caller forgets that best)."""
+        best_path = best_path or self.best_path
         lost = False
-        if self.dist.is_main and best_step is not None and Path(resumed) != self.best_path:
-            problem = self._check(self.best_path) if self.best_path.exists() else "missing"
+        if self.dist.is_main and best_step is not None and Path(resumed) != best_path:
+            problem = self._check(best_path) if best_path.exists() else "missing"
             best_ok = problem is None
-            if self.best_path.exists() and not best_ok:
-                self.move_aside(self.best_path, problem)  # replaced below: keep it for the user
-            # the resumed checkpoint is the best one (killed while copying it): best.pt must be it;
-            # else only a missing or unreadable best.pt is replaced, from the best step's file
+            if best_path.exists() and not best_ok:
+                self.move_aside(best_path, problem)  # replaced below: keep it for the user
             src = Path(resumed) if step_of(resumed) == best_step else self.path_for(best_step)
-            if src == Path(resumed) and best_ok and same_checkpoint(src, self.best_path):
-                pass
-            elif src == Path(resumed) or (not best_ok and src.exists() and self._check(src) is None):
-                log.warning(
-                    "best.pt is not the checkpoint of step %d, the best evaluation (the run stopped "
-                    "while copying it): copying %s to best.pt again", best_step, src.name
-                )
-                self.copy_to_best(src)
-            elif not best_ok:
-                log.warning(
-                    "best.pt (step %d) is missing or unreadable and that step's checkpoint is gone: "
-                    "the next evaluation at the final p becomes best.pt", best_step
-                )
+            src_ok = src == Path(resumed) or (src.exists() and self._check(src) is None)
+            if src_ok and not (best_ok and same_checkpoint(src, best_path)):
+                if best_ok:
+                    self.move_aside(best_path, f"not the checkpoint of step {best_step}", "superseded")
+                log.warning("%s is not the checkpoint of step %d, the best evaluation: copying %s to %s "
+                            "again", best_path.name, best_step, src.name, best_path.name)  # fmt: skip
+                self.copy_to_best(src, best_path)
+            elif not best_ok and not src_ok:
+                log.warning("%s (step %d) is missing or unreadable and that step's checkpoint is gone: the"
+                            " next evaluation at the final p makes it again", best_path.name, best_step)  # fmt: skip
                 lost = True
         return bool(self.dist.broadcast_object(lost))
 
@@ -584,17 +586,11 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list[A
     """``{"optim.lr": [0.1, 0.05], ...}``: every key whose value differs between the
     checkpoint's config and this run's (keys only one side has count as changed)."""
     a, b = _flatten(old), _flatten(new)
-    return {
-        k: [a.get(k), b.get(k)]
-        for k in sorted(set(a) | set(b))
-        if k not in _QUIET_KEYS and a.get(k) != b.get(k)
-    }
+    return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if k not in _QUIET_KEYS and a.get(k) != b.get(k)}
 
 
 def describe_changes(changes: dict[str, list[Any]]) -> list[str]:
     if not changes:
         return ["config unchanged since the checkpoint"]
-    lines = [
-        f"{k}: {old!r} -> {new!r} (this run's value applies)" for k, (old, new) in changes.items()
-    ]
+    lines = [f"{k}: {old!r} -> {new!r} (this run's value applies)" for k, (old, new) in changes.items()]
     return [f"{len(changes)} config key(s) differ from the checkpoint's:", *lines]

@@ -256,6 +256,15 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def link_or_copy(src: str | Path, dst: str | Path) -> None:
+    """A hard link (a copy where the file system has none): checkpoints are only ever replaced
+    by rename (atomic_write_bytes, publish), so the link keeps the bytes it was made with."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def same_checkpoint(a: Path, b: Path) -> bool:
     """Whether ``b`` is a copy of ``a`` (both verified): the same sha256 footer, or for DeepSpeed
     folders the same MANIFEST (which holds every shard's sha256)."""

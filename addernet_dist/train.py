@@ -276,6 +276,9 @@ def _train(cfg: Config, dist: DistInfo) -> EvalResult | None:
     ckpt.commit(plan)
     if resume_from is not None and ckpt.restore_best(resume_from, state.best_step):
         state.best_top1, state.best_step = -1.0, None  # best.pt is gone: the next one makes it
+    ema_step = state.best_ema_step if state.best_ema_step >= 0 else None  # train.ema_decay's best
+    if resume_from is not None and ckpt.restore_best(resume_from, ema_step, ckpt.best_ema_path):
+        state.best_ema_top1, state.best_ema_step = -1.0, -1
     if dist.is_main:
         save_resolved(cfg, cfg.output_dir)
 

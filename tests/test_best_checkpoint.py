@@ -384,7 +384,8 @@ def test_deepspeed_checkpoint_over_the_file_size_limit_names_the_folder(tmp_path
     assert not target.exists()
 
 
-def test_restore_best_copies_the_named_step_only_when_best_is_missing_or_stale(tmp_path):
+@pytest.mark.parametrize("which", ["best.pt", "best_ema.pt"])
+def test_restore_best_copies_the_named_step_only_when_best_is_missing_or_stale(tmp_path, which):
     """Checkpointer.restore_best over every case: the resumed step is the best (stale best.pt:
     copied again; an unreadable one moved aside first), an older best step (copied only when
     best.pt is missing), and both gone (reported, so the run forgets the best)."""
@@ -394,23 +395,52 @@ def test_restore_best_copies_the_named_step_only_when_best_is_missing_or_stale(t
     ck = Checkpointer(tmp_path, keep_last=3, dist=DistInfo())
     for step in (4, 8):
         runfolder.save_file({"step": torch.tensor(step)}, ck.path_for(step))
-    s4, s8, best = ck.path_for(4), ck.path_for(8), ck.best_path
-    ck.copy_to_best(s4)
+    s4, s8, best = ck.path_for(4), ck.path_for(8), ck.dir / which
+    assert best in (ck.best_path, ck.best_ema_path)
+    ck.copy_to_best(s4, best)
     inode = best.stat().st_ino
     # best.pt is the copy of step 4 = best_step: untouched, whichever step resumes
-    assert ck.restore_best(s8, 4) is False and best.stat().st_ino == inode
-    # resumed step 8 is the best one, best.pt still holds step 4's: copied again
-    assert ck.restore_best(s8, 8) is False and best.read_bytes() == s8.read_bytes()
+    assert ck.restore_best(s8, 4, best) is False and best.stat().st_ino == inode
+    # resumed step 8 is the best one, best.pt still holds step 4's: copied again, step 4's kept
+    assert ck.restore_best(s8, 8, best) is False and best.read_bytes() == s8.read_bytes()
+    aside = ck.dir / f"{which}.superseded"
+    assert aside.read_bytes() == s4.read_bytes()
+    aside.unlink()
     # unreadable best.pt: kept aside as best.pt.corrupt, then replaced
     best.write_bytes(best.read_bytes()[:-5])
     torn = best.read_bytes()
-    assert ck.restore_best(s8, 8) is False and best.read_bytes() == s8.read_bytes()
-    assert (ck.dir / "best.pt.corrupt").read_bytes() == torn
+    assert ck.restore_best(s8, 8, best) is False and best.read_bytes() == s8.read_bytes()
+    assert (ck.dir / f"{which}.corrupt").read_bytes() == torn
     # best.pt missing, the best step (4) older than the resumed one: copied from step 4's file
     best.unlink()
-    assert ck.restore_best(s8, 4) is False and best.read_bytes() == s4.read_bytes()
+    assert ck.restore_best(s8, 4, best) is False and best.read_bytes() == s4.read_bytes()
+    # resume= an older step (4, the best of that history) while best.pt is another future's best
+    # (step 8's): step 4's file becomes best.pt, step 8's valid best is kept aside, not overwritten
+    ck.copy_to_best(s8, best)
+    assert ck.restore_best(s4, 4, best) is False and best.read_bytes() == s4.read_bytes()
+    assert aside.read_bytes() == s8.read_bytes()
     # best.pt and step 4 both gone: reported (the caller resets best_top1)
     best.unlink()
     s4.unlink()
-    assert ck.restore_best(s8, 4) is True and not best.exists()
-    assert ck.restore_best(s8, None) is False  # a checkpoint from before best_step existed
+    assert ck.restore_best(s8, 4, best) is True and not best.exists()
+    assert ck.restore_best(s8, None, best) is False  # a checkpoint from before best_step existed
+
+
+@pytest.mark.timeout(200)
+def test_resume_from_an_older_step_keeps_the_abandoned_future_and_its_best(finished, tmp_path, capsys):
+    """resume= an older checkpoint of the same folder: the newer step files AND the best.pt of that
+    future move to checkpoints/superseded-<time>/ (best.pt as a hard link), so the resumed run's next
+    best cannot destroy the only copy of the old one."""
+    out = shutil.copytree(finished, tmp_path / "run")
+    ck = out / "checkpoints"
+    old_best = (ck / "best.pt").read_bytes()
+    s6 = (ck / "step_000000006.pt").read_bytes()
+    (ck / "step_000000006.pt").unlink()  # retention had pruned the best step's own file
+    rc, err = _main(capsys, out, f"resume={ck / 'step_000000002.pt'}", "optim.lr=0.05")
+    assert rc == 0, err[-3000:]
+    assert "resumed from an older checkpoint: the newer ones moved to" in err
+    (sup,) = ck.glob("superseded-*")
+    assert sorted(p.name for p in sup.iterdir()) == ["best.pt", "step_000000004.pt"]
+    assert (sup / "best.pt").read_bytes() == old_best == s6
+    # the new history (another lr) made its own best.pt; the old one is intact beside it
+    assert (ck / "best.pt").read_bytes() != old_best

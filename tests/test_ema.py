@@ -211,3 +211,17 @@ def test_two_ranks_evaluate_and_save_rank0s_ema(tmp_path):
     assert got["ema"] is True and got["count"] == ev["count"] == 100
     assert got["top1"] == ev["ema_top1"]
     assert got["loss"] == pytest.approx(ev["ema_loss"], rel=1e-6)
+
+
+@pytest.mark.timeout(300)
+def test_a_lost_best_ema_is_copied_again_on_resume(tmp_path):
+    """best_ema.pt follows best.pt's rule (issue 20.2): the train state names its step, so a restart
+    after a crash during the copy (here: the file deleted) copies that step's checkpoint again."""
+    out = tmp_path / "run"
+    _ema_run(out, "train.epochs=1", "train.keep_last=5")
+    ck = out / "checkpoints"
+    step = load_file(ck / "best_ema.pt")["client"]["train_state"]["best_ema_step"]
+    assert step > 0
+    (ck / "best_ema.pt").unlink()
+    _ema_run(out, "train.epochs=1", "train.keep_last=5")  # resume=auto of the finished run
+    assert (ck / "best_ema.pt").read_bytes() == (ck / f"step_{step:09d}.pt").read_bytes()

@@ -123,7 +123,7 @@ def test_retention_keeps_the_runs_valid_checkpoints_and_moves_corrupt_ones_aside
     err = _main(capsys, [f"output_dir={out}", *ONE_EPOCH, "train.epochs=2", "train.keep_last=1"], 0)
     assert f"removed {stale}, left by a killed writer" in err and not stale.exists()
     assert "skipping checkpoint step_000000006.pt" in err
-    assert "moved unreadable checkpoint step_000000006.pt aside to step_000000006.pt.corrupt" in err
+    assert "moved checkpoint step_000000006.pt aside to step_000000006.pt.corrupt" in err
     assert "step_000000002.pt at step 2" in err
     # The run's own newest checkpoint and best.pt survive; the truncated file is kept aside.
     assert _names(out) == ["best.pt", "step_000000006.pt.corrupt", "step_000000012.pt"]

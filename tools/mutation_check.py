@@ -53,6 +53,22 @@ class Mutation:
 
 MUTATIONS = [
     Mutation(
+        "best-ema-not-restored",
+        "a resume does not copy a lost best_ema.pt again from its step's checkpoint",
+        "addernet_dist/train.py",
+        "    if resume_from is not None and ckpt.restore_best(resume_from, ema_step, ckpt.best_ema_path):",
+        "    if False:",
+        ("tests/test_ema.py::test_a_lost_best_ema_is_copied_again_on_resume",),
+    ),
+    Mutation(
+        "superseded-best-dropped",
+        "resume= an older step leaves the abandoned future's best.pt to be overwritten",
+        "addernet_dist/checkpoint.py",
+        "        for best in (self.best_path, self.best_ema_path):\n            if best.is_dir():",
+        "        for best in ():\n            if best.is_dir():",
+        ("tests/test_best_checkpoint.py::test_resume_from_an_older_step_keeps_the_abandoned_future_and_its_best",),
+    ),
+    Mutation(
         "resume-ignores-class-names",
         "a resume onto a tree with other class folders is not refused (labels change meaning)",
         "addernet_dist/trainer.py",
