@@ -53,6 +53,14 @@ class Mutation:
 
 MUTATIONS = [
     Mutation(
+        "save-failure-not-shared",
+        "rank 0's checkpoint write failure is not told to the other ranks (a bare barrier)",
+        "addernet_dist/engine/base.py",
+        "        problem = self.dist.broadcast_object(None if failed is None else str(failed))",
+        "        problem = None",
+        ("tests/test_save_failure_ranks.py",),
+    ),
+    Mutation(
         "best-ema-not-restored",
         "a resume does not copy a lost best_ema.pt again from its step's checkpoint",
         "addernet_dist/train.py",

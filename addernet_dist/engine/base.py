@@ -38,6 +38,7 @@ from torch import nn
 from addernet_dist import device_policy
 from addernet_dist.config import ConfigError
 from addernet_dist.distributed import DistInfo
+from addernet_dist.runfolder import CheckpointWriteError
 
 
 def maybe_fuse_adder_bn(model: nn.Module, fuse_bn: bool | str, device: torch.device) -> int:
@@ -174,9 +175,19 @@ class Engine(ABC):
         from addernet_dist import checkpoint
 
         state = {"engine": self.state_dict(), "client": client_state}
+        failed: Exception | None = None
         if self.dist.rank == 0:
-            checkpoint.save_file(state, path)
-        self.dist.barrier()
+            try:
+                checkpoint.save_file(state, path)
+            except Exception as e:  # disk full, file-size limit, ...: every rank must hear of it
+                failed = e
+        # A collective in place of a barrier: with a bare barrier the other ranks would wait for
+        # rank 0 until the stall watchdog or the 30-minute process-group timeout ends them.
+        problem = self.dist.broadcast_object(None if failed is None else str(failed))
+        if failed is not None:
+            raise failed
+        if problem is not None:
+            raise CheckpointWriteError(f"rank 0 could not write {path}: {problem}")
 
     def load(self, path: Path) -> dict[str, Any]:
         """Collective. Restores engine state from ``path`` and returns the client_state."""
