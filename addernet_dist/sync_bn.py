@@ -26,7 +26,7 @@ import torch.distributed as tdist
 import torch.distributed.nn.functional as dist_nn
 from torch import nn
 
-from addernet_dist.ops.amp import _LOW, FP32BatchNorm2d, autocast_off, fp32_affine
+from addernet_dist.ops.amp import _LOW, FP32BatchNorm2d, autocast_off, fp32_affine, swap_batchnorm_class
 
 
 def _world_size() -> int:
@@ -73,9 +73,4 @@ def convert_sync_bn(model: nn.Module) -> int:
     """Make every plain ``nn.BatchNorm2d`` of ``model`` a :class:`SyncBatchNorm2d` (a class swap:
     parameters, buffers and state_dict keys unchanged); returns how many. Call on the bare model
     before DDP / DeepSpeed wrap it, with Adder+BN fusion off (its epilogue statistics are per rank)."""
-    n = 0
-    for m in model.modules():
-        if type(m) is nn.BatchNorm2d:
-            m.__class__ = SyncBatchNorm2d
-            n += 1
-    return n
+    return swap_batchnorm_class(model, SyncBatchNorm2d)

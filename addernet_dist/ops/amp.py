@@ -93,12 +93,17 @@ class FP32BatchNorm2d(nn.BatchNorm2d):
         )
 
 
-def keep_batchnorm_fp32(model: nn.Module) -> int:
-    """Make every plain ``nn.BatchNorm2d`` of ``model`` (the fused modules' ``bn`` included) an
-    ``FP32BatchNorm2d`` (a class swap: parameters, buffers and keys unchanged); returns how many."""
+def swap_batchnorm_class(model: nn.Module, cls: type[nn.BatchNorm2d]) -> int:
+    """Make every plain ``nn.BatchNorm2d`` of ``model`` (the fused modules' ``bn`` included) a ``cls``
+    (a class swap: parameters, buffers and state_dict keys unchanged); returns how many."""
     n = 0
     for m in model.modules():
         if type(m) is nn.BatchNorm2d:
-            m.__class__ = FP32BatchNorm2d
+            m.__class__ = cls
             n += 1
     return n
+
+
+def keep_batchnorm_fp32(model: nn.Module) -> int:
+    """Every plain BatchNorm2d of ``model`` becomes an ``FP32BatchNorm2d``; returns how many."""
+    return swap_batchnorm_class(model, FP32BatchNorm2d)
