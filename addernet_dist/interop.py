@@ -95,21 +95,10 @@ def official_config(model_name: str, num_classes: int, head_bias: bool) -> dict[
     and head are the zoo's (``OFFICIAL_MODELS[model_name]``)."""
     spec = _spec(model_name)
     cfg = Config().model_dump(mode="json")
-    cfg["model"].update(
-        name=model_name,
-        conv="adder",
-        num_classes=num_classes,
-        head=spec.head,
-        head_bias=head_bias,
-    )
-    cfg["data"].update(
-        dataset="imagefolder",
-        root=None,  # validated when used: addernet-eval asks for data.root=...
-        image_size=spec.image_size,
-        val_resize_ratio=spec.val_resize_ratio,
-        mean=list(spec.mean),
-        std=list(spec.std),
-    )
+    zoo = spec.config_values()  # the input pipeline and head of the published weights
+    cfg["model"].update(zoo["model"], name=model_name, conv="adder", num_classes=num_classes, head_bias=head_bias)
+    # root: validated when used (addernet-eval asks for data.root=...)
+    cfg["data"].update(zoo["data"], dataset="imagefolder", root=None)
     # The weights were trained and evaluated in fp32 at p = 1: no bf16 autocast around the stem
     # and classifier, no ℓp schedule (it would restart at p = 2 and undo them).
     cfg["train"]["precision"] = "fp32"

@@ -82,6 +82,20 @@ class PretrainedCfg:
     def image_size(self) -> int:
         return self.input_size[1]
 
+    def config_values(self) -> dict[str, dict[str, Any]]:
+        """The run-config keys these weights fix, by section: the input pipeline they were trained
+        behind and the classifier they need (what ``pretrained: <model>.<tag>`` fills in a config and
+        what interop.official_config stores in an imported checkpoint)."""
+        return {
+            "model": {"head": self.head, "head_bias": self.head_bias},
+            "data": {
+                "image_size": self.image_size,
+                "val_resize_ratio": self.val_resize_ratio,
+                "mean": list(self.mean),
+                "std": list(self.std),
+            },
+        }
+
     def key_fn(self) -> Callable[[str], str]:
         """The published file's key -> ours (``KEY_MAPS[key_map]``)."""
         return KEY_MAPS[self.key_map]
@@ -144,6 +158,16 @@ def pretrained_cfg(model: str, tag: str | bool) -> PretrainedCfg:
             f"all: {', '.join(list_pretrained())}), and no file {tag!r} exists to load instead"
         )
     return tags[tag]
+
+
+def pretrained_cfg_by_name(name: str) -> PretrainedCfg:
+    """``"<model>.<tag>"`` (a ``list_pretrained`` name, e.g. ``resnet20.official_cifar10``) -> its config."""
+    model, dot, tag = name.partition(".")
+    if not dot or not tag:
+        raise ValueError(
+            f"pretrained {name!r} is not '<model>.<tag>'; the zoo's: {', '.join(list_pretrained())}"
+        )
+    return pretrained_cfg(model, tag)
 
 
 def is_tag(model: str, value: str | bool) -> bool:
