@@ -285,6 +285,10 @@ class WandbConfig(_Section):
     mode: Literal["auto", "online", "offline"] = "auto"
 
 
+def _as_tuple(value: Any) -> Any:
+    return tuple(float(v) for v in value) if isinstance(value, list | tuple) else value
+
+
 # The ``deepspeed:`` section lives with the DeepSpeed engine (engine/deepspeed_config.py; it
 # imports no deepspeed, so loading a config stays fast).
 DeepSpeedSection = DeepSpeedConfig
@@ -308,6 +312,39 @@ class Config(_Section):
     # move that run's checkpoints/, metrics.jsonl and config.yaml into output_dir/old-<UTC time>/
     # first. false (default): such a start is refused; two runs never share one folder.
     overwrite: bool = False
+    # A pretrained tag of the model zoo, "<model>.<tag>" (models/pretrained.py, e.g.
+    # resnet20.official_cifar10): its input pipeline (data.image_size, val_resize_ratio, mean, std)
+    # and classifier (model.head, head_bias) fill those keys where the config leaves them out; a key
+    # set to another value is an error. Loads no weights (train.init_from does). None: no tag.
+    pretrained: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pretrained_values(cls, data: Any) -> Any:
+        """``pretrained``: the zoo entry's values into the sections (configs/official_*.yaml carry no
+        copy of the official normalisation, crop or head)."""
+        if not isinstance(data, dict) or not data.get("pretrained"):
+            return data
+        from addernet_dist.models.pretrained import pretrained_cfg_by_name
+
+        tag = pretrained_cfg_by_name(data["pretrained"])
+        data = dict(data)
+        for section, values in tag.config_values().items():
+            given = data.get(section) or {}
+            if isinstance(given, BaseModel):
+                given = {k: getattr(given, k) for k in given.model_fields_set}
+            merged = dict(given)
+            for key, value in values.items():
+                if key not in merged or merged[key] is None:
+                    merged[key] = value
+                elif _as_tuple(merged[key]) != _as_tuple(value):
+                    raise ValueError(
+                        f"{section}.{key}={merged[key]!r} differs from {value!r} of pretrained "
+                        f"{data['pretrained']!r} (the weights' {section} setting, models/pretrained.py); "
+                        f"drop {section}.{key} or the pretrained key"
+                    )
+            data[section] = merged
+        return data
 
     @field_validator("output_dir")
     @classmethod

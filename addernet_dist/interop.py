@@ -42,7 +42,6 @@ import argparse
 import json
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +52,11 @@ from addernet_dist.checkpoint import atomic_write_bytes, save_file
 from addernet_dist.config import Config, ConfigError, ModelConfig
 from addernet_dist.data.config import IMAGENET_MEAN, IMAGENET_STD
 from addernet_dist.models import create_model
-from addernet_dist.models.pretrained import official_key_to_ours, pretrained_cfg
+from addernet_dist.models.pretrained import (  # noqa: F401  (official_key_to_ours: re-exported)
+    OFFICIAL_LAYOUTS,
+    PretrainedCfg,
+    official_key_to_ours,
+)
 from addernet_dist.runfolder import file_sha256
 from addernet_dist.weights_io import (  # noqa: F401  (re-exported: interop's API before the split)
     _EXTRA,
@@ -75,65 +78,27 @@ from addernet_dist.weights_io import (  # noqa: F401  (re-exported: interop's AP
 )
 
 # ---------------------------------------------------------------------------------------------
-# The official models: which of ours they are and what input they expect
+# The official models: which of ours they are and what input they expect. The zoo holds every value
+# (models/pretrained.py: the tags' mean/std, input size, crop, head, key map, class names and which of
+# our models share a published file's layout); this module reads it there at each call.
 # ---------------------------------------------------------------------------------------------
 
-
-@dataclass(frozen=True)
-class OfficialSpec:
-    """Input pipeline of an official model (its test.py): normalisation and the val geometry."""
-
-    dataset: str
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    image_size: int
-    val_resize_ratio: float  # shorter side resized to round(image_size * ratio), centre crop
-    root: str  # placeholder shown in the stored config; the user passes data.root=...
-
-
-def _spec_of(model: str, tag: str) -> OfficialSpec:
-    """The input pipeline of a pretrained tag of the model zoo (models/pretrained.py holds the
-    values: the official CIFAR std, (0.2023, 0.1994, 0.2010), is not CIFAR-10's per-pixel one)."""
-    c = pretrained_cfg(model, tag)
-    return OfficialSpec(c.dataset, c.mean, c.std, c.input_size[1], c.val_resize_ratio, f"/data/{c.dataset}")
-
-
-CIFAR_SPEC = _spec_of("resnet20", "official_cifar10")
-IMAGENET_SPEC = _spec_of("resnet50", "official_imagenet")
-OFFICIAL_TAGS = {"resnet20": "official_cifar10", "resnet50": "official_imagenet"}
-# Our ResNets with the official code's layout. The authors published resnet20 (CIFAR-10, 91.8 %)
-# and resnet50 (ImageNet, 74.9 / 91.7 %); the others share the layout of their family.
-OFFICIAL_MODELS: dict[str, OfficialSpec] = {
-    "resnet8": CIFAR_SPEC,
-    "resnet20": CIFAR_SPEC,
-    "resnet32": CIFAR_SPEC,
-    "resnet18": IMAGENET_SPEC,
-    "resnet50": IMAGENET_SPEC,
-}
+# model -> the PretrainedCfg of the published file whose layout it has (a live view of the registry)
+OFFICIAL_MODELS: Mapping[str, PretrainedCfg] = OFFICIAL_LAYOUTS
 
 
 def official_config(model_name: str, num_classes: int, head_bias: bool) -> dict[str, Any]:
     """The run config (as a dict) that evaluates / fine-tunes an imported official model.
 
     Stored in the imported checkpoint so ``addernet-eval --checkpoint X data.root=...`` works
-    without a config file; configs/official_*.yaml hold the same values (tested)."""
+    without a config file; configs/official_*.yaml hold the same values (tested). The input pipeline
+    and head are the zoo's (``OFFICIAL_MODELS[model_name]``)."""
     spec = _spec(model_name)
     cfg = Config().model_dump(mode="json")
-    cfg["model"].update(
-        name=model_name,
-        conv="adder",
-        num_classes=num_classes,
-        head="linear_bn",
-        head_bias=head_bias,
-    )
-    cfg["data"].update(
-        dataset="imagefolder",
-        root=None,  # validated when used: addernet-eval asks for data.root=...
-        image_size=spec.image_size,
-        val_resize_ratio=spec.val_resize_ratio,
-        mean=list(spec.mean),
-        std=list(spec.std),
-    )
+    zoo = spec.config_values()  # the input pipeline and head of the published weights
+    cfg["model"].update(zoo["model"], name=model_name, conv="adder", num_classes=num_classes, head_bias=head_bias)
+    # root: validated when used (addernet-eval asks for data.root=...)
+    cfg["data"].update(zoo["data"], dataset="imagefolder", root=None)
     # The weights were trained and evaluated in fp32 at p = 1: no bf16 autocast around the stem
     # and classifier, no ℓp schedule (it would restart at p = 2 and undo them).
     cfg["train"]["precision"] = "fp32"
@@ -142,7 +107,7 @@ def official_config(model_name: str, num_classes: int, head_bias: bool) -> dict[
     return cfg
 
 
-def _spec(model_name: str) -> OfficialSpec:
+def _spec(model_name: str) -> PretrainedCfg:
     if model_name not in OFFICIAL_MODELS:
         raise InteropError(
             f"model {model_name!r} has no official AdderNet layout; choose one of "
@@ -167,7 +132,7 @@ def load_official(path: str | Path, model_name: str, **kw: Any) -> nn.Module:
 
 
 def _import_official(path: str | Path, model_name: str, **kw: Any) -> tuple[nn.Module, dict[str, Any]]:
-    _spec(model_name)
+    spec = _spec(model_name)
     official = read_official(path)
     if "fc.weight" not in official:
         raise InteropError(
@@ -182,10 +147,10 @@ def _import_official(path: str | Path, model_name: str, **kw: Any) -> tuple[nn.M
     # every tensor is overwritten (skips ResNet-50's 25 M-weight random init, ~0.5 s).
     with torch.device("meta"):
         model = create_model(
-            model_name, conv="adder", num_classes=num_classes, head="linear_bn", head_bias=head_bias, **kw
+            model_name, conv="adder", num_classes=num_classes, head=spec.head, head_bias=head_bias, **kw
         )
     model = model.to_empty(device="cpu")
-    ours, names = map_official(official, path, official_key_to_ours)  # names: ours -> official
+    ours, names = map_official(official, path, spec.key_fn())  # names: ours -> official
     problem = describe_mismatch(model.state_dict(), ours, names)
     if problem:
         other = _which_model_fits(ours, model_name, num_classes, head_bias)
@@ -204,11 +169,11 @@ def _import_official(path: str | Path, model_name: str, **kw: Any) -> tuple[nn.M
 
 def _which_model_fits(ours, asked: str, num_classes: int, head_bias: bool) -> str | None:
     """The official-layout model (other than ``asked``) whose keys and shapes ``ours`` has."""
-    for name in OFFICIAL_MODELS:
+    for name, spec in OFFICIAL_MODELS.items():
         if name == asked:
             continue
         with torch.device("meta"):
-            m = create_model(name, num_classes=num_classes, head="linear_bn", head_bias=head_bias)
+            m = create_model(name, num_classes=num_classes, head=spec.head, head_bias=head_bias)
         if not describe_mismatch(m.state_dict(), ours, {}):
             return name
     return None
@@ -345,8 +310,9 @@ def import_official(src: str | Path, dst: str | Path, model_name: str, overwrite
             "imported_from": {"path": str(src), "sha256": file_sha256(src), "model": model_name},
         },
     }
-    if model_name in OFFICIAL_TAGS:  # the published files: their class names from the zoo
-        names = pretrained_cfg(model_name, OFFICIAL_TAGS[model_name]).names()
+    spec = _spec(model_name)
+    if spec.model == model_name:  # the published files (not a family member): the zoo's class names
+        names = spec.names()
         if len(names) == meta["num_classes"]:
             state["client"]["class_names"] = names
     save_file(state, dst)
@@ -370,11 +336,11 @@ def main_import(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
-    shipped = {"resnet20": "official_resnet20_cifar10", "resnet50": "official_resnet50_imagenet"}
-    if args.model in shipped:
-        split = " data.train_split=val" if args.model == "resnet20" else ""
+    spec = OFFICIAL_MODELS[args.model]
+    if spec.model == args.model and spec.config:  # the published files have a shipped config
+        split = " data.train_split=val" if spec.dataset == "cifar10" else ""  # CIFAR: the test set only
         print(
-            f"evaluate: addernet-eval --config configs/{shipped[args.model]}.yaml "
+            f"evaluate: addernet-eval --config configs/{spec.config}.yaml "
             f"--checkpoint {out} data.root=/path/to/data{split}"
         )
     return 0

@@ -14,6 +14,7 @@ import torch
 
 from addernet_dist import interop
 from addernet_dist.checkpoint import load_file
+from addernet_dist.config import ConfigError, load_config
 from addernet_dist.models import create_model, list_pretrained, pretrained_cfg
 from addernet_dist.models.pretrained import PRETRAINED_DIR_ENV
 from tests.train_helpers import REPO
@@ -91,3 +92,60 @@ def test_the_official_file_copied_elsewhere_is_found_there(tmp_path, monkeypatch
     shutil.copy(OFFICIAL_R20, tmp_path / OFFICIAL_R20.name)
     monkeypatch.setenv(PRETRAINED_DIR_ENV, str(tmp_path))
     assert create_model("resnet20", pretrained="official_cifar10").pretrained_cfg["file"] == OFFICIAL_R20.name
+
+
+def test_the_importer_and_create_model_read_the_same_zoo_entry(tmp_path, zoo_dir, monkeypatch):
+    # One home for the official weights' metadata: change the registry entry and both the importer
+    # (interop: addernet-import-official, official_config) and create_model(pretrained=tag) follow.
+    from dataclasses import replace
+
+    from addernet_dist.models import pretrained as zoo
+
+    seen: list[str] = []
+
+    def spy(key: str) -> str:
+        seen.append(key)
+        return zoo.official_key_to_ours(key)
+
+    monkeypatch.setitem(zoo.KEY_MAPS, "spy", spy)
+    entry = replace(
+        pretrained_cfg("resnet20", "official_cifar10"),
+        std=(0.25, 0.5, 0.75),
+        mean=(0.125, 0.25, 0.375),
+        val_resize_ratio=1.25,
+        key_map="spy",
+        class_names=tuple(f"c{i}" for i in range(10)),
+    )
+    monkeypatch.setitem(zoo._PRETRAINED["resnet20"], "official_cifar10", entry)
+
+    cfg = create_model("resnet20", pretrained="official_cifar10").pretrained_cfg
+    assert (cfg["std"], cfg["mean"], cfg["crop_pct"]) == ([0.25, 0.5, 0.75], [0.125, 0.25, 0.375], 0.8)
+    n_model = len(seen)
+    assert n_model > 0 and "fc.weight" in seen  # the tag's key map
+    client = load_file(interop.import_official(OFFICIAL_R20, tmp_path / "r20.pt", "resnet20"))["client"]
+    assert len(seen) == 2 * n_model  # the importer mapped the same keys with the same function
+    data = client["config"]["data"]
+    assert (data["std"], data["mean"], data["val_resize_ratio"]) == ([0.25, 0.5, 0.75], [0.125, 0.25, 0.375], 1.25)
+    assert client["class_names"] == list(entry.class_names)
+    # the family members (same layout, no published file) follow the same entry
+    assert interop.official_config("resnet8", 10, False)["data"]["std"] == [0.25, 0.5, 0.75]
+    assert interop.OFFICIAL_MODELS["resnet32"] is entry
+    # and so does the shipped run config, which names the tag instead of copying its values
+    run = load_config(REPO / "configs" / "official_resnet20_cifar10.yaml")
+    assert (run.data.std, run.data.mean, run.data.val_resize_ratio) == (entry.std, entry.mean, 1.25)
+
+
+def test_a_config_key_that_contradicts_its_pretrained_tag_is_an_error():
+    cfg = load_config(None, ["pretrained=resnet50.official_imagenet", "model.name=resnet50"])
+    assert (cfg.model.head, cfg.model.head_bias, cfg.data.image_size) == ("linear_bn", True, 224)
+    assert cfg.data.resolved_val_resize_ratio == pytest.approx(256 / 224)
+    same = load_config(REPO / "configs" / "official_resnet20_cifar10.yaml", ["data.std=[0.2023, 0.1994, 0.2010]"])
+    assert same.data.std == (0.2023, 0.1994, 0.2010)  # the tag's own value may be repeated
+    with pytest.raises(ConfigError, match=r"data.std=\[0.247.*differs from \[0.2023.*resnet20.official_cifar10"):
+        load_config(REPO / "configs" / "official_resnet20_cifar10.yaml", ["data.std=[0.2470, 0.2435, 0.2616]"])
+    with pytest.raises(ConfigError, match="model.head='linear' differs"):
+        load_config(REPO / "configs" / "official_resnet20_cifar10.yaml", ["model.head=linear"])
+    with pytest.raises(ConfigError, match="not '<model>.<tag>'.*resnet20.official_cifar10"):
+        load_config(REPO / "configs" / "debug.yaml", ["pretrained=official_cifar10"])
+    with pytest.raises(ConfigError, match="no pretrained tag 'nope'"):
+        load_config(REPO / "configs" / "debug.yaml", ["pretrained=resnet20.nope"])

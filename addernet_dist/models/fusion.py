@@ -1,7 +1,9 @@
 """Fused Adder2d + BatchNorm2d (+ ReLU, + residual) modules and the rewrite that installs them.
 
-The graph-rewrite half of the fusion: ``FusedAdderBN2d`` (the module), ``fuse_adder_bn`` (the
-rewrite), the fused ResNet block subclasses and the state-dict key hooks. The kernels and the
+The graph-rewrite half of the fusion: ``FusedAdderBN2d`` (the module), the pair helpers each zoo
+block's own ``fuse_adder_bn()`` method calls (``fuse_pair``, ``fuse_block_pairs``, ``fuse_sequential``),
+``fuse_adder_bn(model)`` (the walk that calls those methods) and the state-dict key hooks. Which layers
+pair up is the block's knowledge: models/resnet.py, vgg.py and lenet.py hold it, not this file. The kernels and the
 autograd Function they call live in ``addernet_dist/kernels/fused.py``, ``kernels/triton_adder.py``
 (launchers) and ``kernels/triton_kernels.py``; dependencies point one way: models -> nn -> ops -> kernels.
 
@@ -28,7 +30,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from addernet_dist.kernels import cpu_adder
-from addernet_dist.models.resnet import BasicBlock, Bottleneck
 from addernet_dist.nn import _NOT_TRACED, Adder2d
 from addernet_dist.ops import amp, dispatch
 from addernet_dist.ops.reference import check_conv_args
@@ -266,84 +267,67 @@ def _is_fusable(adder: nn.Module, bn: nn.Module) -> bool:
     )
 
 
-def _basic_block_forward(self, x):
-    # BasicBlock with conv1 = fused(adder, bn1, ReLU) and conv2 = fused(adder, bn2, ReLU) taking the
-    # residual: relu(bn2(conv2(·)) + identity) is one epilogue in inference.
-    identity = x if self.downsample is None else self.downsample(x)
-    return self.conv2(self.conv1(x), residual=identity)
+def fuse_pair(parent: nn.Module, conv_key: str, bn_key: str, relu: bool = False) -> FusedAdderBN2d | None:
+    """Replace ``parent.<conv_key>`` (an Adder2d) and ``parent.<bn_key>`` (its BatchNorm2d) by one
+    ``FusedAdderBN2d`` at ``<conv_key>``, the BN slot becoming ``nn.Identity``; the state_dict keeps
+    the unfused keys. A zoo block names its own pairs and calls this from its ``fuse_adder_bn()``.
+    Returns the fused module, or None when the pair is not fusable (a CNN twin's Conv2d, an adder
+    layer with a bias, a pair fused already)."""
+    adder, bn = parent._modules[conv_key], parent._modules[bn_key]
+    if not _is_fusable(adder, bn):
+        return None
+    fused = FusedAdderBN2d(adder, bn, relu=relu)
+    parent._modules[conv_key] = fused
+    _keep_unfused_keys(parent, conv_key, bn_key)
+    parent._modules[bn_key] = nn.Identity()
+    return fused
 
 
-def _bottleneck_forward(self, x):
-    identity = x if self.downsample is None else self.downsample(x)
-    return self.conv3(self.conv2(self.conv1(x)), residual=identity)
+def fuse_block_pairs(block: nn.Module, *pairs: tuple[str, str]) -> list[FusedAdderBN2d] | None:
+    """``fuse_pair`` for each ``(conv_key, bn_key)`` of a block; the block's fused convolutions when
+    every pair's convolution is one now (a block may then move its ReLUs and residual add into their
+    epilogues), else None (e.g. a CNN twin, or an adder layer that could not be fused)."""
+    for conv_key, bn_key in pairs:
+        fuse_pair(block, conv_key, bn_key)
+    convs = [block._modules[conv_key] for conv_key, _ in pairs]
+    return convs if all(isinstance(c, FusedAdderBN2d) for c in convs) else None
 
 
-class _FusedBasicBlock(BasicBlock):
-    """A zoo BasicBlock whose convolutions are fused: ReLUs and the residual add in their epilogues."""
-
-    forward = _basic_block_forward
-
-
-class _FusedBottleneck(Bottleneck):
-    forward = _bottleneck_forward
-
-
-def _fuse_resnet_block(block: nn.Module) -> None:
-    """Move a zoo ResNet block's ReLUs and residual add into its fused convolutions' epilogues."""
-    if type(block) is BasicBlock:
-        names, fused_cls = ("conv1", "conv2"), _FusedBasicBlock
-    elif type(block) is Bottleneck:
-        names, fused_cls = ("conv1", "conv2", "conv3"), _FusedBottleneck
-    else:
-        return
-    convs = [getattr(block, n) for n in names]
-    if not all(isinstance(c, FusedAdderBN2d) for c in convs):
-        return  # e.g. a CNN twin, or an adder layer that could not be fused
-    for c in convs:
-        c.relu = True  # the block applies ReLU after every BN, the last one after the residual add
-    # a subclass (not a forward bound on the instance): the model still pickles and deep-copies
-    block.__class__ = fused_cls
+def fuse_sequential(seq: nn.Sequential) -> nn.Sequential:
+    """Fuse consecutive ``Adder2d → BatchNorm2d`` entries of ``seq`` (VGG and LeNet features, the ResNet
+    downsample), with a directly following ``nn.ReLU`` fused too; the BN and ReLU slots become
+    ``nn.Identity``. In place; returns ``seq``."""
+    keys = list(seq._modules.keys())
+    i = 0
+    while i + 1 < len(keys):
+        if _is_fusable(seq._modules[keys[i]], seq._modules[keys[i + 1]]):
+            relu = i + 2 < len(keys) and type(seq._modules[keys[i + 2]]) is nn.ReLU
+            fuse_pair(seq, keys[i], keys[i + 1], relu=relu)
+            if relu:
+                seq._modules[keys[i + 2]] = nn.Identity()
+            i += 3 if relu else 2
+        else:
+            i += 1
+    return seq
 
 
 def fuse_adder_bn(model: nn.Module) -> nn.Module:
     """Replace Adder2d → BatchNorm2d (→ ReLU) pairs by ``FusedAdderBN2d``, in place; returns ``model``.
 
-    Two patterns, the ones the model zoo uses: consecutive entries of an ``nn.Sequential`` (VGG features,
-    ResNet downsample, LeNet), where a directly following ``nn.ReLU`` is fused too; and sibling attributes
-    ``<prefix>conv<i>`` / ``<prefix>bn<i>`` of a block. For the zoo's ResNet ``BasicBlock``/``Bottleneck``
-    the block's ReLUs and its residual add move into the fused layers' epilogues too (the block's
-    class becomes a fused subclass). The BN (and fused ReLU) slots become ``nn.Identity``.
-    Parameters are shared, so an optimizer built before fusing keeps working, and ``state_dict`` /
-    ``load_state_dict`` keep the unfused model's keys (``conv1.weight``, ``bn1.running_mean``), so a
-    checkpoint loads into a fused or an unfused model alike. Returns the model.
+    A walk, as timm's ``reparameterize_model``: every module with its own ``fuse_adder_bn()`` method
+    (the zoo's blocks and models: models/resnet.py ``BasicBlock``/``Bottleneck``/``ResNet`` stem,
+    models/vgg.py, models/lenet.py) fuses the pairs it knows it has; a plain ``nn.Sequential`` without
+    one fuses its consecutive pairs (``fuse_sequential``). The zoo's ResNet blocks also move their
+    ReLUs and residual add into the fused layers' epilogues. The BN (and fused ReLU) slots become
+    ``nn.Identity``. Parameters are shared, so an optimizer built before fusing keeps working, and
+    ``state_dict`` / ``load_state_dict`` keep the unfused model's keys (``conv1.weight``,
+    ``bn1.running_mean``), so a checkpoint loads into a fused or an unfused model alike. Fusing
+    twice changes nothing. Returns the model.
     """
-    for parent in list(model.modules()):
-        if isinstance(parent, FusedAdderBN2d):
-            continue
-        if isinstance(parent, nn.Sequential):
-            keys = list(parent._modules.keys())
-            i = 0
-            while i + 1 < len(keys):
-                a, b = parent._modules[keys[i]], parent._modules[keys[i + 1]]
-                if _is_fusable(a, b):
-                    relu = i + 2 < len(keys) and type(parent._modules[keys[i + 2]]) is nn.ReLU
-                    parent._modules[keys[i]] = FusedAdderBN2d(a, b, relu=relu)
-                    _keep_unfused_keys(parent, keys[i], keys[i + 1])
-                    parent._modules[keys[i + 1]] = nn.Identity()
-                    if relu:
-                        parent._modules[keys[i + 2]] = nn.Identity()
-                    i += 3 if relu else 2
-                else:
-                    i += 1
-            continue
-        for name, child in list(parent.named_children()):
-            if "conv" not in name:
-                continue
-            bn_name = name.replace("conv", "bn")
-            bn = getattr(parent, bn_name, None)
-            if bn is not None and _is_fusable(child, bn):
-                setattr(parent, name, FusedAdderBN2d(child, bn))
-                _keep_unfused_keys(parent, name, bn_name)
-                setattr(parent, bn_name, nn.Identity())
-        _fuse_resnet_block(parent)
+    for module in list(model.modules()):  # parents before children, as fused modules appear
+        method = getattr(type(module), "fuse_adder_bn", None)
+        if method is not None:
+            method(module)
+        elif isinstance(module, nn.Sequential):
+            fuse_sequential(module)
     return model

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from addernet_dist.models.fusion import fuse_sequential
 from addernet_dist.models.registry import layer_types, register_model
 
 
@@ -50,6 +51,12 @@ class LeNet5BN(nn.Module):
             )
         else:
             self.classifier = nn.Linear(84, num_classes)
+
+    def fuse_adder_bn(self) -> LeNet5BN:
+        """Fuse the adder convolutions of ``features`` with their BN and ReLU into FusedAdderBN2d, in
+        place (models/fusion.py); the classifier's AdderLinear + BatchNorm1d pairs are not fused."""
+        fuse_sequential(self.features)
+        return self
 
     def forward(self, x):
         return self.classifier(self.fc(self.features(x).flatten(1)))

@@ -15,7 +15,7 @@ A missing file is an error naming the directory, the file name and its source.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,10 +72,33 @@ class PretrainedCfg:
     head_bias: bool
     key_map: str  # a KEY_MAPS name
     class_names: tuple[str, ...] | Callable[[], tuple[str, ...]] = field(default=())
+    config: str | None = None  # the shipped run config (configs/<config>.yaml) that evaluates / fine-tunes it
 
     @property
     def crop_pct(self) -> float:
         return 1.0 / self.val_resize_ratio
+
+    @property
+    def image_size(self) -> int:
+        return self.input_size[1]
+
+    def config_values(self) -> dict[str, dict[str, Any]]:
+        """The run-config keys these weights fix, by section: the input pipeline they were trained
+        behind and the classifier they need (what ``pretrained: <model>.<tag>`` fills in a config and
+        what interop.official_config stores in an imported checkpoint)."""
+        return {
+            "model": {"head": self.head, "head_bias": self.head_bias},
+            "data": {
+                "image_size": self.image_size,
+                "val_resize_ratio": self.val_resize_ratio,
+                "mean": list(self.mean),
+                "std": list(self.std),
+            },
+        }
+
+    def key_fn(self) -> Callable[[str], str]:
+        """The published file's key -> ours (``KEY_MAPS[key_map]``)."""
+        return KEY_MAPS[self.key_map]
 
     def names(self) -> list[str]:
         names = self.class_names() if callable(self.class_names) else self.class_names
@@ -137,8 +160,48 @@ def pretrained_cfg(model: str, tag: str | bool) -> PretrainedCfg:
     return tags[tag]
 
 
+def pretrained_cfg_by_name(name: str) -> PretrainedCfg:
+    """``"<model>.<tag>"`` (a ``list_pretrained`` name, e.g. ``resnet20.official_cifar10``) -> its config."""
+    model, dot, tag = name.partition(".")
+    if not dot or not tag:
+        raise ValueError(
+            f"pretrained {name!r} is not '<model>.<tag>'; the zoo's: {', '.join(list_pretrained())}"
+        )
+    return pretrained_cfg(model, tag)
+
+
 def is_tag(model: str, value: str | bool) -> bool:
     return value is True or (isinstance(value, str) and value in _PRETRAINED.get(model, {}))
+
+
+# Our models with the layout of a published file -> (model, tag) of that file: the importer
+# (interop.py, addernet-import-official) reads its input pipeline, head and key map from that tag.
+# The authors published resnet20 (CIFAR-10) and resnet50 (ImageNet); the others share the layout of
+# their family.
+OFFICIAL_LAYOUT: dict[str, tuple[str, str]] = {
+    "resnet8": ("resnet20", "official_cifar10"),
+    "resnet20": ("resnet20", "official_cifar10"),
+    "resnet32": ("resnet20", "official_cifar10"),
+    "resnet18": ("resnet50", "official_imagenet"),
+    "resnet50": ("resnet50", "official_imagenet"),
+}
+
+
+class _OfficialLayouts(Mapping[str, PretrainedCfg]):
+    """``OFFICIAL_LAYOUTS[model]``: the registered ``PretrainedCfg`` whose layout ``model`` has, looked up
+    in the registry at each access (a mapping over OFFICIAL_LAYOUT, not a copy of the entries)."""
+
+    def __getitem__(self, model: str) -> PretrainedCfg:
+        return pretrained_cfg(*OFFICIAL_LAYOUT[model])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(OFFICIAL_LAYOUT)
+
+    def __len__(self) -> int:
+        return len(OFFICIAL_LAYOUT)
+
+
+OFFICIAL_LAYOUTS: Mapping[str, PretrainedCfg] = _OfficialLayouts()
 
 
 def pretrained_dir() -> Path:
@@ -187,6 +250,7 @@ register_pretrained(
         head_bias=False,
         key_map="official_addernet",
         class_names=CIFAR10_CLASSES,
+        config="official_resnet20_cifar10",
     )
 )
 # The authors' ResNet-50 (ImageNet, 74.9 / 91.7 %), on their drives (README); not pinned here.
@@ -207,5 +271,6 @@ register_pretrained(
         head_bias=True,
         key_map="official_addernet",
         class_names=imagenet_class_names,
+        config="official_resnet50_imagenet",
     )
 )

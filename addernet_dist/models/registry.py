@@ -120,7 +120,7 @@ def _create_pretrained(name: str, conv: str, num_classes: int | None, pretrained
         path = zoo.resolve_file(cfg)
         kw = {**kw, "head": cfg.head, "head_bias": cfg.head_bias}
         model = create_model(name, conv=conv, num_classes=cfg.num_classes, **kw)
-        weights_io.load_official_into(model, path, zoo.KEY_MAPS[cfg.key_map])
+        weights_io.load_official_into(model, path, cfg.key_fn())
         model.pretrained_cfg = cfg.as_dict()
         return model
     model = create_model(name, conv=conv, num_classes=num_classes, **kw)

@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from addernet_dist.models.fusion import fuse_block_pairs, fuse_pair, fuse_sequential
 from addernet_dist.models.registry import layer_types, register_model
 
 # "linear": nn.Linear (torchvision's); "linear_bn": the official AdderNet classifier (module docstring).
@@ -37,12 +38,23 @@ class BasicBlock(nn.Module):
         self.conv2 = conv_layer(planes, planes, 3, stride=1, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
+        self.fused_epilogues = False  # set by fuse_adder_bn()
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
+        if self.fused_epilogues:
+            # conv1 = fused(adder, bn1, ReLU), conv2 = fused(adder, bn2, ReLU) taking the residual:
+            # relu(bn2(conv2(·)) + identity) is one epilogue in inference.
+            return self.conv2(self.conv1(x), residual=identity)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return self.relu(out + identity)
+
+    def fuse_adder_bn(self) -> BasicBlock:
+        """Fuse (conv1, bn1), (conv2, bn2) and the downsample into FusedAdderBN2d (models/fusion.py), in
+        place; when both convolutions fuse, the ReLUs and the residual add move into their epilogues."""
+        _fuse_block(self, ("conv1", "bn1"), ("conv2", "bn2"))
+        return self
 
 
 class Bottleneck(nn.Module):
@@ -58,13 +70,32 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(planes * 4)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
+        self.fused_epilogues = False  # set by fuse_adder_bn()
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
+        if self.fused_epilogues:  # as BasicBlock's: ReLUs and the residual add in conv1..3's epilogues
+            return self.conv3(self.conv2(self.conv1(x)), residual=identity)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         return self.relu(out + identity)
+
+    def fuse_adder_bn(self) -> Bottleneck:
+        """As BasicBlock's, for (conv1, bn1), (conv2, bn2), (conv3, bn3)."""
+        _fuse_block(self, ("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
+        return self
+
+
+def _fuse_block(block: BasicBlock | Bottleneck, *pairs: tuple[str, str]) -> None:
+    if block.downsample is not None:
+        fuse_sequential(block.downsample)  # adder 1×1 + BN, no ReLU: relu(out + identity) follows
+    convs = fuse_block_pairs(block, *pairs)
+    if convs is None:
+        return  # a CNN twin, or an adder layer that could not be fused: the unfused forward
+    for c in convs:
+        c.relu = True  # the block applies ReLU after every BN, the last one after the residual add
+    block.fused_epilogues = True
 
 
 class ResNet(nn.Module):
@@ -147,6 +178,12 @@ class ResNet(nn.Module):
         self.inplanes = planes * block.expansion
         out += [block(self.inplanes, planes, 1, conv_layer, None) for _ in range(1, blocks)]
         return nn.Sequential(*out)
+
+    def fuse_adder_bn(self) -> ResNet:
+        """Fuse an adder stem (``adder_stem=True``) with its BN, in place (the blocks fuse themselves:
+        models/fusion.py ``fuse_adder_bn`` walks every module); a full-precision stem stays as it is."""
+        fuse_pair(self, "conv1", "bn1")
+        return self
 
     def forward(self, x):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from addernet_dist.models.fusion import fuse_sequential
 from addernet_dist.models.registry import layer_types, register_model
 
 
@@ -37,6 +38,12 @@ class VGGSmall(nn.Module):
             )
         else:
             self.classifier = nn.Linear(feat, num_classes)
+
+    def fuse_adder_bn(self) -> VGGSmall:
+        """Fuse each adder layer of ``features`` with its BN (and ReLU) into FusedAdderBN2d, in place
+        (models/fusion.py). Layers 2, 4, 6 have their max-pool between the layer and the BN: unfused."""
+        fuse_sequential(self.features)
+        return self
 
     def forward(self, x):
         return self.classifier(self.features(x).flatten(1))
