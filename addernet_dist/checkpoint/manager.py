@@ -32,7 +32,7 @@ from typing import Any
 
 from addernet_dist.checkpoint import layout
 from addernet_dist.checkpoint.resume import check_resumable
-from addernet_dist.checkpoint.store import CheckpointStore, clean_stale_temp, same_checkpoint, store_of, verify
+from addernet_dist.checkpoint.store import FILE, CheckpointStore, clean_stale_temp, same_checkpoint, store_of, verify
 from addernet_dist.distributed import DistInfo
 from addernet_dist.runfolder import CheckpointError, RunFolderError, RunLock, load_file
 
@@ -275,7 +275,7 @@ class Checkpointer:
             plan.path = found
         else:
             plan.path = Path(resume)
-        if store_of(plan.path).name == "file":  # a folder is checked by the DeepSpeed engine's load
+        if FILE.holds(plan.path):  # a DeepSpeed folder is checked by the DeepSpeed engine's load
             state = load_file(plan.path)
             check_resumable(state, plan.path, cfg)
             if inside:
