@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from addernet_dist.checkpoint import CheckpointError
+from addernet_dist.checkpoint import CheckpointError, layout
 from addernet_dist.config import Config, ConfigError
 from addernet_dist.distributed import DistInfo
 from addernet_dist.interop import InteropError, _tensor_keys, check_finite, describe_mismatch, read_exported
@@ -75,8 +75,8 @@ def read_teacher_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
     except CheckpointError as e:
         raise ConfigError(f"distill.teacher_checkpoint: {e}") from None
     try:
-        model_cfg = state["client"]["config"]["model"]
-        return _tensor_keys(state["engine"]["model"]), {"name": model_cfg["name"], "conv": model_cfg["conv"]}
+        weights, config = layout.weights_and_config(state)
+        return _tensor_keys(weights), {"name": config["model"]["name"], "conv": config["model"]["conv"]}
     except (KeyError, TypeError) as e:
         raise ConfigError(f"distill.teacher_checkpoint '{path}' has no model weights ({e!r} missing)") from None
 

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from addernet_dist.checkpoint import atomic_write_bytes, save_file
+from addernet_dist.checkpoint import atomic_write_bytes, layout, save_file
 from addernet_dist.config import Config, ConfigError, ModelConfig
 from addernet_dist.data.config import IMAGENET_MEAN, IMAGENET_STD
 from addernet_dist.models import create_model
@@ -209,7 +209,7 @@ def export(ckpt: str | Path, out: str | Path, overwrite: bool = False) -> Path:
         raise InteropError(f"output '{out}' must end in .safetensors")
     if out.exists() and not overwrite:
         raise InteropError(f"'{out}' exists; pass --force to replace it")
-    (state, cfg), client = _weights_and_config(whole := _read_checkpoint(ckpt), ckpt), whole["client"]
+    (state, cfg), client = _weights_and_config(whole := _read_checkpoint(ckpt), ckpt), layout.client_part(whole)
     model_cfg, data_cfg = cfg["model"], cfg.get("data", {})
     adder_state = {k[: -len(_EXTRA)]: v for k, v in state.items() if k.endswith(_EXTRA)}
     tensors = _tensor_keys(state)
@@ -303,19 +303,17 @@ def import_official(src: str | Path, dst: str | Path, model_name: str, overwrite
     if dst.exists() and dst.resolve() == src.resolve():
         raise InteropError("the output would replace the official file; choose another name")
     model, meta = _import_official(src, model_name)
-    state = {
-        "engine": {"model": model.state_dict(), "optimizer": None, "lr_scheduler": None},
-        "client": {
-            "config": official_config(model_name, meta["num_classes"], meta["head_bias"]),
-            "imported_from": {"path": str(src), "sha256": file_sha256(src), "model": model_name},
-        },
+    client = {
+        "config": official_config(model_name, meta["num_classes"], meta["head_bias"]),
+        "imported_from": {"path": str(src), "sha256": file_sha256(src), "model": model_name},
     }
     spec = _spec(model_name)
     if spec.model == model_name:  # the published files (not a family member): the zoo's class names
         names = spec.names()
         if len(names) == meta["num_classes"]:
-            state["client"]["class_names"] = names
-    save_file(state, dst)
+            client["class_names"] = names
+    engine = {"model": model.state_dict(), "optimizer": None, "lr_scheduler": None}
+    save_file(layout.build(engine, client), dst)
     return dst
 
 

@@ -1,7 +1,7 @@
 """File-system helpers of a run folder: atomic writes, verified files, the run lock, temp cleanup.
 
-One module for what checkpoint.py (single-file checkpoints, retention) and engine/ds_checkpoint.py
-(DeepSpeed checkpoint folders) both need, so neither imports the other for it:
+One module for what the checkpoint stores (checkpoint/store.py: single files, DeepSpeed folders via
+engine/ds_checkpoint.py) and the Checkpointer (checkpoint/manager.py) all need:
 
 - :func:`atomic_write_bytes` / :func:`atomic_write_text`: temp file in the same folder, fsync,
   ``os.replace``, fsync of the folder (:func:`fsync_dir`): a crash leaves the old file or the new
@@ -10,7 +10,6 @@ One module for what checkpoint.py (single-file checkpoints, retention) and engin
   (:func:`save_file`, :func:`load_file`, :func:`verify_file`); truncation or corruption after the
   fact (a full disk on a network file system, a partial copy) fails verification.
 - :class:`RunLock`: one writer per run folder (``<output_dir>/.lock``).
-- :func:`clean_stale_temp`: temp files and folders a killed writer left behind.
 - :func:`strict_json`: every JSON the package writes is strict (no NaN/Infinity tokens).
 - :func:`safe_torch_load`: the one way the package reads a ``torch.save`` file: ``weights_only=True``
   (tensors, numbers, strings, lists, tuples, dicts), never unpickling code. The sha256 footer
@@ -27,7 +26,6 @@ import logging
 import math
 import os
 import pickle
-import re
 import shutil
 import socket
 import sys
@@ -147,15 +145,6 @@ def atomic_write_text(text: str, path: Path) -> None:
     atomic_write_bytes(text.encode(), path)
 
 
-def remove(path: Path) -> None:
-    """Delete a checkpoint that is a file or a DeepSpeed folder."""
-    path = Path(path)
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
 # ---------------------------------------------------------------------------------------------
 # The verified file format
 # ---------------------------------------------------------------------------------------------
@@ -175,14 +164,14 @@ def save_file(state: dict[str, Any], path: Path) -> None:
 def read_verified(path: Path) -> bytes:
     """The payload of a verified file; :class:`CheckpointError` saying what is wrong otherwise."""
     path = Path(path)
-    if path.is_dir():
+    try:
+        data = path.read_bytes()
+    except IsADirectoryError:
         raise CheckpointError(
             f"'{path}' is a folder, not a checkpoint file: a DeepSpeed checkpoint (engine=deepspeed "
             "writes step_<n>.pt folders) resumes only with engine=deepspeed; convert it to a file "
             "with `addernet-zero-to-state-dict FOLDER model.pt` to evaluate it or start from it"
-        )
-    try:
-        data = path.read_bytes()
+        ) from None
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint '{path}': {e}") from e
     if len(data) < _FOOTER or data[-_FOOTER : -_FOOTER + len(_MAGIC)] != _MAGIC:
@@ -263,21 +252,6 @@ def link_or_copy(src: str | Path, dst: str | Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
-
-
-def same_checkpoint(a: Path, b: Path) -> bool:
-    """Whether ``b`` is a copy of ``a`` (both verified): the same sha256 footer, or for DeepSpeed
-    folders the same MANIFEST (which holds every shard's sha256)."""
-    a, b = Path(a), Path(b)
-    if a.is_dir() and b.is_dir():
-        manifest = "MANIFEST"  # engine/ds_checkpoint.MANIFEST (which imports this module)
-        return (a / manifest).read_bytes() == (b / manifest).read_bytes()
-    if a.is_file() and b.is_file() and a.stat().st_size == b.stat().st_size:
-        with open(a, "rb") as fa, open(b, "rb") as fb:
-            fa.seek(-32, os.SEEK_END)
-            fb.seek(-32, os.SEEK_END)
-            return fa.read() == fb.read()
-    return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,37 +376,3 @@ class RunLock:
     @property
     def held(self) -> bool:
         return self._fd is not None
-
-
-# ---------------------------------------------------------------------------------------------
-# Temp files of killed writers
-# ---------------------------------------------------------------------------------------------
-
-_TMP_RE = re.compile(r"^\..+\.tmp\.(\d+)$")  # atomic_write_bytes: .<name>.tmp.<pid>
-_DS_TMP_RE = re.compile(r"^\.step_\d{9}\.pt\.(tmp|old)$")  # ds_checkpoint: .<name>.tmp / .old
-_BEST_TMP_RE = re.compile(r"^\.best\.pt\.(tmp|old)$")
-
-
-def clean_stale_temp(folder: Path) -> list[Path]:
-    """Remove temp files and folders of writers that are gone; returns what was removed.
-
-    Call only while holding the folder's :class:`RunLock` (then no other trainer writes here):
-    a ``.<name>.tmp.<pid>`` file is removed unless its pid is this process or a live process on
-    this host; DeepSpeed's pid-less ``.step_<n>.pt.tmp``/``.old`` folders are removed outright
-    (only the lock holder's rank 0 would publish them, and it has not started writing yet).
-    """
-    removed: list[Path] = []
-    if not Path(folder).is_dir():
-        return removed
-    me = os.getpid()
-    for p in Path(folder).iterdir():
-        m = _TMP_RE.match(p.name)
-        if m:
-            pid = int(m.group(1))
-            if pid == me or pid_alive(pid):
-                continue
-        elif not (_DS_TMP_RE.match(p.name) or _BEST_TMP_RE.match(p.name)):
-            continue
-        remove(p)
-        removed.append(p)
-    return removed

@@ -250,7 +250,9 @@ def _train(cfg: Config, dist: DistInfo) -> EvalResult | None:
         autocast_dtype=engine.autocast_dtype,
         recalibrate_final=cfg.train.bn_recalibration_final,
     )
-    ckpt = Checkpointer(cfg.output_dir, cfg.train.keep_last, dist, every_steps=cfg.train.ckpt_every_steps)
+    ckpt = Checkpointer(
+        cfg.output_dir, cfg.train.keep_last, dist, every_steps=cfg.train.ckpt_every_steps, store=engine.checkpoint_store
+    )
     trainer = Trainer(cfg, dist, engine, train_loader, p_sched, evaluator, ckpt)
     state = trainer.state
     # Lock the run folder, clean temp files of killed writers, pick the resume point (or refuse).

@@ -1,11 +1,9 @@
 """The one reader of the trainer's checkpoint layout for tools that only need the weights.
 
 ``addernet-eval`` and ``addernet-analyze`` read a trained model through ``read_trained_weights``;
-resume (train.py, the engines) restores the full state through ``checkpoint.py``. A trainer
-checkpoint file (checkpoint.py: ``torch.save`` + sha256 footer) holds::
-
-    {"engine": {"model": state_dict, "optimizer": ..., "lr_scheduler": ...},
-     "client": {"config": resolved config (Config.model_dump(mode="json")), ...}}
+resume (train.py, the engines) restores the full state through ``checkpoint/``. A trainer
+checkpoint file (checkpoint/store.py's FileStore: ``torch.save`` + sha256 footer) holds the layout
+of checkpoint/layout.py (the engine part's model, the client part's config).
 """
 
 from __future__ import annotations
@@ -19,6 +17,7 @@ from typing import Any
 import torch
 
 from addernet_dist import checkpoint, runfolder
+from addernet_dist.checkpoint import layout
 
 
 @dataclass(frozen=True)
@@ -54,7 +53,7 @@ def read_trained_weights(
         state = runfolder.safe_torch_load(io.BytesIO(body), path)
     if not isinstance(state, dict):
         raise ValueError(f"'{path}' is not a checkpoint or state_dict file")
-    engine, client = state.get("engine", {}), state.get("client", {})
+    engine, client = layout.parts(state)
     cfg = client.get("config") if isinstance(client, dict) else None
     sd = engine.get("model") if isinstance(engine, dict) and "model" in engine else state
     if ema:

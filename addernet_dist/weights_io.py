@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from addernet_dist.checkpoint import CheckpointError, load_file
+from addernet_dist.checkpoint import CheckpointError, layout, load_file
+from addernet_dist.checkpoint.store import DEEPSPEED_FOLDER
 
 EXPORT_FORMAT = "addernet-dist/weights-v1"
 
@@ -117,14 +118,14 @@ def read_checkpoint_weights(path: str | Path) -> tuple[dict[str, Any], dict[str,
 
 def _weights_and_config(state: dict[str, Any], path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     try:
-        return state["engine"]["model"], state["client"]["config"]
+        return layout.weights_and_config(state)
     except (KeyError, TypeError) as e:
         raise InteropError(f"'{path}' has no model weights and run config ({e!r} missing)") from e
 
 
 def _read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    if path.is_dir():
+    if DEEPSPEED_FOLDER.holds(path):
         raise InteropError(
             f"'{path}' is a DeepSpeed checkpoint folder (engine=deepspeed); convert it to a file "
             f"first: addernet-zero-to-state-dict {path} model.pt, then use model.pt"

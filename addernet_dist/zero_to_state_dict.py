@@ -3,10 +3,10 @@
     addernet-zero-to-state-dict runs/x/checkpoints/step_000000016.pt model.pt
     addernet-eval --config runs/x/config.yaml --checkpoint model.pt
 
-The output has the trainer's single-file format (checkpoint.py: torch.save + sha256 footer) with
-``{"engine": {"model": state_dict, "optimizer": None, "lr_scheduler": ...},
-"client": client_state}``: the model is complete (BN running stats and each adder layer's ``p``
-included), the optimizer state is dropped (it is sharded and only DeepSpeed can resume it).
+The output has the trainer's single-file format (checkpoint/store.py's FileStore: torch.save +
+sha256 footer) in the layout of checkpoint/layout.py, with the engine part's optimizer None: the
+model is complete (BN running stats and each adder layer's ``p`` included), the optimizer state is
+dropped (it is sharded and only DeepSpeed can resume it).
 
 Weights: under ``precision: autocast`` DeepSpeed's model file already holds every fp32 weight
 (ZeRO-0/1/2 keep the full model on every rank). Under ``precision: bf16`` the model file holds
@@ -24,16 +24,17 @@ from typing import Any
 
 import torch
 
-from addernet_dist.checkpoint import CheckpointError, save_file
+from addernet_dist.checkpoint import CheckpointError, layout, save_file
+from addernet_dist.checkpoint.store import DEEPSPEED_FOLDER
 from addernet_dist.engine import ds_checkpoint
 
 _MODEL_FILE = "mp_rank_00_model_states.pt"
 
 
 def load_zero_checkpoint(folder: str | Path) -> dict[str, Any]:
-    """``{"engine": {...}, "client": {...}}`` from a verified DeepSpeed checkpoint folder."""
+    """A checkpoint state (checkpoint/layout.py) from a verified DeepSpeed checkpoint folder."""
     folder = Path(folder)
-    if not folder.is_dir():
+    if not DEEPSPEED_FOLDER.holds(folder):
         raise CheckpointError(
             f"'{folder}' is not a DeepSpeed checkpoint folder (engine=deepspeed writes "
             "checkpoints/step_<n>.pt folders); a file checkpoint needs no conversion"
@@ -62,14 +63,8 @@ def load_zero_checkpoint(folder: str | Path) -> dict[str, Any]:
                 model[k] = model[k].to(torch.float32)
             else:
                 raise CheckpointError(f"'{folder}': no fp32 master copy of bf16 tensor '{k}'")
-    return {
-        "engine": {
-            "model": model,
-            "optimizer": None,
-            "lr_scheduler": states.get("addernet_lr_scheduler"),
-        },
-        "client": states.get("addernet", {}),
-    }
+    engine = {"model": model, "optimizer": None, "lr_scheduler": states.get("addernet_lr_scheduler")}
+    return layout.build(engine, states.get("addernet", {}))
 
 
 def convert(folder: str | Path, out: str | Path) -> Path:

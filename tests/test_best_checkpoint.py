@@ -108,14 +108,14 @@ def test_unreadable_best_is_moved_aside_not_overwritten_by_a_fresh_start(finishe
 
 _KILL_DURING_BEST_COPY = """
 import os, signal, sys
-from addernet_dist import checkpoint
-real = checkpoint.atomic_write_bytes
+from addernet_dist.checkpoint import store  # FileStore.copy, the copy to best.pt
+real = store.atomic_write_bytes
 def write(data, path):
     if path.name == "best.pt":  # half of the temp file written, then SIGKILL
         path.with_name(".best.pt.tmp.%d" % os.getpid()).write_bytes(data[: len(data) // 2])
         os.kill(os.getpid(), signal.SIGKILL)
     real(data, path)
-checkpoint.atomic_write_bytes = write
+store.atomic_write_bytes = write
 from addernet_dist.train import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -405,7 +405,7 @@ def test_resume_auto_skips_a_corrupt_newest_folder_and_prune_removes_folders(tmp
         _fake_ds_folder(ckpt.dir, ckpt.path_for(step).name)
     newest = ckpt.path_for(12)
     (newest / "mp_rank_00_model_states.pt").write_bytes(b"garbage")
-    assert ckpt.resolve_resume("auto") == ckpt.path_for(8)
+    assert ckpt.newest_valid() == ckpt.path_for(8)
     assert "step_000000012.pt" in caplog.text
     ckpt.prune()
     # Retention by validity: the corrupt folder is moved aside (not deleted, not counted as kept),

@@ -224,3 +224,101 @@ def test_no_line_over_the_configured_length():
         if len(line) > limit
     ]
     assert not long, f"lines over {limit} characters (wrap them): {long}"
+
+
+# ---- checkpoint formats and layout: one home each (issue 23.1) ------------------------------------
+# The single-file vs DeepSpeed-folder split is the stores' (checkpoint/store.py and the folder
+# mechanics they call, engine/ds_checkpoint.py); the {"engine": ..., "client": ...} layout is spelled
+# only in checkpoint/layout.py. Elsewhere, in a module that handles checkpoints (imports the
+# checkpoint package, runfolder or ds_checkpoint), a shape test of a path (is_dir/is_file/isdir/isfile)
+# and a literal "engine"/"client" key are refused unless the exact line is listed here with its why.
+_CKPT_MODULES = ("addernet_dist.checkpoint", "addernet_dist.runfolder", "addernet_dist.engine.ds_checkpoint")
+FORMAT_HOMES = {"addernet_dist/checkpoint/store.py", "addernet_dist/engine/ds_checkpoint.py"}
+LAYOUT_HOMES = {"addernet_dist/checkpoint/layout.py"}
+SHAPE_TESTS_ALLOWED = {
+    # the checkpoints/ folder and output_dir's parents, not a checkpoint
+    "addernet_dist/checkpoint/manager.py": {
+        "if not self.dir.is_dir():",
+        "if self.dir.is_dir():",
+        "if not p.is_dir():",
+        "if metrics.is_file() and metrics.stat().st_size > 0:",
+    },
+    "addernet_dist/zero_to_state_dict.py": {"if out.is_dir():"},  # the output argument must name a file
+    # "no such file" messages before reading a file the user named (not a choice between formats)
+    "addernet_dist/distill.py": {"if not path.is_file():"},
+    "addernet_dist/weights_io.py": {"if not path.is_file():"},
+    "addernet_dist/analyze/checkpoints.py": {"if not path.is_file():"},
+    "addernet_dist/config.py": {"if not p.is_file():"},  # the YAML config file
+    "addernet_dist/models/pretrained.py": {"if not path.is_file():"},  # an official weights file
+}
+LAYOUT_KEYS_ALLOWED = {
+    "addernet_dist/config_doc.py": {'"engine": "parallelism backend (docs/deepspeed.md for deepspeed)",'},  # config key
+    "addernet_dist/selftest/plan.py": {'"engine": "deepspeed",'},  # the config key engine=
+}
+_SHAPE_TESTS = {"is_dir", "is_file", "isdir", "isfile"}
+
+
+def _handles_checkpoints(tree: ast.AST) -> bool:
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        if any(n == m or n.startswith(m + ".") for n in names for m in _CKPT_MODULES):
+            return True
+    return False
+
+
+def checkpoint_format_leaks(root: Path, repo: Path) -> list[str]:
+    """``path:line: text`` of every shape test / layout key outside the homes and the lists above."""
+    leaks = []
+    for p in sorted(root.rglob("*.py")):
+        rel = str(p.relative_to(repo))
+        source = p.read_text()
+        tree = ast.parse(source)
+        lines = source.splitlines()
+        check_shape = rel not in FORMAT_HOMES and (_handles_checkpoints(tree) or rel in SHAPE_TESTS_ALLOWED)
+        for node in ast.walk(tree):
+            if check_shape and isinstance(node, ast.Attribute) and node.attr in _SHAPE_TESTS:
+                allowed = SHAPE_TESTS_ALLOWED.get(rel, set())
+            elif (
+                rel not in LAYOUT_HOMES
+                and isinstance(node, ast.Constant)
+                and node.value in ("engine", "client")
+            ):
+                allowed = LAYOUT_KEYS_ALLOWED.get(rel, set())
+            else:
+                continue
+            text = lines[node.lineno - 1].strip()
+            if text not in allowed:
+                leaks.append(f"{rel}:{node.lineno}: {text}")
+    return leaks
+
+
+def test_checkpoint_formats_and_layout_have_one_home():
+    leaks = checkpoint_format_leaks(ROOTS["addernet_dist"], REPO)
+    assert not leaks, (
+        "checkpoint format branching (is_dir/is_file on a checkpoint path) or the {engine, client} layout "
+        "outside checkpoint/store.py / checkpoint/layout.py: use store_of(path) / a store's holds(), "
+        "layout.build / layout.parts (or list the line with its why in tests/test_layering.py):\n"
+        + "\n".join(leaks)
+    )
+
+
+def test_checkpoint_format_scan_sees_a_branch_and_a_layout_key(tmp_path):
+    pkg = tmp_path / "addernet_dist"
+    pkg.mkdir()
+    (pkg / "leaky.py").write_text(
+        "from addernet_dist.checkpoint import load_file\n"
+        "def read(path):\n"
+        "    if path.is_dir():\n"
+        "        return None\n"
+        '    return load_file(path)["client"]\n'
+    )
+    (pkg / "unrelated.py").write_text("def f(p):\n    return p.is_dir()\n")  # handles no checkpoints
+    assert checkpoint_format_leaks(pkg, tmp_path) == [
+        "addernet_dist/leaky.py:3: if path.is_dir():",
+        'addernet_dist/leaky.py:5: return load_file(path)["client"]',
+    ]

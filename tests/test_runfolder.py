@@ -283,7 +283,7 @@ def test_temp_files_of_dead_writers_are_cleaned_live_ones_kept(tmp_path):
         p.write_bytes(b"x")
     ds_tmp.mkdir()
     (ds_tmp / "shard.pt").write_bytes(b"x")
-    removed = runfolder.clean_stale_temp(ck)
+    removed = checkpoint.clean_stale_temp(ck)
     assert sorted(removed) == sorted([gone, ds_tmp])
     assert sorted(p.name for p in ck.iterdir()) == sorted([mine.name, keep.name])
 

@@ -71,9 +71,9 @@ MUTATIONS = [
     Mutation(
         "superseded-best-dropped",
         "resume= an older step leaves the abandoned future's best.pt to be overwritten",
-        "addernet_dist/checkpoint.py",
-        "        for best in (self.best_path, self.best_ema_path):\n            if best.is_dir():",
-        "        for best in ():\n            if best.is_dir():",
+        "addernet_dist/checkpoint/manager.py",
+        "        for best in (self.best_path, self.best_ema_path):\n            if best.exists():",
+        "        for best in ():\n            if best.exists():",
         ("tests/test_best_checkpoint.py::test_resume_from_an_older_step_keeps_the_abandoned_future_and_its_best",),
     ),
     Mutation(
@@ -271,7 +271,7 @@ MUTATIONS = [
     Mutation(
         "retention-ignores-validity",
         "retention keeps the newest keep_last step numbers, readable or not",
-        "addernet_dist/checkpoint.py",
+        "addernet_dist/checkpoint/manager.py",
         "            problem = self._check(path)\n            if problem is not None:\n"
         "                self.move_aside(path, problem)",
         "            problem = None\n            if problem is not None:\n"

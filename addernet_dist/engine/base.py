@@ -21,7 +21,8 @@ Checkpoints: ``save(path, client_state)`` writes the engine's state (model, opti
 scheduler) plus the caller's ``client_state`` (train progress, loader position,
 RNG states, config, W&B id) as one checkpoint at ``path``; ``load(path)`` restores the engine state
 and returns ``client_state``. Both are COLLECTIVE: every rank calls them. The default
-implementation (single verified file written by rank 0, see checkpoint.py) suits DDP, where every
+implementation (single verified file written by rank 0: checkpoint/store.py's FileStore, in
+the layout of checkpoint/layout.py) suits DDP, where every
 rank holds the full state; DeepSpeed overrides them to write its sharded directory format.
 """
 
@@ -30,7 +31,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -39,6 +40,9 @@ from addernet_dist import device_policy
 from addernet_dist.config import ConfigError
 from addernet_dist.distributed import DistInfo
 from addernet_dist.runfolder import CheckpointWriteError
+
+if TYPE_CHECKING:
+    from addernet_dist.checkpoint.store import CheckpointStore
 
 
 def maybe_fuse_adder_bn(model: nn.Module, fuse_bn: bool | str, device: torch.device) -> int:
@@ -169,16 +173,24 @@ class Engine(ABC):
     @abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
+    @property
+    def checkpoint_store(self) -> CheckpointStore:
+        """The format ``save`` writes (checkpoint/store.py), handed to the Checkpointer."""
+        from addernet_dist.checkpoint.store import FILE
+
+        return FILE
+
     def save(self, path: Path, client_state: dict[str, Any]) -> None:
         """Collective. Writes engine state + client_state atomically as ONE verified file
         (rank 0 writes, everyone waits)."""
-        from addernet_dist import checkpoint
+        from addernet_dist.checkpoint import layout
+        from addernet_dist.checkpoint.store import FILE
 
-        state = {"engine": self.state_dict(), "client": client_state}
+        state = layout.build(self.state_dict(), client_state)
         failed: Exception | None = None
         if self.dist.rank == 0:
             try:
-                checkpoint.save_file(state, path)
+                FILE.write(state, path)
             except Exception as e:  # disk full, file-size limit, ...: every rank must hear of it
                 failed = e
         # A collective in place of a barrier: with a bare barrier the other ranks would wait for
@@ -191,8 +203,9 @@ class Engine(ABC):
 
     def load(self, path: Path) -> dict[str, Any]:
         """Collective. Restores engine state from ``path`` and returns the client_state."""
-        from addernet_dist import checkpoint
+        from addernet_dist.checkpoint import layout
+        from addernet_dist.runfolder import load_file
 
-        state = checkpoint.load_file(path)
-        self.load_state_dict(state["engine"])
-        return state["client"]
+        state = load_file(path)
+        self.load_state_dict(layout.engine_part(state))
+        return layout.client_part(state)

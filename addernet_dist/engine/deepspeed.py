@@ -33,6 +33,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from addernet_dist import device_policy
 from addernet_dist.adaptive_lr import AdaptiveLRScaler
 from addernet_dist.checkpoint import CheckpointError
+from addernet_dist.checkpoint.store import DEEPSPEED_FOLDER, CheckpointStore
 from addernet_dist.config import Config, ConfigError
 from addernet_dist.distributed import DistInfo
 from addernet_dist.engine import ds_checkpoint
@@ -236,6 +237,11 @@ class DeepSpeedEngine(Engine):
         self._module.load_state_dict(state["model"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
 
+    @property
+    def checkpoint_store(self) -> CheckpointStore:
+        """DeepSpeed checkpoint folders (checkpoint/store.py)."""
+        return DEEPSPEED_FOLDER
+
     def save(self, path: Path, client_state: dict[str, Any]) -> None:
         """Collective. DeepSpeed's ``save_checkpoint`` into a temp folder, MANIFEST, rename.
 
@@ -273,7 +279,7 @@ class DeepSpeedEngine(Engine):
     def load(self, path: Path) -> dict[str, Any]:
         """Collective. Restores model, sharded optimizer state, LR schedule; returns client_state."""
         path = Path(path)
-        if not path.is_dir():
+        if not DEEPSPEED_FOLDER.holds(path):
             raise CheckpointError(
                 f"'{path}' is not a DeepSpeed checkpoint folder (engine=deepspeed saves folders); "
                 "a DDP checkpoint file cannot resume a DeepSpeed run: resume it with engine=ddp, "

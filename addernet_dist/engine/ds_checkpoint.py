@@ -2,7 +2,7 @@
 
 DeepSpeed writes one checkpoint as a folder of shards (``mp_rank_00_model_states.pt`` from rank
 0, ``zero_pp_rank_<r>_mp_rank_00_optim_states.pt`` from every rank). To keep the trainer's
-guarantees (checkpoint.py: a crash never leaves a half-written checkpoint under a checkpoint name;
+guarantees (checkpoint/manager.py: a crash never leaves a half-written checkpoint under a checkpoint name;
 truncation or corruption later is detected and ``resume=auto`` falls back) the engine:
 
 1. lets DeepSpeed write into a hidden temporary folder ``.<name>.tmp`` next to the final one;
@@ -16,9 +16,9 @@ A folder without a valid MANIFEST, or whose shards do not match it, fails :func:
 DeepSpeed's own loaders unpickle (``torch.load(weights_only=False)``): the engine hands DeepSpeed
 :func:`load_shard` as its checkpoint engine's ``load`` and, like ``addernet-zero-to-state-dict``,
 first reads every shard with :func:`check_loadable`, so a planted folder cannot run code.
-This module imports no DeepSpeed at import time (checkpoint.py calls it for every folder-shaped checkpoint); the
-file-system helpers (atomic verified files, fsync of the folder, removal) are runfolder.py's, shared
-with checkpoint.py.
+This module imports no DeepSpeed at import time (checkpoint/store.py's DeepSpeedFolderStore calls it for
+every folder-shaped checkpoint); the file-system helpers (atomic verified files, fsync of the folder)
+are runfolder.py's, shared with the file store.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from addernet_dist.runfolder import (
     fsync_dir,
     load_file,
     no_room_error,
-    remove,
     safe_torch_load,
     save_file,
     verify_file,
@@ -43,6 +42,16 @@ from addernet_dist.runfolder import (
 
 MANIFEST = "MANIFEST"
 FORMAT = "addernet-deepspeed-v1"
+
+
+def remove(path: Path) -> None:
+    """Delete a checkpoint folder, its temp folder, or what sits at its name (a trash or a file
+    of the same name, e.g. engine=ddp's best.pt that a folder replaces)."""
+    path = Path(path)
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def tmp_name(final: Path) -> Path:

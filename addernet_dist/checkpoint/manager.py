@@ -1,6 +1,7 @@
-"""Crash-safe checkpoint files and the run folder's checkpoint bookkeeping.
+"""The run folder's checkpoint bookkeeping: naming, verifying, retention, best.pt, resume decisions.
 
-File format (runfolder.py): ``torch.save`` bytes followed by a 40-byte footer
+The format of one checkpoint is its store's (checkpoint/store.py); e.g. the file store's
+(runfolder.py): ``torch.save`` bytes followed by a 40-byte footer
 ``b"ADDERCKP" + sha256(body)``, written atomically (temp file, fsync, ``os.replace``, fsync of the
 folder), so a crash at any moment leaves either the old set of checkpoints or the new one, never a
 half-written file under a checkpoint name. The footer catches what atomic rename cannot:
@@ -22,35 +23,18 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import re
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
+from addernet_dist.checkpoint import layout
+from addernet_dist.checkpoint.resume import check_resumable
+from addernet_dist.checkpoint.store import FILE, CheckpointStore, clean_stale_temp, same_checkpoint, store_of, verify
 from addernet_dist.distributed import DistInfo
-from addernet_dist.engine import ds_checkpoint
-from addernet_dist.runfolder import (  # noqa: F401  (re-exported: the checkpoint API)
-    CheckpointError,
-    RunFolderError,
-    RunLock,
-    atomic_write_bytes,
-    clean_stale_temp,
-    encode,
-    link_or_copy,
-    load_file,
-    read_verified,
-    remove,
-    same_checkpoint,
-    save_file,
-    verify_file,
-)
+from addernet_dist.runfolder import CheckpointError, RunFolderError, RunLock, load_file
 
 log = logging.getLogger(__name__)
 
@@ -65,54 +49,9 @@ def release_run_locks() -> None:
         _HELD_LOCKS.pop().release()
 
 
-def verify(path: Path) -> str | None:
-    """None if ``path`` is a complete, uncorrupted checkpoint, else the reason it is not."""
-    if Path(path).is_dir():  # engine=deepspeed saves folders (engine/ds_checkpoint.py)
-        return ds_checkpoint.verify_dir(path)
-    return verify_file(path)
-
-
 def step_of(path: Path) -> int | None:
     m = _STEP_RE.match(Path(path).name)
     return int(m.group(1)) if m else None
-
-
-# ---------------------------------------------------------------------------------------------
-# RNG state of every rank
-# ---------------------------------------------------------------------------------------------
-
-
-def rng_state() -> dict[str, Any]:
-    """Plain types and tensors only (a checkpoint may hold nothing else, runfolder.safe_torch_load):
-    numpy's legacy tuple becomes a dict with its 624 uint32 words as an int64 tensor."""
-    key, words, pos, has_gauss, cached = np.random.get_state(legacy=True)
-    numpy_state = {
-        "key": str(key),
-        "words": torch.from_numpy(words.astype(np.int64)),
-        "pos": int(pos),
-        "has_gauss": int(has_gauss),
-        "cached_gaussian": float(cached),
-    }
-    state = {
-        "python": random.getstate(),  # (version, tuple of 625 ints, None)
-        "numpy": numpy_state,
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    ns = state["numpy"]
-    if isinstance(ns, dict):
-        words = ns["words"].numpy().astype(np.uint32)
-        ns = (ns["key"], words, ns["pos"], ns["has_gauss"], ns["cached_gaussian"])
-    np.random.set_state(ns)  # a dict, or the tuple checkpoints before the safe-loading rule hold
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,45 +72,22 @@ class ResumePlan:
     supersede_after: int | None = None  # resume= an older step: newer ones go to superseded-<time>/
 
 
-def _model_identity(model_cfg: dict[str, Any]) -> dict[str, Any]:
-    return {k: model_cfg.get(k) for k in ("name", "conv", "num_classes", "kwargs")}
-
-
-def _describe_model(model_cfg: dict[str, Any]) -> str:
-    extra = f", kwargs {model_cfg['kwargs']}" if model_cfg.get("kwargs") else ""
-    classes = model_cfg.get("num_classes") or "dataset's"
-    return f"{model_cfg.get('name')} (conv={model_cfg.get('conv')}, {classes} classes{extra})"
-
-
-def check_resumable(state: dict[str, Any], path: Path, cfg: Any) -> None:
-    """Refuse, with what to do instead, a checkpoint file that cannot resume the run ``cfg``."""
-    engine = state.get("engine") if isinstance(state, dict) else None
-    client = state.get("client") if isinstance(state, dict) else None
-    if not isinstance(engine, dict) or not isinstance(client, dict):
-        raise CheckpointError(f"'{path}' is not a training checkpoint written by addernet-train")
-    if engine.get("optimizer") is None or "train_state" not in client:
-        raise CheckpointError(
-            f"'{path}' holds model weights only (e.g. converted from a DeepSpeed checkpoint by "
-            "addernet-zero-to-state-dict): it has no optimizer state, so it cannot resume a run. "
-            "Resume the DeepSpeed checkpoint folder itself with engine=deepspeed, or evaluate "
-            "the file with addernet-eval"
-        )
-    saved = client.get("config", {}).get("model")
-    if saved is not None:
-        want = cfg.model.model_dump(mode="json")
-        if _model_identity(saved) != _model_identity(want):
-            raise CheckpointError(
-                f"'{path}' holds model {_describe_model(saved)}, this run builds "
-                f"{_describe_model(want)}; set model.* to match the checkpoint to resume it, or "
-                "start the new model in another output_dir"
-            )
-
-
 class Checkpointer:
     """Names, lists, verifies, prunes and resolves the checkpoints of one run folder."""
 
-    def __init__(self, output_dir: str | os.PathLike, keep_last: int, dist: DistInfo, every_steps: int = 0) -> None:
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        keep_last: int,
+        dist: DistInfo,
+        every_steps: int = 0,
+        store: CheckpointStore | None = None,
+    ) -> None:
         self.root = Path(output_dir)
+        # The format this run writes (Engine.checkpoint_store); None: whichever format a written
+        # checkpoint has. Checkpoints found in the folder are read by their own format's store
+        # (store.store_of): the folder may hold another engine's, which engine.load refuses.
+        self.store = store
         self.dir = self.root / "checkpoints"
         self.keep_last = keep_last
         self.every_steps = every_steps  # train.ckpt_every_steps; 0: only at the end of each epoch
@@ -220,26 +136,21 @@ class Checkpointer:
 
     # ---- validity --------------------------------------------------------------------------
 
-    @staticmethod
-    def _signature(path: Path) -> tuple:
-        if path.is_dir():  # a DeepSpeed folder: every shard's size and mtime
-            return tuple(
-                (str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
-                for p in sorted(path.rglob("*"))
-                if p.is_file()
-            )
-        st = path.stat()
-        return (st.st_size, st.st_mtime_ns)
+    def _store(self, path: Path) -> CheckpointStore:
+        """This run's store for what it writes, the store of its format for anything else."""
+        store = self.store
+        return store if store is not None and store.holds(path) else store_of(path)
 
     def _check(self, path: Path) -> str | None:
-        """verify(), cached for files this process already verified unchanged."""
+        """The store's verify(), cached for checkpoints this process already verified unchanged."""
+        store = self._store(path)
         try:
-            sig = self._signature(path)
+            sig = store.signature(path)
         except OSError as e:
             return f"cannot stat '{path}': {e}"
         if self._valid.get(path) == sig:
             return None
-        problem = verify(path)
+        problem = store.verify(path)
         if problem is None:
             self._valid[path] = sig
         return problem
@@ -319,10 +230,8 @@ class Checkpointer:
         for p in newer:
             os.replace(p, dst / p.name)
         for best in (self.best_path, self.best_ema_path):
-            if best.is_dir():  # a DeepSpeed folder
-                shutil.copytree(best, dst / best.name, copy_function=link_or_copy)
-            elif best.is_file():
-                link_or_copy(best, dst / best.name)
+            if best.exists():
+                self._store(best).link_copy(best, dst / best.name)
         return dst
 
     def _decide(self, cfg: Any) -> ResumePlan:
@@ -366,11 +275,11 @@ class Checkpointer:
             plan.path = found
         else:
             plan.path = Path(resume)
-        if plan.path.is_file():
+        if FILE.holds(plan.path):  # a DeepSpeed folder is checked by the DeepSpeed engine's load
             state = load_file(plan.path)
             check_resumable(state, plan.path, cfg)
             if inside:
-                plan.supersede_after = int(state["client"]["train_state"]["global_step"])
+                plan.supersede_after = int(layout.client_part(state)["train_state"]["global_step"])
         return plan
 
     def _valid_best(self) -> Path | None:
@@ -471,29 +380,6 @@ class Checkpointer:
                 log.warning(note)
         return plan
 
-    def resolve_resume(self, resume: str) -> Path | None:
-        """Collective, no lock: where ``resume`` points (kept for tools and tests).
-
-        resume: "none" -> None; "auto" -> newest valid in the run folder (None when there is
-        none); anything else is a path that must verify.
-        """
-        choice: str | None = None
-        error: str | None = None
-        if self.dist.is_main:
-            if resume == "auto":
-                found = self.newest_valid()
-                choice = str(found) if found else None
-            elif resume != "none":
-                problem = verify(Path(resume))
-                if problem is not None:
-                    error = f"resume={resume}: {problem}; pass resume=auto or resume=none"
-                else:
-                    choice = resume
-        choice, error = self.dist.broadcast_object((choice, error))
-        if error is not None:
-            raise CheckpointError(error)
-        return Path(choice) if choice else None
-
     # ---- retention --------------------------------------------------------------------------
 
     def prune(self) -> None:
@@ -509,88 +395,14 @@ class Checkpointer:
                 self.move_aside(path, problem)
                 continue
             if kept >= self.keep_last:
-                remove(path)  # a file, or an engine=deepspeed folder
+                self._store(path).remove(path)
                 self._valid.pop(path, None)
             else:
                 kept += 1
 
     def copy_to_best(self, path: Path, dst: Path | None = None) -> None:
-        """Copy a verified step checkpoint to ``dst`` (default best.pt)."""
+        """Copy a verified step checkpoint to ``dst`` (default best.pt), by its store."""
         dst = dst or self.best_path
         if not self.dist.is_main:
             return
-        if Path(path).is_dir():  # engine=deepspeed folder
-            ds_checkpoint.copy(Path(path), dst)
-            return
-        data = Path(path).read_bytes()
-        problem = verify(path)
-        if problem is not None:
-            raise CheckpointError(f"not copying to {dst.name}: {problem}")
-        atomic_write_bytes(data, dst)
-
-
-# ---------------------------------------------------------------------------------------------
-# Resume: load, keep this run's optimizer settings, say what changed
-# ---------------------------------------------------------------------------------------------
-
-# Optimizer hyperparameters a resumed run takes from ITS config (the checkpoint's momentum
-# buffers and schedule position are kept): the user asked for them on the command line.
-_NEW_HYPERPARAMETERS = ("momentum", "nesterov", "weight_decay", "dampening")
-
-
-def load_for_resume(engine: Any, path: Path) -> dict[str, Any]:
-    """Collective. ``engine.load(path)``, then this run's optimizer settings (optim.lr, momentum,
-    nesterov, weight_decay) replace the checkpoint's: ``optimizer.load_state_dict`` would restore
-    the saved ones and the run would silently train with them. The LR schedule keeps its
-    position: lr = new base lr x the schedule's factor at the resumed step."""
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
-    sched = engine.lr_scheduler
-    base_lrs = list(sched.base_lrs)
-    try:
-        client = engine.load(path)
-    except CheckpointError:
-        raise
-    except (RuntimeError, ValueError, KeyError, AttributeError, TypeError) as e:
-        raise CheckpointError(
-            f"cannot resume from '{path}' with this config: {e}. Resume with the checkpoint's "
-            "settings (see its config), or start the new run in another output_dir"
-        ) from e
-    sched.base_lrs = base_lrs
-    lambdas = getattr(sched, "lr_lambdas", None)
-    for i, (g, fresh) in enumerate(zip(engine.optimizer.param_groups, groups)):
-        for k in _NEW_HYPERPARAMETERS:
-            if k in fresh:
-                g[k] = fresh[k]
-        g["initial_lr"] = base_lrs[i]
-        if lambdas is not None:
-            g["lr"] = base_lrs[i] * lambdas[i](sched.last_epoch)
-    sched._last_lr = [g["lr"] for g in engine.optimizer.param_groups]
-    return client
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v and k != "kwargs":
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-_QUIET_KEYS = {"resume", "overwrite"}  # keys whose change on resume is expected, not worth a line
-
-
-def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list[Any]]:
-    """``{"optim.lr": [0.1, 0.05], ...}``: every key whose value differs between the
-    checkpoint's config and this run's (keys only one side has count as changed)."""
-    a, b = _flatten(old), _flatten(new)
-    return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if k not in _QUIET_KEYS and a.get(k) != b.get(k)}
-
-
-def describe_changes(changes: dict[str, list[Any]]) -> list[str]:
-    if not changes:
-        return ["config unchanged since the checkpoint"]
-    lines = [f"{k}: {old!r} -> {new!r} (this run's value applies)" for k, (old, new) in changes.items()]
-    return [f"{len(changes)} config key(s) differ from the checkpoint's:", *lines]
+        self._store(Path(path)).copy(Path(path), dst)
