@@ -316,7 +316,7 @@ class Trainer:
         # tuners_active() only says the compiled kernels are importable (true on any machine with
         # Triton): a run whose layers use the CPU fast path or the reference would pay a full
         # training step per p path here and tune nothing
-        if dispatch.resolve_backend(self.dist.device) != "triton":
+        if "triton" not in {dispatch.resolve_backend(self.dist.device, m.backend) for m in adder_modules(self.model)}:
             return
         plan = warmup_plan(self.cfg, self.dist.world_size)
         with self.watchdog.during("tuning"):

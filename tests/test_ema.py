@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from addernet_dist import build
 from addernet_dist import evaluate as evaluate_mod
 from addernet_dist import train as train_mod
 from addernet_dist.checkpoint import load_file
@@ -183,9 +184,9 @@ def test_ema_bn_is_recalibrated_on_the_same_batches_as_the_model(tmp_path):
     assert ev["ema_bn_recalibration_final"] is True
     saved = load_file(out / "checkpoints" / f"step_{ev['step']:09d}.pt")["client"]["ema"]["model"]
     cfg = load_config(out / "config.yaml")
-    model = train_mod.build_model(cfg, 10)
+    model = build.build_model(cfg, 10)
     model.load_state_dict(saved)
-    assert train_mod._recalibrate_bn(cfg, DistInfo(), model, ev["epoch"], None) == 2
+    assert build.recalibrate_bn(cfg, DistInfo(), model, ev["epoch"], None) == 2
     for k, v in model.state_dict().items():
         if k.endswith(("running_mean", "running_var")):
             torch.testing.assert_close(saved[k], v, rtol=1e-4, atol=1e-5, msg=k)

@@ -651,7 +651,7 @@ def test_init_from_strict_key_check_lists_the_differences(trained, tmp_path, cap
             model, load_config(REPO / "configs/debug.yaml", [*cfg_args, "model.conv=conv"])
         )
     # an imported official checkpoint with the shipped config: what fine-tuning from it loads
-    from addernet_dist.train import build_model
+    from addernet_dist.build import build_model
 
     imported = tmp_path / "r20.pt"
     interop.import_official(OFFICIAL_R20, imported, "resnet20")

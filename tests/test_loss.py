@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from addernet_dist.build import build_model
 from addernet_dist.checkpoint import save_file
 from addernet_dist.config import ConfigError, load_config
 from addernet_dist.distill import build_teacher, load_teacher
@@ -18,7 +19,6 @@ from addernet_dist.engine.ddp import DDPEngine
 from addernet_dist.interop import export
 from addernet_dist.loss import BatchMixer, MixDraw, kd_loss, mix_batch, training_loss
 from addernet_dist.models import create_model
-from addernet_dist.train import build_model
 from tests.train_helpers import DEBUG_CONFIG
 
 LOGITS = torch.tensor([[2.0, -1.0, 0.5, 0.0], [0.1, 0.2, 3.0, -2.0], [-1.0, 1.5, 0.0, 0.3]])

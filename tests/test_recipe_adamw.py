@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from addernet_dist import train as train_mod
+from addernet_dist.build import build_model
 from addernet_dist.checkpoint import load_file
 from addernet_dist.config import load_config
 from addernet_dist.nn import adder_modules
-from addernet_dist.train import build_model
 from tests.helpers import CPU_REFERENCE, SMALL_RUN, cpu_engine
 from tests.train_helpers import DEBUG_CONFIG
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from addernet_dist import build
 from addernet_dist import train as train_mod
 from addernet_dist import trainer as trainer_mod
 from addernet_dist.checkpoint import load_file
@@ -97,13 +98,13 @@ def test_recalibration_loader_is_built_once_and_logged_p_is_the_schedules(tmp_pa
         ],
     )
     builds: list[tuple[str, int]] = []
-    build_loader = train_mod.build_loader
+    build_loader = build.build_loader
 
     def counting_build_loader(data_cfg, split, **kwargs):
         builds.append((split, kwargs["seed"]))
         return build_loader(data_cfg, split, **kwargs)
 
-    monkeypatch.setattr(train_mod, "build_loader", counting_build_loader)
+    monkeypatch.setattr(build, "build_loader", counting_build_loader)
     train_mod.train(cfg)
     records = read_metrics(out / "metrics.jsonl")
     evals = [r for r in records if r["kind"] == "eval"]
@@ -154,3 +155,36 @@ def test_preempted_on_an_epochs_last_step_evaluates_at_the_same_p_after_resume(t
     assert records(split) == records(full)
     last = [load_file(d / "checkpoints" / "step_000000004.pt")["engine"]["model"] for d in (full, split)]
     assert all(torch.equal(a, last[1][k]) for k, a in last[0].items() if isinstance(a, torch.Tensor))
+
+
+@pytest.mark.timeout(300)
+def test_the_adder_backend_is_the_layers_argument_not_process_state(tmp_path, monkeypatch):
+    # adder.backend=reference reaches every adder op through the layers' backend= argument: each op
+    # runs the reference (the CPU default would be the compiled fast path, 'cpu') while dispatch's
+    # process-wide default stays unset, during the training steps and after the run.
+    from addernet_dist.nn import adder_modules
+    from addernet_dist.ops import dispatch
+
+    assert "cpu" in dispatch.available_backends(torch.device("cpu"))  # else the default is the reference
+    calls: list[tuple[str, str | None]] = []
+    get_impl = dispatch.get_impl
+
+    def recording_get_impl(name):
+        calls.append((name, dispatch.get_default_backend()))
+        return get_impl(name)
+
+    models = []
+    build_model = build.build_model
+
+    def recording_build_model(cfg, num_classes):
+        models.append(build_model(cfg, num_classes))
+        return models[-1]
+
+    monkeypatch.setattr(dispatch, "get_impl", recording_get_impl)
+    monkeypatch.setattr(train_mod, "build_model", recording_build_model)
+    out = tmp_path / "run"
+    overrides = [*RUN, "adder.backend=reference", "train.epochs=1", f"output_dir={out}"]
+    train_mod.train(load_config(DEBUG_CONFIG, overrides))
+    assert dispatch.get_default_backend() is None
+    assert {m.backend for m in adder_modules(models[0])} == {"reference"}
+    assert len(calls) > 0 and set(calls) == {("reference", None)}
