@@ -1,22 +1,32 @@
-"""Building a run's components from its config (the trainer, addernet-eval, addernet-warmup and the
-benchmarks build them here; ``trainer.Trainer`` runs the loop over them)."""
+"""Building a run's components from its config: ``build_components`` is what ``Trainer.from_config``
+hands to the trainer; addernet-eval, addernet-warmup and the benchmarks use the single builders.
+(The metrics logger, progress display and stall watchdog start at the resumed step: resume.py.)"""
 
 from __future__ import annotations
 
+import logging
 import random
 from typing import Any
 
 import numpy as np
 import torch
 
+from addernet_dist.checkpoint import Checkpointer
 from addernet_dist.config import Config, ConfigError
 from addernet_dist.data import build_loader
+from addernet_dist.distill import build_teacher
 from addernet_dist.distributed import DistInfo
-from addernet_dist.engine.base import Engine
-from addernet_dist.evaluator import RECALIBRATION_SEED_OFFSET, BNRecalibrator
+from addernet_dist.engine.base import Engine, check_adder_backend
+from addernet_dist.evaluator import RECALIBRATION_SEED_OFFSET, BNRecalibrator, Evaluator
+from addernet_dist.interop import init_from_config
+from addernet_dist.logging_utils import wandb_online_problem
 from addernet_dist.models import create_model
 from addernet_dist.models.registry import check_input_size
-from addernet_dist.nn import set_grad_modes
+from addernet_dist.nn import adder_modules, set_grad_modes
+from addernet_dist.ops import dispatch
+from addernet_dist.optim import PSchedule
+
+log = logging.getLogger("addernet_dist")
 
 
 def adder_backend_arg(cfg: Config) -> str | None:
@@ -133,3 +143,56 @@ def build_engine(
 
         return DeepSpeedEngine(model, cfg, dist, steps_per_epoch=steps, teacher=teacher)
     raise ConfigError(f"engine={cfg.engine!r}; use ddp or deepspeed")
+
+
+def final_p(model: torch.nn.Module, p_sched: PSchedule, total_steps: int) -> float | None:
+    """The p the run ends with (None for a model without adder layers)."""
+    return p_sched.value(total_steps - 1) if adder_modules(model) else None
+
+
+def build_components(cfg: Config, dist: DistInfo) -> dict[str, Any]:
+    """Every component of ``cfg``'s run that exists before the resume: ``Trainer``'s keyword
+    arguments (engine, train_loader, p_sched, evaluator, ckpt). Validates the config, the data and
+    W&B; writes nothing into the run folder."""
+    # First: before anything is built or written (rank 0 logs to W&B: its environment decides).
+    wandb_problem = dist.broadcast_object(wandb_online_problem(cfg.wandb) if dist.is_main else None)
+    if wandb_problem is not None:
+        raise ConfigError(wandb_problem)
+    # Same seed on every rank for the model init (DDP also broadcasts rank 0's weights).
+    seed_everything(cfg.train.seed)
+    check_adder_backend(cfg.adder.backend, dist.device)  # build_model gives it to the adder layers
+    train_loader, val_loader = build_data(cfg, dist)
+    model = build_model(cfg, train_loader.num_classes)
+    if cfg.train.init_from:  # weights only, before the engine wraps (DDP broadcast, DS masters)
+        loaded, kept = init_from_config(model, cfg)
+        log.info(
+            "init_from %s: %d tensors loaded, kept fresh: %s",
+            cfg.train.init_from,
+            len(loaded),
+            kept or "none",
+        )
+    steps_per_epoch = len(train_loader)
+    total_steps = cfg.train.epochs * steps_per_epoch
+    # The frozen distillation teacher (distill.py), None without distill.teacher.
+    teacher = build_teacher(cfg, cfg.model.num_classes or train_loader.num_classes, dist.device)
+    # engine/base.maybe_fuse_adder_bn decides adder.fuse_bn=auto by dispatch's process-wide default:
+    # set it for the engine's build only (nothing after it reads the default; the layers carry theirs)
+    with dispatch.default_backend(cfg.adder.backend):
+        engine = build_engine(cfg, model, dist, steps_per_epoch, teacher)
+    fused = engine.fused_adder_bn
+    if fused and dist.is_main:
+        log.info("fused %d Adder2d+BatchNorm2d pairs (adder.fuse_bn=%s)", fused, cfg.adder.fuse_bn)
+    p_sched = PSchedule.from_config(
+        cfg.adder, decay_epochs=cfg.p_decay_epochs(), steps_per_epoch=steps_per_epoch
+    )
+    evaluator = Evaluator(
+        val_loader,
+        dist,
+        build_recalibrator(cfg, dist),
+        final_p=final_p(engine.unwrap(), p_sched, total_steps),
+        autocast_dtype=engine.autocast_dtype,
+        recalibrate_final=cfg.train.bn_recalibration_final,
+    )
+    ckpt = Checkpointer(cfg.output_dir, cfg.train.keep_last, dist, every_steps=cfg.train.ckpt_every_steps)
+    return dict(engine=engine, train_loader=train_loader, p_sched=p_sched, evaluator=evaluator, ckpt=ckpt)
+

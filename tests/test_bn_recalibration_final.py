@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from addernet_dist import build
-from addernet_dist import train as train_mod
+from addernet_dist import run as run_mod
 from addernet_dist.checkpoint import load_file
 from addernet_dist.config import ConfigError, load_config
 from addernet_dist.distributed import DistInfo
@@ -33,7 +33,7 @@ RUN = [
 def _run(tmp_path, *extra):
     out = tmp_path / "run"
     cfg = load_config(DEBUG_CONFIG, [*RUN, f"output_dir={out}", *extra])
-    train_mod.train(cfg)
+    run_mod.train(cfg)
     evals = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "eval"]
     return cfg, out, evals
 

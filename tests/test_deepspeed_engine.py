@@ -158,7 +158,7 @@ def _worker(out: Path) -> None:
     from addernet_dist.distributed import init_distributed
     from addernet_dist.nn import adder_modules, set_p
     from addernet_dist.optim import PSchedule, build_lr_scheduler, build_optimizer
-    from addernet_dist.train import train
+    from addernet_dist.run import train
 
     dist = init_distributed("cpu")
     results: dict[str, dict] = {}

@@ -210,7 +210,7 @@ def test_ddp_resume_with_another_world_size_at_an_epoch_boundary(tmp_path, capsy
     size). The 1-process half runs in this process (train() without a launcher is world size 1):
     one interpreter start fewer (~5 s idle, 10-20 s on a loaded machine)."""
     from addernet_dist import build
-    from addernet_dist import train as train_mod
+    from addernet_dist import run as run_mod
     from addernet_dist.config import load_config
 
     out = tmp_path / "run"
@@ -229,7 +229,7 @@ def test_ddp_resume_with_another_world_size_at_an_epoch_boundary(tmp_path, capsy
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "ADDERNET_BACKEND"):
         monkeypatch.delenv(var, raising=False)
     capsys.readouterr()
-    train_mod.train(load_config(DEBUG_CONFIG, [*FAST, *base, "train.epochs=2"]))
+    run_mod.train(load_config(DEBUG_CONFIG, [*FAST, *base, "train.epochs=2"]))
     err = capsys.readouterr().err  # the trainer's console log (stderr)
     assert "resuming with WORLD_SIZE=1 from a checkpoint written with 2" in err
     assert "step_000000002.pt at step 2" in err

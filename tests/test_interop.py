@@ -449,7 +449,7 @@ SOURCE_P = 1.875  # p of the last step taken (step 1 of the 8-step decay 2 -> 1)
 def trained(tmp_path_factory) -> Path:
     """A real trainer checkpoint: ResNet-8 (debug config), 2 steps, stopped mid-way through the
     ℓp decay (p = 1.875) so the export has to carry a p that is not the default."""
-    from addernet_dist.train import train
+    from addernet_dist.run import train
 
     out = tmp_path_factory.mktemp("source_run")
     cfg = load_config(
@@ -557,7 +557,7 @@ def test_export_then_load_is_bit_for_bit(trained, tmp_path, capsys):
 
 
 def _finetune(out: Path, *extra: str):
-    from addernet_dist.train import train
+    from addernet_dist.run import train
 
     cfg = load_config(
         REPO / "configs/debug.yaml",

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from addernet_dist import build
-from addernet_dist import train as train_mod
+from addernet_dist import run as run_mod
 from addernet_dist.analyze.curves import plot_title, run_summary
 from addernet_dist.config import load_config
 from addernet_dist.distributed import DistInfo
@@ -38,7 +38,7 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     cfg = load_config(DEBUG_CONFIG, [*RUN, f"output_dir={out}", "train.epochs=3"])
     assert cfg.train.grad_clip is None  # grad_norm must be logged without clipping too
-    train_mod.train(cfg)
+    run_mod.train(cfg)
     return out, read_metrics(out / "metrics.jsonl")
 
 
