@@ -194,7 +194,8 @@ MUTATIONS = [
         "resume keeps the fresh initial weights (model state not loaded)",
         "addernet_dist/resume.py",
         "        client = load_for_resume(engine, resume_from)\n",
-        "        fresh = {k: v.clone() for k, v in trainer.model.state_dict().items() if v.is_floating_point()}\n"
+        "        import torch\n"
+        "        fresh = {k: v.clone() for k, v in trainer.model.state_dict().items() if torch.is_tensor(v)}\n"
         "        client = load_for_resume(engine, resume_from)\n"
         "        trainer.model.load_state_dict(fresh, strict=False)\n",
         ("tests/test_docs_claims.py::test_ddp_resume_with_another_world_size_at_an_epoch_boundary",),
