@@ -25,7 +25,6 @@ from addernet_dist.engine.base import check_adder_backend, resolve_autocast_dtyp
 from addernet_dist.interop import InteropError, check_finite, describe_mismatch
 from addernet_dist.logging_utils import setup_console_logging
 from addernet_dist.metrics import EvalResult, evaluate
-from addernet_dist.ops import dispatch
 from addernet_dist.runfolder import dumps_strict
 from addernet_dist.trained_weights import read_trained_weights
 
@@ -41,11 +40,10 @@ def build_eval_model(cfg: Config, model_state: dict, dist: DistInfo):
     """(model with ``model_state`` on the device, the val loader, the autocast dtype) as addernet-eval
     evaluates them: the unfused model of ``cfg`` (addernet-selftest compares its logits with the fused
     model's)."""
-    from addernet_dist.train import build_model, build_split, seed_everything
+    from addernet_dist.build import build_model, build_split, seed_everything
 
     seed_everything(cfg.train.seed)
-    check_adder_backend(cfg.adder.backend, dist.device)
-    dispatch.set_default_backend(cfg.adder.backend)
+    check_adder_backend(cfg.adder.backend, dist.device)  # build_model gives it to the adder layers
     # Only the val split: a train loader would scan the whole train tree (1.28M files on ImageNet).
     val_loader = build_split(cfg, dist, "val")
     model = build_model(cfg, val_loader.num_classes)

@@ -1,6 +1,6 @@
 """The training loop over checkpointed components (torchtitan's Trainer + CheckpointManager shape).
 
-What each component owns (``train.py`` builds them; :class:`Trainer` runs the loop over them):
+What each component owns (``Trainer.from_config`` builds them, build.py; :class:`Trainer` runs the loop):
 
 - ``Engine`` (engine/): the wrapped model, the optimizer, the LR schedule; saves them itself.
 - :class:`TrainState`: epoch, global_step (the ONE position of the run: the p and LR schedules are
@@ -34,6 +34,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from addernet_dist import resume
+from addernet_dist.build import build_components
 from addernet_dist.checkpoint import Checkpointer, rng_state, set_rng_state
 from addernet_dist.config import Config
 from addernet_dist.data.base import Loader
@@ -217,11 +219,17 @@ class Trainer:
         self.result: EvalResult | None = None
         self._fit_t0: float | None = None  # perf_counter at fit()'s start
         self._wall_before = 0.0  # wall time of earlier attempts (the checkpoint's)
+        self.watchdog = StallWatchdog(dist, timeout_s=0, startup_timeout_s=0, startup_steps=0)  # inert until fit()
 
-    @staticmethod
-    def final_p(model: torch.nn.Module, p_sched: PSchedule, total_steps: int) -> float | None:
-        """The p the run ends with (None for a model without adder layers)."""
-        return p_sched.value(total_steps - 1) if adder_modules(model) else None
+    @classmethod
+    def from_config(cls, cfg: Config, dist: DistInfo) -> Trainer:
+        """The trainer of ``cfg``'s run over its components (built by build.build_components)."""
+        return cls(cfg, dist, **build_components(cfg, dist))
+
+    def train(self) -> EvalResult | None:
+        """Open the run folder, resume from it (resume.opened), fit; returns the last evaluation."""
+        with resume.opened(self) as (logger, progress, watchdog):
+            return self.fit(logger, progress, watchdog)
 
     # ---- checkpoint ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -316,7 +324,7 @@ class Trainer:
         # tuners_active() only says the compiled kernels are importable (true on any machine with
         # Triton): a run whose layers use the CPU fast path or the reference would pay a full
         # training step per p path here and tune nothing
-        if dispatch.resolve_backend(self.dist.device) != "triton":
+        if "triton" not in {dispatch.resolve_backend(self.dist.device, m.backend) for m in adder_modules(self.model)}:
             return
         plan = warmup_plan(self.cfg, self.dist.world_size)
         with self.watchdog.during("tuning"):

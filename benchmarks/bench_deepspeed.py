@@ -16,9 +16,9 @@ import argparse
 import statistics
 import time
 
+from addernet_dist.build import build_data, build_engine, build_model, seed_everything
 from addernet_dist.config import load_config
 from addernet_dist.distributed import init_distributed
-from addernet_dist.train import build_data, build_engine, build_model, seed_everything
 
 ENGINES = {
     "ddp": ["engine=ddp"],

@@ -19,12 +19,10 @@ def _seed_everything():
 
 @pytest.fixture(autouse=True)
 def _restore_default_backend():
-    # train() in the test process sets the process-wide default adder backend from its config
-    # (e.g. "reference"); without this a later test that expects the device default (the CPU fast
-    # path) fails or passes depending on the order the tests run in. Reset to the process's initial
-    # value (unset), not to the value at the test's start: a module-scoped fixture that trains
-    # in-process (test_best_checkpoint's `finished`) runs before this fixture, so "the value at the
-    # start" was already "reference" and leaked into test_cpu_fastpath and test_cpu_fused_eval.
+    # Tests that call dispatch.set_default_backend (train() no longer does: build_model gives the
+    # layers adder.backend) would otherwise leak it: a later test that expects the device default
+    # (the CPU fast path) fails or passes depending on the order the tests run in. Reset to the
+    # process's initial value (unset), not to the value at the test's start.
     from addernet_dist.ops import dispatch
 
     dispatch.set_default_backend(None)

@@ -38,10 +38,10 @@ def cpu_engine(base: list[str], overrides: list[str]) -> tuple[nn.Module, nn.Mod
     """A one-process DDPEngine on the CPU for the debug config with ``base`` then ``overrides``
     (4 steps per epoch), and its bare model (built after ``torch.manual_seed(0)``)."""
     # Imported here: the kernel tests import this module and need none of the training stack.
+    from addernet_dist.build import build_model
     from addernet_dist.config import load_config
     from addernet_dist.distributed import DistInfo
     from addernet_dist.engine.ddp import DDPEngine
-    from addernet_dist.train import build_model
 
     cfg = load_config(DEBUG_CONFIG, [*base, *overrides])
     torch.manual_seed(0)

@@ -90,10 +90,10 @@ def checkpoint_val_logits(path, *, batch_size: int = 20) -> torch.Tensor:
     fp32: the precondition of comparing two evaluations of that checkpoint (logged vs addernet-eval,
     one backend vs another) is ``assert_logits_vary`` on these."""
     from addernet_dist import checkpoint
+    from addernet_dist.build import build_model
     from addernet_dist.config import config_from_dict
     from addernet_dist.data import build_loader
     from addernet_dist.ops import dispatch
-    from addernet_dist.train import build_model
 
     state = checkpoint.load_file(path)
     cfg = config_from_dict(state["client"]["config"])

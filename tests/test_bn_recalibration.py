@@ -132,16 +132,16 @@ def test_trainer_recalibrates_before_mid_decay_evaluations_and_saves_what_it_eva
     # here from the checkpoint with the trainer's recalibration batches (recalibrate_bn resets the
     # statistics first, so the result does not depend on the ones loaded). A trainer that skipped
     # it (still logging that it ran) saves momentum-averaged training statistics instead.
+    from addernet_dist.build import build_model, recalibrate_bn
     from addernet_dist.config import load_config
     from addernet_dist.ops import dispatch
-    from addernet_dist.train import _recalibrate_bn, build_model
 
     cfg = load_config(out / "config.yaml")
     dispatch.set_default_backend(cfg.adder.backend)
     saved = load_file(ckpt)["engine"]["model"]
     model = build_model(cfg, 10)
     model.load_state_dict(saved)
-    assert _recalibrate_bn(cfg, DistInfo(), model, evals[0]["epoch"], None) == 3
+    assert recalibrate_bn(cfg, DistInfo(), model, evals[0]["epoch"], None) == 3
     redone = model.state_dict()
     keys = [k for k in saved if k.endswith(("running_mean", "running_var"))]
     assert len(keys) == 2 * 9  # the stem BN and 8 adder layers' BNs

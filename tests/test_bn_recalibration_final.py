@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from addernet_dist import train as train_mod
+from addernet_dist import build
+from addernet_dist import run as run_mod
 from addernet_dist.checkpoint import load_file
 from addernet_dist.config import ConfigError, load_config
 from addernet_dist.distributed import DistInfo
@@ -32,7 +33,7 @@ RUN = [
 def _run(tmp_path, *extra):
     out = tmp_path / "run"
     cfg = load_config(DEBUG_CONFIG, [*RUN, f"output_dir={out}", *extra])
-    train_mod.train(cfg)
+    run_mod.train(cfg)
     evals = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "eval"]
     return cfg, out, evals
 
@@ -50,9 +51,9 @@ def test_final_p_evaluations_are_recalibrated_and_saved_as_evaluated(tmp_path):
     # first, so the redo does not depend on the statistics loaded); without the recalibration the
     # checkpoint holds the momentum-averaged training statistics, which differ.
     saved = load_file(out / "checkpoints" / f"step_{evals[-1]['step']:09d}.pt")["engine"]["model"]
-    model = train_mod.build_model(cfg, 10)
+    model = build.build_model(cfg, 10)
     model.load_state_dict(saved)
-    assert train_mod._recalibrate_bn(cfg, DistInfo(), model, evals[-1]["epoch"], None) == 2
+    assert build.recalibrate_bn(cfg, DistInfo(), model, evals[-1]["epoch"], None) == 2
     redone = _bn_stats(model.state_dict())
     assert len(redone) == 2 * 9
     for k, v in redone.items():
@@ -64,9 +65,9 @@ def test_without_the_switch_final_p_evaluations_use_the_running_statistics(tmp_p
     cfg, out, evals = _run(tmp_path)
     assert len(evals) == 2 and not any("bn_recalibration_batches" in e for e in evals)
     saved = load_file(out / "checkpoints" / f"step_{evals[-1]['step']:09d}.pt")["engine"]["model"]
-    model = train_mod.build_model(cfg, 10)
+    model = build.build_model(cfg, 10)
     model.load_state_dict(saved)
-    train_mod._recalibrate_bn(cfg, DistInfo(), model, evals[-1]["epoch"], None)
+    build.recalibrate_bn(cfg, DistInfo(), model, evals[-1]["epoch"], None)
     redone = _bn_stats(model.state_dict())
     assert any(not torch.allclose(saved[k], v, rtol=1e-4, atol=1e-5) for k, v in redone.items())
 

@@ -84,7 +84,7 @@ def test_wandb_online_without_a_key_is_refused_before_anything_is_written(
 
 
 def _build_data_error(n_train: int, world_size: int, batch: int) -> str:
-    from addernet_dist.train import build_data
+    from addernet_dist.build import build_data
 
     cfg = load_config(
         DEBUG_CONFIG, [f"data.synthetic_train_size={n_train}", f"train.global_batch_size={batch}"]
@@ -96,7 +96,7 @@ def _build_data_error(n_train: int, world_size: int, batch: int) -> str:
 
 @pytest.mark.timeout(60)
 def test_the_batch_size_suggested_for_a_small_training_set_is_valid():
-    from addernet_dist.train import build_data
+    from addernet_dist.build import build_data
 
     # 1 sample, 2 ranks: no global batch size works (was: "at most 1", refused as not divisible).
     msg = _build_data_error(1, 2, 16)
@@ -114,7 +114,7 @@ def test_the_batch_size_suggested_for_a_small_training_set_is_valid():
 
 
 def _checkpoint(tmp_path, overrides: list[str], nan_key: str | None = None):
-    from addernet_dist.train import build_model
+    from addernet_dist.build import build_model
 
     cfg = load_config(DEBUG_CONFIG, overrides)
     model = build_model(cfg, 10)

@@ -117,10 +117,10 @@ def _bf16_vs_fp32_eval(engine, cfg, base, val_loader, dist) -> dict:
     equal fc.bias for every image (top-1/top-5/loss then count labels and cannot tell the two
     evaluations apart), so the model first gets data-set BN statistics and off-init BN affine
     parameters (tests/logit_checks.spread_model, under the same autocast; identical on both ranks)."""
+    from addernet_dist.build import build_model
     from addernet_dist.data import build_loader
     from addernet_dist.device_policy import autocast
     from addernet_dist.metrics import evaluate
-    from addernet_dist.train import build_model
     from tests.logit_checks import spread_model
 
     model = engine.unwrap()
@@ -152,12 +152,13 @@ def _bf16_vs_fp32_eval(engine, cfg, base, val_loader, dist) -> dict:
 
 def _worker(out: Path) -> None:
     from addernet_dist.adaptive_lr import AdaptiveLRScaler
+    from addernet_dist.build import build_data, build_engine, build_model, seed_everything
     from addernet_dist.config import load_config
     from addernet_dist.device_policy import autocast
     from addernet_dist.distributed import init_distributed
     from addernet_dist.nn import adder_modules, set_p
     from addernet_dist.optim import PSchedule, build_lr_scheduler, build_optimizer
-    from addernet_dist.train import build_data, build_engine, build_model, seed_everything, train
+    from addernet_dist.run import train
 
     dist = init_distributed("cpu")
     results: dict[str, dict] = {}

@@ -209,11 +209,10 @@ def test_ddp_resume_with_another_world_size_at_an_epoch_boundary(tmp_path, capsy
     world size changed, and reads epoch 1's full permutation (the sampler's, for its own world
     size). The 1-process half runs in this process (train() without a launcher is world size 1):
     one interpreter start fewer (~5 s idle, 10-20 s on a loaded machine)."""
-    from addernet_dist import train as train_mod
+    from addernet_dist import build
+    from addernet_dist import run as run_mod
     from addernet_dist.config import load_config
-    from addernet_dist.ops import dispatch
 
-    monkeypatch.setattr(dispatch, "_default", None)  # train() sets the backend; restored after
     out = tmp_path / "run"
     base = [f"output_dir={out}", *SHORT, "train.ckpt_every_steps=1", "train.keep_last=5"]
     launched = subprocess.run(
@@ -230,7 +229,7 @@ def test_ddp_resume_with_another_world_size_at_an_epoch_boundary(tmp_path, capsy
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "ADDERNET_BACKEND"):
         monkeypatch.delenv(var, raising=False)
     capsys.readouterr()
-    train_mod.train(load_config(DEBUG_CONFIG, [*FAST, *base, "train.epochs=2"]))
+    run_mod.train(load_config(DEBUG_CONFIG, [*FAST, *base, "train.epochs=2"]))
     err = capsys.readouterr().err  # the trainer's console log (stderr)
     assert "resuming with WORLD_SIZE=1 from a checkpoint written with 2" in err
     assert "step_000000002.pt at step 2" in err
@@ -254,8 +253,7 @@ def test_ddp_resume_with_another_world_size_at_an_epoch_boundary(tmp_path, capsy
     # the 1-process run trained from the 2-process weights (not from a fresh init): step 3's loss
     # is the loss of the epoch-1 weights on epoch 1's first global batch
     cfg = load_config(DEBUG_CONFIG, [*FAST, *SHORT])
-    dispatch.set_default_backend(cfg.adder.backend)
-    model = train_mod.build_model(cfg, 10)
+    model = build.build_model(cfg, 10)
     model.load_state_dict(epoch1["engine"]["model"])
     loader = build_loader(cfg.data, "train", batch_size=16, seed=cfg.train.seed)
     loader.set_epoch(1)

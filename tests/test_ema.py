@@ -13,8 +13,9 @@ import pytest
 import torch
 from torch import nn
 
+from addernet_dist import build
 from addernet_dist import evaluate as evaluate_mod
-from addernet_dist import train as train_mod
+from addernet_dist import run as run_mod
 from addernet_dist.checkpoint import load_file
 from addernet_dist.config import ConfigError, load_config
 from addernet_dist.ema import ModelEMA
@@ -70,7 +71,7 @@ def test_ema_refuses_partitioned_parameters_and_bad_decay():
 
 def _ema_run(out, *extra):
     cfg = load_config(DEBUG_CONFIG, [*RUN, f"output_dir={out}", *extra])
-    train_mod.train(cfg)
+    run_mod.train(cfg)
     return read_metrics(out / "metrics.jsonl")
 
 
@@ -107,7 +108,7 @@ def test_ema_is_evaluated_at_the_models_p_and_saved_as_its_own_best(tmp_path, ca
 def test_eval_ema_of_a_checkpoint_without_one_is_a_clear_error(tmp_path, capsys):
     out = tmp_path / "run"
     cfg = load_config(DEBUG_CONFIG, [*RUN[:-1], f"output_dir={out}", "train.epochs=1"])
-    train_mod.train(cfg)
+    run_mod.train(cfg)
     rc = evaluate_mod.main(["--ema", "--checkpoint", str(out / "checkpoints" / "best.pt")])
     assert rc == 2
     assert "holds no EMA of the weights" in capsys.readouterr().err
@@ -129,9 +130,9 @@ def test_trainer_updates_the_ema_every_step_and_it_resumes_exactly(tmp_path, mon
     monkeypatch.setenv("ADDERNET_FAULT_SIGNAL", "TERM")
     monkeypatch.setenv("ADDERNET_FAULT_MARKER", str(tmp_path / "fired"))
     cfg = load_config(DEBUG_CONFIG, [*RUN, f"output_dir={split}", *every])
-    assert train_mod.train(cfg) is None  # preempted after step 3
+    assert run_mod.train(cfg) is None  # preempted after step 3
     assert (split / "checkpoints" / "step_000000003.pt").exists()
-    train_mod.train(cfg)
+    run_mod.train(cfg)
     a, b = (load_file(d / "checkpoints" / "step_000000004.pt")["client"]["ema"]["model"] for d in (full, split))
     tensors = [k for k in a if isinstance(a[k], torch.Tensor)]
     assert len(tensors) > 20
@@ -183,9 +184,9 @@ def test_ema_bn_is_recalibrated_on_the_same_batches_as_the_model(tmp_path):
     assert ev["ema_bn_recalibration_final"] is True
     saved = load_file(out / "checkpoints" / f"step_{ev['step']:09d}.pt")["client"]["ema"]["model"]
     cfg = load_config(out / "config.yaml")
-    model = train_mod.build_model(cfg, 10)
+    model = build.build_model(cfg, 10)
     model.load_state_dict(saved)
-    assert train_mod._recalibrate_bn(cfg, DistInfo(), model, ev["epoch"], None) == 2
+    assert build.recalibrate_bn(cfg, DistInfo(), model, ev["epoch"], None) == 2
     for k, v in model.state_dict().items():
         if k.endswith(("running_mean", "running_var")):
             torch.testing.assert_close(saved[k], v, rtol=1e-4, atol=1e-5, msg=k)

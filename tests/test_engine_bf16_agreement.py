@@ -39,12 +39,12 @@ SCENARIOS = {
 
 
 def _worker(out: Path) -> None:
+    from addernet_dist.build import build_data, build_engine, build_model, seed_everything
     from addernet_dist.config import load_config
     from addernet_dist.distributed import init_distributed
     from addernet_dist.nn import set_p
     from addernet_dist.ops import dispatch
     from addernet_dist.optim import PSchedule
-    from addernet_dist.train import build_data, build_engine, build_model, seed_everything
 
     dist = init_distributed("cpu")
     results: dict[str, dict] = {}

@@ -179,7 +179,7 @@ def test_addernet_eval_cli_matches_in_process_eval(tmp_path, capsys, monkeypatch
 @pytest.mark.timeout(120)
 def test_addernet_eval_builds_only_the_val_loader(tmp_path, capsys, monkeypatch):
     # On ImageNet a train loader scans 1.28M files; evaluation must not build one it discards.
-    from addernet_dist import checkpoint, train
+    from addernet_dist import build, checkpoint
     from addernet_dist.evaluate import main
 
     cfg = load_config(DEBUG_CONFIG, ["adder.backend=reference", "train.global_batch_size=8"])
@@ -193,13 +193,13 @@ def test_addernet_eval_builds_only_the_val_loader(tmp_path, capsys, monkeypatch)
         path,
     )
     splits = []
-    real = train.build_loader
+    real = build.build_loader
 
     def recording(data_cfg, split, **kw):
         splits.append(split)
         return real(data_cfg, split, **kw)
 
-    monkeypatch.setattr(train, "build_loader", recording)
+    monkeypatch.setattr(build, "build_loader", recording)
     assert main(["--checkpoint", str(path)]) == 0
     assert splits == ["val"]
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["count"] == 100

@@ -449,7 +449,7 @@ SOURCE_P = 1.875  # p of the last step taken (step 1 of the 8-step decay 2 -> 1)
 def trained(tmp_path_factory) -> Path:
     """A real trainer checkpoint: ResNet-8 (debug config), 2 steps, stopped mid-way through the
     ℓp decay (p = 1.875) so the export has to carry a p that is not the default."""
-    from addernet_dist.train import train
+    from addernet_dist.run import train
 
     out = tmp_path_factory.mktemp("source_run")
     cfg = load_config(
@@ -557,7 +557,7 @@ def test_export_then_load_is_bit_for_bit(trained, tmp_path, capsys):
 
 
 def _finetune(out: Path, *extra: str):
-    from addernet_dist.train import train
+    from addernet_dist.run import train
 
     cfg = load_config(
         REPO / "configs/debug.yaml",
@@ -651,7 +651,7 @@ def test_init_from_strict_key_check_lists_the_differences(trained, tmp_path, cap
             model, load_config(REPO / "configs/debug.yaml", [*cfg_args, "model.conv=conv"])
         )
     # an imported official checkpoint with the shipped config: what fine-tuning from it loads
-    from addernet_dist.train import build_model
+    from addernet_dist.build import build_model
 
     imported = tmp_path / "r20.pt"
     interop.import_official(OFFICIAL_R20, imported, "resnet20")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from addernet_dist.build import build_model
 from addernet_dist.checkpoint import save_file
 from addernet_dist.config import ConfigError, load_config
 from addernet_dist.distill import build_teacher, load_teacher
@@ -18,7 +19,6 @@ from addernet_dist.engine.ddp import DDPEngine
 from addernet_dist.interop import export
 from addernet_dist.loss import BatchMixer, MixDraw, kd_loss, mix_batch, training_loss
 from addernet_dist.models import create_model
-from addernet_dist.train import build_model
 from tests.train_helpers import DEBUG_CONFIG
 
 LOGITS = torch.tensor([[2.0, -1.0, 0.5, 0.0], [0.1, 0.2, 3.0, -2.0], [-1.0, 1.5, 0.0, 0.3]])
@@ -409,7 +409,7 @@ def test_preempted_mixup_co_train_run_resumes_exactly(tmp_path, monkeypatch):
     """The real trainer, preempted after step 1 of 2 and resumed: mixup/cutmix draw the same lambdas
     and partners (the RNG state), and the co-trained teacher continues from the checkpoint (its
     weights, momentum and LR schedule), so step 2's loss and both final models are bit-identical."""
-    from addernet_dist import train as train_mod
+    from addernet_dist import run as run_mod
     from addernet_dist.checkpoint import load_file
     from addernet_dist.logging_utils import read_metrics
     from tests.test_resume_rng import RUN
@@ -418,13 +418,13 @@ def test_preempted_mixup_co_train_run_resumes_exactly(tmp_path, monkeypatch):
     run = [*RUN, "train.mixup_alpha=0.4", "train.cutmix_alpha=1.0", "train.label_smoothing=0.1",
            "distill.teacher=resnet8", "distill.co_train=true"]
     full, split = tmp_path / "full", tmp_path / "split"
-    train_mod.train(load_config(DEBUG_CONFIG, [*run, f"output_dir={full}"]))
+    run_mod.train(load_config(DEBUG_CONFIG, [*run, f"output_dir={full}"]))
     monkeypatch.setenv("ADDERNET_FAULT_STEP", "1")
     monkeypatch.setenv("ADDERNET_FAULT_SIGNAL", "TERM")
     monkeypatch.setenv("ADDERNET_FAULT_MARKER", str(tmp_path / "fired"))
     cfg = load_config(DEBUG_CONFIG, [*run, f"output_dir={split}"])
-    assert train_mod.train(cfg) is None  # preempted after step 1
-    train_mod.train(cfg)
+    assert run_mod.train(cfg) is None  # preempted after step 1
+    run_mod.train(cfg)
 
     def records(out):
         return {r["step"]: r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"}

@@ -13,7 +13,8 @@ import logging
 import pytest
 import torch
 
-from addernet_dist import train as train_mod
+from addernet_dist import build
+from addernet_dist import run as run_mod
 from addernet_dist.analyze.curves import plot_title, run_summary
 from addernet_dist.config import load_config
 from addernet_dist.distributed import DistInfo
@@ -37,7 +38,7 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     cfg = load_config(DEBUG_CONFIG, [*RUN, f"output_dir={out}", "train.epochs=3"])
     assert cfg.train.grad_clip is None  # grad_norm must be logged without clipping too
-    train_mod.train(cfg)
+    run_mod.train(cfg)
     return out, read_metrics(out / "metrics.jsonl")
 
 
@@ -88,7 +89,7 @@ def test_summary_names_best_top1_its_step_wall_time_and_checkpoint(run):
 def test_engine_measures_grad_norm_only_when_asked():
     cfg = load_config(DEBUG_CONFIG, [*RUN, "data.image_size=8"])
     torch.manual_seed(0)
-    model = train_mod.build_model(cfg, 10)
+    model = build.build_model(cfg, 10)
     engine = DDPEngine(model, cfg, DistInfo(), steps_per_epoch=2)
     x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
     engine.forward_backward(x, y)

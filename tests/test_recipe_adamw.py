@@ -10,11 +10,11 @@ import math
 import pytest
 import torch
 
-from addernet_dist import train as train_mod
+from addernet_dist import run as run_mod
+from addernet_dist.build import build_model
 from addernet_dist.checkpoint import load_file
 from addernet_dist.config import load_config
 from addernet_dist.nn import adder_modules
-from addernet_dist.train import build_model
 from tests.helpers import CPU_REFERENCE, SMALL_RUN, cpu_engine
 from tests.train_helpers import DEBUG_CONFIG
 
@@ -107,14 +107,14 @@ RUN = [*SMALL_RUN, *CPU_REFERENCE, "train.epochs=2", "train.precision=fp32", "op
 @pytest.mark.timeout(600)
 def test_adamw_run_resumes_exactly(tmp_path, monkeypatch):
     full, split = tmp_path / "full", tmp_path / "split"
-    train_mod.train(load_config(DEBUG_CONFIG, [*RUN, f"output_dir={full}"]))
+    run_mod.train(load_config(DEBUG_CONFIG, [*RUN, f"output_dir={full}"]))
     monkeypatch.setenv("ADDERNET_FAULT_STEP", "1")
     monkeypatch.setenv("ADDERNET_FAULT_SIGNAL", "TERM")
     monkeypatch.setenv("ADDERNET_FAULT_MARKER", str(tmp_path / "fired"))
-    assert train_mod.train(load_config(DEBUG_CONFIG, [*RUN, f"output_dir={split}"])) is None
+    assert run_mod.train(load_config(DEBUG_CONFIG, [*RUN, f"output_dir={split}"])) is None
     saved = load_file(split / "checkpoints" / "step_000000001.pt")["engine"]["optimizer"]
     assert {int(s["step"]) for s in saved["state"].values()} == {1} and "exp_avg_sq" in saved["state"][0]
-    train_mod.train(load_config(DEBUG_CONFIG, [*RUN, f"output_dir={split}"]))
+    run_mod.train(load_config(DEBUG_CONFIG, [*RUN, f"output_dir={split}"]))
     a, b = (load_file(sorted((o / "checkpoints").glob("step_*.pt"))[-1])["engine"] for o in (full, split))
     for k, v in a["model"].items():
         if isinstance(v, torch.Tensor):

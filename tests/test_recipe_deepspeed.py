@@ -39,9 +39,9 @@ def _snapshot(model: torch.nn.Module) -> dict:
 
 
 def _worker(out: str) -> None:
+    from addernet_dist.build import build_data, build_engine, build_model, seed_everything
     from addernet_dist.config import load_config
     from addernet_dist.distributed import init_distributed
-    from addernet_dist.train import build_data, build_engine, build_model, seed_everything
 
     dist = init_distributed("cpu")
     base = load_config(DEBUG_CONFIG, [*TINY, f"output_dir={out}/unused"])

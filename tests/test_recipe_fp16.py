@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from addernet_dist import train as train_mod
+from addernet_dist import run as run_mod
 from addernet_dist.checkpoint import load_file
 from addernet_dist.config import ConfigError, load_config
 from addernet_dist.engine.ddp import unscale_
@@ -149,14 +149,14 @@ def test_fp16_run_checkpoints_the_scaler_and_resumes_exactly(tmp_path, monkeypat
     monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, growth_interval=1))
     run = [*RUN, "train.precision=fp16"]
     full, split = tmp_path / "full", tmp_path / "split"
-    train_mod.train(load_config(DEBUG_CONFIG, [*run, f"output_dir={full}"]))
+    run_mod.train(load_config(DEBUG_CONFIG, [*run, f"output_dir={full}"]))
     monkeypatch.setenv("ADDERNET_FAULT_STEP", "1")
     monkeypatch.setenv("ADDERNET_FAULT_SIGNAL", "TERM")
     monkeypatch.setenv("ADDERNET_FAULT_MARKER", str(tmp_path / "fired"))
-    assert train_mod.train(load_config(DEBUG_CONFIG, [*run, f"output_dir={split}"])) is None
+    assert run_mod.train(load_config(DEBUG_CONFIG, [*run, f"output_dir={split}"])) is None
     saved = load_file(split / "checkpoints" / "step_000000001.pt")["client"]["grad_scaler"]
     assert saved["scale"] in (2.0**17, 2.0**15) and saved["growth_interval"] == 1
-    train_mod.train(load_config(DEBUG_CONFIG, [*run, f"output_dir={split}"]))
+    run_mod.train(load_config(DEBUG_CONFIG, [*run, f"output_dir={split}"]))
     a, b = _final(full), _final(split)
     assert a["client"]["train_state"]["global_step"] == b["client"]["train_state"]["global_step"] == 4
     assert a["client"]["grad_scaler"] == b["client"]["grad_scaler"]

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from addernet_dist import train as train_mod
+from addernet_dist import build
+from addernet_dist import run as run_mod
 from addernet_dist.checkpoint import load_file
 from addernet_dist.config import load_config
 from addernet_dist.logging_utils import read_metrics
@@ -56,7 +57,7 @@ def _build_model_consuming_rng(cfg, num_classes):
     return model
 
 
-_build_model = train_mod.build_model
+_build_model = build.build_model
 
 
 def _losses(out):
@@ -67,9 +68,9 @@ def _losses(out):
 
 @pytest.mark.timeout(300)
 def test_preempted_run_resumes_with_the_python_numpy_and_torch_rng_streams(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_mod, "build_model", _build_model_consuming_rng)
+    monkeypatch.setattr(build, "build_model", _build_model_consuming_rng)
     full, split = tmp_path / "full", tmp_path / "split"
-    train_mod.train(load_config(DEBUG_CONFIG, [*RUN, f"output_dir={full}"]))
+    run_mod.train(load_config(DEBUG_CONFIG, [*RUN, f"output_dir={full}"]))
     # The same run preempted (SIGTERM, in this process, once) after step 1 of 2: it saves at that
     # logging step, returns, and the same call resumes mid-epoch. A new process would reseed
     # every stream the same way (seed_everything runs before the restore).
@@ -81,9 +82,9 @@ def test_preempted_run_resumes_with_the_python_numpy_and_torch_rng_streams(tmp_p
     monkeypatch.setenv("ADDERNET_FAULT_SIGNAL", "TERM")
     monkeypatch.setenv("ADDERNET_FAULT_MARKER", str(tmp_path / "fired"))
     cfg = load_config(DEBUG_CONFIG, [*RUN, f"output_dir={split}", "wandb.enabled=true"])
-    assert train_mod.train(cfg) is None  # preempted
+    assert run_mod.train(cfg) is None  # preempted
     assert (split / "checkpoints" / "step_000000001.pt").is_file()
-    train_mod.train(cfg)
+    run_mod.train(cfg)
     a, b = _losses(full), _losses(split)
     assert sorted(a) == [1, 2]
     assert b == a  # exact: step 2 continues the noise streams of step 1

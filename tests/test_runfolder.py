@@ -481,7 +481,7 @@ def test_only_corrupt_checkpoints_left_says_so_and_keeps_one_history(one_epoch, 
 
 @pytest.mark.timeout(120)
 def test_batch_larger_than_training_set_and_wrong_input_size_are_refused(tmp_path):
-    from addernet_dist.train import build_data, build_model
+    from addernet_dist.build import build_data, build_model
 
     cfg = load_config(DEBUG_CONFIG, ["train.global_batch_size=256", f"output_dir={tmp_path}"])
     with pytest.raises(ConfigError, match=r"larger than the training set \(192 samples\)"):

@@ -72,9 +72,9 @@ def test_a_nan_bn_running_var_is_never_saved(tmp_path, capsys, monkeypatch):
     # A forward pre-hook puts a NaN into the first BN's running_var in the forward of step 3. The
     # training forward normalises with the batch statistics, so the loss, the gradients and every
     # weight stay finite: only the buffer check can stop the step-4 checkpoint.
-    from addernet_dist import train as train_mod
+    from addernet_dist import build
 
-    build = train_mod.build_model
+    build_model = build.build_model
     calls = {"n": 0}
 
     def poison(module, args):
@@ -84,12 +84,12 @@ def test_a_nan_bn_running_var_is_never_saved(tmp_path, capsys, monkeypatch):
                 module.running_var[0] = float("nan")
 
     def build_with_fault(cfg, num_classes):
-        model = build(cfg, num_classes)
+        model = build_model(cfg, num_classes)
         bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
         bn.register_forward_pre_hook(poison)
         return model
 
-    monkeypatch.setattr(train_mod, "build_model", build_with_fault)
+    monkeypatch.setattr(build, "build_model", build_with_fault)
     out = tmp_path / "run"
     rc, err = _main(capsys, out, ["train.epochs=1", "train.ckpt_every_steps=2", "train.log_every=1"])
     assert calls["n"] >= 3

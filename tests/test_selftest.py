@@ -301,7 +301,7 @@ def test_compare_logits_allows_a_bf16_near_tie_and_catches_a_wrong_fusion():
 def test_logits_worker_compares_fused_and_unfused_logits_of_a_checkpoint(tmp_path, monkeypatch):
     # the train check's comparison on a real checkpoint (debug ResNet-8, bf16 autocast on CPU): the fused
     # model's logits against addernet-eval's unfused model, to LOGIT_RTOL of their scale
-    from addernet_dist import train as train_mod
+    from addernet_dist import run as run_mod
     from addernet_dist.config import load_config
     from tests.train_helpers import DEBUG_CONFIG
 
@@ -320,7 +320,7 @@ def test_logits_worker_compares_fused_and_unfused_logits_of_a_checkpoint(tmp_pat
         "adder.p_decay_epochs=4",
         "train.bn_recalibration_batches=2",
     ]
-    train_mod.train(load_config(DEBUG_CONFIG, overrides))
+    run_mod.train(load_config(DEBUG_CONFIG, overrides))
     ck = sorted((out / "checkpoints").glob("step_*.pt"))[-1]
     st.logits_worker(str(ck), str(tmp_path / "logits.json"))
     d = json.loads((tmp_path / "logits.json").read_text())

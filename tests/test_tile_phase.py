@@ -137,7 +137,7 @@ TINY = [
 
 @pytest.mark.timeout(900)
 def test_run_tunes_all_p_paths_at_start_and_resume_reuses_the_checkpoints_tiles(ta, tmp_path):
-    from addernet_dist import train as train_mod
+    from addernet_dist import run as run_mod
     from addernet_dist.checkpoint import load_file
     from addernet_dist.config import load_config
     from tests.train_helpers import DEBUG_CONFIG
@@ -150,7 +150,7 @@ def test_run_tunes_all_p_paths_at_start_and_resume_reuses_the_checkpoints_tiles(
         return 1.0 if len(calls) % 2 else 2.0
 
     tuners = _install_tuners(ta, first_wins)
-    train_mod.train(load_config(DEBUG_CONFIG, [*TINY, "train.epochs=1", f"output_dir={out}"]))
+    run_mod.train(load_config(DEBUG_CONFIG, [*TINY, "train.epochs=1", f"output_dir={out}"]))
     metrics = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert (
         min(r["p"] for r in metrics if r.get("kind") == "train") > 1.99
@@ -178,7 +178,7 @@ def test_run_tunes_all_p_paths_at_start_and_resume_reuses_the_checkpoints_tiles(
 
     for t in tuners.values():
         t.bench, t.tunings = second_wins, 0
-    train_mod.train(load_config(DEBUG_CONFIG, [*TINY, "train.epochs=2", f"output_dir={out}"]))
+    run_mod.train(load_config(DEBUG_CONFIG, [*TINY, "train.epochs=2", f"output_dir={out}"]))
     assert calls == [] and sum(t.tunings for t in tuners.values()) == 0
     client = load_file(out / "checkpoints" / "step_000000004.pt")["client"]
     assert client["tiles"]["entries"] == saved == tile_tuner.choices()

@@ -9,12 +9,12 @@ import math
 import pytest
 import torch
 
+from addernet_dist.build import build_model
 from addernet_dist.config import load_config
 from addernet_dist.distributed import DistInfo
 from addernet_dist.engine.ddp import DDPEngine
 from addernet_dist.models import create_model
 from addernet_dist.nn import adder_modules
-from addernet_dist.train import build_model
 from tests.helpers import CPU_REFERENCE, PLAIN_SGD, cpu_engine
 from tests.train_helpers import DEBUG_CONFIG
 

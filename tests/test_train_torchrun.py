@@ -47,11 +47,11 @@ def _step1_global_adder_grad_norms() -> dict[str, tuple[float, int]]:
     (DDP's gradient average), p = 2 at step 1."""
     import torch.nn.functional as F
 
+    from addernet_dist.build import build_model, seed_everything
     from addernet_dist.config import load_config
     from addernet_dist.data import build_loader
     from addernet_dist.nn import set_p
     from addernet_dist.ops import dispatch
-    from addernet_dist.train import build_model, seed_everything
     from tests.train_helpers import DEBUG_CONFIG, FAST
 
     cfg = load_config(DEBUG_CONFIG, [*FAST, *RUN])

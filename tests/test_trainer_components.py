@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from addernet_dist import train as train_mod
+from addernet_dist import build
+from addernet_dist import run as run_mod
 from addernet_dist import trainer as trainer_mod
 from addernet_dist.checkpoint import load_file
 from addernet_dist.config import load_config
@@ -62,7 +63,7 @@ def test_checkpoint_is_the_dict_of_components_and_a_new_one_round_trips(tmp_path
     out = tmp_path / "run"
     base = [*RUN, "adder.p_schedule=false", f"output_dir={out}"]
     # 1. a run without the toy: the on-disk client state keeps its keys (old checkpoints resume)
-    train_mod.train(load_config(DEBUG_CONFIG, [*base, "train.epochs=1"]))
+    run_mod.train(load_config(DEBUG_CONFIG, [*base, "train.epochs=1"]))
     client = load_file(out / "checkpoints" / "step_000000002.pt")["client"]
     assert set(client) == CLIENT_KEYS
     assert client["p_schedule"]["step"] == client["train_state"]["global_step"] == 2
@@ -70,13 +71,13 @@ def test_checkpoint_is_the_dict_of_components_and_a_new_one_round_trips(tmp_path
     # 2. resumed with the toy added: a checkpoint written before it existed leaves it fresh
     toys: list[Toy] = []
     _add_toy(monkeypatch, toys, "first")
-    train_mod.train(load_config(DEBUG_CONFIG, [*base, "train.epochs=2"]))
+    run_mod.train(load_config(DEBUG_CONFIG, [*base, "train.epochs=2"]))
     assert toys[-1].loaded is None
     client = load_file(out / "checkpoints" / "step_000000004.pt")["client"]
     assert set(client) == CLIENT_KEYS | {"toy"} and client["toy"] == {"token": "first"}
     # 3. resumed again: the toy's saved state comes back through load_state_dict
     _add_toy(monkeypatch, toys, "second")
-    train_mod.train(load_config(DEBUG_CONFIG, [*base, "train.epochs=3"]))
+    run_mod.train(load_config(DEBUG_CONFIG, [*base, "train.epochs=3"]))
     assert toys[-1].loaded == {"token": "first"}
     client = load_file(out / "checkpoints" / "step_000000006.pt")["client"]
     assert client["toy"] == {"token": "second"}
@@ -97,14 +98,14 @@ def test_recalibration_loader_is_built_once_and_logged_p_is_the_schedules(tmp_pa
         ],
     )
     builds: list[tuple[str, int]] = []
-    build_loader = train_mod.build_loader
+    build_loader = build.build_loader
 
     def counting_build_loader(data_cfg, split, **kwargs):
         builds.append((split, kwargs["seed"]))
         return build_loader(data_cfg, split, **kwargs)
 
-    monkeypatch.setattr(train_mod, "build_loader", counting_build_loader)
-    train_mod.train(cfg)
+    monkeypatch.setattr(build, "build_loader", counting_build_loader)
+    run_mod.train(cfg)
     records = read_metrics(out / "metrics.jsonl")
     evals = [r for r in records if r["kind"] == "eval"]
     assert [e.get("bn_recalibration_batches") for e in evals] == [1, 1, None]
@@ -135,13 +136,13 @@ def test_preempted_on_an_epochs_last_step_evaluates_at_the_same_p_after_resume(t
     # alone hardly depends on p: its loss is ~ln 10)
     run = [*RUN, "train.epochs=2", "adder.p_decay_epochs=1.5", "train.bn_recalibration_batches=1"]
     full, split = tmp_path / "full", tmp_path / "split"
-    train_mod.train(load_config(DEBUG_CONFIG, [*run, f"output_dir={full}"]))
+    run_mod.train(load_config(DEBUG_CONFIG, [*run, f"output_dir={full}"]))
     monkeypatch.setenv("ADDERNET_FAULT_STEP", "2")
     monkeypatch.setenv("ADDERNET_FAULT_SIGNAL", "TERM")
     monkeypatch.setenv("ADDERNET_FAULT_MARKER", str(tmp_path / "fired"))
     cfg = load_config(DEBUG_CONFIG, [*run, f"output_dir={split}"])
-    assert train_mod.train(cfg) is None  # preempted at step 2, before epoch 1's evaluation
-    train_mod.train(cfg)
+    assert run_mod.train(cfg) is None  # preempted at step 2, before epoch 1's evaluation
+    run_mod.train(cfg)
 
     def records(out):
         return [
@@ -154,3 +155,36 @@ def test_preempted_on_an_epochs_last_step_evaluates_at_the_same_p_after_resume(t
     assert records(split) == records(full)
     last = [load_file(d / "checkpoints" / "step_000000004.pt")["engine"]["model"] for d in (full, split)]
     assert all(torch.equal(a, last[1][k]) for k, a in last[0].items() if isinstance(a, torch.Tensor))
+
+
+@pytest.mark.timeout(300)
+def test_the_adder_backend_is_the_layers_argument_not_process_state(tmp_path, monkeypatch):
+    # adder.backend=reference reaches every adder op through the layers' backend= argument: each op
+    # runs the reference (the CPU default would be the compiled fast path, 'cpu') while dispatch's
+    # process-wide default stays unset, during the training steps and after the run.
+    from addernet_dist.nn import adder_modules
+    from addernet_dist.ops import dispatch
+
+    assert "cpu" in dispatch.available_backends(torch.device("cpu"))  # else the default is the reference
+    calls: list[tuple[str, str | None]] = []
+    get_impl = dispatch.get_impl
+
+    def recording_get_impl(name):
+        calls.append((name, dispatch.get_default_backend()))
+        return get_impl(name)
+
+    models = []
+    build_model = build.build_model
+
+    def recording_build_model(cfg, num_classes):
+        models.append(build_model(cfg, num_classes))
+        return models[-1]
+
+    monkeypatch.setattr(dispatch, "get_impl", recording_get_impl)
+    monkeypatch.setattr(build, "build_model", recording_build_model)
+    out = tmp_path / "run"
+    overrides = [*RUN, "adder.backend=reference", "train.epochs=1", f"output_dir={out}"]
+    run_mod.train(load_config(DEBUG_CONFIG, overrides))
+    assert dispatch.get_default_backend() is None
+    assert {m.backend for m in adder_modules(models[0])} == {"reference"}
+    assert len(calls) > 0 and set(calls) == {("reference", None)}

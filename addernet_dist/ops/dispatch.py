@@ -11,7 +11,8 @@ Backends (every one computes what ``adder2d_reference`` computes):
 
 Which one runs, first match wins:
   1. ``backend=`` passed to ``adder2d`` (per call);
-  2. ``set_default_backend(name)`` — the hook the trainer calls with its config value;
+  2. ``set_default_backend(name)`` / ``with default_backend(name):`` — a process-wide preference (the
+     trainer gives its layers ``backend=`` instead, level 1);
   3. the environment variable ``ADDERNET_BACKEND``;
   4. auto: "triton" for CUDA tensors, "cpu" for CPU tensors, "reference" for anything else.
 "auto" (or None) at levels 1-3 means "no preference here, ask the next level".
@@ -23,11 +24,12 @@ device type) pair — never silently, and never a warning per call.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -57,9 +59,21 @@ def _normalize(name: str | None, source: str) -> str | None:
 
 
 def set_default_backend(name: str | None) -> None:
-    """Process-wide backend preference (the trainer calls this with its config); None/"auto" clears it."""
+    """Process-wide backend preference for code that builds its own layers; None/"auto" clears it.
+    The trainer passes ``adder.backend`` to its layers instead (``build.build_model``)."""
     global _default
     _default = _normalize(name, "set_default_backend")
+
+
+@contextlib.contextmanager
+def default_backend(name: str | None) -> Iterator[None]:
+    """``set_default_backend(name)`` for the ``with`` block only (the previous preference after it)."""
+    global _default
+    before, _default = _default, _normalize(name, "default_backend")
+    try:
+        yield
+    finally:
+        _default = before
 
 
 def get_default_backend() -> str | None:
