@@ -23,7 +23,6 @@ from addernet_dist.logging_utils import wandb_online_problem
 from addernet_dist.models import create_model
 from addernet_dist.models.registry import check_input_size
 from addernet_dist.nn import adder_modules, set_grad_modes
-from addernet_dist.ops import dispatch
 from addernet_dist.optim import PSchedule
 
 log = logging.getLogger("addernet_dist")
@@ -175,10 +174,7 @@ def build_components(cfg: Config, dist: DistInfo) -> dict[str, Any]:
     total_steps = cfg.train.epochs * steps_per_epoch
     # The frozen distillation teacher (distill.py), None without distill.teacher.
     teacher = build_teacher(cfg, cfg.model.num_classes or train_loader.num_classes, dist.device)
-    # engine/base.maybe_fuse_adder_bn decides adder.fuse_bn=auto by dispatch's process-wide default:
-    # set it for the engine's build only (nothing after it reads the default; the layers carry theirs)
-    with dispatch.default_backend(cfg.adder.backend):
-        engine = build_engine(cfg, model, dist, steps_per_epoch, teacher)
+    engine = build_engine(cfg, model, dist, steps_per_epoch, teacher)
     fused = engine.fused_adder_bn
     if fused and dist.is_main:
         log.info("fused %d Adder2d+BatchNorm2d pairs (adder.fuse_bn=%s)", fused, cfg.adder.fuse_bn)

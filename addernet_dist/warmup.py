@@ -43,12 +43,10 @@ def warm_model(cfg, plan: WarmupPlan, num_classes: int, device: str = "cuda", lo
     forward each — on ``device`` (the GPU; tests run the same steps on CPU). Returns the steps run."""
     from addernet_dist.build import build_model
     from addernet_dist.engine.base import maybe_fuse_adder_bn, resolve_autocast_dtype
-    from addernet_dist.ops import dispatch
 
     device = torch.device(device)
     model = build_model(cfg, num_classes).to(device)  # its adder layers carry adder.backend
-    with dispatch.default_backend(cfg.adder.backend):  # maybe_fuse_adder_bn's auto reads the default
-        fused = maybe_fuse_adder_bn(model, cfg.adder.fuse_bn, device)
+    fused = maybe_fuse_adder_bn(model, cfg.adder.fuse_bn, device)
     if plan.channels_last:
         model = model.to(memory_format=torch.channels_last)
     # the trainer's autocast dtype for train.precision on this device (the engines' decision, e.g. a

@@ -53,9 +53,13 @@ def maybe_fuse_adder_bn(model: nn.Module, fuse_bn: bool | str, device: torch.dev
     interpreter), see ``device_policy.fuse_adder_bn``. Parameters are shared and the state_dict keeps
     the unfused keys, so nothing else in the engine changes.
     """
+    from addernet_dist.nn import adder_modules
     from addernet_dist.ops import dispatch
 
-    if not device_policy.fuse_adder_bn(fuse_bn, dispatch.resolve_backend(device)):
+    # the backend the layers carry (build_model passes adder.backend), not a process-wide default
+    adders = adder_modules(model)
+    backend = dispatch.resolve_backend(device, adders[0].backend if adders else None)
+    if not device_policy.fuse_adder_bn(fuse_bn, backend):
         return 0
     from addernet_dist.models.fusion import FusedAdderBN2d, fuse_adder_bn
 
