@@ -11,7 +11,7 @@ Backends (every one computes what ``adder2d_reference`` computes):
 
 Which one runs, first match wins:
   1. ``backend=`` passed to ``adder2d`` (per call);
-  2. ``set_default_backend(name)`` / ``with default_backend(name):`` — a process-wide preference (the
+  2. ``set_default_backend(name)`` — a process-wide preference (the
      trainer gives its layers ``backend=`` instead, level 1);
   3. the environment variable ``ADDERNET_BACKEND``;
   4. auto: "triton" for CUDA tensors, "cpu" for CPU tensors, "reference" for anything else.
@@ -24,12 +24,11 @@ device type) pair — never silently, and never a warning per call.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 
@@ -63,17 +62,6 @@ def set_default_backend(name: str | None) -> None:
     The trainer passes ``adder.backend`` to its layers instead (``build.build_model``)."""
     global _default
     _default = _normalize(name, "set_default_backend")
-
-
-@contextlib.contextmanager
-def default_backend(name: str | None) -> Iterator[None]:
-    """``set_default_backend(name)`` for the ``with`` block only (the previous preference after it)."""
-    global _default
-    before, _default = _default, _normalize(name, "default_backend")
-    try:
-        yield
-    finally:
-        _default = before
 
 
 def get_default_backend() -> str | None:
