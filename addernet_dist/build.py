@@ -1,6 +1,7 @@
 """Building a run's components from its config: ``build_components`` is what ``Trainer.from_config``
 hands to the trainer; addernet-eval, addernet-warmup and the benchmarks use the single builders.
-(The metrics logger, progress display and stall watchdog start at the resumed step: resume.py.)"""
+(The metrics logger, progress display and stall watchdog are built here without side effects and
+start at the resumed step: open_run.py.)"""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from addernet_dist.distill import build_teacher
 from addernet_dist.distributed import DistInfo
 from addernet_dist.engine.base import Engine, check_adder_backend
 from addernet_dist.evaluator import RECALIBRATION_SEED_OFFSET, BNRecalibrator, Evaluator
+from addernet_dist.guard import StallWatchdog
 from addernet_dist.interop import init_from_config
-from addernet_dist.logging_utils import wandb_online_problem
+from addernet_dist.logging_utils import MetricsLogger, Progress, wandb_online_problem
 from addernet_dist.models import create_model
 from addernet_dist.models.registry import check_input_size
 from addernet_dist.nn import adder_modules, set_grad_modes
@@ -149,10 +151,27 @@ def final_p(model: torch.nn.Module, p_sched: PSchedule, total_steps: int) -> flo
     return p_sched.value(total_steps - 1) if adder_modules(model) else None
 
 
+def build_run_log(cfg: Config, dist: DistInfo, total_steps: int) -> dict[str, Any]:
+    """The run's metrics logger, progress display and stall watchdog, not started: no file, no W&B
+    run, no thread until open_run starts them at the resumed step."""
+    train = cfg.train
+    return dict(
+        logger=MetricsLogger(cfg, enabled=dist.is_main, total_steps=total_steps),
+        progress=Progress(enabled=dist.is_main, mode=train.progress_bar, total=total_steps),
+        # Names a stalled peer instead of waiting for the 30-min process-group timeout (guard.py).
+        watchdog=StallWatchdog(
+            dist,
+            timeout_s=train.stall_timeout_s,
+            startup_timeout_s=train.stall_timeout_startup_s,
+            startup_steps=train.stall_startup_steps,
+        ),
+    )
+
+
 def build_components(cfg: Config, dist: DistInfo) -> dict[str, Any]:
-    """Every component of ``cfg``'s run that exists before the resume: ``Trainer``'s keyword
-    arguments (engine, train_loader, p_sched, evaluator, ckpt). Validates the config, the data and
-    W&B; writes nothing into the run folder."""
+    """Every component of ``cfg``'s run: ``Trainer``'s keyword arguments (engine, train_loader,
+    p_sched, evaluator, ckpt, logger, progress, watchdog). Validates the config, the data and W&B;
+    writes nothing into the run folder (the logger, progress and watchdog start in open_run)."""
     # First: before anything is built or written (rank 0 logs to W&B: its environment decides).
     wandb_problem = dist.broadcast_object(wandb_online_problem(cfg.wandb) if dist.is_main else None)
     if wandb_problem is not None:
@@ -192,5 +211,6 @@ def build_components(cfg: Config, dist: DistInfo) -> dict[str, Any]:
     ckpt = Checkpointer(
         cfg.output_dir, cfg.train.keep_last, dist, every_steps=cfg.train.ckpt_every_steps, store=engine.checkpoint_store
     )
-    return dict(engine=engine, train_loader=train_loader, p_sched=p_sched, evaluator=evaluator, ckpt=ckpt)
+    parts = dict(engine=engine, train_loader=train_loader, p_sched=p_sched, evaluator=evaluator, ckpt=ckpt)
+    return {**parts, **build_run_log(cfg, dist, total_steps)}
 

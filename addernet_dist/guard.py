@@ -131,38 +131,45 @@ def _own_store_client():
 
 
 class StallWatchdog:
-    def __init__(
-        self,
-        dist: DistInfo,
-        *,
-        timeout_s: float,
-        startup_timeout_s: float,
-        startup_steps: int,
-        first_step: int = 0,
-    ) -> None:
+    """Built without side effects (``Trainer.from_config``); until :meth:`start` it is inert (a
+    checkpoint written before ``Trainer.train`` calls :meth:`during` on it). :meth:`start` at the
+    resumed step starts the heartbeat thread (multi-process runs with ``timeout_s > 0``)."""
+
+    def __init__(self, dist: DistInfo, *, timeout_s: float, startup_timeout_s: float, startup_steps: int) -> None:
         self.dist = dist
         self.timeout_s = timeout_s
         self.startup_timeout_s = max(startup_timeout_s, timeout_s)
-        self.startup_until = first_step + startup_steps
-        self.step = first_step
+        self.startup_steps = startup_steps
+        self.first_step: int | None = None  # set by start()
+        self.step = 0
         self.phase = "startup" if startup_steps > 0 else "train"
+        self.startup_until = startup_steps
         self._last = time.monotonic()
         self._trials = 0  # tiles timed by this rank (heartbeat of the "tuning" phase)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.published_step = -1  # the step in this rank's last heartbeat (the thread sets it)
-        if not (dist.initialized and timeout_s > 0):
-            return
+
+    def start(self, first_step: int = 0) -> StallWatchdog:
+        """Watch from ``first_step`` (the resumed step: the startup limit covers the next
+        ``startup_steps`` steps)."""
+        self.first_step = self.step = first_step
+        self.startup_until = first_step + self.startup_steps
+        self.phase = "startup" if self.startup_steps > 0 else "train"
+        self._last = time.monotonic()
+        if not (self.dist.initialized and self.timeout_s > 0) or self._thread is not None:
+            return self
         self._store = _own_store_client()
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         self._key = f"addernet/heartbeat/attempt_{attempt}/rank_{{}}"
         self._beat_count = 0
         self._publish()  # every rank's key exists before anyone reads it
-        self._interval = max(0.2, min(5.0, timeout_s / 10))
+        self._interval = max(0.2, min(5.0, self.timeout_s / 10))
         self._thread = threading.Thread(
             target=self._run, name="addernet-stall-watchdog", daemon=True
         )
         self._thread.start()
+        return self
 
     # ---- called by the training loop -----------------------------------------------------------
     def beat(self, step: int) -> None:

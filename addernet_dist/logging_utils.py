@@ -119,23 +119,32 @@ def wandb_online_problem(wcfg: WandbConfig) -> str | None:
 
 
 class MetricsLogger:
-    """Rank-0 sink for metrics (jsonl + optional W&B). On other ranks every call is a no-op."""
+    """Rank-0 sink for metrics (jsonl + optional W&B). On other ranks every write is a no-op.
 
-    def __init__(
-        self, cfg: Config, *, enabled: bool, wandb_run_id: str | None, total_steps: int | None = None
-    ) -> None:
-        self.enabled = enabled
+    Built without side effects (``Trainer.from_config``); :meth:`open` creates metrics.jsonl and the
+    W&B run once the run folder is validated (open_run.py). A write before :meth:`open` raises."""
+
+    def __init__(self, cfg: Config, *, enabled: bool, total_steps: int | None = None) -> None:
+        self.cfg, self.enabled = cfg, enabled
         self.total_steps = total_steps  # written into every record (plots need the x range)
         self.path = Path(cfg.output_dir) / "metrics.jsonl"
         self._wandb = None
-        self.wandb_run_id = wandb_run_id
-        if not enabled:
-            return
+        self._file = None
+        self.opened = False
+        self.wandb_run_id: str | None = None
+
+    def open(self, *, wandb_run_id: str | None = None) -> MetricsLogger:
+        """Start appending to metrics.jsonl (and the W&B run ``wandb_run_id``, the checkpoint's; a
+        fresh one when None: :attr:`wandb_run_id` then names it)."""
+        self.opened, self.wandb_run_id = True, wandb_run_id
+        if not self.enabled:
+            return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _truncate_torn_tail(self.path)
         self._file = open(self.path, "a", buffering=1)
-        if cfg.wandb.enabled:
-            self._wandb = self._init_wandb(cfg.wandb, cfg)
+        if self.cfg.wandb.enabled:
+            self._wandb = self._init_wandb(self.cfg.wandb, self.cfg)
+        return self
 
     def _init_wandb(self, wcfg: WandbConfig, cfg: Config):
         import wandb
@@ -160,6 +169,11 @@ class MetricsLogger:
         return run
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.opened:  # on every rank: a record written too early would vanish silently
+            raise RuntimeError(
+                f"MetricsLogger.write({record.get('kind', 'train')!r} record) before open() or after close(): the "
+                f"logger of {self.path} starts after the run folder was opened (open_run.open_run)"
+            )
         if not self.enabled:
             return
         stamp: dict[str, Any] = {"time": round(time.time(), 3)}
@@ -184,11 +198,11 @@ class MetricsLogger:
             self._wandb.log(data, step=record["step"])
 
     def close(self) -> None:
-        if not self.enabled:
-            return
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._wandb is not None:
             self._wandb.finish()
+        self._file, self._wandb, self.opened = None, None, False
 
 
 def format_duration(seconds: float | None) -> str:
@@ -200,18 +214,23 @@ def format_duration(seconds: float | None) -> str:
 
 
 class Progress:
-    """tqdm on an interactive terminal (rank 0), plain log lines otherwise."""
+    """tqdm on an interactive terminal (rank 0), plain log lines otherwise. Built without side
+    effects; :meth:`start` (at the resumed step) opens the bar and the ETA clock."""
 
-    def __init__(self, *, enabled: bool, mode: bool | str, total: int, initial: int) -> None:
-        self.enabled = enabled
-        use_tqdm = mode is True or (mode == "auto" and sys.stderr.isatty())
+    def __init__(self, *, enabled: bool, mode: bool | str, total: int) -> None:
+        self.enabled, self.mode, self.total = enabled, mode, total
         self._bar = None
-        if enabled and use_tqdm:
+        self.started, self.initial, self.position = False, 0, 0
+
+    def start(self, initial: int = 0) -> Progress:
+        use_tqdm = self.mode is True or (self.mode == "auto" and sys.stderr.isatty())
+        if self.enabled and use_tqdm:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, initial=initial, dynamic_ncols=True, unit="step")
-        self.total, self.initial, self.position = total, initial, initial
+            self._bar = tqdm(total=self.total, initial=initial, dynamic_ncols=True, unit="step")
+        self.initial, self.position, self.started = initial, initial, True
         self._t0 = time.perf_counter()
+        return self
 
     def eta_s(self) -> float | None:
         """Seconds left at this process's pace so far (evaluations and checkpoints included)."""
@@ -223,6 +242,8 @@ class Progress:
     def update(self, n: int, fields: dict[str, Any]) -> None:
         """``n`` more steps done; ``fields`` shown (plain lines also get step/total and the ETA,
         which the tqdm bar shows itself)."""
+        if not self.started:
+            raise RuntimeError("Progress.update before start(): the progress display starts at the resumed step")
         if not self.enabled:
             return
         self.position += n

@@ -17,7 +17,7 @@ What each component owns (``Trainer.from_config`` builds them, build.py; :class:
 - :class:`~addernet_dist.ema.ModelEMA` (``train.ema_decay`` only): the EMA of the weights.
 
 A checkpoint's client state is ``{name: component.state_dict()}`` over :attr:`Trainer.components`
-(plus the run's config and world size, for the record); resuming calls each ``load_state_dict`` in
+(plus the run's config, world size and ``runtime``, for the record); resuming calls each ``load_state_dict`` in
 the same order. Adding a component to the checkpoint is one line there.
 """
 
@@ -34,9 +34,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from addernet_dist import resume
 from addernet_dist.build import build_components
-from addernet_dist.checkpoint import Checkpointer, rng_state, set_rng_state
+from addernet_dist.checkpoint import Checkpointer, rng_state, runtime_info, set_rng_state
 from addernet_dist.config import Config
 from addernet_dist.data.base import Loader
 from addernet_dist.distributed import DistInfo
@@ -48,6 +47,7 @@ from addernet_dist.logging_utils import MetricsLogger, Progress
 from addernet_dist.loss import BatchMixer
 from addernet_dist.metrics import EvalResult
 from addernet_dist.nn import adder_layer_names, adder_modules, set_p
+from addernet_dist.open_run import open_run
 from addernet_dist.ops import dispatch
 from addernet_dist.optim import PSchedule, set_schedule_step
 from addernet_dist.tiles import TileChoices, tune_tiles, tuners_active, warmup_plan
@@ -187,9 +187,11 @@ class Trainer:
         p_sched: PSchedule,
         evaluator: Evaluator,
         ckpt: Checkpointer,
+        logger: MetricsLogger, progress: Progress, watchdog: StallWatchdog,  # not checkpointed; open_run starts them
     ) -> None:
         self.cfg, self.dist, self.engine = cfg, dist, engine
         self.train_loader, self.p_sched, self.evaluator, self.ckpt = train_loader, p_sched, evaluator, ckpt
+        self.logger, self.progress, self.watchdog = logger, progress, watchdog
         self.model = engine.unwrap()
         self.adder_names = adder_layer_names(self.model)
         self.steps_per_epoch = len(train_loader)
@@ -219,7 +221,6 @@ class Trainer:
         self.result: EvalResult | None = None
         self._fit_t0: float | None = None  # perf_counter at fit()'s start
         self._wall_before = 0.0  # wall time of earlier attempts (the checkpoint's)
-        self.watchdog = StallWatchdog(dist, timeout_s=0, startup_timeout_s=0, startup_steps=0)  # inert until fit()
 
     @classmethod
     def from_config(cls, cfg: Config, dist: DistInfo) -> Trainer:
@@ -227,9 +228,9 @@ class Trainer:
         return cls(cfg, dist, **build_components(cfg, dist))
 
     def train(self) -> EvalResult | None:
-        """Open the run folder, resume from it (resume.opened), fit; returns the last evaluation."""
-        with resume.opened(self) as (logger, progress, watchdog):
-            return self.fit(logger, progress, watchdog)
+        """Open the run folder, resume, start the logger, progress and watchdog (open_run), fit."""
+        with open_run(self):
+            return self.fit()
 
     # ---- checkpoint ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -239,7 +240,8 @@ class Trainer:
         names = getattr(self.train_loader, "class_names", None)
         if names is not None:  # label index -> folder name, for export/eval
             client["class_names"] = list(names)
-        return {**client, "world_size": self.dist.world_size, "config": self.cfg.model_dump(mode="json")}
+        client.update(world_size=self.dist.world_size, config=self.cfg.model_dump(mode="json"))
+        return {**client, "runtime": runtime_info()}  # threads, torch version: resume reports a change
 
     def load_state_dict(self, client: dict[str, Any]) -> None:
         _check_same_classes(client.get("class_names"), getattr(self.train_loader, "class_names", None))
@@ -303,10 +305,10 @@ class Trainer:
             )
 
     # ---- the loop -----------------------------------------------------------------------------
-    def fit(self, logger: MetricsLogger, progress: Progress, watchdog: StallWatchdog) -> EvalResult | None:
-        """Train to ``train.epochs``; returns the last evaluation (raises Preempted on SIGTERM/SIGINT)."""
-        self.logger, self.progress, self.watchdog = logger, progress, watchdog
-        tile_tuner = _tile_hooks(watchdog)
+    def fit(self) -> EvalResult | None:
+        """Train to ``train.epochs`` (open_run started the logger, progress and watchdog); returns the
+        last evaluation (raises Preempted on SIGTERM/SIGINT)."""
+        tile_tuner = _tile_hooks(self.watchdog)
         try:
             self._tune_tiles()
             return self._fit()
@@ -342,8 +344,7 @@ class Trainer:
             log.info("kernel tiles of p %s ready in %.0f s", plan.p_values, time.perf_counter() - t0)
 
     def _fit(self) -> EvalResult | None:
-        watchdog = self.watchdog
-        state, train = self.state, self.cfg.train
+        state, train, watchdog = self.state, self.cfg.train, self.watchdog
         self._fit_t0, self._wall_before = time.perf_counter(), state.wall_time_s
         stop, meter = _Stop(), _Throughput(train.global_batch_size)
         self.engine.train()

@@ -119,7 +119,7 @@ def test_progress_bar_draws_on_a_tty():
         "import logging, sys\n"
         "logging.basicConfig(level=logging.INFO)\n"
         "from addernet_dist.logging_utils import Progress\n"
-        "p = Progress(enabled=True, mode='auto', total=4, initial=1)\n"
+        "p = Progress(enabled=True, mode='auto', total=4).start(initial=1)\n"
         "p.update(3, {'epoch': 0, 'loss': 2.30259})\n"
         "p.message('epoch 1: val top1 12.00%')\n"
         "p.close()\n"

@@ -111,7 +111,7 @@ def test_plain_progress_lines_show_step_of_total_and_eta(caplog, monkeypatch):
     clock = iter([100.0, 110.0, 130.0])
     monkeypatch.setattr("addernet_dist.logging_utils.time.perf_counter", lambda: next(clock))
     caplog.set_level(logging.INFO, logger="addernet_dist")
-    prog = Progress(enabled=True, mode=False, total=100, initial=20)  # resumed at step 20
+    prog = Progress(enabled=True, mode=False, total=100).start(initial=20)  # resumed at step 20
     prog.update(10, {"loss": 2.0})  # 10 steps in 10 s -> 70 left: 70 s
     prog.update(10, {"loss": 1.5})  # 20 steps in 30 s -> 60 left: 90 s
     prog.close()

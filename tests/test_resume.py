@@ -176,7 +176,7 @@ def test_metrics_log_survives_torn_line_and_resume(tmp_path):
     cfg = load_config(DEBUG_CONFIG, [f"output_dir={tmp_path}"])
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"kind": "train", "step": 1, "loss": 2.0}\n{"kind": "train", "step": 2, "lo')
-    log = MetricsLogger(cfg, enabled=True, wandb_run_id=None)
+    log = MetricsLogger(cfg, enabled=True).open()
     log.write({"kind": "resume", "step": 1})
     log.write({"kind": "train", "step": 2, "loss": 1.5})
     log.close()

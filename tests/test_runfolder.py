@@ -435,7 +435,7 @@ def test_every_json_written_is_strict(tmp_path, one_epoch, capsys):
         '{"a": [1.0, null], "b": null}'
     )
     cfg = load_config(DEBUG_CONFIG, [f"output_dir={tmp_path}"])
-    log = MetricsLogger(cfg, enabled=True, wandb_run_id=None)
+    log = MetricsLogger(cfg, enabled=True).open()
     log.write({"kind": "train", "step": 1, "loss": float("nan"), "lr": float("inf")})
     log.close()
     (rec,) = _strict_lines(tmp_path / "metrics.jsonl")

@@ -234,7 +234,7 @@ with interpreted_modules("addernet_dist.kernels.triton_adder") as (ta,):
     ta.adder2d_forward(*args, bn_stats=True, config=configs[0])  # interpreter warm: launches < 1 s
     dist.barrier()
     # training limit 2 s, startup (and tuning) limit 4 s; the run is long past its startup steps
-    wd = StallWatchdog(info, timeout_s=2.0, startup_timeout_s=4.0, startup_steps=0, first_step=1_100_000)
+    wd = StallWatchdog(info, timeout_s=2.0, startup_timeout_s=4.0, startup_steps=0).start(first_step=1_100_000)
     trainer._tile_hooks(wd)  # what Trainer.fit installs
     try:
         ta.adder2d_forward(*args, bn_stats=True)

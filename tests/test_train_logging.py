@@ -23,13 +23,13 @@ def test_wandb_offline_run_is_continued_with_the_stored_id(tmp_path, monkeypatch
         DEBUG_CONFIG,
         [f"output_dir={tmp_path}", "wandb.enabled=true", "wandb.tags=[ci]", "wandb.name=t"],
     )
-    first = MetricsLogger(cfg, enabled=True, wandb_run_id=None)
+    first = MetricsLogger(cfg, enabled=True).open(wandb_run_id=None)
     run_id = first.wandb_run_id
     assert run_id  # generated, and what the checkpoint stores
     first.write({"kind": "train", "step": 1, "epoch": 0, "loss": 2.5, "lr": 0.1, "p": 2.0})
     first.close()
     # the resumed run gets the id back from the checkpoint
-    second = MetricsLogger(cfg, enabled=True, wandb_run_id=run_id)
+    second = MetricsLogger(cfg, enabled=True).open(wandb_run_id=run_id)
     assert second.wandb_run_id == run_id
     second.write({"kind": "eval", "step": 2, "epoch": 1, "top1": 50.0})
     second.close()
@@ -44,7 +44,7 @@ def test_wandb_offline_run_is_continued_with_the_stored_id(tmp_path, monkeypatch
 @pytest.mark.timeout(30)
 def test_disabled_logger_on_other_ranks_writes_nothing(tmp_path):
     cfg = load_config(DEBUG_CONFIG, [f"output_dir={tmp_path}", "wandb.enabled=true"])
-    log = MetricsLogger(cfg, enabled=False, wandb_run_id=None)
+    log = MetricsLogger(cfg, enabled=False).open()
     log.write({"kind": "train", "step": 1})
     log.close()
     assert list(tmp_path.iterdir()) == []
@@ -53,7 +53,7 @@ def test_disabled_logger_on_other_ranks_writes_nothing(tmp_path):
 @pytest.mark.timeout(30)
 def test_progress_plain_lines_when_not_a_terminal(caplog):
     caplog.set_level(logging.INFO, logger="addernet_dist")
-    prog = Progress(enabled=True, mode="auto", total=10, initial=0)  # pytest's stderr: no TTY
+    prog = Progress(enabled=True, mode="auto", total=10).start(initial=0)  # pytest's stderr: no TTY
     prog.update(2, {"epoch": 0, "loss": 2.30259, "lr": 0.1, "p": 1.75, "images_per_s": 812.4})
     prog.close()
     assert "epoch=0 loss=2.303 lr=0.1 p=1.75 images_per_s=812.4" in caplog.text

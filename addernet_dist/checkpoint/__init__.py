@@ -11,8 +11,11 @@ from addernet_dist.checkpoint.resume import (
     check_resumable,
     config_changes,
     describe_changes,
+    describe_runtime_changes,
     load_for_resume,
     rng_state,
+    runtime_changes,
+    runtime_info,
     set_rng_state,
 )
 from addernet_dist.checkpoint.store import (
@@ -55,6 +58,7 @@ __all__ = [
     "clean_stale_temp",
     "config_changes",
     "describe_changes",
+    "describe_runtime_changes",
     "encode",
     "layout",
     "link_or_copy",
@@ -63,6 +67,8 @@ __all__ = [
     "read_verified",
     "release_run_locks",
     "rng_state",
+    "runtime_changes",
+    "runtime_info",
     "same_checkpoint",
     "save_file",
     "set_rng_state",

@@ -180,7 +180,7 @@ def tiles_worker(out: str, mode: str) -> None:
         for c, o, k, h in shapes:
             x = torch.randn(8 if cuda else 2, c, h, h, device=dev)
             inputs.append((x, torch.randn(o, c, k, k, device=dev), h - k + 1))
-        watchdog = StallWatchdog(info, timeout_s=5.0, startup_timeout_s=600.0, startup_steps=0)
+        watchdog = StallWatchdog(info, timeout_s=5.0, startup_timeout_s=600.0, startup_steps=0).start()
         tile_tuner_mod = _tile_hooks(watchdog)
         try:
             for x, w, p in inputs:
