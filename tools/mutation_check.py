@@ -63,7 +63,7 @@ MUTATIONS = [
     Mutation(
         "best-ema-not-restored",
         "a resume does not copy a lost best_ema.pt again from its step's checkpoint",
-        "addernet_dist/resume.py",
+        "addernet_dist/open_run.py",
         "    if resume_from is not None and ckpt.restore_best(resume_from, ema_step, ckpt.best_ema_path):",
         "    if False:",
         ("tests/test_ema.py::test_a_lost_best_ema_is_copied_again_on_resume",),
@@ -192,7 +192,7 @@ MUTATIONS = [
     Mutation(
         "resume-weights-not-loaded",
         "resume keeps the fresh initial weights (model state not loaded)",
-        "addernet_dist/resume.py",
+        "addernet_dist/open_run.py",
         "        client = load_for_resume(engine, resume_from)\n",
         "        import torch\n"
         "        fresh = {k: v.clone() for k, v in trainer.model.state_dict().items() if torch.is_tensor(v)}\n"
