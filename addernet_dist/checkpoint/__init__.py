@@ -1,5 +1,6 @@
 """Checkpoints: the layout of one (layout.py), its on-disk formats (store.py: a verified file, a
-DeepSpeed folder), the run folder's bookkeeping (manager.py: Checkpointer) and resume (resume.py: also the runtime a checkpoint records).
+DeepSpeed folder), the run folder's bookkeeping (manager.py: Checkpointer) and resume (resume.py,
+with the runtime a checkpoint records: torch threads and version).
 
 ``from addernet_dist.checkpoint import X`` keeps working for the names of the former single module
 checkpoint.py (the verified-file helpers are runfolder.py's, re-exported here).
