@@ -29,6 +29,7 @@ CLIENT_KEYS = {
     "last_eval",
     "tiles",
     "world_size",
+    "runtime",  # torch threads and version (docs/training.md "Reproducibility")
     "config",
 }
 
