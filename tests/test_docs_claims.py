@@ -234,9 +234,14 @@ def test_ddp_resume_with_another_world_size_at_an_epoch_boundary(tmp_path, capsy
     assert "resuming with WORLD_SIZE=1 from a checkpoint written with 2" in err
     assert "step_000000002.pt at step 2" in err
     raw = [ln for ln in (out / "metrics.jsonl").read_text().splitlines() if '"resume"' in ln]
-    # the resume record also says what changed in the config (issue 12)
+    # the resume record also says what changed in the config (issue 12), and in the runtime: torchrun
+    # ran epoch 1 with OMP_NUM_THREADS=1, this process has torch's default (docs/training.md
+    # "Reproducibility")
+    threads = [epoch1["client"]["runtime"]["torch_threads"], torch.get_num_threads()]
+    runtime = {"runtime_changed": {"torch_threads": threads}} if threads[0] != threads[1] else {}
+    assert ("torch_threads: {} when the checkpoint was written, {} now".format(*threads) in err) == bool(runtime)
     assert [{k: v for k, v in json.loads(ln).items() if k != "time"} for ln in raw] == [
-        {"kind": "resume", "step": 2, "epoch": 1, "changed": {"train.epochs": [1, 2]}, "total_steps": 4}
+        {"kind": "resume", "step": 2, "epoch": 1, "changed": {"train.epochs": [1, 2]}, **runtime, "total_steps": 4}
     ]
     records = read_metrics(out / "metrics.jsonl")
     train = [r["step"] for r in records if r["kind"] == "train"]
