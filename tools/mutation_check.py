@@ -69,6 +69,28 @@ MUTATIONS = [
         ("tests/test_ema.py::test_a_lost_best_ema_is_copied_again_on_resume",),
     ),
     Mutation(
+        "watchdog-starts-at-zero",
+        "a resumed run's stall watchdog starts at step 0 (its startup limit ends too early)",
+        "addernet_dist/open_run.py",
+        "        watchdog.start(first_step=state.global_step)\n",
+        "        watchdog.start(first_step=0)\n",
+        (
+            "tests/test_trainer_open.py::"
+            "test_an_injected_logger_gets_the_runs_records_and_the_watchdog_starts_at_the_resumed_step",
+        ),
+    ),
+    Mutation(
+        "runtime-change-unreported",
+        "a resume under another torch thread count or version does not say so",
+        "addernet_dist/open_run.py",
+        '        runtime = runtime_changes(client.get("runtime"), runtime_info())',
+        "        runtime = {}",
+        (
+            "tests/test_trainer_open.py::"
+            "test_the_runtime_is_saved_logged_and_a_resume_under_another_thread_count_says_so",
+        ),
+    ),
+    Mutation(
         "superseded-best-dropped",
         "resume= an older step leaves the abandoned future's best.pt to be overwritten",
         "addernet_dist/checkpoint/manager.py",
