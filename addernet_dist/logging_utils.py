@@ -6,7 +6,8 @@ are never damaged). Every record has ``time`` (wall clock, UNIX seconds) and ``t
 to its ``step``. Train records: ``{"kind": "train", "step", "epoch", "loss", "lr", "p",
 "grad_norm", "images_per_s", ...}``; eval records: ``{"kind": "eval", "step", "epoch", "top1",
 "top5", "loss", "count"}``, ``epoch`` being epochs done in both (a fraction in train records); a
-resumed run first writes ``{"kind": "resume", "step": s}``: records with a step above s written
+resumed run first writes ``{"kind": "resume", "step": s}`` (with ``changed`` / ``runtime_changed``
+when the config / torch threads or version changed): records with a step above s written
 before it belong to the abandoned attempt (``read_metrics`` drops them); a finished run ends with
 ``{"kind": "summary", "best_top1", "best_step", "wall_time_s", "checkpoint", ...}``.
 """
