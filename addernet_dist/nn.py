@@ -53,6 +53,16 @@ class _AdderMixin:
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self._init_modes(state["p"], state["grad_x"], state["grad_w"])
 
+    def _init_adder(
+        self, weight_shape: tuple[int, ...], bias: bool, modes: tuple[float, str, str], backend: str | None, factory
+    ) -> None:
+        """The parameters, modes and backend both adder layers set (``weight_shape[0]``: the outputs)."""
+        self.backend = backend
+        self._init_modes(*modes)
+        self.weight = nn.Parameter(torch.empty(*weight_shape, **factory))
+        self.bias = nn.Parameter(torch.empty(weight_shape[0], **factory)) if bias else None
+        self._reset_adder_parameters()
+
     def _reset_adder_parameters(self) -> None:
         nn.init.normal_(self.weight, 0.0, 1.0)
         if self.bias is not None:
@@ -91,14 +101,8 @@ class Adder2d(_AdderMixin, nn.Module):
         self.stride = _pair(stride, "stride")
         self.padding = _pair(padding, "padding")
         self.dilation = _pair(dilation, "dilation")
-        self.backend = backend
-        self._init_modes(p, grad_x, grad_w)
-        factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(
-            torch.empty(out_channels, in_channels, *self.kernel_size, **factory)
-        )
-        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
-        self._reset_adder_parameters()
+        shape = (out_channels, in_channels, *self.kernel_size)
+        self._init_adder(shape, bias, (p, grad_x, grad_w), backend, {"device": device, "dtype": dtype})
 
     def reset_parameters(self) -> None:
         self._reset_adder_parameters()
@@ -150,12 +154,8 @@ class AdderLinear(_AdderMixin, nn.Module):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.backend = backend
-        self._init_modes(p, grad_x, grad_w)
-        factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
-        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
-        self._reset_adder_parameters()
+        shape = (out_features, in_features)
+        self._init_adder(shape, bias, (p, grad_x, grad_w), backend, {"device": device, "dtype": dtype})
 
     def reset_parameters(self) -> None:
         self._reset_adder_parameters()

@@ -37,15 +37,12 @@ import torch
 from torch import nn
 
 from addernet_dist import device_policy
-from addernet_dist.config import Config, ConfigError
+from addernet_dist.config import ConfigError
 from addernet_dist.distributed import DistInfo
 from addernet_dist.runfolder import CheckpointWriteError
 
 if TYPE_CHECKING:
-    from addernet_dist.adaptive_lr import AdaptiveLRScaler
     from addernet_dist.checkpoint.store import CheckpointStore
-    from addernet_dist.engine.prepare import PreparedModel
-    from addernet_dist.loss import Criterion
 
 
 def maybe_fuse_adder_bn(model: nn.Module, fuse_bn: bool | str, device: torch.device) -> int:
@@ -114,9 +111,7 @@ class StepStats:
 class Engine(ABC):
     """Owns model wrapping, optimizer, LR schedule, precision and gradient processing.
 
-    ``__init__`` is the one construction both engines share: ``_configure`` (engine-specific checks
-    before the model is touched), ``prepare_model`` (engine/prepare.py) on the bare model, then
-    ``_wrap`` (wrapper, optimizer, LR schedule, loss) on what it prepared.
+    Both engines subclass ``engine.prepare.PreparedEngine``, their one shared construction.
 
     Attributes every engine sets in ``__init__``:
       model: the WRAPPED module to call for forward (DDP / DeepSpeed engine / compiled module).
@@ -129,7 +124,6 @@ class Engine(ABC):
       input_dtype: the dtype the images are cast to before the model (DeepSpeed bf16 weights), or None.
       fused_adder_bn: how many Adder2d+BatchNorm2d pairs were fused (0: none).
       grad_scaler: the fp16 loss scaler (a checkpoint component of the trainer), None otherwise.
-      cfg, sync_bn_layers, adaptive (the eq. 33 scaler or None), criterion (loss.Criterion).
     """
 
     model: nn.Module
@@ -144,43 +138,6 @@ class Engine(ABC):
     # distillation teacher, {} without), detached device tensors, mean over the micro-batches.
     loss_parts: dict[str, torch.Tensor]
     grad_scaler: torch.amp.GradScaler | None = None
-    cfg: Config
-    sync_bn_layers: int
-    adaptive: AdaptiveLRScaler | None
-    criterion: Criterion
-
-    def __init__(
-        self,
-        model: nn.Module,
-        cfg: Config,
-        dist: DistInfo,
-        *,
-        steps_per_epoch: int,
-        teacher: nn.Module | None = None,
-    ) -> None:
-        from addernet_dist.engine.prepare import prepare_model  # prepare.py imports this module
-
-        self.dist = dist
-        self.device = dist.device
-        self.cfg = cfg
-        bf16_weights = self._configure()
-        prep = prepare_model(model, cfg, self.device, steps_per_epoch=steps_per_epoch, bf16_weights=bf16_weights)
-        self._module = prep.module
-        self.sync_bn_layers, self.fused_adder_bn = prep.sync_bn_layers, prep.fused_adder_bn
-        self.autocast_dtype, self.adaptive, self.grad_scaler = prep.autocast_dtype, prep.adaptive, prep.grad_scaler
-        self.loss_parts = {}
-        self._wrap(prep, teacher, steps_per_epoch=steps_per_epoch)
-
-    def _configure(self) -> bool:
-        """Engine-specific checks and setup before ``prepare_model`` touches the model (``self.cfg``,
-        ``self.dist`` are set). Returns whether the engine stores the weights in bf16
-        (``prepare_model``'s ``bf16_weights``)."""
-        return False
-
-    @abstractmethod
-    def _wrap(self, prep: PreparedModel, teacher: nn.Module | None, *, steps_per_epoch: int) -> None:
-        """After ``prepare_model``: set ``criterion``, ``model`` (the wrapped module), ``optimizer`` and
-        ``lr_scheduler`` from ``prep`` (the bare module is ``prep.module``)."""
 
     # --- training -------------------------------------------------------------------------
     @abstractmethod
@@ -200,9 +157,9 @@ class Engine(ABC):
         LR scheduler step, zero grads. No host syncs. ``want_grad_norm``: fill ``grad_norm`` even
         when clipping is off (a log step)."""
 
+    @abstractmethod
     def unwrap(self) -> nn.Module:
         """The bare model (no DDP / compile / DeepSpeed wrapper): for set_p, eval, state dicts."""
-        return self._module
 
     def train(self) -> None:
         self.model.train()

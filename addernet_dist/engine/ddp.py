@@ -16,12 +16,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from addernet_dist.distill import CoTrainedTeacher
-from addernet_dist.engine.base import Engine, StepStats
-from addernet_dist.engine.prepare import PreparedModel
+from addernet_dist.engine.base import StepStats
+from addernet_dist.engine.prepare import PreparedEngine, PreparedModel
 from addernet_dist.loss import Criterion
 
 
-class DDPEngine(Engine):
+class DDPEngine(PreparedEngine):
     def _wrap(self, prep: PreparedModel, teacher: nn.Module | None, *, steps_per_epoch: int) -> None:
         cfg, dist, model = self.cfg, self.dist, prep.module
         # The loss of both engines (loss.py); a frozen teacher stays outside DDP and the optimizer,

@@ -36,9 +36,9 @@ from addernet_dist.checkpoint import CheckpointError
 from addernet_dist.checkpoint.store import DEEPSPEED_FOLDER, CheckpointStore
 from addernet_dist.config import ConfigError
 from addernet_dist.engine import ds_checkpoint
-from addernet_dist.engine.base import Engine, StepStats
+from addernet_dist.engine.base import StepStats
 from addernet_dist.engine.deepspeed_config import build_ds_config, resolve_batch
-from addernet_dist.engine.prepare import PreparedModel
+from addernet_dist.engine.prepare import PreparedEngine, PreparedModel
 from addernet_dist.engine.zero_norms import ShardedGradProcessor
 from addernet_dist.loss import Criterion
 from addernet_dist.ops.amp import FP32BatchNorm2d, keep_batchnorm_fp32  # noqa: F401 (were defined here)
@@ -72,7 +72,7 @@ def _state_keys(model: nn.Module) -> dict[str, str]:
     return {n: key_of[id(t)] for n, t in named if key_of.get(id(t), n) != n}
 
 
-class DeepSpeedEngine(Engine):
+class DeepSpeedEngine(PreparedEngine):
     def _configure(self) -> bool:
         cfg, dist = self.cfg, self.dist
         if cfg.train.compile:
