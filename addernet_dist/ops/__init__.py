@@ -11,6 +11,7 @@ from addernet_dist.ops.reference import (
     GRAD_W_MODES,
     GRAD_X_MODES,
     adder2d_reference,
+    adder_linear_args,
     adder_linear_reference,
 )
 
@@ -47,14 +48,13 @@ def adder2d(
 
 
 def adder_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    p: float = 1.0,
-    grad_x: str = "lp",
-    grad_w: str = "full",
-    backend: str | None = None,
+    x: torch.Tensor, weight: torch.Tensor, *args: Any, backend: str | None = None, **kwargs: Any
 ) -> torch.Tensor:
-    """Adder fully-connected layer: (M, K) × (O, K) → (M, O) = −Σ_k |x − w|^p (same gradients as adder2d)."""
+    """Adder fully-connected layer: (M, K) × (O, K) → (M, O) = −Σ_k |x − w|^p (same gradients as adder2d).
+
+    Arguments after ``x, weight``, positional or by name: ``p=1.0, grad_x="lp", grad_w="full"``
+    (``ops.reference.adder_linear_args``)."""
+    p, grad_x, grad_w = adder_linear_args(*args, **kwargs)
     if dispatch.resolve_backend(x.device, backend) == "reference":
         xc, wc = amp.adder_operands(x, weight)  # the dtype policy of adder2d (ops/amp.py)
         with amp.autocast_off(xc.device.type):

@@ -186,16 +186,19 @@ class AdderRowsFunction(torch.autograd.Function):
         return gx, gw, None, None, None, None
 
 
-def adder_linear_reference(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    p: float = 1.0,
-    grad_x: str = "lp",
-    grad_w: str = "full",
-    max_chunk_bytes: int = _DEFAULT_CHUNK_BYTES,
-) -> torch.Tensor:
-    """Adder fully-connected layer: x (M, K), weight (O, K) → (M, O) = −Σ_k |x − w|^p."""
+def adder_linear_args(p: float = 1.0, grad_x: str = "lp", grad_w: str = "full") -> tuple[float, str, str]:
+    """The adder_linear calling convention after ``x, weight`` (``ops.adder_linear`` and
+    ``adder_linear_reference`` take ``*args, **kwargs`` through it), validated; ``p`` as given."""
     check_args(p, grad_x, grad_w)
+    return p, grad_x, grad_w
+
+
+def adder_linear_reference(
+    x: torch.Tensor, weight: torch.Tensor, *args: Any, max_chunk_bytes: int = _DEFAULT_CHUNK_BYTES, **kwargs: Any
+) -> torch.Tensor:
+    """Adder fully-connected layer: x (M, K), weight (O, K) → (M, O) = −Σ_k |x − w|^p; arguments
+    ``adder_linear_args`` (p, grad_x, grad_w)."""
+    p, grad_x, grad_w = adder_linear_args(*args, **kwargs)
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(
             f"adder_linear expects x (M, K) and weight (O, K) with equal K, got {tuple(x.shape)} "
