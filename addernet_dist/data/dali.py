@@ -94,8 +94,13 @@ def define_pipeline(
     )
     s = cfg.image_size
     op_device = "gpu" if dali_device == "gpu" else "cpu"
-    decode_device = "mixed" if dali_device == "gpu" else "cpu"
-    decoder_kw = decoder_kwargs(cfg, dali_device)
+    # every decoder below: RGB like PIL, EXIF orientation ignored like PIL's decode, nvJPEG's tuning on GPU
+    decoder_kw = dict(
+        device="mixed" if dali_device == "gpu" else "cpu",
+        output_type=types.RGB,
+        adjust_orientation=False,
+        **decoder_kwargs(cfg, dali_device),
+    )
     augment = cfg.resolved_augment if train else "none"
     randaugment = train and cfg.randaugment_ops > 0
 
@@ -124,9 +129,6 @@ def define_pipeline(
             # Decode only the crop window: cheaper than decode-then-crop at 0.08-1 area.
             images = fn.decoders.image_random_crop(
                 jpegs,
-                device=decode_device,
-                output_type=types.RGB,
-                adjust_orientation=False,
                 random_area=[cfg.min_crop_area, 1.0],
                 random_aspect_ratio=list(cfg.crop_aspect_ratio),
                 num_attempts=10,
@@ -141,13 +143,7 @@ def define_pipeline(
             )
             crop = None
         elif augment == "pad_crop":
-            images = fn.decoders.image(
-                jpegs,
-                device=decode_device,
-                output_type=types.RGB,
-                adjust_orientation=False,
-                **decoder_kw,
-            )
+            images = fn.decoders.image(jpegs, **decoder_kw)
             images = fn.resize(images, device=op_device, resize_x=s, resize_y=s, antialias=True)
             # Zero-pad by `pad` and take a random s x s window == a window whose top-left
             # corner is uniform in [-pad, pad]^2 with the outside filled with zeros.
@@ -164,13 +160,7 @@ def define_pipeline(
             )
             crop = None
         else:
-            images = fn.decoders.image(
-                jpegs,
-                device=decode_device,
-                output_type=types.RGB,
-                adjust_orientation=False,
-                **decoder_kw,
-            )
+            images = fn.decoders.image(jpegs, **decoder_kw)
             images = _resize_shorter_center_crop(
                 fn, types, jpegs, images, round(s * cfg.resolved_val_resize_ratio), s, op_device
             )

@@ -282,6 +282,12 @@ def _combine_bn_partials(
     return mean.float(), var.float()
 
 
+def _grad_dims(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> tuple[int, ...]:
+    """Both gradient launchers' prologue: the device check, then (N, C, H, W, O, R, S, P, Q)."""
+    _check_device(g, x, weight)
+    return (*x.shape, weight.shape[0], *weight.shape[2:], *g.shape[2:])
+
+
 def adder2d_grad_input(
     g: torch.Tensor,
     x: torch.Tensor,
@@ -294,10 +300,7 @@ def adder2d_grad_input(
     config: triton.Config | None = None,
 ) -> torch.Tensor:
     """∂L/∂X launcher: g (N, O, P, Q) → dx (N, C, H, W), same strides and dtype as x."""
-    _check_device(g, x, weight)
-    n, c, h, w_ = x.shape
-    o, _, r, s = weight.shape
-    pp, qq = g.shape[2:]
+    n, c, h, w_, o, r, s, pp, qq = _grad_dims(g, x, weight)
     dx = torch.empty_like(x)  # keeps x's strides: the kernel writes dx with x's strides
     # g is the hot-loop operand here (x is loaded once per program and dx stored once): see
     # _hot_loop_layout. dx keeps x's memory format.
@@ -380,10 +383,7 @@ def adder2d_grad_weight(
     ≤ ~_DW_TARGET_PROGRAMS tiles) with the fixed config DW_CONFIGS[0]. Otherwise the splits
     ``atomic_add`` into one buffer and the tile is autotuned over DW_CONFIGS per shape (on a GPU).
     """
-    _check_device(g, x, weight)
-    n, c, h, w_ = x.shape
-    o, _, r, s = weight.shape
-    pp, qq = g.shape[2:]
+    n, c, h, w_, o, r, s, pp, qq = _grad_dims(g, x, weight)
     rows = n * pp
     acc_dt = torch.float64 if compute_dtype(x.dtype) == torch.float64 else torch.float32
     atomic = not deterministic
