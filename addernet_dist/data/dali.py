@@ -149,15 +149,7 @@ def define_pipeline(
             # corner is uniform in [-pad, pad]^2 with the outside filled with zeros.
             offsets = [float(v) for v in range(-cfg.pad, cfg.pad + 1)]
             anchor = fn.cast(fn.random.uniform(values=offsets, shape=(2,)), dtype=types.INT32)
-            images = fn.slice(
-                images,
-                device=op_device,
-                start=anchor,
-                shape=[s, s],
-                axis_names="HW",
-                out_of_bounds_policy="pad",
-                fill_values=0,
-            )
+            images = _window(fn, images, anchor, s, op_device)
             crop = None
         else:
             images = fn.decoders.image(jpegs, **decoder_kw)
@@ -244,6 +236,12 @@ def _resize_shorter_center_crop(fn, types, jpegs, images, short: int, size: int,
         antialias=True,
     )
     anchor = fn.cast(fn.stack(half_even_mid(new_h), half_even_mid(new_w)), dtype=types.INT32)
+    return _window(fn, images, anchor, size, op_device)
+
+
+def _window(fn, images, anchor, size: int, op_device: str):
+    """The ``size`` x ``size`` window of HWC ``images`` whose top-left corner is ``anchor`` (int32 (row,
+    col), may lie outside the image), zeros outside: the pad-crop and the centre crop."""
     return fn.slice(
         images,
         device=op_device,
