@@ -53,6 +53,26 @@ class _AdderMixin:
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self._init_modes(state["p"], state["grad_x"], state["grad_w"])
 
+    def _init_adder(
+        self,
+        weight_shape: tuple[int, ...],
+        bias: bool = False,
+        p: float = 1.0,
+        grad_x: str = "lp",
+        grad_w: str = "full",
+        backend: str | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        """The constructor arguments both adder layers take after their shape arguments, positional or by
+        name, with their defaults (one home); ``weight_shape[0]``: the outputs."""
+        self.backend = backend
+        self._init_modes(p, grad_x, grad_w)
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(*weight_shape, **factory))
+        self.bias = nn.Parameter(torch.empty(weight_shape[0], **factory)) if bias else None
+        self._reset_adder_parameters()
+
     def _reset_adder_parameters(self) -> None:
         nn.init.normal_(self.weight, 0.0, 1.0)
         if self.bias is not None:
@@ -62,8 +82,10 @@ class _AdderMixin:
 class Adder2d(_AdderMixin, nn.Module):
     """Adder convolution with ``nn.Conv2d``'s constructor shape. Input (N, Cin, H, W) → (N, Cout, H', W').
 
-    ``weight``: (Cout, Cin, kh, kw). ``p`` ∈ [1, 2] is settable at any time (the ℓp schedule does it).
-    ``backend``: None (by device) or an operator backend name, see ``addernet_dist.ops.adder2d``.
+    ``weight``: (Cout, Cin, kh, kw). After ``dilation``: ``bias=False, p=1.0, grad_x="lp", grad_w="full",
+    backend=None, device=None, dtype=None`` (``_AdderMixin._init_adder``). ``p`` ∈ [1, 2] is settable at any
+    time (the ℓp schedule does it). ``backend``: None (by device) or an operator backend name, see
+    ``addernet_dist.ops.adder2d``.
     """
 
     def __init__(
@@ -74,13 +96,8 @@ class Adder2d(_AdderMixin, nn.Module):
         stride: int | tuple[int, int] = 1,
         padding: int | tuple[int, int] = 0,
         dilation: int | tuple[int, int] = 1,
-        bias: bool = False,
-        p: float = 1.0,
-        grad_x: str = "lp",
-        grad_w: str = "full",
-        backend: str | None = None,
-        device=None,
-        dtype=None,
+        *args: Any,
+        **kwargs: Any,
     ) -> None:
         super().__init__()
         if in_channels < 1 or out_channels < 1:
@@ -91,14 +108,7 @@ class Adder2d(_AdderMixin, nn.Module):
         self.stride = _pair(stride, "stride")
         self.padding = _pair(padding, "padding")
         self.dilation = _pair(dilation, "dilation")
-        self.backend = backend
-        self._init_modes(p, grad_x, grad_w)
-        factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(
-            torch.empty(out_channels, in_channels, *self.kernel_size, **factory)
-        )
-        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
-        self._reset_adder_parameters()
+        self._init_adder((out_channels, in_channels, *self.kernel_size), *args, **kwargs)
 
     def reset_parameters(self) -> None:
         self._reset_adder_parameters()
@@ -133,29 +143,15 @@ class Adder2d(_AdderMixin, nn.Module):
 
 
 class AdderLinear(_AdderMixin, nn.Module):
-    """Adder fully-connected layer (paper §5.2): (*, in_features) → (*, out_features) = −Σ|x − w|^p."""
+    """Adder fully-connected layer (paper §5.2): (*, in_features) → (*, out_features) = −Σ|x − w|^p.
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = False,
-        p: float = 1.0,
-        grad_x: str = "lp",
-        grad_w: str = "full",
-        backend: str | None = None,
-        device=None,
-        dtype=None,
-    ) -> None:
+    After ``out_features``: the arguments of ``Adder2d`` after ``dilation`` (``_AdderMixin._init_adder``)."""
+
+    def __init__(self, in_features: int, out_features: int, *args: Any, **kwargs: Any) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.backend = backend
-        self._init_modes(p, grad_x, grad_w)
-        factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
-        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
-        self._reset_adder_parameters()
+        self._init_adder((out_features, in_features), *args, **kwargs)
 
     def reset_parameters(self) -> None:
         self._reset_adder_parameters()

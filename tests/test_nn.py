@@ -85,3 +85,31 @@ def test_adder_linear_matches_adder2d_1x1():
     x = torch.randn(5, 6, dtype=torch.float64)
     torch.testing.assert_close(lin(x), conv(x[:, :, None, None])[:, :, 0, 0])
     assert lin(torch.randn(2, 3, 6, dtype=torch.float64)).shape == (2, 3, 4)
+
+
+def test_constructor_arguments_reach_the_layer_positionally_and_by_name():
+    # the arguments after the shape ones live in _AdderMixin._init_adder: nn.Conv2d / nn.Linear order holds
+    for layer in (
+        Adder2d(3, 4, 3, 2, 1, 1, True, 1.5, "hardtanh", "sign", "reference", None, torch.float64),
+        Adder2d(3, 4, 3, stride=2, padding=1, bias=True, p=1.5, grad_x="hardtanh", grad_w="sign",
+                backend="reference", dtype=torch.float64),
+    ):
+        assert (layer.stride, layer.padding, layer.dilation) == ((2, 2), (1, 1), (1, 1))
+        assert (layer.p, layer.grad_x, layer.grad_w, layer.backend) == (1.5, "hardtanh", "sign", "reference")
+        assert layer.bias is not None and layer.weight.dtype == torch.float64
+        assert layer.weight.shape == (4, 3, 3, 3) and layer.bias.shape == (4,)
+    lin = AdderLinear(5, 2, True, 1.25, "hardtanh", "sign", "reference", None, torch.float64)
+    assert (lin.p, lin.grad_x, lin.grad_w, lin.backend) == (1.25, "hardtanh", "sign", "reference")
+    assert lin.weight.shape == (2, 5) and lin.bias.shape == (2,) and lin.weight.dtype == torch.float64
+    plain = Adder2d(3, 4, 3)
+    assert (plain.bias, plain.p, plain.grad_x, plain.grad_w, plain.backend) == (None, 1.0, "lp", "full", None)
+    # the modes are used: hardtanh and lp input gradients differ at p = 1.5
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    lp = Adder2d(3, 4, 3, p=1.5, backend="reference", dtype=torch.float64)
+    ht = Adder2d(3, 4, 3, p=1.5, grad_x="hardtanh", backend="reference", dtype=torch.float64)
+    ht.weight.data.copy_(lp.weight.data)
+    (gx_lp,) = torch.autograd.grad(lp(x).sum(), x)
+    (gx_ht,) = torch.autograd.grad(ht(x).sum(), x)
+    assert not torch.allclose(gx_lp, gx_ht)
+    with pytest.raises(TypeError):
+        Adder2d(3, 4, 3, groups=2)

@@ -230,3 +230,48 @@ def test_bad_shapes_name_the_problem():
         adder2d_reference(torch.randn(1, 3, 2, 2), torch.randn(2, 3, 3, 3))
     with pytest.raises(ValueError, match="NCHW"):
         adder2d_reference(torch.randn(3, 5, 5), torch.randn(2, 3, 3, 3))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_adder2d_arguments_positional_or_by_name_are_one_convention(backend):
+    # ops.reference.adder2d_args is the one home of the arguments of adder2d and every backend
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    pos = adder2d(x, w, 2, 1, 1, 1.5, "hardtanh", "sign", backend=backend)
+    gx_pos, gw_pos = torch.autograd.grad(pos.sum(), (x, w))
+    kw = adder2d(x, w, stride=2, padding=1, dilation=1, p=1.5, grad_x="hardtanh", grad_w="sign", backend=backend)
+    gx_kw, gw_kw = torch.autograd.grad(kw.sum(), (x, w))
+    y_ref, gx_ref, gw_ref = formula(
+        x.detach(), w.detach(), torch.ones_like(pos), (2, 2), (1, 1), (1, 1), 1.5, "hardtanh", "sign"
+    )
+    for a, b, ref in ((pos, kw, y_ref), (gx_pos, gx_kw, gx_ref), (gw_pos, gw_kw, gw_ref)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a.detach(), ref, rtol=1e-10, atol=1e-10)
+    # defaults: stride 1, padding 0, dilation 1, p 1, lp, full
+    default = adder2d(x, w, 1, 0, 1, 1.0, "lp", "full", backend=backend)
+    torch.testing.assert_close(adder2d(x, w, backend=backend), default, rtol=0, atol=0)
+    assert adder2d(x, w, backend=backend).shape == (2, 4, 5, 5)
+    with pytest.raises(TypeError):
+        adder2d(x, w, strides=2, backend=backend)
+    xl, wl = x.detach().reshape(14, 21), w.detach().reshape(4, 27)[:, :21]
+    lin_pos = adder_linear(xl, wl, 1.5, "hardtanh", "sign", backend=backend)
+    lin_kw = adder_linear(xl, wl, p=1.5, grad_x="hardtanh", grad_w="sign", backend=backend)
+    torch.testing.assert_close(lin_pos, lin_kw, rtol=0, atol=0)
+    torch.testing.assert_close(lin_pos, -(xl[:, None, :] - wl[None]).abs().pow(1.5).sum(-1), rtol=1e-10, atol=1e-10)
+    with pytest.raises(TypeError):
+        adder_linear(xl, wl, 1.5, "lp", "full", 2)
+
+
+def test_adder2d_forward_cpu_takes_no_gradient_modes():
+    from addernet_dist.kernels import cpu_adder
+
+    if not cpu_adder.is_available():
+        pytest.skip(f"the CPU fast path did not build: {cpu_adder.unavailable_reason()}")
+    x, w, ones = torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3), torch.ones(3)
+    y = cpu_adder.adder2d_forward_cpu(x, w, 1, 1, 1, 1.0, scale=ones, shift=torch.zeros(3))
+    torch.testing.assert_close(y, adder2d_reference(x, w, padding=1), rtol=1e-5, atol=1e-3)
+    with pytest.raises(TypeError, match="no gradient modes"):
+        cpu_adder.adder2d_forward_cpu(x, w, scale=ones, shift=ones, grad_x="hardtanh")
+    with pytest.raises(TypeError, match="no gradient modes"):
+        cpu_adder.adder2d_forward_cpu(x, w, 1, 0, 1, 1.0, "lp", scale=ones, shift=ones)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from addernet_dist.analyze.checkpoints import bn_recalibrated_top1, final_checkpoint
-from addernet_dist.analyze.common import _dump, _pct, _plt
+from addernet_dist.analyze.common import _dump, _pct, _plt, _save_figure
 from addernet_dist.analyze.curves import run_summary
 
 # Paper Table 4 (ResNet-20 on CIFAR-10): (full-precision grad, l2->l1, adaptive LR) -> top-1.
@@ -82,9 +82,7 @@ def plot_ablation(
     ax.set_ylabel("test top-1 (%)")
     ax.set_xlabel("rows of ticks: full-precision grad / l2->l1 / adaptive LR")
     ax.set_title("Table 4-style ablation, adder LeNet-5-BN on Fashion-MNIST")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save_figure(fig, path)
 
 
 def _cmd_ablation(args) -> None:

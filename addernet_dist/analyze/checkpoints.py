@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from addernet_dist.analyze.common import weight_layers
 from addernet_dist.distributed import DistInfo
 from addernet_dist.metrics import recalibrate_bn
 from addernet_dist.models import create_model
@@ -50,6 +51,16 @@ def load_trained_model(
     net.load_state_dict(weights.model)
     net.eval()
     return (net, cfg) if return_config else net
+
+
+def trained_layer(path: str | os.PathLike, label: str, args) -> tuple[str, torch.nn.Module]:
+    """Weight layer ``args.layer`` (1-based, ``common.weight_layers``) of the trained "AdderNet" or
+    "CNN" (``label``) at ``path``: the figure 5 and 7 commands' input."""
+    net = load_trained_model(path, args.model, "adder" if label == "AdderNet" else "conv")
+    wl = weight_layers(net)
+    if not 1 <= args.layer <= len(wl):
+        raise SystemExit(f"--layer {args.layer}: the model has weight layers 1..{len(wl)}")
+    return wl[args.layer - 1]
 
 
 def final_checkpoint(run_dir: str | os.PathLike) -> Path:

@@ -24,6 +24,15 @@ def _plt():
     return plt
 
 
+def _save_figure(fig, path, title: str | None = None) -> None:
+    """Every analysis figure's ending: the title, a tight layout, a 90-dpi file, the figure closed."""
+    if title is not None:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    _plt().close(fig)
+
+
 def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Every conv/linear/adder layer with a weight, in module order (the paper's "layer l")."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, WEIGHT_TYPES)]

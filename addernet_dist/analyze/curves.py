@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from addernet_dist.analyze.common import _dump, _pct, _plt
+from addernet_dist.analyze.common import _dump, _pct, _plt, _save_figure
 
 
 def run_summary(run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -85,10 +85,7 @@ def plot_curves(runs: dict[str, dict[str, Any]], path: str) -> None:
     for a in (a1, a2):
         a.grid(alpha=0.3)
         a.legend()
-    fig.suptitle(plot_title(runs))
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save_figure(fig, path, plot_title(runs))
 
 
 def _cmd_curves(args) -> None:

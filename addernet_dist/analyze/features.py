@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from addernet_dist.analyze.common import _dump, _plt
+from addernet_dist.analyze.common import _dump, _plt, _save_figure
 from addernet_dist.data.idx import FASHION_MNIST_CLASSES, IdxLoader
 from addernet_dist.nn import AdderLinear, adder_modules, set_p
 
@@ -152,10 +152,7 @@ def plot_features(panels: dict[str, tuple[np.ndarray, np.ndarray, float]], path:
         ax.set_title(f"{label} (test top-1 {100 * acc:.1f}%)")
         if i == len(panels):
             ax.legend(fontsize=7, markerscale=4, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.suptitle(f"Figure 1: {dim}-D features of LeNet++ on Fashion-MNIST test images")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save_figure(fig, path, f"Figure 1: {dim}-D features of LeNet++ on Fashion-MNIST test images")
 
 
 def _cmd_features(args) -> None:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from addernet_dist.analyze.checkpoints import load_trained_model
-from addernet_dist.analyze.common import _dump, _plt, weight_layers
+from addernet_dist.analyze.checkpoints import trained_layer
+from addernet_dist.analyze.common import _dump, _plt, _save_figure
 
 
 def _centred_unit(w: np.ndarray) -> np.ndarray:
@@ -66,20 +66,13 @@ def plot_filters(filters: dict[str, tuple[str, np.ndarray]], path: str) -> None:
             ax.imshow((img - lo) / max(hi - lo, 1e-12), cmap="gray", vmin=0, vmax=1)
             if c == 0:
                 ax.set_ylabel(f"{label}\n{lname}", fontsize=8)
-    fig.suptitle("Figure 5: first-layer filters (each scaled to its own min-max)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save_figure(fig, path, "Figure 5: first-layer filters (each scaled to its own min-max)")
 
 
 def _cmd_filters(args) -> None:
     filters = {}
     for label, path in (("AdderNet", args.adder), ("CNN", args.cnn)):
-        net = load_trained_model(path, args.model, "adder" if label == "AdderNet" else "conv")
-        wl = weight_layers(net)
-        if not 1 <= args.layer <= len(wl):
-            raise SystemExit(f"--layer {args.layer}: the model has weight layers 1..{len(wl)}")
-        name, mod = wl[args.layer - 1]
+        name, mod = trained_layer(path, label, args)
         w = mod.weight.detach().double().numpy()
         if w.ndim != 4:
             raise SystemExit(

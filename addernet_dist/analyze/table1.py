@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from addernet_dist.analyze.common import _dump, _plt, weight_layers
+from addernet_dist.analyze.common import _dump, _plt, _save_figure, weight_layers
 from addernet_dist.data.idx import IdxLoader
 from addernet_dist.models import create_model
 from addernet_dist.nn import set_p
@@ -76,9 +76,7 @@ def plot_table1(norms: dict[str, list[tuple[str, float]]], path: str) -> None:
     ax.set_ylabel(r"$\|\partial L/\partial W_l\|_2$ at iteration 1 (log)")
     ax.set_title("Table 1: filter-gradient norms, LeNet-5-BN, first iteration")
     ax.legend(fontsize=8, ncol=len(norms), loc="upper center")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save_figure(fig, path)
 
 
 def _cmd_table1(args) -> None:

@@ -7,8 +7,8 @@ import math
 
 import numpy as np
 
-from addernet_dist.analyze.checkpoints import load_trained_model
-from addernet_dist.analyze.common import _dump, _plt, weight_layers
+from addernet_dist.analyze.checkpoints import trained_layer
+from addernet_dist.analyze.common import _dump, _plt, _save_figure
 
 
 def fit_laplace_gaussian(w: np.ndarray) -> dict[str, float]:
@@ -55,10 +55,7 @@ def plot_weights(layers: dict[str, tuple[str, np.ndarray, dict[str, float]]], pa
         ax.set_title(f"{label}: {lname} ({fit['n']} weights)\nbetter fit: {fit['better']}")
         ax.set_xlabel("weight value")
         ax.legend(fontsize=8)
-    fig.suptitle("Figure 7: weight histograms with max-likelihood fits (LL = mean log-lik.)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save_figure(fig, path, "Figure 7: weight histograms with max-likelihood fits (LL = mean log-lik.)")
 
 
 def _cmd_weights(args) -> None:
@@ -66,11 +63,7 @@ def _cmd_weights(args) -> None:
     for label, path in (("AdderNet", args.adder), ("CNN", args.cnn)):
         if path is None:
             continue
-        net = load_trained_model(path, args.model, "adder" if label == "AdderNet" else "conv")
-        wl = weight_layers(net)
-        if not 1 <= args.layer <= len(wl):
-            raise SystemExit(f"--layer {args.layer}: the model has weight layers 1..{len(wl)}")
-        name, mod = wl[args.layer - 1]
+        name, mod = trained_layer(path, label, args)
         w = mod.weight.detach().double().numpy().ravel()
         layers[label] = (name, w, fit_laplace_gaussian(w))
     if not layers:

@@ -62,17 +62,7 @@ def build_loader(
             split=split,
             device=device,
         )
-        sampler = ResumableShardSampler(
-            len(dataset),
-            batch_size=batch_size,
-            rank=rank,
-            world_size=world_size,
-            seed=seed,
-            shuffle=train,
-        )
-        return SyntheticLoader(
-            dataset, sampler, train=train, device=device, channels_last=channels_last
-        )
+        return SyntheticLoader(dataset, train=train, **shard_kw)
 
     if cfg.dataset == "fashion_mnist":
         # In-memory IDX loader (reproduction tools): 1×32×32 batches straight from Debian's

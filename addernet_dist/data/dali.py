@@ -94,8 +94,13 @@ def define_pipeline(
     )
     s = cfg.image_size
     op_device = "gpu" if dali_device == "gpu" else "cpu"
-    decode_device = "mixed" if dali_device == "gpu" else "cpu"
-    decoder_kw = decoder_kwargs(cfg, dali_device)
+    # every decoder below: RGB like PIL, EXIF orientation ignored like PIL's decode, nvJPEG's tuning on GPU
+    decoder_kw = dict(
+        device="mixed" if dali_device == "gpu" else "cpu",
+        output_type=types.RGB,
+        adjust_orientation=False,
+        **decoder_kwargs(cfg, dali_device),
+    )
     augment = cfg.resolved_augment if train else "none"
     randaugment = train and cfg.randaugment_ops > 0
 
@@ -124,9 +129,6 @@ def define_pipeline(
             # Decode only the crop window: cheaper than decode-then-crop at 0.08-1 area.
             images = fn.decoders.image_random_crop(
                 jpegs,
-                device=decode_device,
-                output_type=types.RGB,
-                adjust_orientation=False,
                 random_area=[cfg.min_crop_area, 1.0],
                 random_aspect_ratio=list(cfg.crop_aspect_ratio),
                 num_attempts=10,
@@ -141,36 +143,16 @@ def define_pipeline(
             )
             crop = None
         elif augment == "pad_crop":
-            images = fn.decoders.image(
-                jpegs,
-                device=decode_device,
-                output_type=types.RGB,
-                adjust_orientation=False,
-                **decoder_kw,
-            )
+            images = fn.decoders.image(jpegs, **decoder_kw)
             images = fn.resize(images, device=op_device, resize_x=s, resize_y=s, antialias=True)
             # Zero-pad by `pad` and take a random s x s window == a window whose top-left
             # corner is uniform in [-pad, pad]^2 with the outside filled with zeros.
             offsets = [float(v) for v in range(-cfg.pad, cfg.pad + 1)]
             anchor = fn.cast(fn.random.uniform(values=offsets, shape=(2,)), dtype=types.INT32)
-            images = fn.slice(
-                images,
-                device=op_device,
-                start=anchor,
-                shape=[s, s],
-                axis_names="HW",
-                out_of_bounds_policy="pad",
-                fill_values=0,
-            )
+            images = _window(fn, images, anchor, s, op_device)
             crop = None
         else:
-            images = fn.decoders.image(
-                jpegs,
-                device=decode_device,
-                output_type=types.RGB,
-                adjust_orientation=False,
-                **decoder_kw,
-            )
+            images = fn.decoders.image(jpegs, **decoder_kw)
             images = _resize_shorter_center_crop(
                 fn, types, jpegs, images, round(s * cfg.resolved_val_resize_ratio), s, op_device
             )
@@ -254,6 +236,12 @@ def _resize_shorter_center_crop(fn, types, jpegs, images, short: int, size: int,
         antialias=True,
     )
     anchor = fn.cast(fn.stack(half_even_mid(new_h), half_even_mid(new_w)), dtype=types.INT32)
+    return _window(fn, images, anchor, size, op_device)
+
+
+def _window(fn, images, anchor, size: int, op_device: str):
+    """The ``size`` x ``size`` window of HWC ``images`` whose top-left corner is ``anchor`` (int32 (row,
+    col), may lie outside the image), zeros outside: the pad-crop and the centre crop."""
     return fn.slice(
         images,
         device=op_device,

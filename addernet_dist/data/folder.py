@@ -27,6 +27,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ from torchvision.transforms import v2
 
 from .config import DataConfig
 from .loader import ShardedLoader
-from .sampler import ResumableShardSampler, ShardPlan
+from .sampler import ShardPlan
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 LOC_SOLUTION = "LOC_val_solution.csv"
@@ -405,28 +406,9 @@ class _FolderDataset(torch.utils.data.Dataset):
 class FolderLoader(ShardedLoader):
     """Base of the loaders over an image-file list (torchvision and DALI): one sampler, one order."""
 
-    def __init__(
-        self,
-        cfg: DataConfig,
-        samples: Samples,
-        *,
-        train: bool,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        seed: int,
-        device: torch.device | str,
-        channels_last: bool,
-    ) -> None:
-        sampler = ResumableShardSampler(
-            len(samples),
-            batch_size=batch_size,
-            rank=rank,
-            world_size=world_size,
-            seed=seed,
-            shuffle=train,
-        )
-        super().__init__(sampler, train=train, device=device, channels_last=channels_last)
+    def __init__(self, cfg: DataConfig, samples: Samples, *, train: bool, **shard_kw: Any) -> None:
+        """``shard_kw``: ``ShardedLoader``'s (batch_size, rank, world_size, seed, device, channels_last)."""
+        super().__init__(len(samples), train=train, **shard_kw)
         self.cfg = cfg
         self.samples = samples
         self.num_classes = len(samples.classes)

@@ -37,7 +37,7 @@ import torch
 # FASHION_MNIST_MEAN/STD: the training set's pixel statistics, defined with the config defaults.
 from addernet_dist.data.config import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from addernet_dist.data.loader import ShardedLoader
-from addernet_dist.data.sampler import ResumableShardSampler, ShardPlan
+from addernet_dist.data.sampler import ShardPlan
 
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 INSTALL_HINT = "apt-get update && apt-get install -y dataset-fashion-mnist"
@@ -191,16 +191,17 @@ class IdxLoader(ShardedLoader):
         h, w = images.shape[1:]
         if image_size < max(h, w):
             raise ValueError(f"image_size {image_size} is smaller than the images ({h}x{w})")
-        train = split == "train"
-        sampler = ResumableShardSampler(
+        super().__init__(
             len(labels),
+            train=split == "train",
+            shuffle=shuffle,
             batch_size=batch_size,
             rank=rank,
             world_size=world_size,
             seed=seed,
-            shuffle=train if shuffle is None else shuffle,
+            device=device,
+            channels_last=channels_last,
         )
-        super().__init__(sampler, train=train, device=device, channels_last=channels_last)
         # Pad once here (uint8, zeros = background) instead of per batch.
         top, left = (image_size - h) // 2, (image_size - w) // 2
         padded = torch.zeros(len(images), image_size, image_size, dtype=torch.uint8)
@@ -215,30 +216,16 @@ class IdxLoader(ShardedLoader):
             yield x.sub_(self.mean).div_(self.std), self.labels.index_select(0, plan.indices)
 
 
-def build_fashion_mnist_loader(
-    cfg: Any,
-    split: Literal["train", "val"],
-    *,
-    batch_size: int,
-    rank: int,
-    world_size: int,
-    seed: int,
-    device: torch.device,
-    channels_last: bool = False,
-) -> IdxLoader:
+def build_fashion_mnist_loader(cfg: Any, split: Literal["train", "val"], **shard_kw: Any) -> IdxLoader:
     """``build_loader`` entry for ``dataset: fashion_mnist``. ``cfg`` is a validated DataConfig:
     its validation already put in the Fashion-MNIST defaults (32x32, the data set's 1-channel
-    statistics; data/config.py). ``cfg.root`` None = Debian's path."""
+    statistics; data/config.py). ``cfg.root`` None = Debian's path. ``shard_kw``: build_loader's
+    (batch_size, rank, world_size, seed, device, channels_last)."""
     return IdxLoader(
         cfg.root or None,
         split,
-        batch_size=batch_size,
-        rank=rank,
-        world_size=world_size,
-        seed=seed,
-        device=device,
-        channels_last=channels_last,
         image_size=cfg.image_size,
         mean=float(cfg.mean[0]),
         std=float(cfg.std[0]),
+        **shard_kw,
     )

@@ -27,13 +27,27 @@ class ShardedLoader:
 
     def __init__(
         self,
-        sampler: ResumableShardSampler,
+        num_samples: int,
         *,
         train: bool,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
         device: torch.device | str,
         channels_last: bool,
+        shuffle: bool | None = None,
     ) -> None:
-        self.sampler = sampler
+        """``num_samples`` items sharded by the one ``ResumableShardSampler`` of this loader;
+        ``shuffle``: None = shuffle (and pad) the train split only."""
+        self.sampler = ResumableShardSampler(
+            num_samples,
+            batch_size=batch_size,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+            shuffle=train if shuffle is None else shuffle,
+        )
         self.train = train
         self.device = torch.device(device)
         self.channels_last = channels_last

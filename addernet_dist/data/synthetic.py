@@ -12,12 +12,13 @@ low-frequency content, so a small network's loss drops within a few dozen steps.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from .loader import ShardedLoader
-from .sampler import ResumableShardSampler, ShardPlan
+from .sampler import ShardPlan
 
 _BANK_A, _BANK_B = 97, 89
 # Noise scale relative to the unit-variance templates: hard enough that the debug loss does not
@@ -74,16 +75,8 @@ class SyntheticDataset:
 
 
 class SyntheticLoader(ShardedLoader):
-    def __init__(
-        self,
-        dataset: SyntheticDataset,
-        sampler: ResumableShardSampler,
-        *,
-        train: bool,
-        device: torch.device | str,
-        channels_last: bool,
-    ) -> None:
-        super().__init__(sampler, train=train, device=device, channels_last=channels_last)
+    def __init__(self, dataset: SyntheticDataset, *, train: bool, **shard_kw: Any) -> None:
+        super().__init__(len(dataset), train=train, **shard_kw)
         self.dataset = dataset
         self.num_classes = dataset.num_classes
 

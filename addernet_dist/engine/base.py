@@ -111,6 +111,8 @@ class StepStats:
 class Engine(ABC):
     """Owns model wrapping, optimizer, LR schedule, precision and gradient processing.
 
+    Both engines subclass ``engine.prepare.PreparedEngine``, their one shared construction.
+
     Attributes every engine sets in ``__init__``:
       model: the WRAPPED module to call for forward (DDP / DeepSpeed engine / compiled module).
       optimizer: the torch optimizer (SGD-NAG by default, see optim.py).

@@ -15,31 +15,15 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from addernet_dist.config import Config
 from addernet_dist.distill import CoTrainedTeacher
-from addernet_dist.distributed import DistInfo
-from addernet_dist.engine.base import Engine, StepStats
-from addernet_dist.engine.prepare import prepare_model
+from addernet_dist.engine.base import StepStats
+from addernet_dist.engine.prepare import PreparedEngine, PreparedModel
 from addernet_dist.loss import Criterion
 
 
-class DDPEngine(Engine):
-    def __init__(
-        self,
-        model: nn.Module,
-        cfg: Config,
-        dist: DistInfo,
-        *,
-        steps_per_epoch: int,
-        teacher: nn.Module | None = None,
-    ) -> None:
-        self.dist = dist
-        self.device = dist.device
-        self.cfg = cfg
-        prep = prepare_model(model, cfg, self.device, steps_per_epoch=steps_per_epoch)
-        model = self._module = prep.module
-        self.sync_bn_layers, self.fused_adder_bn = prep.sync_bn_layers, prep.fused_adder_bn
-        self.autocast_dtype, self.adaptive, self.grad_scaler = prep.autocast_dtype, prep.adaptive, prep.grad_scaler
+class DDPEngine(PreparedEngine):
+    def _wrap(self, prep: PreparedModel, teacher: nn.Module | None, *, steps_per_epoch: int) -> None:
+        cfg, dist, model = self.cfg, self.dist, prep.module
         # The loss of both engines (loss.py); a frozen teacher stays outside DDP and the optimizer,
         # a co-trained one (distill.co_train) has its own DDP wrapper, optimizer and LR schedule.
         self.co_teacher = (
@@ -49,7 +33,6 @@ class DDPEngine(Engine):
         )
         criterion_teacher = self.co_teacher.wrapped if self.co_teacher is not None else teacher
         self.criterion = Criterion.from_config(cfg, self.autocast_dtype, criterion_teacher)
-        self.loss_parts: dict[str, torch.Tensor] = {}
 
         wrapped: nn.Module = model
         if dist.world_size > 1:
@@ -107,9 +90,6 @@ class DDPEngine(Engine):
         self.model.train()
         if self.co_teacher is not None:
             self.co_teacher.module.train()
-
-    def unwrap(self) -> nn.Module:
-        return self._module
 
     def state_dict(self) -> dict[str, Any]:
         state = {

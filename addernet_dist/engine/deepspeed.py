@@ -34,12 +34,11 @@ from addernet_dist import device_policy
 from addernet_dist.adaptive_lr import AdaptiveLRScaler
 from addernet_dist.checkpoint import CheckpointError
 from addernet_dist.checkpoint.store import DEEPSPEED_FOLDER, CheckpointStore
-from addernet_dist.config import Config, ConfigError
-from addernet_dist.distributed import DistInfo
+from addernet_dist.config import ConfigError
 from addernet_dist.engine import ds_checkpoint
-from addernet_dist.engine.base import Engine, StepStats
+from addernet_dist.engine.base import StepStats
 from addernet_dist.engine.deepspeed_config import build_ds_config, resolve_batch
-from addernet_dist.engine.prepare import prepare_model
+from addernet_dist.engine.prepare import PreparedEngine, PreparedModel
 from addernet_dist.engine.zero_norms import ShardedGradProcessor
 from addernet_dist.loss import Criterion
 from addernet_dist.ops.amp import FP32BatchNorm2d, keep_batchnorm_fp32  # noqa: F401 (were defined here)
@@ -73,16 +72,9 @@ def _state_keys(model: nn.Module) -> dict[str, str]:
     return {n: key_of[id(t)] for n, t in named if key_of.get(id(t), n) != n}
 
 
-class DeepSpeedEngine(Engine):
-    def __init__(
-        self,
-        model: nn.Module,
-        cfg: Config,
-        dist: DistInfo,
-        *,
-        steps_per_epoch: int,
-        teacher: nn.Module | None = None,
-    ) -> None:
+class DeepSpeedEngine(PreparedEngine):
+    def _configure(self) -> bool:
+        cfg, dist = self.cfg, self.dist
         if cfg.train.compile:
             raise ConfigError(
                 "train.compile=true is not supported with engine=deepspeed; set train.compile=false"
@@ -92,9 +84,6 @@ class DeepSpeedEngine(Engine):
                 "distill.co_train=true is implemented for engine=ddp only; use engine=ddp, or distil "
                 "from a trained teacher (distill.co_train=false, distill.teacher_checkpoint=...)"
             )
-        self.dist = dist
-        self.device = dist.device
-        self.cfg = cfg
         ds_section = cfg.deepspeed
         # Checked before DeepSpeed is even imported: a bad batch split is a config error.
         try:
@@ -104,32 +93,30 @@ class DeepSpeedEngine(Engine):
                 ds_section.micro_batch_size,
                 ds_section.gradient_accumulation_steps,
             )
-            ds_config = build_ds_config(
+            self._ds_config = build_ds_config(
                 ds_section, global_batch=cfg.train.global_batch_size, world_size=dist.world_size
             )
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        deepspeed = _import_deepspeed(self.device)
+        self._deepspeed = _import_deepspeed(self.device)
         self._ensure_process_group()
-
+        # bf16 weights: prepare_model (engine/prepare.py) autocasts bf16 on any device (it then only
+        # casts the fp32 images at the first layer) and keeps BN in fp32.
         bf16_weights = ds_section.precision == "bf16"
-        # The DDP engine's preparation (engine/prepare.py); bf16 weights: autocast bf16 on any
-        # device (it then only casts the fp32 images at the first layer) and BN in fp32.
-        prep = prepare_model(model, cfg, self.device, steps_per_epoch=steps_per_epoch, bf16_weights=bf16_weights)
-        model = self._module = prep.module
-        self.sync_bn_layers, self.fused_adder_bn = prep.sync_bn_layers, prep.fused_adder_bn
-        self.autocast_dtype, self.adaptive = prep.autocast_dtype, prep.adaptive
+        self.input_dtype = torch.bfloat16 if bf16_weights else None
+        return bf16_weights
+
+    def _wrap(self, prep: PreparedModel, teacher: nn.Module | None, *, steps_per_epoch: int) -> None:
+        cfg, model, deepspeed = self.cfg, prep.module, self._deepspeed
         # No loss scaler: config.py refuses train.precision=fp16 with engine=deepspeed.
         assert prep.grad_scaler is None
-        self.input_dtype = torch.bfloat16 if bf16_weights else None
         # The loss of both engines (loss.py); the teacher is never handed to DeepSpeed.
         self.criterion = Criterion.from_config(cfg, self.autocast_dtype, teacher)
-        self.loss_parts: dict[str, torch.Tensor] = {}
 
         ds_engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=prep.optimizer, config=ds_config, dist_init_required=False
+            model=model, optimizer=prep.optimizer, config=self._ds_config, dist_init_required=False
         )
-        if bf16_weights:
+        if self.input_dtype is not None:  # bf16 weights
             check_buffers_fp32(model, deepspeed.__version__)
         self.model = ds_engine
         self._buffers: dict[torch.dtype, list[torch.Tensor]] = {}
@@ -211,9 +198,6 @@ class DeepSpeedEngine(Engine):
         if self.cfg.train.grad_clip is not None or want_grad_norm:
             stats.grad_norm = proc.last_total_norm
         return stats
-
-    def unwrap(self) -> nn.Module:
-        return self._module
 
     # --- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -14,14 +14,18 @@
 7. the optimizer (optim.py) over the bare module's parameters;
 8. the fp16 GradScaler decision (``device_policy.grad_scaling``).
 
-The engines keep what differs: wrapping (DDP / compile, ``deepspeed.initialize``), stepping and
-save/load. The LR schedule is built by ``PreparedModel.build_lr_scheduler`` on the optimizer the
-engine steps (DeepSpeed's, after ``deepspeed.initialize`` has re-grouped its parameters).
+``PreparedEngine`` is the construction both engines share around it (``__init__``: ``_configure``,
+``prepare_model``, ``_wrap``). The engines keep what differs: wrapping (DDP / compile,
+``deepspeed.initialize``), stepping and save/load. The LR schedule is built by
+``PreparedModel.build_lr_scheduler`` on the optimizer the engine steps (DeepSpeed's, after
+``deepspeed.initialize`` has re-grouped its parameters).
 """
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -29,11 +33,15 @@ from torch import nn
 from addernet_dist import device_policy
 from addernet_dist.adaptive_lr import AdaptiveLRScaler
 from addernet_dist.config import Config
-from addernet_dist.engine.base import maybe_fuse_adder_bn, resolve_autocast_dtype
+from addernet_dist.distributed import DistInfo
+from addernet_dist.engine.base import Engine, maybe_fuse_adder_bn, resolve_autocast_dtype
 from addernet_dist.nn import adder_modules
 from addernet_dist.ops.amp import keep_batchnorm_fp32
 from addernet_dist.optim import build_lr_scheduler, build_optimizer
 from addernet_dist.sync_bn import convert_sync_bn
+
+if TYPE_CHECKING:
+    from addernet_dist.loss import Criterion
 
 
 @dataclass
@@ -119,3 +127,49 @@ def prepare_model(
         cfg=cfg,
         steps_per_epoch=steps_per_epoch,
     )
+
+
+class PreparedEngine(Engine):
+    """The construction both engines share: ``_configure`` (engine-specific checks before the model is
+    touched), ``prepare_model`` on the bare model, the attributes it sets, then ``_wrap`` (wrapper,
+    optimizer, LR schedule, loss) on what it prepared. Adds to ``Engine``'s attributes: cfg,
+    sync_bn_layers, adaptive (the eq. 33 scaler or None), criterion (loss.Criterion)."""
+
+    cfg: Config
+    sync_bn_layers: int
+    adaptive: AdaptiveLRScaler | None
+    criterion: Criterion
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: Config,
+        dist: DistInfo,
+        *,
+        steps_per_epoch: int,
+        teacher: nn.Module | None = None,
+    ) -> None:
+        self.dist = dist
+        self.device = dist.device
+        self.cfg = cfg
+        bf16_weights = self._configure()
+        prep = prepare_model(model, cfg, self.device, steps_per_epoch=steps_per_epoch, bf16_weights=bf16_weights)
+        self._module = prep.module
+        self.sync_bn_layers, self.fused_adder_bn = prep.sync_bn_layers, prep.fused_adder_bn
+        self.autocast_dtype, self.adaptive, self.grad_scaler = prep.autocast_dtype, prep.adaptive, prep.grad_scaler
+        self.loss_parts = {}
+        self._wrap(prep, teacher, steps_per_epoch=steps_per_epoch)
+
+    def _configure(self) -> bool:
+        """Engine-specific checks and setup before ``prepare_model`` touches the model (``self.cfg``,
+        ``self.dist`` are set). Returns whether the engine stores the weights in bf16
+        (``prepare_model``'s ``bf16_weights``)."""
+        return False
+
+    @abstractmethod
+    def _wrap(self, prep: PreparedModel, teacher: nn.Module | None, *, steps_per_epoch: int) -> None:
+        """After ``prepare_model``: set ``criterion``, ``model`` (the wrapped module), ``optimizer`` and
+        ``lr_scheduler`` from ``prep`` (the bare module is ``prep.module``)."""
+
+    def unwrap(self) -> nn.Module:
+        return self._module

@@ -84,6 +84,18 @@ def _signature(spec: KernelSpec) -> tuple[dict[str, str], dict[str, Any], dict]:
     return sig, consts, attrs
 
 
+def _spread(i: int, cfg: triton.Config, paths: list, full: bool) -> tuple[list, int]:
+    """The code paths the forward / ∂X config number ``i`` compiles (``kernel_specs``) and its MACs per thread
+    and hot-loop step. ``paths[2]`` is the general-p path (ℓp at general p for ∂X): the only one of the
+    EXP2_FMA configs, which the autotuner prunes for every other path."""
+    kw = cfg.kwargs
+    if kw["EXP2_FMA"]:
+        chosen = [paths[2]]
+    else:
+        chosen = paths if full else [paths[i % len(paths)]]
+    return chosen, kw["BLOCK_M"] * kw["BLOCK_N"] * kw["BLOCK_K"] // (32 * cfg.num_warps)
+
+
 def kernel_specs(r: int = 3, s: int = 3, full: bool = False) -> list[KernelSpec]:
     """Every kernel × every tuning config. ``full`` also crosses every code path (p mode, epilogue, ...)
     with every config; otherwise the code paths are spread over the configs so that each config and each
@@ -110,12 +122,7 @@ def kernel_specs(r: int = 3, s: int = 3, full: bool = False) -> list[KernelSpec]
         ),
     ]
     for i, cfg in enumerate(ta.FWD_CONFIGS):
-        if cfg.kwargs["EXP2_FMA"]:  # general-p-only configs (pruned for every other path)
-            paths = [fwd_paths[2]]
-        else:
-            paths = fwd_paths if full else [fwd_paths[i % len(fwd_paths)]]
-        kw = cfg.kwargs
-        macs = kw["BLOCK_M"] * kw["BLOCK_N"] * kw["BLOCK_K"] // (32 * cfg.num_warps)
+        paths, macs = _spread(i, cfg, fwd_paths, full)
         for j, (nm, path) in enumerate(paths):
             # 16-bit storage is a load-convert away from fp32: compile one path per config in bf16/fp16.
             dtype = ("fp32", "bf16", "fp16")[(i + j) % 3]
@@ -137,12 +144,7 @@ def kernel_specs(r: int = 3, s: int = 3, full: bool = False) -> list[KernelSpec]
         ("lp,p=2", ta.GX_LINEAR),
     ]
     for i, cfg in enumerate(ta.DX_CONFIGS):
-        if cfg.kwargs["EXP2_FMA"]:  # ℓp-at-general-p-only configs (pruned for every other mode)
-            paths = [dx_paths[2]]
-        else:
-            paths = dx_paths if full else [dx_paths[i % len(dx_paths)]]
-        kw = cfg.kwargs
-        macs = kw["BLOCK_M"] * kw["BLOCK_N"] * kw["BLOCK_K"] // (32 * cfg.num_warps)
+        paths, macs = _spread(i, cfg, dx_paths, full)
         for j, (nm, mode) in enumerate(paths):
             dtype = ("fp32", "bf16")[(i + j) % 2]
             specs.append(

@@ -124,24 +124,21 @@ template <typename V> static inline V vabs(V d) { return d < 0 ? -d : d; }
 // memory instead stalls store-to-load forwarding and made the stage-3 forward 1.4x SLOWER than 8 lanes.
 #if defined(__AVX512F__)
 template <typename T, typename V> struct Pair512;
-template <typename V> struct Pair512<float, V> {
-  static inline V ld(const float* p, i64 rs, __mmask16 lo, __mmask16 hi) {
-    return (V)_mm512_mask_loadu_ps(_mm512_maskz_loadu_ps(lo, p), hi, p + rs - 8);
-  }
-  static inline void st(float* p, i64 rs, V v, __mmask16 lo, __mmask16 hi) {
-    _mm512_mask_storeu_ps(p, lo, (__m512)v);
-    _mm512_mask_storeu_ps(p + rs - 8, hi, (__m512)v);
-  }
-};
-template <typename V> struct Pair512<double, V> {
-  static inline V ld(const double* p, i64 rs, __mmask8 lo, __mmask8 hi) {
-    return (V)_mm512_mask_loadu_pd(_mm512_maskz_loadu_pd(lo, p), hi, p + rs - 4);
-  }
-  static inline void st(double* p, i64 rs, V v, __mmask8 lo, __mmask8 hi) {
-    _mm512_mask_storeu_pd(p, lo, (__m512d)v);
-    _mm512_mask_storeu_pd(p + rs - 4, hi, (__m512d)v);
-  }
-};
+// One specialisation per element type T, written once: the intrinsics' suffix SUF (ps/pd), the mask type,
+// the half width H (8 floats, 4 doubles) and the vector type VEC (the preprocessor emits the same code).
+#define PAIR512(T, MASK, SUF, H, VEC)                                                      \
+  template <typename V> struct Pair512<T, V> {                                             \
+    static inline V ld(const T* p, i64 rs, MASK lo, MASK hi) {                             \
+      return (V)_mm512_mask_loadu_##SUF(_mm512_maskz_loadu_##SUF(lo, p), hi, p + rs - H); \
+    }                                                                                      \
+    static inline void st(T* p, i64 rs, V v, MASK lo, MASK hi) {                           \
+      _mm512_mask_storeu_##SUF(p, lo, (VEC)v);                                             \
+      _mm512_mask_storeu_##SUF(p + rs - H, hi, (VEC)v);                                    \
+    }                                                                                      \
+  };
+PAIR512(float, __mmask16, ps, 8, __m512)
+PAIR512(double, __mmask8, pd, 4, __m512d)
+#undef PAIR512
 #endif
 template <typename V, typename T, bool TAIL>
 static inline void pair_masks(int cnt, bool two, unsigned& lo, unsigned& hi) {

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import sys
 import threading
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -61,8 +62,7 @@ from addernet_dist.kernels.cpu_build import (
     unavailable_reason,
 )
 from addernet_dist.ops.reference import (
-    check_args,
-    check_conv_args,
+    adder2d_args,
     compute_dtype,
 )
 
@@ -368,21 +368,26 @@ class AdderCPUFunction(torch.autograd.Function):
         return gx, gw, None, None, None, None, None, None, None
 
 
+def _check_cpu(input: torch.Tensor, weight: torch.Tensor, what: str, hint: str = "") -> None:
+    if input.device.type != "cpu" or weight.device.type != "cpu":
+        raise ValueError(f"{what} needs CPU tensors, got input on {input.device} and weight on {weight.device}{hint}")
+
+
 def adder2d_forward_cpu(
     input: torch.Tensor,
     weight: torch.Tensor,
-    stride: int | tuple[int, int] = 1,
-    padding: int | tuple[int, int] = 0,
-    dilation: int | tuple[int, int] = 1,
-    p: float = 1.0,
-    *,
+    *args: Any,
     scale: torch.Tensor,
     shift: torch.Tensor,
     center: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     relu: bool = False,
+    **kwargs: Any,
 ) -> torch.Tensor:
     """Inference forward with a folded BatchNorm (+ residual, + ReLU) in the kernel's epilogue, no autograd.
+
+    Arguments after ``input, weight``: stride, padding, dilation, p of ``ops.reference.adder2d_args``
+    (no grad_x/grad_w: nothing is differentiated).
 
     ``relu?((adder2d(x, w) − center)·scale + shift (+ residual))`` with ``scale``/``shift``/``center``
     of shape (O,) (center defaults to 0; for an eval-mode BN: center = running_mean,
@@ -390,13 +395,10 @@ def adder2d_forward_cpu(
     ``triton_adder.adder2d_forward``'s epilogue arguments; computed in fp32 (fp64 for fp64 inputs) and
     returned in the input's dtype. Needs the compiled kernels (``is_available()``).
     """
-    check_args(p, "lp", "full")
-    stride, padding, dilation, out_hw = check_conv_args(input, weight, stride, padding, dilation)
-    if input.device.type != "cpu" or weight.device.type != "cpu":
-        raise ValueError(
-            f"adder2d_forward_cpu needs CPU tensors, got input on {input.device} and weight on "
-            f"{weight.device}"
-        )
+    if len(args) > 4 or {"grad_x", "grad_w"} & kwargs.keys():
+        raise TypeError("adder2d_forward_cpu takes stride, padding, dilation, p: no gradient modes (no autograd)")
+    stride, padding, dilation, p, _, _, out_hw = adder2d_args(input, weight, *args, **kwargs)
+    _check_cpu(input, weight, "adder2d_forward_cpu")
     cdt = compute_dtype(input.dtype)
     g = _Geom(input.shape, weight.shape, stride, padding, dilation, out_hw, cdt)
     o = g.o
@@ -426,28 +428,15 @@ def adder2d_forward_cpu(
     return y.to(input.dtype)
 
 
-def adder2d_cpu(
-    input: torch.Tensor,
-    weight: torch.Tensor,
-    stride: int | tuple[int, int] = 1,
-    padding: int | tuple[int, int] = 0,
-    dilation: int | tuple[int, int] = 1,
-    p: float = 1.0,
-    grad_x: str = "lp",
-    grad_w: str = "full",
-) -> torch.Tensor:
+def adder2d_cpu(input: torch.Tensor, weight: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """Adder convolution on CPU: (N, C, H, W) × (O, C, kh, kw) → (N, O, H', W'), = ``adder2d_reference``.
 
-    fp32/fp64 compute in their own dtype; fp16/bf16 compute in fp32 and return the input dtype. Raises
+    Arguments after ``input, weight``: ``ops.reference.adder2d_args``. fp32/fp64 compute in their own dtype;
+    fp16/bf16 compute in fp32 and return the input dtype. Raises
     RuntimeError when the kernels cannot be compiled (``adder2d(..., backend=None)`` falls back instead).
     """
-    check_args(p, grad_x, grad_w)
-    stride, padding, dilation, out_hw = check_conv_args(input, weight, stride, padding, dilation)
-    if input.device.type != "cpu" or weight.device.type != "cpu":
-        raise ValueError(
-            f"the 'cpu' adder backend needs CPU tensors, got input on {input.device} and weight on "
-            f"{weight.device}; use backend=None (auto) or 'triton' for CUDA tensors"
-        )
+    stride, padding, dilation, p, grad_x, grad_w, out_hw = adder2d_args(input, weight, *args, **kwargs)
+    _check_cpu(input, weight, "the 'cpu' adder backend", "; use backend=None (auto) or 'triton' for CUDA tensors")
     if not is_available():
         raise RuntimeError(
             f"the addernet CPU fast path is unavailable ({cpu_build._error}). Install a C++ compiler (g++, or set "

@@ -33,6 +33,7 @@ Files (one direction of imports): ``triton_math.py`` (mode constants, the |d|^p 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import triton
@@ -74,7 +75,7 @@ from addernet_dist.kernels.triton_tiles import (
     _tile_config,
     _tuned,
 )
-from addernet_dist.ops.reference import check_args, check_conv_args, compute_dtype
+from addernet_dist.ops.reference import adder2d_args, compute_dtype
 
 # re-exported: tests, tiles.py, aot.py and the selftest reach the kernels, tile tables and launch helpers
 # through this module (and monkeypatch _launch / the tuners here, where the launchers look them up)
@@ -281,6 +282,12 @@ def _combine_bn_partials(
     return mean.float(), var.float()
 
 
+def _grad_dims(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> tuple[int, ...]:
+    """Both gradient launchers' prologue: the device check, then (N, C, H, W, O, R, S, P, Q)."""
+    _check_device(g, x, weight)
+    return (*x.shape, weight.shape[0], *weight.shape[2:], *g.shape[2:])
+
+
 def adder2d_grad_input(
     g: torch.Tensor,
     x: torch.Tensor,
@@ -293,10 +300,7 @@ def adder2d_grad_input(
     config: triton.Config | None = None,
 ) -> torch.Tensor:
     """∂L/∂X launcher: g (N, O, P, Q) → dx (N, C, H, W), same strides and dtype as x."""
-    _check_device(g, x, weight)
-    n, c, h, w_ = x.shape
-    o, _, r, s = weight.shape
-    pp, qq = g.shape[2:]
+    n, c, h, w_, o, r, s, pp, qq = _grad_dims(g, x, weight)
     dx = torch.empty_like(x)  # keeps x's strides: the kernel writes dx with x's strides
     # g is the hot-loop operand here (x is loaded once per program and dx stored once): see
     # _hot_loop_layout. dx keeps x's memory format.
@@ -379,10 +383,7 @@ def adder2d_grad_weight(
     ≤ ~_DW_TARGET_PROGRAMS tiles) with the fixed config DW_CONFIGS[0]. Otherwise the splits
     ``atomic_add`` into one buffer and the tile is autotuned over DW_CONFIGS per shape (on a GPU).
     """
-    _check_device(g, x, weight)
-    n, c, h, w_ = x.shape
-    o, _, r, s = weight.shape
-    pp, qq = g.shape[2:]
+    n, c, h, w_, o, r, s, pp, qq = _grad_dims(g, x, weight)
     rows = n * pp
     acc_dt = torch.float64 if compute_dtype(x.dtype) == torch.float64 else torch.float32
     atomic = not deterministic
@@ -458,25 +459,16 @@ def resolve_deterministic(deterministic: bool | None) -> bool:
 
 
 def adder2d_triton(
-    input: torch.Tensor,
-    weight: torch.Tensor,
-    stride: int | tuple[int, int] = 1,
-    padding: int | tuple[int, int] = 0,
-    dilation: int | tuple[int, int] = 1,
-    p: float = 1.0,
-    grad_x: str = "lp",
-    grad_w: str = "full",
-    *,
-    deterministic: bool | None = True,
+    input: torch.Tensor, weight: torch.Tensor, *args: Any, deterministic: bool | None = True, **kwargs: Any
 ) -> torch.Tensor:
-    """Adder convolution on the Triton kernels; same arguments and results as ``adder2d_reference``.
+    """Adder convolution on the Triton kernels; same arguments (``ops.reference.adder2d_args``) and results
+    as ``adder2d_reference``.
 
     input (N, C, H, W) in NCHW or channels_last, fp32/fp64/fp16/bf16 (16-bit accumulates in fp32);
     weight (O, C, R, S). ``deterministic`` (∂L/∂F only): True (default) reduces fixed-order partials,
     False uses float atomics, None follows ``torch.are_deterministic_algorithms_enabled()``.
     """
-    check_args(p, grad_x, grad_w)
-    stride, padding, dilation, out_hw = check_conv_args(input, weight, stride, padding, dilation)
+    stride, padding, dilation, p, grad_x, grad_w, out_hw = adder2d_args(input, weight, *args, **kwargs)
     if not (input.is_contiguous() or input.is_contiguous(memory_format=torch.channels_last)):
         # The kernels take any strides, but ∂L/∂X is written with x's strides into empty_like(x), which
         # only keeps strides for dense tensors: make sliced/overlapping views dense first.

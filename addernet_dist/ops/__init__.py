@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from addernet_dist.ops import amp, dispatch
@@ -9,6 +11,7 @@ from addernet_dist.ops.reference import (
     GRAD_W_MODES,
     GRAD_X_MODES,
     adder2d_reference,
+    adder_linear_args,
     adder_linear_reference,
 )
 
@@ -23,22 +26,16 @@ __all__ = [
 
 
 def adder2d(
-    input: torch.Tensor,
-    weight: torch.Tensor,
-    stride: int | tuple[int, int] = 1,
-    padding: int | tuple[int, int] = 0,
-    dilation: int | tuple[int, int] = 1,
-    p: float = 1.0,
-    grad_x: str = "lp",
-    grad_w: str = "full",
-    backend: str | None = None,
+    input: torch.Tensor, weight: torch.Tensor, *args: Any, backend: str | None = None, **kwargs: Any
 ) -> torch.Tensor:
     """Adder convolution ``Y = −Σ|X − F|^p``: (N, Cin, H, W) × (Cout, Cin, kh, kw) → (N, Cout, H', W').
 
-    Output shape follows ``conv2d``. Gradients: ``grad_w="full"`` → X − F (paper eq. 23), ``"sign"`` →
-    sgn(X − F) (eq. 22); ``grad_x="lp"`` → sgn(F−X)|F−X|^(p−1) (eq. 27; sgn at p = 1), ``"hardtanh"`` →
-    HardTanh(F − X). ``backend``: None picks by device (``ADDERNET_BACKEND`` overrides), or one of
-    "reference", "cpu", "triton". Every backend computes what ``adder2d_reference`` computes.
+    Arguments after ``input, weight``, positional or by name: ``stride=1, padding=0, dilation=1, p=1.0,
+    grad_x="lp", grad_w="full"`` (``ops.reference.adder2d_args``, the one home of this convention, which
+    every backend validates them with). Output shape follows ``conv2d``. Gradients: ``grad_w="full"`` →
+    X − F (paper eq. 23), ``"sign"`` → sgn(X − F) (eq. 22); ``grad_x="lp"`` → sgn(F−X)|F−X|^(p−1) (eq. 27;
+    sgn at p = 1), ``"hardtanh"`` → HardTanh(F − X). ``backend``: None picks by device (``ADDERNET_BACKEND``
+    overrides), or one of "reference", "cpu", "triton". Every backend computes what ``adder2d_reference`` computes.
 
     dtypes (``addernet_dist.ops.amp``, the same on every backend, inside or outside autocast): the
     operands are upcast to fp32 (fp64 if either is fp64), y is fp32 (never rounded to 16 bits),
@@ -47,18 +44,17 @@ def adder2d(
     impl = dispatch.get_impl(dispatch.resolve_backend(input.device, backend))
     x, w = amp.adder_operands(input, weight)
     with amp.autocast_off(x.device.type):
-        return impl(x, w, stride, padding, dilation, p, grad_x, grad_w)
+        return impl(x, w, *args, **kwargs)
 
 
 def adder_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    p: float = 1.0,
-    grad_x: str = "lp",
-    grad_w: str = "full",
-    backend: str | None = None,
+    x: torch.Tensor, weight: torch.Tensor, *args: Any, backend: str | None = None, **kwargs: Any
 ) -> torch.Tensor:
-    """Adder fully-connected layer: (M, K) × (O, K) → (M, O) = −Σ_k |x − w|^p (same gradients as adder2d)."""
+    """Adder fully-connected layer: (M, K) × (O, K) → (M, O) = −Σ_k |x − w|^p (same gradients as adder2d).
+
+    Arguments after ``x, weight``, positional or by name: ``p=1.0, grad_x="lp", grad_w="full"``
+    (``ops.reference.adder_linear_args``)."""
+    p, grad_x, grad_w = adder_linear_args(*args, **kwargs)
     if dispatch.resolve_backend(x.device, backend) == "reference":
         xc, wc = amp.adder_operands(x, weight)  # the dtype policy of adder2d (ops/amp.py)
         with amp.autocast_off(xc.device.type):

@@ -157,8 +157,8 @@ def resolve_backend(device: torch.device, requested: str | None = None) -> str:
 
 
 def get_impl(name: str) -> Callable:
-    """The adder2d implementation of backend ``name``: ``impl(input, weight, stride, padding, dilation,
-    p, grad_x, grad_w) -> Tensor``."""
+    """The adder2d implementation of backend ``name``: ``impl(input, weight, *args, **kwargs) -> Tensor``
+    with the arguments of ``reference.adder2d_args``."""
     if name == "reference":
         from addernet_dist.ops.reference import adder2d_reference
 

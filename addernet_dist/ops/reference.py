@@ -38,6 +38,7 @@ The filter gradient needs no broadcast at all for ``grad_w="full"``:
 from __future__ import annotations
 
 import os
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -185,16 +186,19 @@ class AdderRowsFunction(torch.autograd.Function):
         return gx, gw, None, None, None, None
 
 
-def adder_linear_reference(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    p: float = 1.0,
-    grad_x: str = "lp",
-    grad_w: str = "full",
-    max_chunk_bytes: int = _DEFAULT_CHUNK_BYTES,
-) -> torch.Tensor:
-    """Adder fully-connected layer: x (M, K), weight (O, K) → (M, O) = −Σ_k |x − w|^p."""
+def adder_linear_args(p: float = 1.0, grad_x: str = "lp", grad_w: str = "full") -> tuple[float, str, str]:
+    """The adder_linear calling convention after ``x, weight`` (``ops.adder_linear`` and
+    ``adder_linear_reference`` take ``*args, **kwargs`` through it), validated; ``p`` as given."""
     check_args(p, grad_x, grad_w)
+    return p, grad_x, grad_w
+
+
+def adder_linear_reference(
+    x: torch.Tensor, weight: torch.Tensor, *args: Any, max_chunk_bytes: int = _DEFAULT_CHUNK_BYTES, **kwargs: Any
+) -> torch.Tensor:
+    """Adder fully-connected layer: x (M, K), weight (O, K) → (M, O) = −Σ_k |x − w|^p; arguments
+    ``adder_linear_args`` (p, grad_x, grad_w)."""
+    p, grad_x, grad_w = adder_linear_args(*args, **kwargs)
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(
             f"adder_linear expects x (M, K) and weight (O, K) with equal K, got {tuple(x.shape)} "
@@ -245,7 +249,19 @@ def check_conv_args(input: torch.Tensor, weight: torch.Tensor, stride, padding, 
     return stride, padding, dilation, (ho, wo)
 
 
-def adder2d_reference(
+class Adder2dArgs(NamedTuple):
+    """The arguments of one adder2d call after ``adder2d_args``: pairs normalised, modes checked."""
+
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    p: float
+    grad_x: str
+    grad_w: str
+    out_hw: tuple[int, int]
+
+
+def adder2d_args(
     input: torch.Tensor,
     weight: torch.Tensor,
     stride: int | tuple[int, int] = 1,
@@ -254,16 +270,30 @@ def adder2d_reference(
     p: float = 1.0,
     grad_x: str = "lp",
     grad_w: str = "full",
+) -> Adder2dArgs:
+    """The adder2d calling convention, its one home: ``ops.adder2d``, ``adder2d_reference`` and the backends
+    (``kernels.cpu_adder.adder2d_cpu``, ``kernels.triton_adder.adder2d_triton``) take ``(input, weight,
+    *args, **kwargs)`` with these arguments (positional or by name, these defaults) and validate them here
+    (``check_args``, ``check_conv_args``). ``p`` is returned as given (the callers take ``float(p)``)."""
+    check_args(p, grad_x, grad_w)
+    stride, padding, dilation, out_hw = check_conv_args(input, weight, stride, padding, dilation)
+    return Adder2dArgs(stride, padding, dilation, p, grad_x, grad_w, out_hw)
+
+
+def adder2d_reference(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    *args: Any,
     max_chunk_bytes: int = _DEFAULT_CHUNK_BYTES,
+    **kwargs: Any,
 ) -> torch.Tensor:
     """Adder 2-D "convolution": (N, C, H, W) × (O, C, kh, kw) → (N, O, H', W'), autograd-aware.
 
-    Zero padding is real padding: a padded tap contributes |0 − w|^p (as the original unfold code does).
-    Gradients: see the module docstring. dtypes: fp32/fp64 compute in place; fp16/bf16 accumulate in fp32
-    and return the input dtype.
+    Arguments: ``adder2d_args`` (stride, padding, dilation, p, grad_x, grad_w). Zero padding is real padding:
+    a padded tap contributes |0 − w|^p (as the original unfold code does). Gradients: see the module
+    docstring. dtypes: fp32/fp64 compute in place; fp16/bf16 accumulate in fp32 and return the input dtype.
     """
-    check_args(p, grad_x, grad_w)
-    stride, padding, dilation, (ho, wo) = check_conv_args(input, weight, stride, padding, dilation)
+    stride, padding, dilation, p, grad_x, grad_w, (ho, wo) = adder2d_args(input, weight, *args, **kwargs)
     n = input.shape[0]
     o = weight.shape[0]
     # (N, K, L) → (N·L, K); F.unfold's autograd (fold) scatters the patch gradients back to the image.
