@@ -64,8 +64,9 @@ class _AdderMixin:
         device=None,
         dtype=None,
     ) -> None:
-        """The constructor arguments both adder layers take after their shape arguments, positional or by
-        name, with their defaults (one home); ``weight_shape[0]``: the outputs."""
+        """What both adder layers do with their constructor arguments after the shape ones (one body: a
+        second copy once dropped ``backend``); ``weight_shape[0]``: the outputs. The layers keep explicit
+        signatures (``help()``, IDE completion and type checkers see them, as for ``nn.Conv2d``)."""
         self.backend = backend
         self._init_modes(p, grad_x, grad_w)
         factory = {"device": device, "dtype": dtype}
@@ -82,10 +83,8 @@ class _AdderMixin:
 class Adder2d(_AdderMixin, nn.Module):
     """Adder convolution with ``nn.Conv2d``'s constructor shape. Input (N, Cin, H, W) → (N, Cout, H', W').
 
-    ``weight``: (Cout, Cin, kh, kw). After ``dilation``: ``bias=False, p=1.0, grad_x="lp", grad_w="full",
-    backend=None, device=None, dtype=None`` (``_AdderMixin._init_adder``). ``p`` ∈ [1, 2] is settable at any
-    time (the ℓp schedule does it). ``backend``: None (by device) or an operator backend name, see
-    ``addernet_dist.ops.adder2d``.
+    ``weight``: (Cout, Cin, kh, kw). ``p`` ∈ [1, 2] is settable at any time (the ℓp schedule does it).
+    ``backend``: None (by device) or an operator backend name, see ``addernet_dist.ops.adder2d``.
     """
 
     def __init__(
@@ -96,8 +95,13 @@ class Adder2d(_AdderMixin, nn.Module):
         stride: int | tuple[int, int] = 1,
         padding: int | tuple[int, int] = 0,
         dilation: int | tuple[int, int] = 1,
-        *args: Any,
-        **kwargs: Any,
+        bias: bool = False,
+        p: float = 1.0,
+        grad_x: str = "lp",
+        grad_w: str = "full",
+        backend: str | None = None,
+        device=None,
+        dtype=None,
     ) -> None:
         super().__init__()
         if in_channels < 1 or out_channels < 1:
@@ -108,7 +112,9 @@ class Adder2d(_AdderMixin, nn.Module):
         self.stride = _pair(stride, "stride")
         self.padding = _pair(padding, "padding")
         self.dilation = _pair(dilation, "dilation")
-        self._init_adder((out_channels, in_channels, *self.kernel_size), *args, **kwargs)
+        self._init_adder(
+            (out_channels, in_channels, *self.kernel_size), bias, p, grad_x, grad_w, backend, device, dtype
+        )
 
     def reset_parameters(self) -> None:
         self._reset_adder_parameters()
@@ -143,15 +149,24 @@ class Adder2d(_AdderMixin, nn.Module):
 
 
 class AdderLinear(_AdderMixin, nn.Module):
-    """Adder fully-connected layer (paper §5.2): (*, in_features) → (*, out_features) = −Σ|x − w|^p.
+    """Adder fully-connected layer (paper §5.2): (*, in_features) → (*, out_features) = −Σ|x − w|^p."""
 
-    After ``out_features``: the arguments of ``Adder2d`` after ``dilation`` (``_AdderMixin._init_adder``)."""
-
-    def __init__(self, in_features: int, out_features: int, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        p: float = 1.0,
+        grad_x: str = "lp",
+        grad_w: str = "full",
+        backend: str | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self._init_adder((out_features, in_features), *args, **kwargs)
+        self._init_adder((out_features, in_features), bias, p, grad_x, grad_w, backend, device, dtype)
 
     def reset_parameters(self) -> None:
         self._reset_adder_parameters()

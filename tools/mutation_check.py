@@ -257,10 +257,10 @@ MUTATIONS = [
         "under bf16 autocast, inference rounds every pre-BN adder output to bf16",
         "addernet_dist/ops/__init__.py",
         "    with amp.autocast_off(x.device.type):\n"
-        "        return impl(x, w, *args, **kwargs)\n",
+        "        return impl(x, w, stride, padding, dilation, p, grad_x, grad_w)\n",
         "    rnd = torch.is_autocast_enabled(x.device.type) and not torch.is_grad_enabled()\n"
         "    with amp.autocast_off(x.device.type):\n"
-        "        y = impl(x, w, *args, **kwargs)\n"
+        "        y = impl(x, w, stride, padding, dilation, p, grad_x, grad_w)\n"
         "    return y.to(torch.bfloat16).float() if rnd else y\n",
         ("tests/test_deepspeed_engine.py::test_bf16_precision_trains_close_to_fp32_and_converts_to_fp32_masters",),
     ),

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from addernet_dist.ops import amp, dispatch
@@ -26,13 +24,21 @@ __all__ = [
 
 
 def adder2d(
-    input: torch.Tensor, weight: torch.Tensor, *args: Any, backend: str | None = None, **kwargs: Any
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    p: float = 1.0,
+    grad_x: str = "lp",
+    grad_w: str = "full",
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Adder convolution ``Y = −Σ|X − F|^p``: (N, Cin, H, W) × (Cout, Cin, kh, kw) → (N, Cout, H', W').
 
-    Arguments after ``input, weight``, positional or by name: ``stride=1, padding=0, dilation=1, p=1.0,
-    grad_x="lp", grad_w="full"`` (``ops.reference.adder2d_args``, the one home of this convention, which
-    every backend validates them with). Output shape follows ``conv2d``. Gradients: ``grad_w="full"`` →
+    The public signature (explicit, as ``F.conv2d``'s, for ``help()`` and type checkers); the backends take
+    ``(input, weight, *args, **kwargs)`` and validate through ``ops.reference.adder2d_args``, the one home
+    of this convention's checks. Output shape follows ``conv2d``. Gradients: ``grad_w="full"`` →
     X − F (paper eq. 23), ``"sign"`` → sgn(X − F) (eq. 22); ``grad_x="lp"`` → sgn(F−X)|F−X|^(p−1) (eq. 27;
     sgn at p = 1), ``"hardtanh"`` → HardTanh(F − X). ``backend``: None picks by device (``ADDERNET_BACKEND``
     overrides), or one of "reference", "cpu", "triton". Every backend computes what ``adder2d_reference`` computes.
@@ -44,17 +50,20 @@ def adder2d(
     impl = dispatch.get_impl(dispatch.resolve_backend(input.device, backend))
     x, w = amp.adder_operands(input, weight)
     with amp.autocast_off(x.device.type):
-        return impl(x, w, *args, **kwargs)
+        return impl(x, w, stride, padding, dilation, p, grad_x, grad_w)
 
 
 def adder_linear(
-    x: torch.Tensor, weight: torch.Tensor, *args: Any, backend: str | None = None, **kwargs: Any
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    p: float = 1.0,
+    grad_x: str = "lp",
+    grad_w: str = "full",
+    backend: str | None = None,
 ) -> torch.Tensor:
-    """Adder fully-connected layer: (M, K) × (O, K) → (M, O) = −Σ_k |x − w|^p (same gradients as adder2d).
-
-    Arguments after ``x, weight``, positional or by name: ``p=1.0, grad_x="lp", grad_w="full"``
-    (``ops.reference.adder_linear_args``)."""
-    p, grad_x, grad_w = adder_linear_args(*args, **kwargs)
+    """Adder fully-connected layer: (M, K) × (O, K) → (M, O) = −Σ_k |x − w|^p (same gradients as adder2d;
+    arguments checked by ``ops.reference.adder_linear_args``)."""
+    p, grad_x, grad_w = adder_linear_args(p, grad_x, grad_w)
     if dispatch.resolve_backend(x.device, backend) == "reference":
         xc, wc = amp.adder_operands(x, weight)  # the dtype policy of adder2d (ops/amp.py)
         with amp.autocast_off(xc.device.type):
