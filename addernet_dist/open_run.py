@@ -48,8 +48,6 @@ def open_run(trainer: Any) -> Iterator[None]:
     its logger, progress display and watchdog; they are closed after the block."""
     cfg, dist, engine, ckpt, state = trainer.cfg, trainer.dist, trainer.engine, trainer.ckpt, trainer.state
     logger, progress, watchdog = trainer.logger, trainer.progress, trainer.watchdog
-    if dist.is_main:
-        log.info("run: %s", run_environment(trainer))
     # Lock the run folder, clean temp files of killed writers, pick the resume point (or refuse).
     plan = ckpt.open(cfg)
     resume_from = plan.path
@@ -65,7 +63,11 @@ def open_run(trainer: Any) -> Iterator[None]:
             raise CheckpointError(f"cannot resume from {resume_from}: {e}") from e
         changes = config_changes(client.get("config") or {}, cfg.model_dump(mode="json"))
         runtime = runtime_changes(client.get("runtime"), runtime_info())  # {} for older checkpoints
-        if dist.is_main:
+    # Everything is validated (config, data, the resume checkpoint): only now log the run and change
+    # the folder, so a refused run prints its error alone (the CLI's "error: ..." is stderr's first line).
+    if dist.is_main:
+        log.info("run: %s", run_environment(trainer))
+        if resume_from is not None:
             log.info(
                 "resumed from %s at step %d (epoch %d)", resume_from, state.global_step, state.epoch
             )
@@ -73,7 +75,6 @@ def open_run(trainer: Any) -> Iterator[None]:
                 (log.warning if changes else log.info)("resume: %s", line)
             for line in describe_runtime_changes(runtime):
                 log.warning("resume: %s", line)
-    # Everything is validated (config, data, the resume checkpoint): only now change the folder.
     ckpt.commit(plan)
     if resume_from is not None and ckpt.restore_best(resume_from, state.best_step):
         state.best_top1, state.best_step = -1.0, None  # best.pt is gone: the next one makes it

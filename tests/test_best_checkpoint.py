@@ -213,7 +213,15 @@ def test_disk_full_during_the_copy_to_best_then_a_restart_makes_best(tmp_path, c
 
 
 _FILE_SIZE_LIMIT = """
-import resource, signal, sys
+import os, resource, signal, sys
+# The limit is for the run's own writes: build the compiled code it loads on first use (our CPU
+# kernels, DeepSpeed's CPU comm op, ~0.5-2 MB each) before it, or on a fresh machine the compiler
+# dies of SIGXFSZ first (seen: cc1plus 'File size limit exceeded' for deepspeed_shm_comm).
+from addernet_dist.kernels import cpu_build
+cpu_build.is_available()  # builds, or falls back to the reference operator as the run would
+if os.environ.get("DS_ACCELERATOR") == "cpu":
+    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+    ShareMemCommBuilder().load()
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG instead of killing
 limit = int(sys.argv[1])
 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
