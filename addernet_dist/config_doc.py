@@ -6,7 +6,7 @@
 One row per key (dotted, nested sections expanded): type with its bounds, default, and what it
 does. "What it does" is the field's ``description`` if it has one, else the source comment of the
 field (the ``#`` lines right above it and a trailing ``#`` comment on its line), so a key added
-with a comment documents itself. tests/test_config_doc.py fails when the table is stale.
+with a comment documents itself. tests/unit/test_config_doc.py fails when the table is stale.
 """
 
 from __future__ import annotations

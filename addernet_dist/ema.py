@@ -3,7 +3,7 @@
 After every optimizer step ``ema = decay * ema + (1 - decay) * model`` for every parameter and
 floating-point buffer (BN running mean/var), starting from the model at step 0; integer buffers
 (BN ``num_batches_tracked``) are copied. After n steps from weights w_0..w_n:
-``ema_n = decay^n w_0 + (1 - decay) * sum_{i=1..n} decay^(n-i) w_i`` (tests/test_ema.py checks it).
+``ema_n = decay^n w_0 + (1 - decay) * sum_{i=1..n} decay^(n-i) w_i`` (tests/integration/test_ema.py checks it).
 
 The EMA is a module of its own (a copy of the bare model, fp32, no gradients), so it is evaluated
 exactly like the model: the trainer sets its p to the model's before every evaluation (the ℓp

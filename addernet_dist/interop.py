@@ -25,7 +25,7 @@ official key                           ours (``create_model(name, head="linear_b
 
 The official adder forward is ``-cdist(W_col, unfold(X), p=1)``: −Σ|W − X| over C·k·k with zero
 padding counted as inputs, exactly what our Adder2d computes at p = 1; the classifier is a 1×1
-convolution on the 1×1 pooled map, i.e. a linear layer. ``tests/test_interop.py`` checks the
+convolution on the 1×1 pooled map, i.e. a linear layer. ``tests/integration/test_interop.py`` checks the
 imported model against a plain re-implementation of the official forward in fp64.
 
 **Exported weights** (``addernet-export``): a safetensors file of the model's tensors (BN running

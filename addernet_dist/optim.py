@@ -29,7 +29,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     towards 0, which no data term asks for. eq. 33 still scales the adder gradients before the step
     (the engines' contract), but Adam normalises every element by its own running RMS, so the constant
     eta * sqrt(k) cancels and only the per-step 1/||grad F_l|| weighting of the moments remains
-    (docs/training.md, Recipes; tests/test_recipe_adamw.py checks the cancellation).
+    (docs/training.md, Recipes; tests/integration/test_recipe_adamw.py checks the cancellation).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:

@@ -30,11 +30,18 @@ def _restore_default_backend():
     dispatch.set_default_backend(None)
 
 
+TIERS = ("unit", "integration", "gpu")  # the folders under tests/ (rules: tests/unit/test_tiers.py)
+
+
 def pytest_collection_modifyitems(config, items):
-    # GPU-tier tests: skipped on CPU-only machines (CI); they run wherever CUDA is present.
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device (GPU tier); runs on GPU machines")
+    # Each test is marked with its folder's tier, so `-m unit`, `-m "not integration"` select as the
+    # folders do. GPU-tier tests are skipped on CPU-only machines (CI); they run wherever CUDA is.
+    skip = None if torch.cuda.is_available() else pytest.mark.skip(
+        reason="needs a CUDA device (GPU tier); runs on GPU machines"
+    )
     for item in items:
-        if "gpu" in item.keywords:
+        tier = item.path.parent.name
+        if tier in TIERS:
+            item.add_marker(getattr(pytest.mark, tier))
+        if skip is not None and "gpu" in item.keywords:
             item.add_marker(skip)

@@ -23,6 +23,21 @@ from addernet_dist.checkpoint import load_file
 REPO = Path(__file__).resolve().parents[1]
 DEBUG_CONFIG = REPO / "configs" / "debug.yaml"
 FAST = ["adder.backend=reference", "train.progress_bar=false"]
+# The DeepSpeed-vs-DDP engine comparisons (tests/integration/test_deepspeed_engine.py, the GPU tier):
+# a tiny adder ResNet-8, 8 steps per epoch at global batch 8, eq. 33 and clipping acting.
+TINY = [
+    "data.image_size=8",
+    "data.synthetic_train_size=64",  # 8 steps per epoch at global batch 8
+    "data.synthetic_val_size=20",
+    "train.global_batch_size=8",
+    "train.grad_clip=2.0",  # below the post-eq.-33 norm (~5-10): clipping really acts
+    "adder.p_decay_epochs=1",  # p moves every step: 2 -> 1 over 8 steps
+    "optim.warmup_epochs=0",
+    "wandb.enabled=false",
+    # fp32: the engine comparisons below are about sharding, at fp32 tolerances (under bf16 autocast a
+    # 1e-7 reduction-order difference can flip a bf16 rounding of the next step's activations)
+    "train.precision=fp32",
+]
 
 
 def env(**extra: str) -> dict[str, str]:

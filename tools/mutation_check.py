@@ -58,7 +58,7 @@ MUTATIONS = [
         "addernet_dist/engine/base.py",
         "        problem = self.dist.broadcast_object(None if failed is None else str(failed))",
         "        problem = None",
-        ("tests/test_save_failure_ranks.py",),
+        ("tests/integration/test_save_failure_ranks.py",),
     ),
     Mutation(
         "best-ema-not-restored",
@@ -66,7 +66,7 @@ MUTATIONS = [
         "addernet_dist/open_run.py",
         "    if resume_from is not None and ckpt.restore_best(resume_from, ema_step, ckpt.best_ema_path):",
         "    if False:",
-        ("tests/test_ema.py::test_a_lost_best_ema_is_copied_again_on_resume",),
+        ("tests/integration/test_ema.py::test_a_lost_best_ema_is_copied_again_on_resume",),
     ),
     Mutation(
         "watchdog-starts-at-zero",
@@ -75,7 +75,7 @@ MUTATIONS = [
         "        watchdog.start(first_step=state.global_step)\n",
         "        watchdog.start(first_step=0)\n",
         (
-            "tests/test_trainer_open.py::"
+            "tests/integration/test_trainer_open.py::"
             "test_an_injected_logger_gets_the_runs_records_and_the_watchdog_starts_at_the_resumed_step",
         ),
     ),
@@ -86,7 +86,7 @@ MUTATIONS = [
         '        runtime = runtime_changes(client.get("runtime"), runtime_info())',
         "        runtime = {}",
         (
-            "tests/test_trainer_open.py::"
+            "tests/integration/test_trainer_open.py::"
             "test_the_runtime_is_saved_logged_and_a_resume_under_another_thread_count_says_so",
         ),
     ),
@@ -96,7 +96,10 @@ MUTATIONS = [
         "addernet_dist/checkpoint/manager.py",
         "        for best in (self.best_path, self.best_ema_path):\n            if best.exists():",
         "        for best in ():\n            if best.exists():",
-        ("tests/test_best_checkpoint.py::test_resume_from_an_older_step_keeps_the_abandoned_future_and_its_best",),
+        (
+            "tests/integration/test_best_checkpoint.py::"
+            "test_resume_from_an_older_step_keeps_the_abandoned_future_and_its_best",
+        ),
     ),
     Mutation(
         "resume-ignores-class-names",
@@ -104,7 +107,7 @@ MUTATIONS = [
         "addernet_dist/trainer.py",
         "        _check_same_classes(client.get(\"class_names\"), getattr(self.train_loader, \"class_names\", None))",
         "        pass",
-        ("tests/test_class_names.py",),
+        ("tests/integration/test_class_names.py",),
     ),
     Mutation(
         "op-forward-sign",
@@ -112,7 +115,7 @@ MUTATIONS = [
         "addernet_dist/ops/reference.py",
         "return dist_mo.neg() if p == 1.0 else",
         "return dist_mo if p == 1.0 else",
-        ("tests/test_ops_reference.py::test_matches_float64_formula",),
+        ("tests/unit/test_ops_reference.py::test_matches_float64_formula",),
     ),
     Mutation(
         "op-backward-filter-grad",
@@ -122,7 +125,7 @@ MUTATIONS = [
         "return g_mo.t() @ x_mk + w_ok * g_mo.sum(0)[:, None]",
         # (test_filter_gradient_is_full_precision_for_every_p goes through adder_linear, which
         # dispatches to the CPU fast path on this machine: it stays green here)
-        ("tests/test_ops_reference.py::test_matches_float64_formula",),
+        ("tests/unit/test_ops_reference.py::test_matches_float64_formula",),
     ),
     Mutation(
         "eq33-zero-norm-local",
@@ -130,7 +133,7 @@ MUTATIONS = [
         "addernet_dist/engine/zero_norms.py",
         "            dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self._group)",
         "            pass",
-        ("tests/test_deepspeed_engine.py::test_zero_stage_matches_ddp",),
+        ("tests/integration/test_deepspeed_engine.py::test_zero_stage_matches_ddp",),
     ),
     Mutation(
         "p-schedule-not-applied",
@@ -138,7 +141,7 @@ MUTATIONS = [
         "addernet_dist/trainer.py",
         "            self.p = p\n            set_p(self.model, p)",
         "            self.p = p",
-        ("tests/test_train_torchrun.py::test_two_process_debug_run",),
+        ("tests/integration/test_train_torchrun.py::test_two_process_debug_run",),
     ),
     Mutation(
         "eval-label-shift",
@@ -147,8 +150,8 @@ MUTATIONS = [
         "        logits = upcast_logits(logits)\n",
         "        logits = upcast_logits(logits)\n        labels = labels.roll(1)\n",
         (
-            "tests/test_eval_distributed.py::test_single_process_evaluate_matches_a_plain_loop",
-            "tests/test_eval_distributed.py::test_two_ranks_equal_one_process_on_uneven_split",
+            "tests/integration/test_eval_distributed.py::test_single_process_evaluate_matches_a_plain_loop",
+            "tests/integration/test_eval_distributed.py::test_two_ranks_equal_one_process_on_uneven_split",
         ),
     ),
     Mutation(
@@ -158,7 +161,7 @@ MUTATIONS = [
         "sl = slice(self.rank, total, w)",
         "sl = slice(0, total, w)",
         (
-            "tests/test_data_sharding_decoded.py::"
+            "tests/integration/test_data_sharding_decoded.py::"
             "test_each_rank_decodes_the_samplers_order_train_and_val[torchvision]",
         ),
     ),
@@ -178,9 +181,9 @@ MUTATIONS = [
         "            self._pending.append((\n"
         "                [np.frombuffer(os.fsencode(self.samples.paths[i]), dtype=np.uint8) for i in idx0],\n",
         (
-            "tests/test_data_sharding_decoded.py::"
+            "tests/integration/test_data_sharding_decoded.py::"
             "test_each_rank_decodes_the_samplers_order_train_and_val[dali]",
-            "tests/test_data_sharding_decoded.py::"
+            "tests/integration/test_data_sharding_decoded.py::"
             "test_mid_epoch_resume_decodes_the_rest_of_the_ranks_order[dali]",
         ),
     ),
@@ -190,7 +193,7 @@ MUTATIONS = [
         "addernet_dist/runfolder.py",  # the verified format (shared with ds_checkpoint.py)
         "    if hashlib.sha256(body).digest() != digest:",
         "    if False:",
-        ("tests/test_resume.py::test_newest_valid_skips_corrupt_files_and_names_them",),
+        ("tests/integration/test_resume.py::test_newest_valid_skips_corrupt_files_and_names_them",),
     ),
     Mutation(
         "resume-rng-not-restored",
@@ -198,7 +201,7 @@ MUTATIONS = [
         "addernet_dist/trainer.py",
         "            set_rng_state(states[self.dist.rank])",
         "            pass",
-        ("tests/test_resume_rng.py",),
+        ("tests/integration/test_resume_rng.py",),
     ),
     Mutation(
         "resume-world-size-offset",
@@ -209,7 +212,7 @@ MUTATIONS = [
         "        if not same_world:\n"
         "            loader_state = {**loader_state, 'world_size': self.dist.world_size, 'batches_done': 1}\n"
         "            loader_state.pop('batch_size')\n",
-        ("tests/test_docs_claims.py::test_ddp_resume_with_another_world_size_at_an_epoch_boundary",),
+        ("tests/integration/test_docs_claims.py::test_ddp_resume_with_another_world_size_at_an_epoch_boundary",),
     ),
     Mutation(
         "resume-weights-not-loaded",
@@ -220,7 +223,7 @@ MUTATIONS = [
         "        fresh = {k: v.clone() for k, v in trainer.model.state_dict().items() if torch.is_tensor(v)}\n"
         "        client = load_for_resume(engine, resume_from)\n"
         "        trainer.model.load_state_dict(fresh, strict=False)\n",
-        ("tests/test_docs_claims.py::test_ddp_resume_with_another_world_size_at_an_epoch_boundary",),
+        ("tests/integration/test_docs_claims.py::test_ddp_resume_with_another_world_size_at_an_epoch_boundary",),
     ),
     Mutation(
         "resume-optimizer-not-restored",
@@ -228,7 +231,7 @@ MUTATIONS = [
         "addernet_dist/engine/ddp.py",
         '        self.optimizer.load_state_dict(state["optimizer"])',
         "        pass",
-        ("tests/test_resume_rng.py",),
+        ("tests/integration/test_resume_rng.py",),
     ),
     Mutation(
         "resume-loader-position-lost",
@@ -237,7 +240,7 @@ MUTATIONS = [
         "        self.batches_done = batches_done\n",
         "        self.batches_done = 0\n",
         (
-            "tests/test_data_sharding_decoded.py::"
+            "tests/integration/test_data_sharding_decoded.py::"
             "test_mid_epoch_resume_decodes_the_rest_of_the_ranks_order[torchvision]",
         ),
     ),
@@ -248,7 +251,7 @@ MUTATIONS = [
         "            recal = self.recalibrate(model, self.dist, epoch, self.autocast_dtype)",
         "            recal = self.recalibrate.num_batches",
         (
-            "tests/test_bn_recalibration.py::"
+            "tests/integration/test_bn_recalibration.py::"
             "test_trainer_recalibrates_before_mid_decay_evaluations_and_saves_what_it_evaluated",
         ),
     ),
@@ -262,7 +265,10 @@ MUTATIONS = [
         "    with amp.autocast_off(x.device.type):\n"
         "        y = impl(x, w, stride, padding, dilation, p, grad_x, grad_w)\n"
         "    return y.to(torch.bfloat16).float() if rnd else y\n",
-        ("tests/test_deepspeed_engine.py::test_bf16_precision_trains_close_to_fp32_and_converts_to_fp32_masters",),
+        (
+            "tests/integration/test_deepspeed_engine.py::"
+            "test_bf16_precision_trains_close_to_fp32_and_converts_to_fp32_masters",
+        ),
     ),
     Mutation(
         "eval-ignores-autocast",
@@ -270,7 +276,10 @@ MUTATIONS = [
         "addernet_dist/metrics.py",
         "        with autocast(dist.device.type, autocast_dtype):\n            logits = model(images)\n",
         "        with autocast(dist.device.type, None):\n            logits = model(images)\n",
-        ("tests/test_deepspeed_engine.py::test_bf16_precision_trains_close_to_fp32_and_converts_to_fp32_masters",),
+        (
+            "tests/integration/test_deepspeed_engine.py::"
+            "test_bf16_precision_trains_close_to_fp32_and_converts_to_fp32_masters",
+        ),
     ),
     Mutation(
         "fused-negated-bn-shift",
@@ -279,8 +288,8 @@ MUTATIONS = [
         "            shift=beta.float(),",
         "            shift=-beta.float(),",
         (
-            "tests/test_triton_fused.py::test_fuse_resnet8_block_pairs",
-            "tests/test_triton_fused.py::test_fuse_sequential_with_relu_lenet",
+            "tests/unit/test_triton_fused.py::test_fuse_resnet8_block_pairs",
+            "tests/unit/test_triton_fused.py::test_fuse_sequential_with_relu_lenet",
         ),
     ),
     Mutation(
@@ -289,7 +298,7 @@ MUTATIONS = [
         "addernet_dist/models/fusion.py",
         "            residual=residual,\n            relu=self.relu,",
         "            residual=None,\n            relu=self.relu,",
-        ("tests/test_triton_fused.py::test_fuse_resnet8_block_pairs",),
+        ("tests/unit/test_triton_fused.py::test_fuse_resnet8_block_pairs",),
     ),
     Mutation(
         "retention-ignores-validity",
@@ -300,7 +309,7 @@ MUTATIONS = [
         "            problem = None\n            if problem is not None:\n"
         "                self.move_aside(path, problem)",
         (
-            "tests/test_runfolder.py::"
+            "tests/integration/test_runfolder.py::"
             "test_prune_deletes_only_verified_files_older_than_keep_last_valid_ones",
         ),
     ),
@@ -310,7 +319,7 @@ MUTATIONS = [
         "addernet_dist/runfolder.py",
         "            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)",
         "            pass",
-        ("tests/test_runfolder.py::test_run_lock_is_exclusive_and_released",),
+        ("tests/integration/test_runfolder.py::test_run_lock_is_exclusive_and_released",),
     ),
     Mutation(
         "divergence-unchecked",
@@ -319,7 +328,7 @@ MUTATIONS = [
         "        if streak < self.limit and n_bad == 0:",
         "        if True:",
         (
-            "tests/test_runfolder.py::test_divergence_stops_the_run_without_saving_a_nonfinite_model",
+            "tests/integration/test_runfolder.py::test_divergence_stops_the_run_without_saving_a_nonfinite_model",
         ),
     ),
     Mutation(
@@ -329,7 +338,7 @@ MUTATIONS = [
         "            self.dist.broadcast_buffers_(model)",
         "            pass",
         (
-            "tests/test_rank_agreement.py::"
+            "tests/integration/test_rank_agreement.py::"
             "test_evaluation_without_recalibration_uses_rank0_bn_buffers_everywhere",
         ),
     ),
@@ -340,8 +349,8 @@ MUTATIONS = [
         "tdist.all_reduce(t, op=tdist.ReduceOp.MAX)",
         "tdist.all_reduce(t, op=tdist.ReduceOp.MIN)",
         (
-            "tests/test_rank_agreement.py::test_one_ranks_nonfinite_loss_stops_every_rank",
-            "tests/test_rank_agreement.py::test_one_ranks_nonfinite_bn_buffer_stops_every_rank",
+            "tests/integration/test_rank_agreement.py::test_one_ranks_nonfinite_loss_stops_every_rank",
+            "tests/integration/test_rank_agreement.py::test_one_ranks_nonfinite_bn_buffer_stops_every_rank",
         ),
     ),
     Mutation(
@@ -353,8 +362,8 @@ MUTATIONS = [
         "        ]\n",
         "        ts = [t.detach() for t in model.parameters()]\n",
         (
-            "tests/test_saved_models.py::test_a_nan_bn_running_var_is_never_saved",
-            "tests/test_rank_agreement.py::test_one_ranks_nonfinite_bn_buffer_stops_every_rank",
+            "tests/integration/test_saved_models.py::test_a_nan_bn_running_var_is_never_saved",
+            "tests/integration/test_rank_agreement.py::test_one_ranks_nonfinite_bn_buffer_stops_every_rank",
         ),
     ),
     Mutation(
@@ -363,7 +372,7 @@ MUTATIONS = [
         "addernet_dist/interop.py",
         '"std": json.dumps(list(data_cfg.get("std", IMAGENET_STD))),',
         '"std": json.dumps(list(IMAGENET_STD)),',
-        ("tests/test_interop.py::test_export_carries_the_runs_normalisation",),
+        ("tests/integration/test_interop.py::test_export_carries_the_runs_normalisation",),
     ),
     Mutation(
         "best-top1-latest",
@@ -371,7 +380,7 @@ MUTATIONS = [
         "addernet_dist/evaluator.py",
         "if not self.best_candidate(p) or not result.top1 > state.best_top1:",
         "if not self.best_candidate(p):",
-        ("tests/test_saved_models.py::test_best_pt_is_the_maximum_of_the_final_p_evaluations",),
+        ("tests/integration/test_saved_models.py::test_best_pt_is_the_maximum_of_the_final_p_evaluations",),
     ),
     Mutation(
         "augment-rng-ignores-epoch",
@@ -380,7 +389,7 @@ MUTATIONS = [
         "return random.Random((seed << 80) ^ (epoch << 40) ^ position)",
         "return random.Random((seed << 80) ^ position)",
         (
-            "tests/test_data_folder.py::"
+            "tests/unit/test_data_folder.py::"
             "test_augmentation_draws_change_with_the_epoch_at_a_fixed_position",
         ),
     ),
@@ -391,7 +400,7 @@ MUTATIONS = [
         "launch/deepspeed.sh",
         'elif [[ "${DS_ACCELERATOR:-}" == cpu ]]; then',
         "elif false; then",
-        ("tests/test_docs_claims.py::test_deepspeed_sh_passes_the_hostfile_and_its_first_host",),
+        ("tests/integration/test_docs_claims.py::test_deepspeed_sh_passes_the_hostfile_and_its_first_host",),
         env=(("DS_ACCELERATOR", "cpu"),),
     ),
     Mutation(
@@ -401,8 +410,8 @@ MUTATIONS = [
         "            piece_sq = grad_norms([v for _, v in pieces]).float().square()",
         "            piece_sq = torch.stack([v.float().square().sum() for _, v in pieces])",
         (
-            "tests/test_deepspeed_config.py::test_pre_hook_matches_ddp_engine_processing",
-            "tests/test_engine_bf16_agreement.py",
+            "tests/integration/test_deepspeed_config.py::test_pre_hook_matches_ddp_engine_processing",
+            "tests/integration/test_engine_bf16_agreement.py",
         ),
     ),
     Mutation(
@@ -411,7 +420,7 @@ MUTATIONS = [
         "configs/imagenet_resnet50.yaml",
         "  channels_last: false",
         "  channels_last: true",
-        ("tests/test_config.py::test_adder_configs_keep_nchw_for_the_adder_kernels",),
+        ("tests/integration/test_config.py::test_adder_configs_keep_nchw_for_the_adder_kernels",),
     ),
     Mutation(
         "dali-eval-pipeline-rebuilt",
@@ -419,7 +428,7 @@ MUTATIONS = [
         "addernet_dist/data/dali.py",
         "        reused = cached is not None and cached[0] == key",
         "        reused = False",
-        ("tests/test_dali_loader.py::test_eval_pipeline_is_built_once_and_reads_the_same_pixels",),
+        ("tests/integration/test_dali_loader.py::test_eval_pipeline_is_built_once_and_reads_the_same_pixels",),
     ),
     Mutation(
         "dali-train-pipeline-rebuilt",
@@ -428,7 +437,7 @@ MUTATIONS = [
         "        if resume is None and self._train_pipe is not None and self._train_pos == (epoch, start):",
         "        if False:",
         (
-            "tests/test_dali_loader.py::"
+            "tests/integration/test_dali_loader.py::"
             "test_train_pipeline_is_built_once_per_run_and_resumes_at_epoch_boundaries",
         ),
     ),
@@ -438,7 +447,7 @@ MUTATIONS = [
         "addernet_dist/data/dali.py",
         '        "device_memory_padding": d.device_memory_padding,',
         "",
-        ("tests/test_dali_loader.py::test_mixed_pipeline_is_defined_and_placed_on_cpu",),
+        ("tests/integration/test_dali_loader.py::test_mixed_pipeline_is_defined_and_placed_on_cpu",),
     ),
     Mutation(
         "tuning-not-a-phase-for-peers",
@@ -447,7 +456,7 @@ MUTATIONS = [
         'if self.phase == "tuning" and _peer_tuned(first, now, self.dist.rank):',
         "if False:",
         (
-            "tests/test_tile_phase.py::"
+            "tests/integration/test_tile_phase.py::"
             "test_tuning_longer_than_the_limits_is_not_a_stall_and_a_failure_reaches_every_rank",
         ),
     ),
@@ -458,7 +467,7 @@ MUTATIONS = [
         "            except Exception as e:\n                error = e\n",
         "            except Exception:\n                raise\n",
         (
-            "tests/test_tile_phase.py::"
+            "tests/integration/test_tile_phase.py::"
             "test_tuning_longer_than_the_limits_is_not_a_stall_and_a_failure_reaches_every_rank",
         ),
     ),
@@ -469,7 +478,7 @@ MUTATIONS = [
         'n = tt.restore_choices(entries, source="checkpoint \'tiles\'")',
         "n = 0",
         (
-            "tests/test_tile_phase.py::"
+            "tests/integration/test_tile_phase.py::"
             "test_run_tunes_all_p_paths_at_start_and_resume_reuses_the_checkpoints_tiles",
         ),
     ),
@@ -479,7 +488,7 @@ MUTATIONS = [
         "addernet_dist/engine/deepspeed.py",
         "            check_buffers_fp32(model, deepspeed.__version__)",
         "            pass",
-        ("tests/test_deepspeed_bf16_cast.py::test_deepspeed_bf16_must_keep_bn_buffers_fp32",),
+        ("tests/integration/test_deepspeed_bf16_cast.py::test_deepspeed_bf16_must_keep_bn_buffers_fp32",),
     ),
 ]
 

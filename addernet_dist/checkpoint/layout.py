@@ -10,7 +10,7 @@ state DeepSpeed's folder holds once assembled by zero_to_state_dict.py), is::
 ``engine`` is what ``Engine.state_dict`` returns; ``client`` the trainer's components
 (trainer.py). Writers build it with :func:`build`; readers take its parts with :func:`engine_part`,
 :func:`client_part` and :func:`weights_and_config` instead of indexing the keys themselves
-(tests/test_layering.py refuses the literal keys elsewhere in the package).
+(tests/unit/test_layering.py refuses the literal keys elsewhere in the package).
 """
 
 from __future__ import annotations

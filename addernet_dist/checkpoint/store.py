@@ -12,7 +12,7 @@ Checkpointer (checkpoint/manager.py). A checkpoint found on disk is read through
 its format, :func:`store_of`: a run folder may hold another engine's checkpoints (engine=ddp files
 under engine=deepspeed), which must verify, prune and move like any other and be refused by the
 engine's ``load`` with its message, never moved aside as corrupt. :func:`store_of` is the one
-place that tells the formats apart by their shape on disk (tests/test_layering.py).
+place that tells the formats apart by their shape on disk (tests/unit/test_layering.py).
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ def define_pipeline(
     """A DALI pipeline yielding (images float32 NCHW|NHWC normalised, positions int32), defined but
     not built. DALI checks every operator's arguments and the device placement of its inputs while
     the graph is defined, without a GPU, so tests check the ``mixed`` (GPU) pipeline on CPU machines
-    (tests/test_dali_loader.py::test_mixed_pipeline_is_defined_and_placed_on_cpu).
+    (tests/integration/test_dali_loader.py::test_mixed_pipeline_is_defined_and_placed_on_cpu).
 
     ``checkpoint``: a ``Pipeline.checkpoint()`` string of a pipeline built with the same arguments;
     the new pipeline continues exactly where that one was (needs ``enable_checkpointing``)."""
@@ -307,7 +307,7 @@ class DaliLoader(FolderLoader):
         if self.train and self._train_pipe is not None and self._train_pos == (s.epoch, s.batches_done):
             # After exactly `batches_done` batches handed out (mid-epoch or at an epoch boundary): DALI
             # tracks the state per iteration, so the iterations already prefetched are not in it
-            # (tests/test_dali_loader.py).
+            # (tests/integration/test_dali_loader.py).
             pipe, seed = self._train_pipe
             state["dali_checkpoint"] = {
                 "format": CHECKPOINT_FORMAT,

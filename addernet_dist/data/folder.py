@@ -272,7 +272,7 @@ def high_bit_depth(im: Image.Image) -> str | None:
 
 def _rgb_from_16bit(path: str, im: Image.Image) -> Image.Image:
     """A 16-bit image as DALI's decoder gives it: v -> round(v * 255 / 65535) per channel (its
-    CPU pipeline, measured: tests/test_data_16bit.py), gray repeated, alpha dropped. PIL's
+    CPU pipeline, measured: tests/integration/test_data_16bit.py), gray repeated, alpha dropped. PIL's
     convert("RGB") clips 16-bit gray to 255 (a white image) and truncates 16-bit colour."""
     if im.format == "PNG":  # PIL keeps only the high byte of 16-bit colour PNGs
         from torchvision.io import ImageReadMode, decode_png, read_file

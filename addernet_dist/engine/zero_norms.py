@@ -22,7 +22,7 @@ reduction and before SGD's weight decay / momentum (which keep torch SGD semanti
 The norms use the DDP engine's reductions wherever a rank holds the whole tensor (``grad_norms`` per
 piece; at ZeRO-0 also torch's ``get_total_norm`` for clipping), so ZeRO-0 steps exactly as DDP does, bit
 for bit: under bf16 autocast a last-bit difference in alpha_l flipped bf16 roundings of the stem and
-classifier and grew to 5e-4 in the loss by step 5 (issue 21.8, tests/test_engine_bf16_agreement.py).
+classifier and grew to 5e-4 in the loss by step 5 (issue 21.8, tests/integration/test_engine_bf16_agreement.py).
 Under ZeRO-1/2 a layer split over two ranks still sums two pieces' squares (last-bit differences remain).
 
 Where the pieces are: DeepSpeed links every model parameter to its slice of the flat partition

@@ -3,7 +3,7 @@
 ``kernel_specs()`` enumerates (kernel, signature, constexprs, options) for every kernel × tuning config, with
 the specialisations the runtime JIT would apply (16-byte aligned pointers, the padded filter stride
 divisible by 16). ``compile_spec(spec, cc)`` runs the full Triton → PTX → cubin pipeline for an sm_<cc>
-target with the bundled ptxas. Used by tests/test_triton_aot.py (does every config compile for sm_80 and
+target with the bundled ptxas. Used by tests/unit/test_triton_aot.py (does every config compile for sm_80 and
 sm_90?) and benchmarks/kernel_report.py (registers, spills, shared memory, SASS per MAC).
 
     python -m addernet_dist.kernels.aot --cc 80 90     # compile everything, print one line per kernel

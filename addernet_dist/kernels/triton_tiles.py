@@ -11,7 +11,7 @@ from addernet_dist.kernels.triton_math import GX_POW, P_GENERAL
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Tuning lists. Every entry compiles for sm_80 and sm_90 (tests/test_triton_aot.py); the first entry of
+# Tuning lists. Every entry compiles for sm_80 and sm_90 (tests/unit/test_triton_aot.py); the first entry of
 # each list is the interpreter/default config. Keys: the shapes that change the best tile.
 # ----------------------------------------------------------------------------------------------------------
 def _tile_config(m: int, n: int, k: int, warps: int, exp2_fma: int = 0) -> triton.Config:
@@ -114,7 +114,7 @@ _adder_bwd_dw_atomic_tuned = _tuned("dw", _adder_bwd_dw_kernel, DW_CONFIGS, _DW_
 
 # The interpreter's cost is per executed block operation, so it runs big tiles by default (fewer programs:
 # the fused ResNet-8 test took 21 s with FWD_CONFIGS[0]). Every tuning config is still interpreted on a
-# small case by tests/test_triton_adder.py (the `config=` argument) and compiled by the AOT test.
+# small case by tests/unit/test_triton_adder.py (the `config=` argument) and compiled by the AOT test.
 INTERPRETER_CONFIGS = {
     "fwd": triton.Config({"BLOCK_M": 256, "BLOCK_N": 64, "BLOCK_K": 8, "EXP2_FMA": 4}),
     "dx": triton.Config({"BLOCK_M": 256, "BLOCK_N": 64, "BLOCK_K": 8, "EXP2_FMA": 4}),

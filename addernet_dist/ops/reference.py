@@ -30,7 +30,7 @@ patches whose largest temporary is an ``(O, chunk, K)`` block of at most ``max_c
 2 MiB, ``ADDERNET_REF_CHUNK_MB``). With the unfolded input (``M·K`` elements, saved for backward anyway),
 its gradient, the output and the saved distances, the extra memory is about ``2·M·K + 2·M·O`` elements
 + 2 MiB — for the ResNet-50 stage-1 3×3 layer at batch 8 that is ~0.2 GB (measured peak: 429 MiB with
-allocator slack, tests/test_memory_bound.py), where the original code's broadcast alone needs 3.7 GB.
+allocator slack, tests/integration/test_memory_bound.py), where the original code's broadcast alone needs 3.7 GB.
 The filter gradient needs no broadcast at all for ``grad_w="full"``:
 ``Σ_m g[m,o]·(x[m,k] − w[o,k]) = (gᵀx)[o,k] − w[o,k]·Σ_m g[m,o]`` — one GEMM.
 """
@@ -102,7 +102,7 @@ def adder_grad_x_lp_rows(
 
     Eq. 27 is exactly the gradient of −D^p / p, and ATen's ``_cdist_backward(G, x, w, p, D)`` returns
     Σ_o G[m,o]·sgn(x − w)|x − w|^(p−1) / D^(p−1) (0 where D = 0) without a broadcast, so
-    G = −g·D^(p−1) gives eq. 27 at cdist's speed. tests/test_ops_reference.py checks it, D = 0 included,
+    G = −g·D^(p−1) gives eq. 27 at cdist's speed. tests/unit/test_ops_reference.py checks it, D = 0 included,
     against an explicit formula.
     """
     gd = g_mo.neg() if p == 1.0 else g_mo * dist_mo.pow(p - 1.0).neg_()

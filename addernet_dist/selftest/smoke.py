@@ -181,7 +181,7 @@ def check_train(desc: DeviceDescription, params: dict, workdir: Path, name: str 
 # each layer's input is rounded to bf16 (2^-8 = 0.4 % steps), and a 1e-6 difference in the fused BN
 # affine can move an element by one step; through ResNet-8's 8 fused layers we allow 2 % of the logit
 # scale (an estimate: not measured on a GPU yet; the CPU smoke's reference backend gives 0). A wrong
-# fusion (a negated BN scale) moves logits by their own scale (tests/test_selftest.py).
+# fusion (a negated BN scale) moves logits by their own scale (tests/integration/test_selftest.py).
 LOGIT_RTOL = 2e-2
 # Relative spread across images below which logits are constant (fc.bias for every image): a
 # comparison would then compare nothing (tests/logit_checks.py).

@@ -100,7 +100,7 @@ def test_throughput_model_costs_the_whole_p_schedule():
     assert tg / t1 == pytest.approx(16 / 2)  # max(5.37, 8 × 2) = 16 slots per MAC vs 2
     # the schedule of configs/imagenet_resnet50.yaml: 5005 steps per epoch (1 281 167 images, batch
     # 256), p linear from 2 at step 0 to 1 at step 225 × 5005 = 1 126 125, then 1 to step 1 501 500
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     rn50 = load_config(root / "configs" / "imagenet_resnet50.yaml", [])
     sc = kr.schedule_time(rn50, {"p1": 800.0, "general": 800.0 / 3}, gpus=8)
     assert sc["steps"] == {"p1": 375_375 + 1, "general": 1_126_124}

@@ -250,28 +250,6 @@ def test_device_resolution():
         resolve_dali_device(gpu, torch.device("cpu"))
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="mixed (nvJPEG) decode needs a CUDA GPU")
-@pytest.mark.timeout(120)
-def test_gpu_mixed_pipeline_matches_cpu_pipeline(tree):
-    root, _ = tree
-    cfg = _cfg(root)
-    dev = torch.device("cuda", 0)
-    for channels_last in (False, True):
-        gpu = build_loader(cfg, "val", batch_size=5, device=dev, channels_last=channels_last)
-        assert gpu.dali_device == "gpu"
-        cpu = build_loader(cfg, "val", batch_size=5)
-        for (a, ya), (b, yb) in zip(gpu, cpu):
-            assert a.device.type == "cuda" and ya.device.type == "cuda"
-            assert a.is_contiguous(memory_format=torch.channels_last) == channels_last
-            assert torch.equal(ya.cpu(), yb)
-            assert (a.cpu() - b).abs().mean() < 0.03  # nvJPEG vs libjpeg-turbo: not measured yet
-    train = build_loader(cfg, "train", batch_size=4, device=dev)
-    for epoch in range(2):  # one train pipeline (one nvJPEG decoder) reads both epochs
-        train.set_epoch(epoch)
-        assert sum(len(y) for _, y in train) == 16
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(
     "train,augment",
@@ -283,7 +261,7 @@ def test_mixed_pipeline_is_defined_and_placed_on_cpu(tree, train, augment):
     intended one: the file reader (train: fed paths, ``fn.io.file.read``) on CPU, the decoder ``mixed``
     (CPU in, GPU out), everything after it on the GPU, both outputs GPU-resident. Building it needs
     CUDA, so that part runs in the GPU tier
-    (test_gpu_mixed_pipeline_matches_cpu_pipeline)."""
+    (tests/gpu/test_dali_gpu.py)."""
     from addernet_dist.data.dali import define_pipeline
 
     root, _ = tree

@@ -34,7 +34,7 @@ def _bn_train(y: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.timeout(120)
-# K = 576 and 4608; the policy is the op layer's, the same for every backend (tests/test_amp_policy.py):
+# K = 576 and 4608; the policy is the op layer's, the same for every backend (tests/unit/test_amp_policy.py):
 # the reference (slow at K = 4608) runs the small layer only
 @pytest.mark.parametrize("backend,c", [("reference", 64), ("cpu", 64), ("cpu", 512)])
 def test_bn_normalised_bf16_path_agrees_with_fp32(backend, c):

@@ -402,7 +402,7 @@ def _bench_module():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_adder.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_adder.py"
     spec = importlib.util.spec_from_file_location("bench_adder", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules["bench_adder"] = mod  # dataclasses look their module up there
@@ -757,7 +757,7 @@ def test_thread_scaling_benchmark_runs_on_cpu(capsys):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_adder_threads.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_adder_threads.py"
     spec = importlib.util.spec_from_file_location("bench_adder_threads", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -302,7 +302,7 @@ def test_checkpoint_formats_and_layout_have_one_home():
     assert not leaks, (
         "checkpoint format branching (is_dir/is_file on a checkpoint path) or the {engine, client} layout "
         "outside checkpoint/store.py / checkpoint/layout.py: use store_of(path) / a store's holds(), "
-        "layout.build / layout.parts (or list the line with its why in tests/test_layering.py):\n"
+        "layout.build / layout.parts (or list the line with its why in tests/unit/test_layering.py):\n"
         + "\n".join(leaks)
     )
 

@@ -16,7 +16,7 @@ from addernet_dist.logging_utils import read_metrics
 from tests.train_helpers import DEBUG_CONFIG, FAST
 
 # 96 training images, global batch 16: 6 steps per epoch; p fixed at 1, so every evaluation is a
-# best.pt candidate (the final-p rule itself is tests/test_bn_recalibration.py's).
+# best.pt candidate (the final-p rule itself is tests/integration/test_bn_recalibration.py's).
 SMALL = ["data.synthetic_train_size=96", "data.synthetic_val_size=20", "adder.p_schedule=false"]
 
 

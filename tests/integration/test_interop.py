@@ -38,9 +38,9 @@ from addernet_dist.nn import adder_modules
 from addernet_dist.ops import dispatch
 from tests.logit_checks import assert_logits_vary
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 OFFICIAL_R20 = DATA / "ResNet20-AdderNet.pth"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)  # official test.py
 
 

@@ -442,7 +442,7 @@ def test_every_json_written_is_strict(tmp_path, one_epoch, capsys):
     assert isinstance(rec.pop("time"), float)  # every record's wall clock (finite: strict too)
     assert rec == {"kind": "train", "step": 1, "loss": None, "lr": None}
     # addernet-eval of finite weights whose logits overflow (an old or foreign file): the loss is
-    # not finite and prints as null. (NaN weights are refused: tests/test_clear_errors.py.)
+    # not finite and prints as null. (NaN weights are refused: tests/integration/test_clear_errors.py.)
     from addernet_dist.evaluate import main as eval_main
 
     state = checkpoint.load_file(one_epoch / "checkpoints" / "step_000000006.pt")
@@ -493,7 +493,7 @@ def test_batch_larger_than_training_set_and_wrong_input_size_are_refused(tmp_pat
     assert build_model(cfg, 10)(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
 
-# ---- 9. a stalled rank (10, preemption: tests/test_resume.py, exit status 143) -----------------------------
+# ---- 9. a stalled rank (10, preemption: tests/integration/test_resume.py, exit status 143) ------------
 
 
 @pytest.mark.slow

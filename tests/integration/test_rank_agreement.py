@@ -7,8 +7,8 @@
   statistics drift apart with its own batches): every rank evaluates, and the checkpoint holds,
   the statistics one process with rank 0's model evaluates with.
 
-The single-process guard paths are in tests/test_runfolder.py (divergence) and
-tests/test_saved_models.py (a NaN running_var is never saved).
+The single-process guard paths are in tests/integration/test_runfolder.py (divergence) and
+tests/integration/test_saved_models.py (a NaN running_var is never saved).
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ def test_constant_logits_after_one_momentum_forward_are_refused():
 
 @pytest.mark.timeout(120)
 def test_spread_model_gives_varying_logits_resnet18_setup_of_the_gpu_test():
-    # tests/test_triton_gpu.py::test_fused_resnet18_matches_unfused on CPU (smaller images): the
+    # tests/gpu/test_triton_gpu.py::test_fused_resnet18_matches_unfused on CPU (smaller images): the
     # precondition it asserts holds by construction.
     torch.manual_seed(0)
     model = create_model("resnet18", num_classes=10, backend="reference")

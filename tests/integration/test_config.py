@@ -178,7 +178,7 @@ def test_kd_recipe_is_the_base_recipe_plus_distillation():
     """configs/imagenet_resnet50_kd.yaml says "everything but the distill section and the train.* loss
     keys is configs/imagenet_resnet50.yaml": a copy that drifts (it once kept channels_last=true and
     the deprecated train.bf16 after the base moved on) fails here."""
-    root = Path(__file__).resolve().parents[1] / "configs"
+    root = Path(__file__).resolve().parents[2] / "configs"
     base = load_config(str(root / "imagenet_resnet50.yaml"), []).model_dump()
     kd = load_config(str(root / "imagenet_resnet50_kd.yaml"), []).model_dump()
     loss_keys = {"label_smoothing", "mixup_alpha", "cutmix_alpha", "mixup_prob", "mixup_switch_prob"}

@@ -10,7 +10,7 @@ unfused model and evaluates under the same autocast.
 
 Cost: the interpreter takes ~0.2 CPU-s per kernel launch at these shapes, so the model is ResNet-8 at
 width 4 (channels 4/8/16) on 8×8 images, 2 steps of 2 images per rank, p fixed at 2 (the exact fast
-paths; the general-p path is covered kernel by kernel in tests/test_triton_adder.py).
+paths; the general-p path is covered kernel by kernel in tests/unit/test_triton_adder.py).
 """
 
 from __future__ import annotations

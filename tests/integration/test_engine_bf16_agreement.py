@@ -9,7 +9,7 @@ step 1 (the gradients themselves were bitwise equal). Before the fix this test f
 step 5: 2.4603276 (DDP) vs 2.4611783; "clipped", rank 1, step 2: 2.2611885 vs 2.2612400. This test runs
 both engines from the same init on the same batches, bf16 autocast, the compiled CPU adder, eq. 33 (and
 clipping in "clipped"), and asserts the per-step losses at the fp32 engine tolerance of
-tests/test_deepspeed_engine.py.
+tests/integration/test_deepspeed_engine.py.
 
 One torchrun (2 gloo processes, DS_ACCELERATOR=cpu) runs this file as a script; the test reads what it wrote.
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "debug.yaml"
 STEPS = 6
 # The issue's run: configs/debug.yaml as it is, 2 processes, bf16, the compiled CPU adder.
@@ -108,7 +108,7 @@ def test_ddp_and_deepspeed_agree_under_bf16_with_cpu_adder(runs, run):
         for rec in (ref, got):  # what this test is about really ran: bf16 autocast, compiled CPU adder
             assert rec["autocast"] == "torch.bfloat16" and rec["backends"] == ["cpu"]
         assert ref["p"][0] == 2.0 and ref["p"][-1] < 1.9  # the lp schedule moves
-        # The fp32 engine tolerance of tests/test_deepspeed_engine.py::test_zero_stage_matches_ddp.
+        # The fp32 engine tolerance of tests/integration/test_deepspeed_engine.py::test_zero_stage_matches_ddp.
         torch.testing.assert_close(got["loss"], ref["loss"], rtol=1e-5, atol=1e-6)
         # Step 1 starts from the same weights and batch, so both engines reduce the same gradient:
         # eq. 33's norms must be the same numbers, not merely close (they differed in the last bit).

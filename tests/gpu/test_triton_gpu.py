@@ -119,7 +119,7 @@ def test_fused_resnet18_matches_unfused():
     model = create_model("resnet18", num_classes=10, backend="reference").to(DEV)
     x = torch.randn(4, 3, 64, 64, device=DEV)
     # eval-mode logits that vary across images and depend on every BN parameter (the precondition
-    # is exercised on CPU by tests/test_logit_checks.py with this exact setup)
+    # is exercised on CPU by tests/unit/test_logit_checks.py with this exact setup)
     spread_model(model, x)
     fused = fuse_adder_bn(copy.deepcopy(model))
     for m in fused.modules():

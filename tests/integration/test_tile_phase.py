@@ -7,7 +7,7 @@
   and a tuning failure on rank 0 reaches every rank as that error (2 gloo ranks).
 
 The interpreter runs no tuner of its own (INTERPRETER_CONFIGS); these tests install real TileTuners
-on the interpreted module, with injected timings, as tests/test_tile_tuning.py does.
+on the interpreted module, with injected timings, as tests/integration/test_tile_tuning.py does.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """addernet-warmup: its plan (pure), the GPU form's steps (run on CPU with the reference operator),
-the CPU (AOT) form, and its errors. Its tile cache file is tested in tests/test_tile_tuning.py."""
+the CPU (AOT) form, and its errors. Its tile cache file is tested in tests/integration/test_tile_tuning.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from addernet_dist import warmup
 from addernet_dist.config import ConfigError, load_config
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def test_plan_covers_every_p_code_path_and_both_batch_specialisations():
