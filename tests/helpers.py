@@ -11,6 +11,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
+from addernet_dist.nn import Adder2d
 from tests.train_helpers import DEBUG_CONFIG, REPO
 
 # One SGD step is w -= 1.0 * grad exactly: no momentum, no weight decay, a constant LR of 1.
@@ -32,7 +33,18 @@ SMALL_RUN = [
     "train.log_every=1",
     "train.ckpt_every_steps=0",
 ]
+# SMALL_RUN for one epoch on the reference operator at a fixed p (no lp schedule).
+FIXED_P_EPOCH = [*SMALL_RUN, "adder.backend=reference", "adder.p_schedule=false", "train.epochs=1"]
 
+
+
+def preempt_after(monkeypatch, step: int, marker) -> None:
+    """The next in-process run (``run.train``) is preempted as by SIGTERM after ``step``: it saves a
+    checkpoint there and returns None; the fault fires once (``marker`` is written), so the same call
+    again resumes and finishes."""
+    monkeypatch.setenv("ADDERNET_FAULT_STEP", str(step))
+    monkeypatch.setenv("ADDERNET_FAULT_SIGNAL", "TERM")
+    monkeypatch.setenv("ADDERNET_FAULT_MARKER", str(marker))
 
 def cpu_engine(base: list[str], overrides: list[str]) -> tuple[nn.Module, nn.Module]:
     """A one-process DDPEngine on the CPU for the debug config with ``base`` then ``overrides``
@@ -66,3 +78,28 @@ def run_adder(fn, x: torch.Tensor, w: torch.Tensor, g: torch.Tensor, **kw):
     y = fn(x, w, **kw)
     y.backward(g)
     return y.detach(), x.grad, w.grad
+
+
+class OddAdderNet(nn.Module):
+    """Odd sizes on purpose: 3x5x3x3=135 and 7x3x1x1=21 adder elements, a conv and a bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.a1 = Adder2d(3, 5, 3, padding=1)
+        self.bn = nn.BatchNorm2d(5)
+        self.a2 = Adder2d(5, 7, 1)
+        self.fc = nn.Linear(7, 4)
+
+    def forward(self, x):
+        x = self.a2(self.bn(self.a1(self.conv(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def random_grads(model: nn.Module, seed: int) -> None:
+    """Fill ``model``'s gradients with those of a cross-entropy loss on a seeded random batch."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(6, 2, 5, 5, generator=g)
+    y = torch.randint(0, 4, (6,), generator=g)
+    model.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(model(x), y).backward()

@@ -10,6 +10,7 @@ backend runs is orthogonal to the trainer, and at the debug sizes the reference 
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -68,6 +69,15 @@ def run_python(args: list[str], timeout: int = 240, **env_extra: str):
         timeout=timeout,
     )
 
+
+
+def script_json(script: str, *args: str, timeout: int = 300) -> dict:
+    """Run ``python -c script *args`` in a fresh process (its own peak RSS, its own allocator) and
+    return the JSON object printed on its last stdout line."""
+    out = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=timeout, check=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 def torchrun_args(nproc: int, *extra: str) -> list[str]:
     return ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *extra]

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from addernet_dist.selftest.plan import CheckFailed, DeviceDescription
 
@@ -65,6 +66,17 @@ def _metrics(out: Path) -> list[dict]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
+
+
+def write_smoke_config(path: Path, data: Path, batch: int, out: Path) -> Path:
+    """The smoke run's config file (a JPEG tree at ``data``, global batch ``batch``, run folder ``out``)."""
+    path.write_text(_SMOKE_CONFIG.format(root=data, batch=batch, out=out))
+    return path
+
+def override_args(overrides: dict[str, Any]) -> list[str]:
+    """A plan's config overrides as the trainer's ``key=value`` arguments (booleans as true/false)."""
+    return [f"{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in overrides.items()]
+
 def check_train(desc: DeviceDescription, params: dict, workdir: Path, name: str = "train") -> dict:
     """Train → checkpoint → resume (one more epoch) → evaluation, multi-process."""
     from addernet_dist.data.jpeg_tree import make_jpeg_tree
@@ -77,11 +89,8 @@ def check_train(desc: DeviceDescription, params: dict, workdir: Path, name: str 
     out = work / "run"
     nproc = params["nproc"]
     batch = 4 * nproc
-    cfg_path = work / "smoke.yaml"
-    cfg_path.write_text(_SMOKE_CONFIG.format(root=data, batch=batch, out=out))
-    ov = [
-        f"{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in params["overrides"].items()
-    ]
+    cfg_path = write_smoke_config(work / "smoke.yaml", data, batch, out)
+    ov = override_args(params["overrides"])
     torchrun = [
         sys.executable,
         "-m",

@@ -87,7 +87,7 @@ def _adder_weight_keys(state) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_global_norm_is_world_size_invariant_and_local_is_not(tmp_path):
-    launch_workers("tests.test_adaptive_lr", [str(tmp_path)], nproc=2)
+    launch_workers(__name__, [str(tmp_path)], nproc=2)
     two = torch.load(tmp_path / "two_ranks.pt")
     one = {scope: _updated_state(scope, DistInfo()) for scope in ("global", "local")}
     keys = _adder_weight_keys(one["global"])

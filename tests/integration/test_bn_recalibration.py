@@ -79,7 +79,7 @@ def _worker(out: str) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_two_ranks_average_their_statistics(tmp_path):
-    launch_workers("tests.test_bn_recalibration", [str(tmp_path)], nproc=2)
+    launch_workers(__name__, [str(tmp_path)], nproc=2)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0] == ranks[1]  # every rank ends with the same statistics
     singles = []

@@ -494,17 +494,9 @@ print(json.dumps({"extra_bytes": peak_rss() - before}))
 
 
 def _extra_bytes(which: str, batch: int) -> int:
-    import json
-    import subprocess
+    from tests.train_helpers import script_json
 
-    out = subprocess.run(
-        [sys.executable, "-c", MEMORY_SCRIPT, which, str(batch)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])["extra_bytes"]
+    return script_json(MEMORY_SCRIPT, which, str(batch))["extra_bytes"]
 
 
 @pytest.mark.slow
@@ -685,10 +677,23 @@ def test_openmp_threads_give_the_python_threads_results(case, monkeypatch):
 @pytest.mark.timeout(60)
 def test_kernels_share_torchs_openmp_runtime():
     # One OpenMP runtime in the process: the kernels' libgomp.so.1 must be the copy torch loaded (a
-    # second runtime would bring a second thread pool spinning on the same 2 cores)
-    with open("/proc/self/maps") as f:
-        gomp = {ln.split()[-1] for ln in f if "gomp" in ln or "libomp" in ln or "iomp" in ln}
+    # second runtime would bring a second thread pool spinning on the same 2 cores). Checked in a
+    # fresh process: this one holds whatever other tests loaded (scikit-learn's own libgomp, loaded by
+    # tests/unit/test_analyze.py, made this test pass or fail with the order the tests ran in).
+    from tests.train_helpers import script_json
+
+    gomp = script_json(OPENMP_SCRIPT)
     assert len(gomp) == 1, gomp
+
+
+OPENMP_SCRIPT = """
+import json
+import torch
+from addernet_dist.kernels import cpu_build
+cpu_build.build()
+maps = open("/proc/self/maps").read().splitlines()
+print(json.dumps(sorted({ln.split()[-1] for ln in maps if "gomp" in ln or "libomp" in ln or "iomp" in ln})))
+"""
 
 
 # (n, cin, cout, (h, w), k, stride, pad, dil): 3×3 (padding read from P), strided 1×1 and 3×3 (the saved

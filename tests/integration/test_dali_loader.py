@@ -38,6 +38,20 @@ def _cfg(root, **kw) -> DataConfig:
     return DataConfig(**base)
 
 
+
+def _count_pipeline_builds(monkeypatch) -> list[bool]:
+    """The list DALI pipeline builds append to from now on (``train`` of each build)."""
+    from addernet_dist.data import dali
+
+    builds, build = [], dali.build_pipeline
+
+    def counting_build(*args, **kw):
+        builds.append(kw["train"])
+        return build(*args, **kw)
+
+    monkeypatch.setattr(dali, "build_pipeline", counting_build)
+    return builds
+
 def _tv(cfg: DataConfig) -> DataConfig:
     return cfg.model_copy(update={"loader": "torchvision", "num_workers": 0})
 
@@ -324,16 +338,7 @@ def test_eval_pipeline_is_built_once_and_reads_the_same_pixels(tree, monkeypatch
     building it (and its decoder) every time; every evaluation gives the pixels and labels of a freshly
     built pipeline. Kept only after a complete evaluation: one cut short, or one shorter than the
     prefetch queue (depth 3 > 2 batches: the first schedule_run reads past the end), rebuilds."""
-    from addernet_dist.data import dali
-
-    builds = []
-    build = dali.build_pipeline
-
-    def counting_build(*args, **kw):
-        builds.append(kw["train"])
-        return build(*args, **kw)
-
-    monkeypatch.setattr(dali, "build_pipeline", counting_build)
+    builds = _count_pipeline_builds(monkeypatch)
     root, _ = tree
     cfg = _cfg(root, dali={"prefetch_queue_depth": depth})
     for rank in range(2):  # 12 val images, 2 ranks: 2 batches of 4 per rank (the last one padded)
@@ -381,16 +386,7 @@ def test_train_pipeline_is_built_once_per_run_and_resumes_at_epoch_boundaries(tr
     runs on across epochs (epochs get other crops), and the state saved at an epoch boundary carries the
     pipeline checkpoint, so a loader resumed there reads the next epochs pixel for pixel. Depth 5 > the
     4 batches of an epoch: the queue never reaches into the next epoch."""
-    from addernet_dist.data import dali
-
-    builds = []
-    build = dali.build_pipeline
-
-    def counting_build(*args, **kw):
-        builds.append(kw["train"])
-        return build(*args, **kw)
-
-    monkeypatch.setattr(dali, "build_pipeline", counting_build)
+    builds = _count_pipeline_builds(monkeypatch)
     root, _ = tree
     cfg = _cfg(root, augment="random_resized_crop", hflip=True, dali={"prefetch_queue_depth": depth})
     train, val = build_loader(cfg, "train", batch_size=4, seed=5), build_loader(cfg, "val", batch_size=4)

@@ -27,7 +27,8 @@ from addernet_dist.engine import ds_checkpoint
 from addernet_dist.engine.deepspeed import _alpha_fn
 from addernet_dist.engine.deepspeed_config import DeepSpeedConfig, build_ds_config, resolve_batch
 from addernet_dist.engine.zero_norms import ShardedGradProcessor
-from addernet_dist.nn import Adder2d, adder_modules
+from addernet_dist.nn import adder_modules
+from tests.helpers import OddAdderNet, random_grads
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -181,30 +182,6 @@ def test_train_cli_rejects_non_dividing_batch_without_touching_output_dir(tmp_pa
 # -------------------------------------------------------------------------------------------------
 
 
-class _Net(nn.Module):
-    """Odd sizes on purpose: 3x5x3x3=135 and 7x3x1x1=21 adder elements, a conv and a bias."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(2, 3, 3, padding=1)
-        self.a1 = Adder2d(3, 5, 3, padding=1)
-        self.bn = nn.BatchNorm2d(5)
-        self.a2 = Adder2d(5, 7, 1)
-        self.fc = nn.Linear(7, 4)
-
-    def forward(self, x):
-        x = self.a2(self.bn(self.a1(self.conv(x))))
-        return self.fc(x.mean((2, 3)))
-
-
-def _grads(model: nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(6, 2, 5, 5, generator=g)
-    y = torch.randint(0, 4, (6,), generator=g)
-    model.zero_grad(set_to_none=True)
-    nn.functional.cross_entropy(model(x), y).backward()
-
-
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(
     "max_norm, adaptive", [(None, True), (0.5, True), (1e6, True), (0.5, False)]
@@ -213,7 +190,7 @@ def test_pre_hook_matches_ddp_engine_processing(max_norm, adaptive):
     """ZeRO-0 path (replicated grads): same updates as scale_() + clip_grad_norm_ + SGD-NAG.
     adaptive=False is the Table 4 "without adaptive LR" ablation: clipping only."""
     torch.manual_seed(3)
-    ref, got = _Net(), _Net()
+    ref, got = OddAdderNet(), OddAdderNet()
     got.load_state_dict(ref.state_dict())
     kw = dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2)
     opt_ref = torch.optim.SGD(ref.parameters(), **kw)
@@ -227,7 +204,7 @@ def test_pre_hook_matches_ddp_engine_processing(max_norm, adaptive):
     )
     proc.attach(opt_got, opt_got)
     for step in range(3):
-        _grads(ref, step)
+        random_grads(ref, step)
         if adaptive:
             norms, alphas = scaler_ref.scale_()
         else:
@@ -236,7 +213,7 @@ def test_pre_hook_matches_ddp_engine_processing(max_norm, adaptive):
         if max_norm is not None:
             total = torch.nn.utils.clip_grad_norm_(list(ref.parameters()), max_norm)
         opt_ref.step()
-        _grads(got, step)
+        random_grads(got, step)
         opt_got.step()
         # Bit for bit, not just close: under bf16 autocast a last-bit difference in alpha_l grows to
         # 5e-4 in the loss by step 5 (issue 21.8, tests/integration/test_engine_bf16_agreement.py).

@@ -21,14 +21,11 @@ from addernet_dist.config import ConfigError, load_config
 from addernet_dist.ema import ModelEMA
 from addernet_dist.logging_utils import read_metrics
 from addernet_dist.nn import Adder2d
+from tests.helpers import SMALL_RUN, preempt_after
 from tests.train_helpers import DEBUG_CONFIG
 
 RUN = [
-    "train.progress_bar=false",
-    "data.synthetic_train_size=32",
-    "data.synthetic_val_size=16",
-    "train.log_every=1",
-    "train.ckpt_every_steps=0",
+    *SMALL_RUN,
     "train.precision=fp32",
     "adder.backend=reference",
     "train.ema_decay=0.5",  # a short average: the EMA differs from the model visibly after 2 steps
@@ -126,9 +123,7 @@ def test_trainer_updates_the_ema_every_step_and_it_resumes_exactly(tmp_path, mon
     assert any(k.endswith("running_var") for k in floats) and len(floats) > 20
     for k in floats:
         torch.testing.assert_close(e4[k], 0.5 * e3[k] + 0.5 * m4[k], rtol=1e-6, atol=1e-6, msg=k)
-    monkeypatch.setenv("ADDERNET_FAULT_STEP", "3")  # mid-epoch 2
-    monkeypatch.setenv("ADDERNET_FAULT_SIGNAL", "TERM")
-    monkeypatch.setenv("ADDERNET_FAULT_MARKER", str(tmp_path / "fired"))
+    preempt_after(monkeypatch, 3, tmp_path / "fired")  # mid-epoch 2
     cfg = load_config(DEBUG_CONFIG, [*RUN, f"output_dir={split}", *every])
     assert run_mod.train(cfg) is None  # preempted after step 3
     assert (split / "checkpoints" / "step_000000003.pt").exists()

@@ -94,7 +94,7 @@ def _worker(out: str) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_two_ranks_equal_one_process_on_uneven_split(tmp_path):
-    launch_workers("tests.test_eval_distributed", [str(tmp_path)], nproc=2)
+    launch_workers(__name__, [str(tmp_path)], nproc=2)
     two = json.loads((tmp_path / "two_ranks.json").read_text())
     one = _eval(DistInfo())
     want = _independent(_cfg())

@@ -412,16 +412,15 @@ def test_preempted_mixup_co_train_run_resumes_exactly(tmp_path, monkeypatch):
     from addernet_dist import run as run_mod
     from addernet_dist.checkpoint import load_file
     from addernet_dist.logging_utils import read_metrics
-    from tests.test_resume_rng import RUN
+    from tests.helpers import FIXED_P_EPOCH as RUN
+    from tests.helpers import preempt_after
     from tests.train_helpers import assert_same_state
 
     run = [*RUN, "train.mixup_alpha=0.4", "train.cutmix_alpha=1.0", "train.label_smoothing=0.1",
            "distill.teacher=resnet8", "distill.co_train=true"]
     full, split = tmp_path / "full", tmp_path / "split"
     run_mod.train(load_config(DEBUG_CONFIG, [*run, f"output_dir={full}"]))
-    monkeypatch.setenv("ADDERNET_FAULT_STEP", "1")
-    monkeypatch.setenv("ADDERNET_FAULT_SIGNAL", "TERM")
-    monkeypatch.setenv("ADDERNET_FAULT_MARKER", str(tmp_path / "fired"))
+    preempt_after(monkeypatch, 1, tmp_path / "fired")
     cfg = load_config(DEBUG_CONFIG, [*run, f"output_dir={split}"])
     assert run_mod.train(cfg) is None  # preempted after step 1
     run_mod.train(cfg)

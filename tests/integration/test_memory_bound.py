@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import textwrap
 
 import pytest
+
+from tests.train_helpers import script_json
 
 SCRIPT = textwrap.dedent(
     """
@@ -42,14 +41,7 @@ SCRIPT = textwrap.dedent(
 
 
 def _extra_bytes(which: str, batch: int) -> int:
-    out = subprocess.run(
-        [sys.executable, "-c", SCRIPT, which, str(batch)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=True,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])["extra_bytes"]
+    return script_json(SCRIPT, which, str(batch), timeout=600)["extra_bytes"]
 
 
 @pytest.mark.slow

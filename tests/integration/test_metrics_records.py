@@ -20,14 +20,11 @@ from addernet_dist.config import load_config
 from addernet_dist.distributed import DistInfo
 from addernet_dist.engine.ddp import DDPEngine
 from addernet_dist.logging_utils import Progress, read_metrics
+from tests.helpers import SMALL_RUN
 from tests.train_helpers import DEBUG_CONFIG
 
 RUN = [
-    "train.progress_bar=false",
-    "data.synthetic_train_size=32",
-    "data.synthetic_val_size=16",
-    "train.log_every=1",
-    "train.ckpt_every_steps=0",
+    *SMALL_RUN,
     "train.precision=fp32",
     "adder.backend=reference",
 ]
@@ -137,10 +134,10 @@ def test_deepspeed_grad_processor_measures_the_total_norm_on_asked_steps_only(ad
     from addernet_dist.engine.deepspeed import _alpha_fn
     from addernet_dist.engine.zero_norms import ShardedGradProcessor
     from addernet_dist.nn import adder_modules
-    from tests.test_deepspeed_config import _grads, _Net
+    from tests.helpers import OddAdderNet, random_grads
 
     torch.manual_seed(3)
-    net = _Net()
+    net = OddAdderNet()
     opt = torch.optim.SGD(net.parameters(), lr=0.05)
     scaler = AdaptiveLRScaler(adder_modules(net), eta=0.2)
     proc = ShardedGradProcessor(
@@ -153,11 +150,11 @@ def test_deepspeed_grad_processor_measures_the_total_norm_on_asked_steps_only(ad
         seen["g"] = [p.grad.clone() for p in net.parameters()]
 
     opt.register_step_pre_hook(keep_grads)
-    _grads(net, 0)
+    random_grads(net, 0)
     opt.step()
     assert proc.last_total_norm is None  # not asked: nothing measured
     proc.want_total_norm = True
-    _grads(net, 1)
+    random_grads(net, 1)
     opt.step()
     want = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in seen["g"]]))
     torch.testing.assert_close(proc.last_total_norm, want)

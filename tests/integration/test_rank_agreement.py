@@ -104,7 +104,7 @@ def _worker(out: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("ranks")
-    launch_workers("tests.test_rank_agreement", [str(out)], nproc=2, timeout=200)
+    launch_workers(__name__, [str(out)], nproc=2, timeout=200)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 

@@ -15,7 +15,7 @@ from addernet_dist.build import build_model
 from addernet_dist.checkpoint import load_file
 from addernet_dist.config import load_config
 from addernet_dist.nn import adder_modules
-from tests.helpers import CPU_REFERENCE, SMALL_RUN, cpu_engine
+from tests.helpers import CPU_REFERENCE, SMALL_RUN, cpu_engine, preempt_after
 from tests.train_helpers import DEBUG_CONFIG
 
 ADAMW = [
@@ -108,9 +108,7 @@ RUN = [*SMALL_RUN, *CPU_REFERENCE, "train.epochs=2", "train.precision=fp32", "op
 def test_adamw_run_resumes_exactly(tmp_path, monkeypatch):
     full, split = tmp_path / "full", tmp_path / "split"
     run_mod.train(load_config(DEBUG_CONFIG, [*RUN, f"output_dir={full}"]))
-    monkeypatch.setenv("ADDERNET_FAULT_STEP", "1")
-    monkeypatch.setenv("ADDERNET_FAULT_SIGNAL", "TERM")
-    monkeypatch.setenv("ADDERNET_FAULT_MARKER", str(tmp_path / "fired"))
+    preempt_after(monkeypatch, 1, tmp_path / "fired")
     assert run_mod.train(load_config(DEBUG_CONFIG, [*RUN, f"output_dir={split}"])) is None
     saved = load_file(split / "checkpoints" / "step_000000001.pt")["engine"]["optimizer"]
     assert {int(s["step"]) for s in saved["state"].values()} == {1} and "exp_avg_sq" in saved["state"][0]

@@ -94,7 +94,7 @@ def _worker(out: str) -> None:
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("ds_recipes")
-    procs = start_workers(["-m", "tests.test_recipe_deepspeed", str(out)], 2, DS_ACCELERATOR="cpu")
+    procs = start_workers(["-m", __name__, str(out)], 2, DS_ACCELERATOR="cpu")
     for r, p in enumerate(procs):
         _, err = p.communicate(timeout=500)
         assert p.returncode == 0, f"rank {r}\n{err[-5000:]}"

@@ -16,7 +16,7 @@ from addernet_dist.config import ConfigError, load_config
 from addernet_dist.engine.ddp import unscale_
 from addernet_dist.guard import NonFiniteGuard
 from addernet_dist.nn import adder_modules
-from tests.helpers import CPU_REFERENCE, PLAIN_SGD, SMALL_RUN, cpu_engine
+from tests.helpers import CPU_REFERENCE, PLAIN_SGD, SMALL_RUN, cpu_engine, preempt_after
 from tests.train_helpers import DEBUG_CONFIG
 
 _engine = functools.partial(cpu_engine, [*PLAIN_SGD, *CPU_REFERENCE])
@@ -150,9 +150,7 @@ def test_fp16_run_checkpoints_the_scaler_and_resumes_exactly(tmp_path, monkeypat
     run = [*RUN, "train.precision=fp16"]
     full, split = tmp_path / "full", tmp_path / "split"
     run_mod.train(load_config(DEBUG_CONFIG, [*run, f"output_dir={full}"]))
-    monkeypatch.setenv("ADDERNET_FAULT_STEP", "1")
-    monkeypatch.setenv("ADDERNET_FAULT_SIGNAL", "TERM")
-    monkeypatch.setenv("ADDERNET_FAULT_MARKER", str(tmp_path / "fired"))
+    preempt_after(monkeypatch, 1, tmp_path / "fired")
     assert run_mod.train(load_config(DEBUG_CONFIG, [*run, f"output_dir={split}"])) is None
     saved = load_file(split / "checkpoints" / "step_000000001.pt")["client"]["grad_scaler"]
     assert saved["scale"] in (2.0**17, 2.0**15) and saved["growth_interval"] == 1

@@ -102,7 +102,7 @@ def test_sync_bn_converts_every_batchnorm_and_is_refused_with_forced_fusion():
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_two_rank_sync_bn_equals_one_process_over_the_full_batch(tmp_path):
-    launch_workers("tests.test_recipe_sync_bn", [str(tmp_path)], nproc=2, timeout=360)
+    launch_workers(__name__, [str(tmp_path)], nproc=2, timeout=360)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     one = _bn_pass(0, 1)
     # the layer: outputs and input gradients are the full batch's halves; the parameter gradients

@@ -25,21 +25,13 @@ from addernet_dist import run as run_mod
 from addernet_dist.checkpoint import load_file
 from addernet_dist.config import load_config
 from addernet_dist.logging_utils import read_metrics
+from tests.helpers import FIXED_P_EPOCH, preempt_after
 from tests.train_helpers import DEBUG_CONFIG, assert_same_state
 
 # 32 samples / global batch 16 = 2 steps, one epoch (one evaluation per run); p fixed at 1 (a
 # fractional p costs ~14x). The preemption after step 1 leaves one step for the resumed process: its
 # loss needs the restored noise streams, the weights after it the restored momentum buffers.
-RUN = [
-    "adder.backend=reference",
-    "train.progress_bar=false",
-    "data.synthetic_train_size=32",
-    "data.synthetic_val_size=16",
-    "adder.p_schedule=false",
-    "train.epochs=1",
-    "train.log_every=1",
-    "train.ckpt_every_steps=0",
-]
+RUN = FIXED_P_EPOCH
 
 
 def _noisy_forward(module, args):
@@ -79,9 +71,7 @@ def test_preempted_run_resumes_with_the_python_numpy_and_torch_rng_streams(tmp_p
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("ADDERNET_FAULT_STEP", "1")
-    monkeypatch.setenv("ADDERNET_FAULT_SIGNAL", "TERM")
-    monkeypatch.setenv("ADDERNET_FAULT_MARKER", str(tmp_path / "fired"))
+    preempt_after(monkeypatch, 1, tmp_path / "fired")
     cfg = load_config(DEBUG_CONFIG, [*RUN, f"output_dir={split}", "wandb.enabled=true"])
     assert run_mod.train(cfg) is None  # preempted
     assert (split / "checkpoints" / "step_000000001.pt").is_file()

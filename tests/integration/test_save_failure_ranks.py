@@ -45,7 +45,7 @@ def _worker(out: str) -> int:
 def test_rank0_write_failure_stops_every_rank_naming_the_file(tmp_path):
     out = tmp_path / "run"
     t0 = time.monotonic()
-    procs = start_workers(["-m", "tests.test_save_failure_ranks", str(out)], 2)
+    procs = start_workers(["-m", __name__, str(out)], 2)
     results = [p.communicate(timeout=200) for p in procs]
     elapsed = time.monotonic() - t0
     codes = [p.returncode for p in procs]

@@ -8,9 +8,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+from addernet_dist import device_policy as dp
 from addernet_dist import selftest as st
+from addernet_dist.config import load_config
 from addernet_dist.ops import reference
+from addernet_dist.selftest.smoke import override_args, write_smoke_config
 
 H100 = st.DeviceDescription(
     "cuda", "NVIDIA H100 80GB HBM3", (9, 0), 8, 132, 1980.0, "580.82.07", "13.0"
@@ -18,7 +22,7 @@ H100 = st.DeviceDescription(
 CPU = st.DeviceDescription("cpu", "x86_64", cuda_build="13.0")
 
 
-def test_gpu_plan_runs_every_gpu_path():
+def test_gpu_plan_runs_every_gpu_path(tmp_path):
     plan = {c.name: c.params for c in st.plan_checks(H100)}
     assert list(plan) == ["env", "kernels", "speed", "tiles", "train", "deepspeed"]
     assert plan["tiles"] == {"nproc": 8, "mode": "compiled", "env": {}}
@@ -46,16 +50,17 @@ def test_gpu_plan_runs_every_gpu_path():
         (32, 64, 16, 8),
     ]
     t = plan["train"]
-    assert t["nproc"] == 8 and t["distributed_backend"] == "nccl"
-    assert t["overrides"] == {
-        "train.device": "cuda",
-        "train.precision": "bf16",
-        "train.channels_last": True,
-        "adder.backend": "triton",
-        "adder.fuse_bn": True,
-        "data.loader": "dali",
-        "data.dali.device": "gpu",
-    }
+    # The smoke's overrides take every GPU path of the trainer on this H100: decided, from the config
+    # they make, by the same pure functions the trainer calls (device_policy), not restated here.
+    gpu = dp.DeviceInfo("cuda", H100.capability, H100.name)
+    smoke_yaml = write_smoke_config(tmp_path / "smoke.yaml", tmp_path / "jpegs", 4 * t["nproc"], tmp_path / "run")
+    cfg = load_config(smoke_yaml, override_args(t["overrides"]))
+    assert t["nproc"] == H100.count and t["distributed_backend"] == dp.dist_backend(gpu) == "nccl"
+    assert cfg.train.device == "cuda" and cfg.train.channels_last
+    backend = dp.adder_backend(cfg.adder.backend, gpu)
+    assert backend == "triton" and dp.fuse_adder_bn(cfg.adder.fuse_bn, backend)
+    assert dp.autocast_dtype(cfg.train.precision, gpu) == torch.bfloat16
+    assert cfg.data.loader == "dali" and dp.dali_device(cfg.data.dali.device, gpu) == "gpu"
     assert t["eval_cli"] and t["epochs"] == 2
     assert t["env"] == {"ADDERNET_TILE_TUNING": "0"}  # no minutes of tile timing in the smoke
     d = plan["deepspeed"]

@@ -17,7 +17,7 @@ from addernet_dist.config import load_config
 from addernet_dist.evaluator import RECALIBRATION_SEED_OFFSET
 from addernet_dist.logging_utils import read_metrics
 from addernet_dist.optim import PSchedule
-from tests.helpers import SMALL_RUN
+from tests.helpers import SMALL_RUN, preempt_after
 from tests.train_helpers import DEBUG_CONFIG
 
 RUN = [*SMALL_RUN, "train.precision=fp32"]
@@ -138,9 +138,7 @@ def test_preempted_on_an_epochs_last_step_evaluates_at_the_same_p_after_resume(t
     run = [*RUN, "train.epochs=2", "adder.p_decay_epochs=1.5", "train.bn_recalibration_batches=1"]
     full, split = tmp_path / "full", tmp_path / "split"
     run_mod.train(load_config(DEBUG_CONFIG, [*run, f"output_dir={full}"]))
-    monkeypatch.setenv("ADDERNET_FAULT_STEP", "2")
-    monkeypatch.setenv("ADDERNET_FAULT_SIGNAL", "TERM")
-    monkeypatch.setenv("ADDERNET_FAULT_MARKER", str(tmp_path / "fired"))
+    preempt_after(monkeypatch, 2, tmp_path / "fired")
     cfg = load_config(DEBUG_CONFIG, [*run, f"output_dir={split}"])
     assert run_mod.train(cfg) is None  # preempted at step 2, before epoch 1's evaluation
     run_mod.train(cfg)

@@ -34,6 +34,9 @@ NOT_UNIT = {
     r"\bdali\b": "builds DALI pipelines",
 }
 # A CUDA-only test belongs to tests/gpu.
+# A test module named by its dotted path (imported from, or run with python -m): helpers live in
+# tests/helpers.py / train_helpers.py, a file that runs itself as workers passes its own __name__.
+TEST_MODULE_NAME = r"\btests\.(\w+\.)?test_\w+"
 GPU_ONLY = r"pytest\.mark\.gpu\b|skipif\(\s*not torch\.cuda\.is_available\(\)"
 
 
@@ -55,6 +58,11 @@ def tier_violations(tests: Path) -> list[str]:
                     bad.append(f"{rel}: {m.group(0)!r} {why}; move the file to tests/integration/")
         if tier != "gpu" and re.search(GPU_ONLY, src):
             bad.append(f"{rel}: a CUDA-only test; move it to tests/gpu/")
+        if m := re.search(TEST_MODULE_NAME, src):
+            bad.append(
+                f"{rel}: names the test module {m.group(0)!r}, which breaks when files move: share "
+                "through tests/helpers.py or tests/train_helpers.py, launch workers with __name__"
+            )
     return bad
 
 
@@ -92,12 +100,15 @@ def test_the_rules_catch_a_misplaced_file(tmp_path):
     (tmp_path / "unit" / "test_runs.py").write_text(
         "import subprocess\nfrom addernet_dist import build, train\n"
     )
+    (tmp_path / "gpu" / "test_peer.py").write_text("from tests.unit.test_runs import X\n")
     (tmp_path / "unit" / "test_cuda.py").write_text(
         "import pytest, torch\n@pytest.mark.skipif(not torch.cuda.is_available(), reason='x')\n"
     )
     (tmp_path / "gpu" / "test_ok.py").write_text("import pytest\npytestmark = pytest.mark.gpu\n")
     got = tier_violations(tmp_path)
     assert got == [
+        "gpu/test_peer.py: names the test module 'tests.unit.test_runs', which breaks when files move: "
+        "share through tests/helpers.py or tests/train_helpers.py, launch workers with __name__",
         "test_loose.py: test files live in one of tests/{unit,integration,gpu}/; move it there",
         "unit/test_cuda.py: a CUDA-only test; move it to tests/gpu/",
         "unit/test_runs.py: 'subprocess' starts a process; move the file to tests/integration/",
