@@ -8,6 +8,7 @@ import importlib.util
 import sys
 from types import ModuleType
 
+import pytest
 import torch
 from torch import nn
 
@@ -37,6 +38,19 @@ SMALL_RUN = [
 FIXED_P_EPOCH = [*SMALL_RUN, "adder.backend=reference", "adder.p_schedule=false", "train.epochs=1"]
 
 
+
+
+def module_jpeg_tree(name: str, **layout):
+    """A module-scoped fixture: ``(root, make_jpeg_tree(root, **layout))`` in a fresh temp folder."""
+
+    @pytest.fixture(scope="module")
+    def jpeg_tree(tmp_path_factory):
+        from addernet_dist.data.jpeg_tree import make_jpeg_tree
+
+        root = tmp_path_factory.mktemp(name)
+        return root, make_jpeg_tree(root, **layout)
+
+    return jpeg_tree
 
 def preempt_after(monkeypatch, step: int, marker) -> None:
     """The next in-process run (``run.train``) is preempted as by SIGTERM after ``step``: it saves a

@@ -13,23 +13,14 @@ from addernet_dist.data import IGNORE_LABEL, DataConfig, build_loader
 from addernet_dist.data.dali import DaliLoader, resolve_dali_device
 from addernet_dist.data.folder import CorruptImageError
 from addernet_dist.data.jpeg_tree import corrupt_file, make_jpeg_tree
+from tests.helpers import module_jpeg_tree
 
 MEAN = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
 STD = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
 
 
-@pytest.fixture(scope="module")
-def tree(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dali_imnet")
-    return root, make_jpeg_tree(root, num_classes=3, train_per_class=5, val_per_class=4)
-
-
-@pytest.fixture(scope="module")
-def flat_tree(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dali_flat")
-    return root, make_jpeg_tree(
-        root, num_classes=3, train_per_class=1, val_per_class=3, flat_val=True
-    )
+tree = module_jpeg_tree("dali_imnet", num_classes=3, train_per_class=5, val_per_class=4)
+flat_tree = module_jpeg_tree("dali_flat", num_classes=3, train_per_class=1, val_per_class=3, flat_val=True)
 
 
 def _cfg(root, **kw) -> DataConfig:

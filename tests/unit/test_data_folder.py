@@ -20,20 +20,12 @@ from addernet_dist.data.folder import (
     scan_split,
 )
 from addernet_dist.data.jpeg_tree import corrupt_file, make_jpeg_tree
+from tests.helpers import module_jpeg_tree
+
+tree = module_jpeg_tree("imnet", num_classes=3, train_per_class=5, val_per_class=3)
 
 
-@pytest.fixture(scope="module")
-def tree(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imnet")
-    return root, make_jpeg_tree(root, num_classes=3, train_per_class=5, val_per_class=3)
-
-
-@pytest.fixture(scope="module")
-def flat_tree(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imnet_flat")
-    return root, make_jpeg_tree(
-        root, num_classes=3, train_per_class=2, val_per_class=3, flat_val=True
-    )
+flat_tree = module_jpeg_tree("imnet_flat", num_classes=3, train_per_class=2, val_per_class=3, flat_val=True)
 
 
 def _cfg(root, **kw) -> DataConfig:
