@@ -38,8 +38,6 @@ SMALL_RUN = [
 FIXED_P_EPOCH = [*SMALL_RUN, "adder.backend=reference", "adder.p_schedule=false", "train.epochs=1"]
 
 
-
-
 def module_jpeg_tree(name: str, **layout):
     """A module-scoped fixture: ``(root, make_jpeg_tree(root, **layout))`` in a fresh temp folder."""
 
@@ -52,6 +50,7 @@ def module_jpeg_tree(name: str, **layout):
 
     return jpeg_tree
 
+
 def preempt_after(monkeypatch, step: int, marker) -> None:
     """The next in-process run (``run.train``) is preempted as by SIGTERM after ``step``: it saves a
     checkpoint there and returns None; the fault fires once (``marker`` is written), so the same call
@@ -59,6 +58,7 @@ def preempt_after(monkeypatch, step: int, marker) -> None:
     monkeypatch.setenv("ADDERNET_FAULT_STEP", str(step))
     monkeypatch.setenv("ADDERNET_FAULT_SIGNAL", "TERM")
     monkeypatch.setenv("ADDERNET_FAULT_MARKER", str(marker))
+
 
 def cpu_engine(base: list[str], overrides: list[str]) -> tuple[nn.Module, nn.Module]:
     """A one-process DDPEngine on the CPU for the debug config with ``base`` then ``overrides``

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -35,7 +36,7 @@ TINY = [
     "adder.p_decay_epochs=1",  # p moves every step: 2 -> 1 over 8 steps
     "optim.warmup_epochs=0",
     "wandb.enabled=false",
-    # fp32: the engine comparisons below are about sharding, at fp32 tolerances (under bf16 autocast a
+    # fp32: the CPU engine comparisons are about sharding, at fp32 tolerances (under bf16 autocast a
     # 1e-7 reduction-order difference can flip a bf16 rounding of the next step's activations)
     "train.precision=fp32",
 ]
@@ -70,14 +71,14 @@ def run_python(args: list[str], timeout: int = 240, **env_extra: str):
     )
 
 
-
-def script_json(script: str, *args: str, timeout: int = 300) -> dict:
+def script_json(script: str, *args: str, timeout: int = 300) -> Any:
     """Run ``python -c script *args`` in a fresh process (its own peak RSS, its own allocator) and
-    return the JSON object printed on its last stdout line."""
+    return the JSON value printed on its last stdout line."""
     out = subprocess.run(
         [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=timeout, check=True
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
+
 
 def torchrun_args(nproc: int, *extra: str) -> list[str]:
     return ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *extra]

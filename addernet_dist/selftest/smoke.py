@@ -66,16 +66,16 @@ def _metrics(out: Path) -> list[dict]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
-
-
 def write_smoke_config(path: Path, data: Path, batch: int, out: Path) -> Path:
     """The smoke run's config file (a JPEG tree at ``data``, global batch ``batch``, run folder ``out``)."""
     path.write_text(_SMOKE_CONFIG.format(root=data, batch=batch, out=out))
     return path
 
+
 def override_args(overrides: dict[str, Any]) -> list[str]:
     """A plan's config overrides as the trainer's ``key=value`` arguments (booleans as true/false)."""
     return [f"{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in overrides.items()]
+
 
 def check_train(desc: DeviceDescription, params: dict, workdir: Path, name: str = "train") -> dict:
     """Train → checkpoint → resume (one more epoch) → evaluation, multi-process."""

@@ -16,8 +16,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from tests.conftest import TIERS  # the tier folders, as conftest marks them
+
 TESTS = Path(__file__).resolve().parents[1]
-TIERS = ("unit", "integration", "gpu")
 
 # What makes a test file integration: it starts processes or process groups, runs the trainer or a
 # CLI that trains/evaluates, or builds DALI pipelines (a second runtime with its own threads).
